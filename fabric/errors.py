@@ -1,0 +1,68 @@
+"""Errors as the fabric answers them: a gRPC status code, a message that says what to fix, and
+google.rpc.ErrorInfo details (reason, field) that any client can act on."""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from fabric.v1 import common_pb2
+
+DOMAIN = "fabric.v1"
+
+
+class FabricError(Exception):
+    """An error with the status code and field it should be reported under."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, reason: str = "", field: str = ""):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.reason = reason or code.name
+        self.field = field
+
+    def to_proto(self) -> common_pb2.Error:
+        return common_pb2.Error(code=self.code.value[0], message=self.message, reason=self.reason, field=self.field)
+
+    def to_status(self) -> grpc.Status:
+        info = error_details_pb2.ErrorInfo(reason=self.reason, domain=DOMAIN, metadata={"field": self.field})
+        detail = any_pb2.Any()
+        detail.Pack(info)
+        return rpc_status.to_status(status_pb2.Status(code=self.code.value[0], message=self.message, details=[detail]))
+
+
+def invalid(field: str, message: str, reason: str = "INVALID_FIELD") -> FabricError:
+    return FabricError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {message}", reason, field)
+
+
+def precondition(message: str, reason: str = "FAILED_PRECONDITION", field: str = "") -> FabricError:
+    return FabricError(grpc.StatusCode.FAILED_PRECONDITION, message, reason, field)
+
+
+def unavailable(message: str, reason: str = "UNAVAILABLE") -> FabricError:
+    return FabricError(grpc.StatusCode.UNAVAILABLE, message, reason)
+
+
+def internal(message: str, reason: str = "INTERNAL") -> FabricError:
+    return FabricError(grpc.StatusCode.INTERNAL, message, reason)
+
+
+async def abort(context: grpc.aio.ServicerContext, error: FabricError):
+    """Ends the RPC with the error's status and its ErrorInfo details (raises)."""
+    await context.abort_with_status(error.to_status())
+
+
+def error_info(err: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
+    """The ErrorInfo detail of a failed call, if the server sent one (client side)."""
+    status = rpc_status.from_call(err) if hasattr(err, "trailing_metadata") else None
+    for detail in status.details if status else []:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info
+    return None
+
+
+OK = code_pb2.OK

@@ -1,0 +1,108 @@
+"""What every fabric server shares: an asyncio gRPC server with health, reflection, message limits and a
+graceful drain on SIGTERM / SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+log = logging.getLogger(__name__)
+
+# Weight chunks are a few MiB; leave headroom for big prompts too.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # Keepalive so that a dead peer on a long stream is noticed in seconds, not at TCP timeout.
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.so_reuseport", 0),
+]
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+class FabricServer:
+    """Owns a grpc.aio.Server: registers servicers, health and reflection, binds, drains on shutdown."""
+
+    def __init__(
+        self,
+        service_names: Sequence[str],
+        register: Callable[[grpc.aio.Server], None],
+        host: str = "127.0.0.1",
+        port: int = 0,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        credentials: grpc.ServerCredentials | None = None,
+        on_drain: Callable[[float], Awaitable[None]] | None = None,
+    ):
+        self.service_names = list(service_names)
+        self.server = grpc.aio.server(interceptors=list(interceptors), options=SERVER_OPTIONS)
+        register(self.server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection([*self.service_names, reflection.SERVICE_NAME, health.SERVICE_NAME],
+                                            self.server)
+        address = f"{host}:{port}"
+        self.port = (self.server.add_secure_port(address, credentials) if credentials
+                     else self.server.add_insecure_port(address))
+        if self.port == 0:
+            raise RuntimeError(f"could not bind {address}")
+        self.host = host
+        self.on_drain = on_drain
+        self._stopped = asyncio.Event()
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        await self.server.start()
+        for name in ["", *self.service_names]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Drain: health says NOT_SERVING, new calls are refused, running ones get `grace` seconds."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        await self.health.enter_graceful_shutdown()
+        if self.on_drain is not None:
+            await self.on_drain(grace)
+        await self.server.stop(grace)
+
+    async def serve_forever(self, grace: float = 10.0, ready: Callable[[str], None] | None = None) -> None:
+        """Starts, reports the bound address, and runs until SIGTERM/SIGINT, then drains and returns."""
+        await self.start()
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        if ready:
+            ready(self.address)
+        waiter = asyncio.create_task(self.server.wait_for_termination())
+        await asyncio.wait([waiter, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+        log.info("shutting down: draining for up to %.0f s", grace)
+        await self.stop(grace)
+
+
+def print_ready(kind: str) -> Callable[[str], None]:
+    """The line a launcher waits for: `fabric <kind> server listening on HOST:PORT`."""
+
+    def ready(address: str) -> None:
+        print(f"fabric {kind} server listening on {address}", flush=True)
+
+    return ready

@@ -1,0 +1,1 @@
+"""Generated from protos/fabric/v1 by `make proto`."""

@@ -1,0 +1,136 @@
+"""A staged weight version: every tensor of one update laid out in a single shared-memory file.
+
+The receiver writes chunks straight into it (one copy from the wire), and the vLLM worker process maps the same
+file by path to load the weights (no copy through the engine's RPC pipe). The contract between the two sides is
+`update_info()` / `tensors_from_update_info()`: a path and a list of (name, dtype, shape, byte offset).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ALIGN = 64  # tensor start alignment inside the file: views stay aligned for every dtype
+
+DTYPE_NAMES: dict[torch.dtype, str] = {
+    torch.float32: "float32",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.float64: "float64",
+    torch.int64: "int64",
+    torch.int32: "int32",
+    torch.int16: "int16",
+    torch.int8: "int8",
+    torch.uint8: "uint8",
+    torch.bool: "bool",
+    torch.float8_e4m3fn: "float8_e4m3fn",
+    torch.float8_e5m2: "float8_e5m2",
+}
+DTYPES_BY_NAME = {v: k for k, v in DTYPE_NAMES.items()}
+
+
+def shm_dir() -> str:
+    """/dev/shm when there is one (memory-backed), else the temp dir."""
+    return os.environ.get("FABRIC_SHM_DIR") or ("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # byte offset in the staging file
+    nbytes: int
+
+
+def layout(specs: Iterable[tuple[str, torch.dtype, tuple[int, ...]]]) -> tuple[list[TensorSlot], int]:
+    slots, cursor = [], 0
+    for name, dtype, shape in specs:
+        numel = 1
+        for d in shape:
+            numel *= int(d)
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        slots.append(TensorSlot(name, dtype, tuple(int(d) for d in shape), cursor, nbytes))
+        cursor += -(-nbytes // ALIGN) * ALIGN
+    return slots, cursor
+
+
+class StagingBuffer:
+    """A memory-mapped file holding one version's tensors back to back."""
+
+    def __init__(self, specs: Iterable[tuple[str, torch.dtype, tuple[int, ...]]], directory: str | None = None):
+        self.slots, self.size = layout(specs)
+        self.index = {slot.name: i for i, slot in enumerate(self.slots)}
+        fd, self.path = tempfile.mkstemp(prefix="fabric-weights-", suffix=".bin", dir=directory or shm_dir())
+        try:
+            os.ftruncate(fd, max(self.size, 1))
+            self._mmap = mmap.mmap(fd, max(self.size, 1))
+        finally:
+            os.close(fd)
+        self._view = memoryview(self._mmap)
+
+    def write(self, tensor_index: int, offset: int, data: bytes | memoryview) -> None:
+        """Copies data into tensor `tensor_index` at byte `offset` (bounds are the caller's to check)."""
+        start = self.slots[tensor_index].offset + offset
+        self._view[start : start + len(data)] = data
+
+    def read(self, tensor_index: int, offset: int, length: int) -> memoryview:
+        start = self.slots[tensor_index].offset + offset
+        return self._view[start : start + length]
+
+    def tensor(self, i: int) -> torch.Tensor:
+        slot = self.slots[i]
+        raw = torch.frombuffer(self._mmap, dtype=torch.uint8, count=slot.nbytes, offset=slot.offset) \
+            if slot.nbytes else torch.empty(0, dtype=torch.uint8)
+        return raw.view(slot.dtype).reshape(slot.shape)
+
+    def named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for i, slot in enumerate(self.slots):
+            yield slot.name, self.tensor(i)
+
+    def update_info(self) -> dict:
+        """What a vLLM worker needs to map this buffer: plain data, cheap to send over the engine's RPC."""
+        return {
+            "path": self.path,
+            "size": self.size,
+            "tensors": [[s.name, DTYPE_NAMES[s.dtype], list(s.shape), s.offset] for s in self.slots],
+        }
+
+    def close(self) -> None:
+        """Unmaps and deletes the file. Views handed out before must not be used after."""
+        try:
+            self._view.release()
+            self._mmap.close()
+        except (BufferError, ValueError):
+            pass  # a live tensor view still holds the map; the file is unlinked anyway and freed with it
+        Path(self.path).unlink(missing_ok=True)
+
+    @classmethod
+    def from_named_tensors(cls, named: Iterable[tuple[str, torch.Tensor]], directory: str | None = None):
+        """Stages tensors that are already in this process (tests, a local checkpoint)."""
+        items = [(n, t.detach().contiguous().cpu()) for n, t in named]
+        buf = cls([(n, t.dtype, tuple(t.shape)) for n, t in items], directory)
+        for i, (_, t) in enumerate(items):
+            buf.write(i, 0, t.view(torch.uint8).reshape(-1).numpy().data if t.numel() else b"")
+        return buf
+
+
+def tensors_from_update_info(info: dict) -> Iterator[tuple[str, torch.Tensor]]:
+    """Worker side: maps the staging file read-only and yields (name, tensor) views over it."""
+    size = int(info["size"])
+    if size == 0:
+        return
+    raw = torch.from_file(info["path"], shared=True, size=size, dtype=torch.uint8)
+    for name, dtype_name, shape, offset in info["tensors"]:
+        dtype = DTYPES_BY_NAME[dtype_name]
+        numel = 1
+        for d in shape:
+            numel *= int(d)
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        yield name, raw[offset : offset + nbytes].view(dtype).reshape(shape)
