@@ -7,7 +7,7 @@ export VLLM_CPU_KVCACHE_SPACE ?= 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup proto check-proto lint test test-fast run bench clients test-clients clean tiny-model
+.PHONY: setup proto check-proto lint test test-fast run bench clean tiny-model
 
 setup: $(STAMP)
 
@@ -54,3 +54,6 @@ bench: setup
 
 clean:
 	rm -rf .cache runs build
+
+# Client toolchains and targets (clients, test-clients) live beside the clients.
+-include clients/clients.mk
