@@ -22,6 +22,7 @@ TINY_CONFIG = dict(
     rms_norm_eps=1e-6,
     tie_word_embeddings=True,
     hidden_act="silu",
+    initializer_range=0.1,  # wide enough that two seeds greedy-decode differently (0.02 collapses to one token)
 )
 
 
