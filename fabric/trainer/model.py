@@ -1,0 +1,325 @@
+"""A megatron-core GPTModel built from an HF Qwen2 / Llama config, and its weights in and out in HF layout.
+
+    model = build_gpt_model(hf_config_or_dir)          # local layer spec: no Transformer Engine, no apex
+    load_hf_into_megatron(model, hf_dir_or_state_dict)
+    for name, tensor in iter_hf_weights(model): ...    # streaming, HF names and layout (what rollout servers load)
+    save_hf_checkpoint(model, hf_config_dir, tokenizer_dir, out_dir)
+
+Call `fabric.trainer.compat.init_megatron()` first (torch.distributed + megatron's parallel state). The tensor-parallel
+rank and size come from megatron's parallel state; the layout math is in `convert.py`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from fabric.trainer import convert
+
+SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
+_LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+
+def load_hf_config(hf_config_or_dir):
+    """An HF PretrainedConfig from a config object or a model directory."""
+    if isinstance(hf_config_or_dir, str | os.PathLike):
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(str(hf_config_or_dir))
+    return hf_config_or_dir
+
+
+def _rope_theta(hf_config) -> float:
+    rope = getattr(hf_config, "rope_parameters", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise ValueError(f"rope_type={rope_type!r} is not supported yet; only default RoPE converts to megatron")
+    theta = rope.get("rope_theta", getattr(hf_config, "rope_theta", None))
+    if theta is None:
+        raise ValueError("the HF config has no rope_theta (in rope_parameters or at top level)")
+    return float(theta)
+
+
+def transformer_config_from_hf(hf_config, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    """megatron TransformerConfig equivalent to an HF Qwen2 / Llama config; raises ValueError naming what differs."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"model_type={model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    if hf_config.hidden_act != "silu":
+        raise ValueError(f"hidden_act={hf_config.hidden_act!r} is not supported; only silu (SwiGLU) is")
+    if getattr(hf_config, "use_sliding_window", False):
+        raise ValueError("use_sliding_window=True is not supported; megatron's model here uses full attention")
+    if model_type == "qwen2":  # Qwen2: bias on q, k, v only
+        qkv_bias, linear_bias = True, False
+    else:  # Llama: attention_bias covers q, k, v and o; mlp_bias the MLP; megatron has one switch for o + MLP
+        qkv_bias = bool(getattr(hf_config, "attention_bias", False))
+        linear_bias = bool(getattr(hf_config, "mlp_bias", False))
+        if qkv_bias != linear_bias:
+            raise ValueError(
+                f"attention_bias={qkv_bias} with mlp_bias={linear_bias} is not supported; megatron biases the "
+                "attention output and the MLP together"
+            )
+    num_heads = hf_config.num_attention_heads
+    num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or num_heads
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    convert.AttentionShape(num_heads, num_kv_heads, head_dim).check_tp(tp)
+    if hf_config.vocab_size % tp:
+        raise ValueError(f"vocab_size={hf_config.vocab_size} is not divisible by tensor-parallel size {tp}")
+    _rope_theta(hf_config)  # validates rope_type early
+    return TransformerConfig(
+        num_layers=hf_config.num_hidden_layers,
+        hidden_size=hf_config.hidden_size,
+        ffn_hidden_size=hf_config.intermediate_size,
+        num_attention_heads=num_heads,
+        num_query_groups=num_kv_heads,
+        kv_channels=head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=hf_config.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_qkv_bias=qkv_bias,
+        add_bias_linear=linear_bias,
+        hidden_dropout=0.0,
+        attention_dropout=float(getattr(hf_config, "attention_dropout", 0.0)),
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        use_cpu_initialization=torch.device(device).type == "cpu",
+        # The fused kernels below need apex or Transformer Engine; the plain torch paths run everywhere.
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+    )
+
+
+def build_gpt_model(hf_config_or_dir, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+    """A megatron GPTModel (local layer spec) shaped like the HF config, randomly initialized; `model.hf_config` set.
+
+    device defaults to the current CUDA device when there is one, else the CPU.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    hf_config = load_hf_config(hf_config_or_dir)
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    config = transformer_config_from_hf(hf_config, dtype=dtype, device=device)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+        vocab_size=hf_config.vocab_size,
+        max_sequence_length=hf_config.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=bool(hf_config.tie_word_embeddings),
+        position_embedding_type="rope",
+        rotary_base=_rope_theta(hf_config),
+    ).to(device)
+    model.hf_config = hf_config
+    return model
+
+
+@dataclass(frozen=True)
+class ParamMapping:
+    """One megatron parameter and the HF tensor(s) it holds. kind: replicated, column, row, qkv or fc1."""
+
+    megatron_name: str
+    hf_names: tuple[str, ...]
+    kind: str
+
+
+def _attention_shape(hf_config) -> convert.AttentionShape:
+    num_heads = hf_config.num_attention_heads
+    num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or num_heads
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
+    return convert.AttentionShape(num_heads, num_kv_heads, head_dim)
+
+
+def _global_layer_index(model, local_index: int) -> int:
+    # layer_number is global and 1-based, so pipeline stages map to the right HF layer.
+    return model.decoder.layers[local_index].layer_number - 1
+
+
+def param_mappings(model) -> list[ParamMapping]:
+    """The HF counterpart of every megatron parameter of this (TP/PP-local) model, in parameter order."""
+    megatron_to_hf_global = {mg: (hf, kind) for hf, (mg, kind) in convert.HF_TO_MEGATRON_GLOBAL.items()}
+    megatron_to_hf_layer = {mg: (hf, kind) for hf, (mg, kind) in convert.HF_TO_MEGATRON_LAYER.items()}
+    mappings = []
+    for name, _ in model.named_parameters():
+        if name in megatron_to_hf_global:
+            hf_name, kind = megatron_to_hf_global[name]
+            mappings.append(ParamMapping(name, (hf_name,), kind))
+            continue
+        match = _LAYER_RE.match(name)
+        if match is None:
+            raise KeyError(f"megatron parameter {name!r} has no HF counterpart")
+        prefix = f"model.layers.{_global_layer_index(model, int(match.group(1)))}."
+        suffix = match.group(2)
+        if suffix.startswith("self_attention.linear_qkv."):
+            leaf = suffix.rsplit(".", 1)[1]
+            hf_names = tuple(f"{prefix}self_attn.{p}_proj.{leaf}" for p in "qkv")
+            mappings.append(ParamMapping(name, hf_names, "qkv"))
+        elif suffix.startswith("mlp.linear_fc1."):
+            leaf = suffix.rsplit(".", 1)[1]
+            mappings.append(ParamMapping(name, (f"{prefix}mlp.gate_proj.{leaf}", f"{prefix}mlp.up_proj.{leaf}"), "fc1"))
+        elif suffix in megatron_to_hf_layer:
+            hf_suffix, kind = megatron_to_hf_layer[suffix]
+            mappings.append(ParamMapping(name, (prefix + hf_suffix,), kind))
+        else:
+            raise KeyError(f"megatron parameter {name!r} has no HF counterpart")
+    return mappings
+
+
+def _tp_rank_size() -> tuple[int, int]:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
+
+
+def read_hf_state_dict(model_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of an HF model directory's safetensors file(s)."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors file in {model_dir}")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    return state
+
+
+def _to_megatron(mapping: ParamMapping, hf: Mapping[str, torch.Tensor], shape, tp_rank: int, tp_size: int):
+    tensors = [hf[n] for n in mapping.hf_names]
+    if mapping.kind == "qkv":
+        return convert.qkv_to_megatron(*tensors, shape, tp_rank, tp_size)
+    if mapping.kind == "fc1":
+        return convert.fc1_to_megatron(*tensors, tp_rank, tp_size)
+    return convert.split_for_tp(tensors[0], mapping.kind, tp_rank, tp_size)
+
+
+@torch.no_grad()
+def load_hf_into_megatron(model, hf_state_dict_or_dir) -> None:
+    """Copies HF weights (a state dict or a model directory) into the megatron model, this rank's shards only.
+
+    Raises KeyError naming missing or unexpected HF tensors and ValueError naming a shape mismatch; on error the
+    model may be partly loaded.
+    """
+    if isinstance(hf_state_dict_or_dir, str | os.PathLike):
+        hf_state = read_hf_state_dict(hf_state_dict_or_dir)
+    else:
+        hf_state = dict(hf_state_dict_or_dir)
+    tied = bool(model.hf_config.tie_word_embeddings)
+    if tied:
+        hf_state.pop("lm_head.weight", None)  # the same tensor as embed_tokens (HF state_dict() still lists it)
+    shape = _attention_shape(model.hf_config)
+    tp_rank, tp_size = _tp_rank_size()
+    params = dict(model.named_parameters())
+    mappings = param_mappings(model)
+    missing = sorted(n for m in mappings for n in m.hf_names if n not in hf_state)
+    if missing:
+        raise KeyError(f"HF weights lack {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}")
+    expected = {n for m in mappings for n in m.hf_names}
+    if model.pre_process and model.post_process:  # a whole model: every HF tensor must find a place
+        unexpected = sorted(n for n in hf_state if n not in expected and not n.endswith("rotary_emb.inv_freq"))
+        if unexpected:
+            raise KeyError(f"HF weights have {len(unexpected)} tensor(s) the model has no place for: {unexpected[:3]}")
+    for mapping in mappings:
+        param = params[mapping.megatron_name]
+        value = _to_megatron(mapping, hf_state, shape, tp_rank, tp_size)
+        if value.shape != param.shape:
+            raise ValueError(
+                f"{mapping.megatron_name}: HF {mapping.hf_names} give shape {tuple(value.shape)}, "
+                f"the model has {tuple(param.shape)}; does the HF config match these weights?"
+            )
+        param.copy_(value)
+
+
+def _gather_tp(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """All TP ranks' shards of a parameter, in rank order (just [tensor] at tp_size 1)."""
+    from megatron.core import parallel_state
+
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    if tp_size == 1:
+        return [tensor]
+    shards = [torch.empty_like(tensor) for _ in range(tp_size)]
+    torch.distributed.all_gather(shards, tensor.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+    return shards
+
+
+@torch.no_grad()
+def iter_hf_weights(model, include_tied_lm_head: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yields (HF name, tensor) in HF layout, one parameter at a time, on the model's device and dtype.
+
+    Tensors may share memory with the live model: consume (send, copy) each before the next optimizer step.
+    With tied embeddings `lm_head.weight` is yielded too (same values as `model.embed_tokens.weight`), because a
+    vLLM receiver keeps a separate output head that would otherwise stay stale. At TP > 1 every TP rank must
+    iterate together (the shards are all-gathered); under pipeline parallelism each stage yields its own layers.
+    """
+    shape = _attention_shape(model.hf_config)
+    params = dict(model.named_parameters())
+    tied = bool(model.hf_config.tie_word_embeddings)
+    for mapping in param_mappings(model):
+        kind = mapping.kind
+        shards = [s.detach() for s in _gather_tp(params[mapping.megatron_name])]
+        if kind == "qkv":
+            tensors = convert.qkv_to_hf(shards, shape)
+        elif kind == "fc1":
+            tensors = convert.fc1_to_hf(shards)
+        else:
+            tensors = (convert.merge_from_tp(shards, kind),)
+        for hf_name, tensor in zip(mapping.hf_names, tensors, strict=True):
+            yield hf_name, tensor.contiguous()
+            if hf_name == "model.embed_tokens.weight" and tied and include_tied_lm_head:
+                yield "lm_head.weight", tensor.contiguous()
+
+
+def export_hf_state_dict(model) -> dict[str, torch.Tensor]:
+    """The model's weights as an HF state dict of independent CPU tensors (as HF writes it: no tied lm_head)."""
+    return {name: t.detach().to("cpu", copy=True) for name, t in iter_hf_weights(model, include_tied_lm_head=False)}
+
+
+def save_hf_checkpoint(model, hf_config_dir_or_config, tokenizer_dir, out_dir) -> Path:
+    """Writes an HF model directory (model.safetensors, config.json, tokenizer, generation config) to out_dir.
+
+    Loadable by transformers' from_pretrained and by vLLM. The weights file is written to a temporary name and
+    renamed, so a reader never sees a half-written file. Returns out_dir.
+    """
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hf_config = load_hf_config(hf_config_dir_or_config)
+    state = export_hf_state_dict(model)
+    tmp = out_dir / "model.safetensors.tmp"
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, out_dir / "model.safetensors")
+    hf_config.dtype = next(iter(state.values())).dtype
+    hf_config.save_pretrained(out_dir)
+    if tokenizer_dir is not None:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(str(out_dir))
+    for source_dir in (hf_config_dir_or_config, tokenizer_dir):  # eos / pad ids for generation, where known
+        if isinstance(source_dir, str | os.PathLike) and (Path(source_dir) / "generation_config.json").is_file():
+            shutil.copyfile(Path(source_dir) / "generation_config.json", out_dir / "generation_config.json")
+            break
+    return out_dir
