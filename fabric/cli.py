@@ -44,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", action="append", required=True, help="rollout server HOST:PORT (repeatable)")
     p.add_argument("--version", type=int, default=None, help="weight version (default: serving version + 1)")
     p.add_argument("--mode", choices=["relay", "direct"], default=None, help="fan-out (default: relay for 2+)")
+    p.add_argument(
+        "--transport",
+        choices=["auto", "tcp", "grpc"],
+        default="auto",
+        help="bulk bytes over the servers' raw-TCP data plane or the gRPC stream (auto: tcp when offered)",
+    )
     p.add_argument("--chunk-mib", type=float, default=4.0, help="chunk size in MiB")
     p.set_defaults(target="fabric.weights.push:cli_main")
 

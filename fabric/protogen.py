@@ -36,8 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         fresh = {p.name: p for p in generate(Path(tmp)) if p.is_file()}
         committed = {p.name: p for p in (ROOT / OUT_PACKAGE).iterdir() if p.is_file()}
-        stale = sorted(n for n in fresh.keys() | committed.keys()
-                       if n not in fresh or n not in committed or not filecmp.cmp(fresh[n], committed[n], shallow=False))
+        stale = sorted(
+            n
+            for n in fresh.keys() | committed.keys()
+            if n not in fresh or n not in committed or not filecmp.cmp(fresh[n], committed[n], shallow=False)
+        )
     if stale:
         print(f"fabric/v1 is stale ({', '.join(stale)}): run `make proto`", file=sys.stderr)
         return 1

@@ -54,11 +54,13 @@ class FabricServer:
         register(self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection([*self.service_names, reflection.SERVICE_NAME, health.SERVICE_NAME],
-                                            self.server)
+        reflection.enable_server_reflection(
+            [*self.service_names, reflection.SERVICE_NAME, health.SERVICE_NAME], self.server
+        )
         address = f"{host}:{port}"
-        self.port = (self.server.add_secure_port(address, credentials) if credentials
-                     else self.server.add_insecure_port(address))
+        self.port = (
+            self.server.add_secure_port(address, credentials) if credentials else self.server.add_insecure_port(address)
+        )
         if self.port == 0:
             raise RuntimeError(f"could not bind {address}")
         self.host = host

@@ -26,11 +26,15 @@ def test_services_and_field_names_that_outside_tools_rely_on():
     from fabric.v1 import reward_pb2, rollout_pb2, trainer_pb2
 
     services = {
-        "fabric.v1.RolloutService": (rollout_pb2, {"Generate", "Abort", "UpdateWeights", "GetWeightsStatus",
-                                                   "Sleep", "WakeUp", "GetServerInfo"}),
+        "fabric.v1.RolloutService": (
+            rollout_pb2,
+            {"Generate", "Abort", "UpdateWeights", "GetWeightsStatus", "Sleep", "WakeUp", "GetServerInfo"},
+        ),
         "fabric.v1.RewardService": (reward_pb2, {"Score", "GetServerInfo"}),
-        "fabric.v1.TrainerService": (trainer_pb2, {"GetStatus", "WatchMetrics", "Pause", "Resume",
-                                                   "SaveCheckpoint", "Stop"}),
+        "fabric.v1.TrainerService": (
+            trainer_pb2,
+            {"GetStatus", "WatchMetrics", "Pause", "Resume", "SaveCheckpoint", "Stop"},
+        ),
     }
     for full_name, (module, methods) in services.items():
         service = module.DESCRIPTOR.services_by_name[full_name.split(".")[-1]]
@@ -45,10 +49,19 @@ def test_services_and_field_names_that_outside_tools_rely_on():
         return set(message.DESCRIPTOR.fields_by_name)
 
     assert {"request_id", "prompt", "prompt_token_ids", "sampling"} <= fields(rollout_pb2.GenerateRequest)
-    assert {"max_new_tokens", "temperature", "top_p", "top_k", "num_beams", "num_return_sequences", "seed",
-            "logprobs"} <= fields(rollout_pb2.SamplingParams)
-    assert {"request_id", "sample_index", "token_ids", "text", "logprobs", "finish_reason",
-            "weight_version"} <= fields(rollout_pb2.GenerateResponse)
+    assert {
+        "max_new_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "num_beams",
+        "num_return_sequences",
+        "seed",
+        "logprobs",
+    } <= fields(rollout_pb2.SamplingParams)
+    assert {"request_id", "sample_index", "token_ids", "text", "logprobs", "finish_reason", "weight_version"} <= fields(
+        rollout_pb2.GenerateResponse
+    )
     assert {"request_id", "prompt", "response", "ground_truth", "reward_name"} <= fields(reward_pb2.ScoreRequest)
     assert {"request_id", "score"} <= fields(reward_pb2.ScoreResponse)
 
@@ -96,6 +109,7 @@ if __name__ == "__main__":
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     ids = tokenizer("Add 3 and 4.\n", return_tensors="pt").input_ids
-    hf = model.generate(ids, max_new_tokens=8, do_sample=False, min_new_tokens=8,
-                        pad_token_id=tokenizer.eos_token_id)[0, ids.shape[1]:].tolist()
+    hf = model.generate(ids, max_new_tokens=8, do_sample=False, min_new_tokens=8, pad_token_id=tokenizer.eos_token_id)[
+        0, ids.shape[1] :
+    ].tolist()
     assert vllm_ids == hf

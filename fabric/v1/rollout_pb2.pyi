@@ -156,18 +156,24 @@ class GetWeightsStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetWeightsStatusResponse(_message.Message):
-    __slots__ = ("serving_version", "staged_version", "staged_manifest_digest", "staged_chunk_indices", "total_chunks")
+    __slots__ = ("serving_version", "staged_version", "staged_manifest_digest", "staged_chunk_indices", "total_chunks", "tcp_data_port", "serving_manifest_digest", "dtype")
     SERVING_VERSION_FIELD_NUMBER: _ClassVar[int]
     STAGED_VERSION_FIELD_NUMBER: _ClassVar[int]
     STAGED_MANIFEST_DIGEST_FIELD_NUMBER: _ClassVar[int]
     STAGED_CHUNK_INDICES_FIELD_NUMBER: _ClassVar[int]
     TOTAL_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    TCP_DATA_PORT_FIELD_NUMBER: _ClassVar[int]
+    SERVING_MANIFEST_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
     serving_version: int
     staged_version: int
     staged_manifest_digest: str
     staged_chunk_indices: _containers.RepeatedScalarFieldContainer[int]
     total_chunks: int
-    def __init__(self, serving_version: _Optional[int] = ..., staged_version: _Optional[int] = ..., staged_manifest_digest: _Optional[str] = ..., staged_chunk_indices: _Optional[_Iterable[int]] = ..., total_chunks: _Optional[int] = ...) -> None: ...
+    tcp_data_port: int
+    serving_manifest_digest: str
+    dtype: str
+    def __init__(self, serving_version: _Optional[int] = ..., staged_version: _Optional[int] = ..., staged_manifest_digest: _Optional[str] = ..., staged_chunk_indices: _Optional[_Iterable[int]] = ..., total_chunks: _Optional[int] = ..., tcp_data_port: _Optional[int] = ..., serving_manifest_digest: _Optional[str] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class SleepRequest(_message.Message):
     __slots__ = ("level",)

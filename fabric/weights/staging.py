@@ -86,8 +86,11 @@ class StagingBuffer:
 
     def tensor(self, i: int) -> torch.Tensor:
         slot = self.slots[i]
-        raw = torch.frombuffer(self._mmap, dtype=torch.uint8, count=slot.nbytes, offset=slot.offset) \
-            if slot.nbytes else torch.empty(0, dtype=torch.uint8)
+        raw = (
+            torch.frombuffer(self._mmap, dtype=torch.uint8, count=slot.nbytes, offset=slot.offset)
+            if slot.nbytes
+            else torch.empty(0, dtype=torch.uint8)
+        )
         return raw.view(slot.dtype).reshape(slot.shape)
 
     def named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:

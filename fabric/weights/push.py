@@ -1,0 +1,54 @@
+"""`fabric push-weights`: pushes an HF checkpoint (safetensors) to running rollout servers and prints the timing."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from fabric.weights.sender import WeightSource, push_weights, serving_dtype, weights_status
+
+
+async def _push(args) -> int:
+    console = Console(stderr=False)
+    statuses = await asyncio.gather(*(weights_status(t) for t in args.target))
+    dtype = serving_dtype(list(statuses))
+    with console.status(f"loading {args.checkpoint}"):
+        source = WeightSource.from_hf_checkpoint(args.checkpoint, int(args.chunk_mib * 1024 * 1024), dtype)
+    with console.status(f"pushing {source.total_bytes / 1e6:.1f} MB to {len(args.target)} server(s)"):
+        report = await push_weights(
+            source,
+            args.target,
+            version=args.version,
+            mode=args.mode,
+            transport=args.transport,
+            token=getattr(args, "token", None),
+        )
+    table = Table(title=f"weight version {report.version}: {report.mode} over {report.transport}")
+    for column in ("server", "committed", "received MB", "seconds", "commit s", "error"):
+        table.add_column(column)
+    for r in report.results:
+        table.add_row(
+            r.server,
+            "already" if r.already_committed else str(r.committed),
+            f"{r.bytes_received / 1e6:.1f}",
+            f"{r.seconds:.2f}",
+            f"{r.commit_seconds:.3f}",
+            r.error.message,
+        )
+    console.print(table)
+    print(
+        f"bytes={source.total_bytes} sent={report.bytes_sent} seconds={report.seconds:.3f} "
+        f"GB/s={report.gbps:.3f} version={report.version} ok={report.ok}"
+    )
+    return 0 if report.ok else 1
+
+
+def cli_main(args) -> int:
+    try:
+        return asyncio.run(_push(args))
+    except FileNotFoundError as exc:
+        print(f"fabric push-weights: {exc}", file=sys.stderr)
+        return 2
