@@ -193,9 +193,12 @@ PROTOBUF_CONSTEXPR GetWeightsStatusResponse::GetWeightsStatusResponse(
     /*decltype(_impl_.staged_chunk_indices_)*/{}
   , /*decltype(_impl_._staged_chunk_indices_cached_byte_size_)*/{0}
   , /*decltype(_impl_.staged_manifest_digest_)*/{&::_pbi::fixed_address_empty_string, ::_pbi::ConstantInitialized{}}
+  , /*decltype(_impl_.serving_manifest_digest_)*/{&::_pbi::fixed_address_empty_string, ::_pbi::ConstantInitialized{}}
+  , /*decltype(_impl_.dtype_)*/{&::_pbi::fixed_address_empty_string, ::_pbi::ConstantInitialized{}}
   , /*decltype(_impl_.serving_version_)*/int64_t{0}
   , /*decltype(_impl_.staged_version_)*/int64_t{0}
   , /*decltype(_impl_.total_chunks_)*/0
+  , /*decltype(_impl_.tcp_data_port_)*/0
   , /*decltype(_impl_._cached_size_)*/{}} {}
 struct GetWeightsStatusResponseDefaultTypeInternal {
   PROTOBUF_CONSTEXPR GetWeightsStatusResponseDefaultTypeInternal()
@@ -425,6 +428,9 @@ const uint32_t TableStruct_fabric_2fv1_2frollout_2eproto::offsets[] PROTOBUF_SEC
   PROTOBUF_FIELD_OFFSET(::fabric::v1::GetWeightsStatusResponse, _impl_.staged_manifest_digest_),
   PROTOBUF_FIELD_OFFSET(::fabric::v1::GetWeightsStatusResponse, _impl_.staged_chunk_indices_),
   PROTOBUF_FIELD_OFFSET(::fabric::v1::GetWeightsStatusResponse, _impl_.total_chunks_),
+  PROTOBUF_FIELD_OFFSET(::fabric::v1::GetWeightsStatusResponse, _impl_.tcp_data_port_),
+  PROTOBUF_FIELD_OFFSET(::fabric::v1::GetWeightsStatusResponse, _impl_.serving_manifest_digest_),
+  PROTOBUF_FIELD_OFFSET(::fabric::v1::GetWeightsStatusResponse, _impl_.dtype_),
   ~0u,  // no _has_bits_
   PROTOBUF_FIELD_OFFSET(::fabric::v1::SleepRequest, _internal_metadata_),
   ~0u,  // no _extensions_
@@ -492,12 +498,12 @@ static const ::_pbi::MigrationSchema schemas[] PROTOBUF_SECTION_VARIABLE(protode
   { 92, -1, -1, sizeof(::fabric::v1::WeightUpdateResult)},
   { 106, -1, -1, sizeof(::fabric::v1::GetWeightsStatusRequest)},
   { 112, -1, -1, sizeof(::fabric::v1::GetWeightsStatusResponse)},
-  { 123, -1, -1, sizeof(::fabric::v1::SleepRequest)},
-  { 130, -1, -1, sizeof(::fabric::v1::SleepResponse)},
-  { 138, -1, -1, sizeof(::fabric::v1::WakeUpRequest)},
-  { 145, -1, -1, sizeof(::fabric::v1::WakeUpResponse)},
-  { 152, -1, -1, sizeof(::fabric::v1::RolloutServiceGetServerInfoRequest)},
-  { 158, -1, -1, sizeof(::fabric::v1::RolloutServiceGetServerInfoResponse)},
+  { 126, -1, -1, sizeof(::fabric::v1::SleepRequest)},
+  { 133, -1, -1, sizeof(::fabric::v1::SleepResponse)},
+  { 141, -1, -1, sizeof(::fabric::v1::WakeUpRequest)},
+  { 148, -1, -1, sizeof(::fabric::v1::WakeUpResponse)},
+  { 155, -1, -1, sizeof(::fabric::v1::RolloutServiceGetServerInfoRequest)},
+  { 161, -1, -1, sizeof(::fabric::v1::RolloutServiceGetServerInfoResponse)},
 };
 
 static const ::_pb::Message* const file_default_instances[] = {
@@ -571,53 +577,56 @@ const char descriptor_table_protodef_fabric_2fv1_2frollout_2eproto[] PROTOBUF_SE
   "ceived\022\030\n\007seconds\030\006 \001(\001R\007seconds\022%\n\016comm"
   "it_seconds\030\007 \001(\001R\rcommitSeconds\022&\n\005error"
   "\030\010 \001(\0132\020.fabric.v1.ErrorR\005error\"\031\n\027GetWe"
-  "ightsStatusRequest\"\365\001\n\030GetWeightsStatusR"
+  "ightsStatusRequest\"\347\002\n\030GetWeightsStatusR"
   "esponse\022\'\n\017serving_version\030\001 \001(\003R\016servin"
   "gVersion\022%\n\016staged_version\030\002 \001(\003R\rstaged"
   "Version\0224\n\026staged_manifest_digest\030\003 \001(\tR"
   "\024stagedManifestDigest\0220\n\024staged_chunk_in"
   "dices\030\004 \003(\005R\022stagedChunkIndices\022!\n\014total"
-  "_chunks\030\005 \001(\005R\013totalChunks\"$\n\014SleepReque"
-  "st\022\024\n\005level\030\001 \001(\005R\005level\"R\n\rSleepRespons"
-  "e\022+\n\005state\030\001 \001(\0162\025.fabric.v1.SleepStateR"
-  "\005state\022\024\n\005level\030\002 \001(\005R\005level\"#\n\rWakeUpRe"
-  "quest\022\022\n\004tags\030\001 \003(\tR\004tags\"=\n\016WakeUpRespo"
-  "nse\022+\n\005state\030\001 \001(\0162\025.fabric.v1.SleepStat"
-  "eR\005state\"$\n\"RolloutServiceGetServerInfoR"
-  "equest\"\223\004\n#RolloutServiceGetServerInfoRe"
-  "sponse\022\024\n\005model\030\001 \001(\tR\005model\022,\n\022engine_c"
-  "onfig_json\030\002 \001(\tR\020engineConfigJson\022%\n\016we"
-  "ight_version\030\003 \001(\003R\rweightVersion\022\037\n\013que"
-  "ue_depth\030\004 \001(\005R\nqueueDepth\022)\n\020running_re"
-  "quests\030\005 \001(\005R\017runningRequests\0226\n\013sleep_s"
-  "tate\030\006 \001(\0162\025.fabric.v1.SleepStateR\nsleep"
-  "State\022\037\n\013sleep_level\030\007 \001(\005R\nsleepLevel\022\""
-  "\n\rmax_model_len\030\010 \001(\005R\013maxModelLen\022\035\n\nvo"
-  "cab_size\030\t \001(\005R\tvocabSize\022(\n\020infer_batch"
-  "_size\030\n \001(\005R\016inferBatchSize\0220\n\024generatin"
-  "g_args_json\030\013 \001(\tR\022generatingArgsJson\022\026\n"
-  "\006server\030\014 \001(\tR\006server\022%\n\016engine_version\030"
-  "\r \001(\tR\rengineVersion*x\n\014FinishReason\022\035\n\031"
-  "FINISH_REASON_UNSPECIFIED\020\000\022\026\n\022FINISH_RE"
-  "ASON_STOP\020\001\022\030\n\024FINISH_REASON_LENGTH\020\002\022\027\n"
-  "\023FINISH_REASON_ABORT\020\003*v\n\nSleepState\022\033\n\027"
-  "SLEEP_STATE_UNSPECIFIED\020\000\022\025\n\021SLEEP_STATE"
-  "_AWAKE\020\001\022\026\n\022SLEEP_STATE_ASLEEP\020\002\022\034\n\030SLEE"
-  "P_STATE_WEIGHTS_ONLY\020\0032\263\004\n\016RolloutServic"
-  "e\022G\n\010Generate\022\032.fabric.v1.GenerateReques"
-  "t\032\033.fabric.v1.GenerateResponse(\0010\001\022:\n\005Ab"
-  "ort\022\027.fabric.v1.AbortRequest\032\030.fabric.v1"
-  ".AbortResponse\022T\n\rUpdateWeights\022\037.fabric"
-  ".v1.UpdateWeightsRequest\032 .fabric.v1.Upd"
-  "ateWeightsResponse(\001\022[\n\020GetWeightsStatus"
-  "\022\".fabric.v1.GetWeightsStatusRequest\032#.f"
-  "abric.v1.GetWeightsStatusResponse\022:\n\005Sle"
-  "ep\022\027.fabric.v1.SleepRequest\032\030.fabric.v1."
-  "SleepResponse\022=\n\006WakeUp\022\030.fabric.v1.Wake"
-  "UpRequest\032\031.fabric.v1.WakeUpResponse\022n\n\r"
-  "GetServerInfo\022-.fabric.v1.RolloutService"
-  "GetServerInfoRequest\032..fabric.v1.Rollout"
-  "ServiceGetServerInfoResponseb\006proto3"
+  "_chunks\030\005 \001(\005R\013totalChunks\022\"\n\rtcp_data_p"
+  "ort\030\006 \001(\005R\013tcpDataPort\0226\n\027serving_manife"
+  "st_digest\030\007 \001(\tR\025servingManifestDigest\022\024"
+  "\n\005dtype\030\010 \001(\tR\005dtype\"$\n\014SleepRequest\022\024\n\005"
+  "level\030\001 \001(\005R\005level\"R\n\rSleepResponse\022+\n\005s"
+  "tate\030\001 \001(\0162\025.fabric.v1.SleepStateR\005state"
+  "\022\024\n\005level\030\002 \001(\005R\005level\"#\n\rWakeUpRequest\022"
+  "\022\n\004tags\030\001 \003(\tR\004tags\"=\n\016WakeUpResponse\022+\n"
+  "\005state\030\001 \001(\0162\025.fabric.v1.SleepStateR\005sta"
+  "te\"$\n\"RolloutServiceGetServerInfoRequest"
+  "\"\223\004\n#RolloutServiceGetServerInfoResponse"
+  "\022\024\n\005model\030\001 \001(\tR\005model\022,\n\022engine_config_"
+  "json\030\002 \001(\tR\020engineConfigJson\022%\n\016weight_v"
+  "ersion\030\003 \001(\003R\rweightVersion\022\037\n\013queue_dep"
+  "th\030\004 \001(\005R\nqueueDepth\022)\n\020running_requests"
+  "\030\005 \001(\005R\017runningRequests\0226\n\013sleep_state\030\006"
+  " \001(\0162\025.fabric.v1.SleepStateR\nsleepState\022"
+  "\037\n\013sleep_level\030\007 \001(\005R\nsleepLevel\022\"\n\rmax_"
+  "model_len\030\010 \001(\005R\013maxModelLen\022\035\n\nvocab_si"
+  "ze\030\t \001(\005R\tvocabSize\022(\n\020infer_batch_size\030"
+  "\n \001(\005R\016inferBatchSize\0220\n\024generating_args"
+  "_json\030\013 \001(\tR\022generatingArgsJson\022\026\n\006serve"
+  "r\030\014 \001(\tR\006server\022%\n\016engine_version\030\r \001(\tR"
+  "\rengineVersion*x\n\014FinishReason\022\035\n\031FINISH"
+  "_REASON_UNSPECIFIED\020\000\022\026\n\022FINISH_REASON_S"
+  "TOP\020\001\022\030\n\024FINISH_REASON_LENGTH\020\002\022\027\n\023FINIS"
+  "H_REASON_ABORT\020\003*v\n\nSleepState\022\033\n\027SLEEP_"
+  "STATE_UNSPECIFIED\020\000\022\025\n\021SLEEP_STATE_AWAKE"
+  "\020\001\022\026\n\022SLEEP_STATE_ASLEEP\020\002\022\034\n\030SLEEP_STAT"
+  "E_WEIGHTS_ONLY\020\0032\263\004\n\016RolloutService\022G\n\010G"
+  "enerate\022\032.fabric.v1.GenerateRequest\032\033.fa"
+  "bric.v1.GenerateResponse(\0010\001\022:\n\005Abort\022\027."
+  "fabric.v1.AbortRequest\032\030.fabric.v1.Abort"
+  "Response\022T\n\rUpdateWeights\022\037.fabric.v1.Up"
+  "dateWeightsRequest\032 .fabric.v1.UpdateWei"
+  "ghtsResponse(\001\022[\n\020GetWeightsStatus\022\".fab"
+  "ric.v1.GetWeightsStatusRequest\032#.fabric."
+  "v1.GetWeightsStatusResponse\022:\n\005Sleep\022\027.f"
+  "abric.v1.SleepRequest\032\030.fabric.v1.SleepR"
+  "esponse\022=\n\006WakeUp\022\030.fabric.v1.WakeUpRequ"
+  "est\032\031.fabric.v1.WakeUpResponse\022n\n\rGetSer"
+  "verInfo\022-.fabric.v1.RolloutServiceGetSer"
+  "verInfoRequest\032..fabric.v1.RolloutServic"
+  "eGetServerInfoResponseb\006proto3"
   ;
 static const ::_pbi::DescriptorTable* const descriptor_table_fabric_2fv1_2frollout_2eproto_deps[2] = {
   &::descriptor_table_fabric_2fv1_2fcommon_2eproto,
@@ -625,7 +634,7 @@ static const ::_pbi::DescriptorTable* const descriptor_table_fabric_2fv1_2frollo
 };
 static ::_pbi::once_flag descriptor_table_fabric_2fv1_2frollout_2eproto_once;
 const ::_pbi::DescriptorTable descriptor_table_fabric_2fv1_2frollout_2eproto = {
-    false, false, 3876, descriptor_table_protodef_fabric_2fv1_2frollout_2eproto,
+    false, false, 3990, descriptor_table_protodef_fabric_2fv1_2frollout_2eproto,
     "fabric/v1/rollout.proto",
     &descriptor_table_fabric_2fv1_2frollout_2eproto_once, descriptor_table_fabric_2fv1_2frollout_2eproto_deps, 2, 17,
     schemas, file_default_instances, TableStruct_fabric_2fv1_2frollout_2eproto::offsets,
@@ -3696,9 +3705,12 @@ GetWeightsStatusResponse::GetWeightsStatusResponse(const GetWeightsStatusRespons
       decltype(_impl_.staged_chunk_indices_){from._impl_.staged_chunk_indices_}
     , /*decltype(_impl_._staged_chunk_indices_cached_byte_size_)*/{0}
     , decltype(_impl_.staged_manifest_digest_){}
+    , decltype(_impl_.serving_manifest_digest_){}
+    , decltype(_impl_.dtype_){}
     , decltype(_impl_.serving_version_){}
     , decltype(_impl_.staged_version_){}
     , decltype(_impl_.total_chunks_){}
+    , decltype(_impl_.tcp_data_port_){}
     , /*decltype(_impl_._cached_size_)*/{}};
 
   _internal_metadata_.MergeFrom<::PROTOBUF_NAMESPACE_ID::UnknownFieldSet>(from._internal_metadata_);
@@ -3710,9 +3722,25 @@ GetWeightsStatusResponse::GetWeightsStatusResponse(const GetWeightsStatusRespons
     _this->_impl_.staged_manifest_digest_.Set(from._internal_staged_manifest_digest(), 
       _this->GetArenaForAllocation());
   }
+  _impl_.serving_manifest_digest_.InitDefault();
+  #ifdef PROTOBUF_FORCE_COPY_DEFAULT_STRING
+    _impl_.serving_manifest_digest_.Set("", GetArenaForAllocation());
+  #endif // PROTOBUF_FORCE_COPY_DEFAULT_STRING
+  if (!from._internal_serving_manifest_digest().empty()) {
+    _this->_impl_.serving_manifest_digest_.Set(from._internal_serving_manifest_digest(), 
+      _this->GetArenaForAllocation());
+  }
+  _impl_.dtype_.InitDefault();
+  #ifdef PROTOBUF_FORCE_COPY_DEFAULT_STRING
+    _impl_.dtype_.Set("", GetArenaForAllocation());
+  #endif // PROTOBUF_FORCE_COPY_DEFAULT_STRING
+  if (!from._internal_dtype().empty()) {
+    _this->_impl_.dtype_.Set(from._internal_dtype(), 
+      _this->GetArenaForAllocation());
+  }
   ::memcpy(&_impl_.serving_version_, &from._impl_.serving_version_,
-    static_cast<size_t>(reinterpret_cast<char*>(&_impl_.total_chunks_) -
-    reinterpret_cast<char*>(&_impl_.serving_version_)) + sizeof(_impl_.total_chunks_));
+    static_cast<size_t>(reinterpret_cast<char*>(&_impl_.tcp_data_port_) -
+    reinterpret_cast<char*>(&_impl_.serving_version_)) + sizeof(_impl_.tcp_data_port_));
   // @@protoc_insertion_point(copy_constructor:fabric.v1.GetWeightsStatusResponse)
 }
 
@@ -3724,14 +3752,25 @@ inline void GetWeightsStatusResponse::SharedCtor(
       decltype(_impl_.staged_chunk_indices_){arena}
     , /*decltype(_impl_._staged_chunk_indices_cached_byte_size_)*/{0}
     , decltype(_impl_.staged_manifest_digest_){}
+    , decltype(_impl_.serving_manifest_digest_){}
+    , decltype(_impl_.dtype_){}
     , decltype(_impl_.serving_version_){int64_t{0}}
     , decltype(_impl_.staged_version_){int64_t{0}}
     , decltype(_impl_.total_chunks_){0}
+    , decltype(_impl_.tcp_data_port_){0}
     , /*decltype(_impl_._cached_size_)*/{}
   };
   _impl_.staged_manifest_digest_.InitDefault();
   #ifdef PROTOBUF_FORCE_COPY_DEFAULT_STRING
     _impl_.staged_manifest_digest_.Set("", GetArenaForAllocation());
+  #endif // PROTOBUF_FORCE_COPY_DEFAULT_STRING
+  _impl_.serving_manifest_digest_.InitDefault();
+  #ifdef PROTOBUF_FORCE_COPY_DEFAULT_STRING
+    _impl_.serving_manifest_digest_.Set("", GetArenaForAllocation());
+  #endif // PROTOBUF_FORCE_COPY_DEFAULT_STRING
+  _impl_.dtype_.InitDefault();
+  #ifdef PROTOBUF_FORCE_COPY_DEFAULT_STRING
+    _impl_.dtype_.Set("", GetArenaForAllocation());
   #endif // PROTOBUF_FORCE_COPY_DEFAULT_STRING
 }
 
@@ -3748,6 +3787,8 @@ inline void GetWeightsStatusResponse::SharedDtor() {
   GOOGLE_DCHECK(GetArenaForAllocation() == nullptr);
   _impl_.staged_chunk_indices_.~RepeatedField();
   _impl_.staged_manifest_digest_.Destroy();
+  _impl_.serving_manifest_digest_.Destroy();
+  _impl_.dtype_.Destroy();
 }
 
 void GetWeightsStatusResponse::SetCachedSize(int size) const {
@@ -3762,9 +3803,11 @@ void GetWeightsStatusResponse::Clear() {
 
   _impl_.staged_chunk_indices_.Clear();
   _impl_.staged_manifest_digest_.ClearToEmpty();
+  _impl_.serving_manifest_digest_.ClearToEmpty();
+  _impl_.dtype_.ClearToEmpty();
   ::memset(&_impl_.serving_version_, 0, static_cast<size_t>(
-      reinterpret_cast<char*>(&_impl_.total_chunks_) -
-      reinterpret_cast<char*>(&_impl_.serving_version_)) + sizeof(_impl_.total_chunks_));
+      reinterpret_cast<char*>(&_impl_.tcp_data_port_) -
+      reinterpret_cast<char*>(&_impl_.serving_version_)) + sizeof(_impl_.tcp_data_port_));
   _internal_metadata_.Clear<::PROTOBUF_NAMESPACE_ID::UnknownFieldSet>();
 }
 
@@ -3816,6 +3859,34 @@ const char* GetWeightsStatusResponse::_InternalParse(const char* ptr, ::_pbi::Pa
         if (PROTOBUF_PREDICT_TRUE(static_cast<uint8_t>(tag) == 40)) {
           _impl_.total_chunks_ = ::PROTOBUF_NAMESPACE_ID::internal::ReadVarint32(&ptr);
           CHK_(ptr);
+        } else
+          goto handle_unusual;
+        continue;
+      // int32 tcp_data_port = 6 [json_name = "tcpDataPort"];
+      case 6:
+        if (PROTOBUF_PREDICT_TRUE(static_cast<uint8_t>(tag) == 48)) {
+          _impl_.tcp_data_port_ = ::PROTOBUF_NAMESPACE_ID::internal::ReadVarint32(&ptr);
+          CHK_(ptr);
+        } else
+          goto handle_unusual;
+        continue;
+      // string serving_manifest_digest = 7 [json_name = "servingManifestDigest"];
+      case 7:
+        if (PROTOBUF_PREDICT_TRUE(static_cast<uint8_t>(tag) == 58)) {
+          auto str = _internal_mutable_serving_manifest_digest();
+          ptr = ::_pbi::InlineGreedyStringParser(str, ptr, ctx);
+          CHK_(ptr);
+          CHK_(::_pbi::VerifyUTF8(str, "fabric.v1.GetWeightsStatusResponse.serving_manifest_digest"));
+        } else
+          goto handle_unusual;
+        continue;
+      // string dtype = 8 [json_name = "dtype"];
+      case 8:
+        if (PROTOBUF_PREDICT_TRUE(static_cast<uint8_t>(tag) == 66)) {
+          auto str = _internal_mutable_dtype();
+          ptr = ::_pbi::InlineGreedyStringParser(str, ptr, ctx);
+          CHK_(ptr);
+          CHK_(::_pbi::VerifyUTF8(str, "fabric.v1.GetWeightsStatusResponse.dtype"));
         } else
           goto handle_unusual;
         continue;
@@ -3885,6 +3956,32 @@ uint8_t* GetWeightsStatusResponse::_InternalSerialize(
     target = ::_pbi::WireFormatLite::WriteInt32ToArray(5, this->_internal_total_chunks(), target);
   }
 
+  // int32 tcp_data_port = 6 [json_name = "tcpDataPort"];
+  if (this->_internal_tcp_data_port() != 0) {
+    target = stream->EnsureSpace(target);
+    target = ::_pbi::WireFormatLite::WriteInt32ToArray(6, this->_internal_tcp_data_port(), target);
+  }
+
+  // string serving_manifest_digest = 7 [json_name = "servingManifestDigest"];
+  if (!this->_internal_serving_manifest_digest().empty()) {
+    ::PROTOBUF_NAMESPACE_ID::internal::WireFormatLite::VerifyUtf8String(
+      this->_internal_serving_manifest_digest().data(), static_cast<int>(this->_internal_serving_manifest_digest().length()),
+      ::PROTOBUF_NAMESPACE_ID::internal::WireFormatLite::SERIALIZE,
+      "fabric.v1.GetWeightsStatusResponse.serving_manifest_digest");
+    target = stream->WriteStringMaybeAliased(
+        7, this->_internal_serving_manifest_digest(), target);
+  }
+
+  // string dtype = 8 [json_name = "dtype"];
+  if (!this->_internal_dtype().empty()) {
+    ::PROTOBUF_NAMESPACE_ID::internal::WireFormatLite::VerifyUtf8String(
+      this->_internal_dtype().data(), static_cast<int>(this->_internal_dtype().length()),
+      ::PROTOBUF_NAMESPACE_ID::internal::WireFormatLite::SERIALIZE,
+      "fabric.v1.GetWeightsStatusResponse.dtype");
+    target = stream->WriteStringMaybeAliased(
+        8, this->_internal_dtype(), target);
+  }
+
   if (PROTOBUF_PREDICT_FALSE(_internal_metadata_.have_unknown_fields())) {
     target = ::_pbi::WireFormat::InternalSerializeUnknownFieldsToArray(
         _internal_metadata_.unknown_fields<::PROTOBUF_NAMESPACE_ID::UnknownFieldSet>(::PROTOBUF_NAMESPACE_ID::UnknownFieldSet::default_instance), target, stream);
@@ -3922,6 +4019,20 @@ size_t GetWeightsStatusResponse::ByteSizeLong() const {
         this->_internal_staged_manifest_digest());
   }
 
+  // string serving_manifest_digest = 7 [json_name = "servingManifestDigest"];
+  if (!this->_internal_serving_manifest_digest().empty()) {
+    total_size += 1 +
+      ::PROTOBUF_NAMESPACE_ID::internal::WireFormatLite::StringSize(
+        this->_internal_serving_manifest_digest());
+  }
+
+  // string dtype = 8 [json_name = "dtype"];
+  if (!this->_internal_dtype().empty()) {
+    total_size += 1 +
+      ::PROTOBUF_NAMESPACE_ID::internal::WireFormatLite::StringSize(
+        this->_internal_dtype());
+  }
+
   // int64 serving_version = 1 [json_name = "servingVersion"];
   if (this->_internal_serving_version() != 0) {
     total_size += ::_pbi::WireFormatLite::Int64SizePlusOne(this->_internal_serving_version());
@@ -3935,6 +4046,11 @@ size_t GetWeightsStatusResponse::ByteSizeLong() const {
   // int32 total_chunks = 5 [json_name = "totalChunks"];
   if (this->_internal_total_chunks() != 0) {
     total_size += ::_pbi::WireFormatLite::Int32SizePlusOne(this->_internal_total_chunks());
+  }
+
+  // int32 tcp_data_port = 6 [json_name = "tcpDataPort"];
+  if (this->_internal_tcp_data_port() != 0) {
+    total_size += ::_pbi::WireFormatLite::Int32SizePlusOne(this->_internal_tcp_data_port());
   }
 
   return MaybeComputeUnknownFieldsSize(total_size, &_impl_._cached_size_);
@@ -3959,6 +4075,12 @@ void GetWeightsStatusResponse::MergeImpl(::PROTOBUF_NAMESPACE_ID::Message& to_ms
   if (!from._internal_staged_manifest_digest().empty()) {
     _this->_internal_set_staged_manifest_digest(from._internal_staged_manifest_digest());
   }
+  if (!from._internal_serving_manifest_digest().empty()) {
+    _this->_internal_set_serving_manifest_digest(from._internal_serving_manifest_digest());
+  }
+  if (!from._internal_dtype().empty()) {
+    _this->_internal_set_dtype(from._internal_dtype());
+  }
   if (from._internal_serving_version() != 0) {
     _this->_internal_set_serving_version(from._internal_serving_version());
   }
@@ -3967,6 +4089,9 @@ void GetWeightsStatusResponse::MergeImpl(::PROTOBUF_NAMESPACE_ID::Message& to_ms
   }
   if (from._internal_total_chunks() != 0) {
     _this->_internal_set_total_chunks(from._internal_total_chunks());
+  }
+  if (from._internal_tcp_data_port() != 0) {
+    _this->_internal_set_tcp_data_port(from._internal_tcp_data_port());
   }
   _this->_internal_metadata_.MergeFrom<::PROTOBUF_NAMESPACE_ID::UnknownFieldSet>(from._internal_metadata_);
 }
@@ -3992,9 +4117,17 @@ void GetWeightsStatusResponse::InternalSwap(GetWeightsStatusResponse* other) {
       &_impl_.staged_manifest_digest_, lhs_arena,
       &other->_impl_.staged_manifest_digest_, rhs_arena
   );
+  ::PROTOBUF_NAMESPACE_ID::internal::ArenaStringPtr::InternalSwap(
+      &_impl_.serving_manifest_digest_, lhs_arena,
+      &other->_impl_.serving_manifest_digest_, rhs_arena
+  );
+  ::PROTOBUF_NAMESPACE_ID::internal::ArenaStringPtr::InternalSwap(
+      &_impl_.dtype_, lhs_arena,
+      &other->_impl_.dtype_, rhs_arena
+  );
   ::PROTOBUF_NAMESPACE_ID::internal::memswap<
-      PROTOBUF_FIELD_OFFSET(GetWeightsStatusResponse, _impl_.total_chunks_)
-      + sizeof(GetWeightsStatusResponse::_impl_.total_chunks_)
+      PROTOBUF_FIELD_OFFSET(GetWeightsStatusResponse, _impl_.tcp_data_port_)
+      + sizeof(GetWeightsStatusResponse::_impl_.tcp_data_port_)
       - PROTOBUF_FIELD_OFFSET(GetWeightsStatusResponse, _impl_.serving_version_)>(
           reinterpret_cast<char*>(&_impl_.serving_version_),
           reinterpret_cast<char*>(&other->_impl_.serving_version_));

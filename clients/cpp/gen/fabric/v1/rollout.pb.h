@@ -2381,9 +2381,12 @@ class GetWeightsStatusResponse final :
   enum : int {
     kStagedChunkIndicesFieldNumber = 4,
     kStagedManifestDigestFieldNumber = 3,
+    kServingManifestDigestFieldNumber = 7,
+    kDtypeFieldNumber = 8,
     kServingVersionFieldNumber = 1,
     kStagedVersionFieldNumber = 2,
     kTotalChunksFieldNumber = 5,
+    kTcpDataPortFieldNumber = 6,
   };
   // repeated int32 staged_chunk_indices = 4 [json_name = "stagedChunkIndices"];
   int staged_chunk_indices_size() const;
@@ -2421,6 +2424,34 @@ class GetWeightsStatusResponse final :
   std::string* _internal_mutable_staged_manifest_digest();
   public:
 
+  // string serving_manifest_digest = 7 [json_name = "servingManifestDigest"];
+  void clear_serving_manifest_digest();
+  const std::string& serving_manifest_digest() const;
+  template <typename ArgT0 = const std::string&, typename... ArgT>
+  void set_serving_manifest_digest(ArgT0&& arg0, ArgT... args);
+  std::string* mutable_serving_manifest_digest();
+  PROTOBUF_NODISCARD std::string* release_serving_manifest_digest();
+  void set_allocated_serving_manifest_digest(std::string* serving_manifest_digest);
+  private:
+  const std::string& _internal_serving_manifest_digest() const;
+  inline PROTOBUF_ALWAYS_INLINE void _internal_set_serving_manifest_digest(const std::string& value);
+  std::string* _internal_mutable_serving_manifest_digest();
+  public:
+
+  // string dtype = 8 [json_name = "dtype"];
+  void clear_dtype();
+  const std::string& dtype() const;
+  template <typename ArgT0 = const std::string&, typename... ArgT>
+  void set_dtype(ArgT0&& arg0, ArgT... args);
+  std::string* mutable_dtype();
+  PROTOBUF_NODISCARD std::string* release_dtype();
+  void set_allocated_dtype(std::string* dtype);
+  private:
+  const std::string& _internal_dtype() const;
+  inline PROTOBUF_ALWAYS_INLINE void _internal_set_dtype(const std::string& value);
+  std::string* _internal_mutable_dtype();
+  public:
+
   // int64 serving_version = 1 [json_name = "servingVersion"];
   void clear_serving_version();
   int64_t serving_version() const;
@@ -2448,6 +2479,15 @@ class GetWeightsStatusResponse final :
   void _internal_set_total_chunks(int32_t value);
   public:
 
+  // int32 tcp_data_port = 6 [json_name = "tcpDataPort"];
+  void clear_tcp_data_port();
+  int32_t tcp_data_port() const;
+  void set_tcp_data_port(int32_t value);
+  private:
+  int32_t _internal_tcp_data_port() const;
+  void _internal_set_tcp_data_port(int32_t value);
+  public:
+
   // @@protoc_insertion_point(class_scope:fabric.v1.GetWeightsStatusResponse)
  private:
   class _Internal;
@@ -2459,9 +2499,12 @@ class GetWeightsStatusResponse final :
     ::PROTOBUF_NAMESPACE_ID::RepeatedField< int32_t > staged_chunk_indices_;
     mutable std::atomic<int> _staged_chunk_indices_cached_byte_size_;
     ::PROTOBUF_NAMESPACE_ID::internal::ArenaStringPtr staged_manifest_digest_;
+    ::PROTOBUF_NAMESPACE_ID::internal::ArenaStringPtr serving_manifest_digest_;
+    ::PROTOBUF_NAMESPACE_ID::internal::ArenaStringPtr dtype_;
     int64_t serving_version_;
     int64_t staged_version_;
     int32_t total_chunks_;
+    int32_t tcp_data_port_;
     mutable ::PROTOBUF_NAMESPACE_ID::internal::CachedSize _cached_size_;
   };
   union { Impl_ _impl_; };
@@ -5611,6 +5654,126 @@ inline void GetWeightsStatusResponse::_internal_set_total_chunks(int32_t value) 
 inline void GetWeightsStatusResponse::set_total_chunks(int32_t value) {
   _internal_set_total_chunks(value);
   // @@protoc_insertion_point(field_set:fabric.v1.GetWeightsStatusResponse.total_chunks)
+}
+
+// int32 tcp_data_port = 6 [json_name = "tcpDataPort"];
+inline void GetWeightsStatusResponse::clear_tcp_data_port() {
+  _impl_.tcp_data_port_ = 0;
+}
+inline int32_t GetWeightsStatusResponse::_internal_tcp_data_port() const {
+  return _impl_.tcp_data_port_;
+}
+inline int32_t GetWeightsStatusResponse::tcp_data_port() const {
+  // @@protoc_insertion_point(field_get:fabric.v1.GetWeightsStatusResponse.tcp_data_port)
+  return _internal_tcp_data_port();
+}
+inline void GetWeightsStatusResponse::_internal_set_tcp_data_port(int32_t value) {
+  
+  _impl_.tcp_data_port_ = value;
+}
+inline void GetWeightsStatusResponse::set_tcp_data_port(int32_t value) {
+  _internal_set_tcp_data_port(value);
+  // @@protoc_insertion_point(field_set:fabric.v1.GetWeightsStatusResponse.tcp_data_port)
+}
+
+// string serving_manifest_digest = 7 [json_name = "servingManifestDigest"];
+inline void GetWeightsStatusResponse::clear_serving_manifest_digest() {
+  _impl_.serving_manifest_digest_.ClearToEmpty();
+}
+inline const std::string& GetWeightsStatusResponse::serving_manifest_digest() const {
+  // @@protoc_insertion_point(field_get:fabric.v1.GetWeightsStatusResponse.serving_manifest_digest)
+  return _internal_serving_manifest_digest();
+}
+template <typename ArgT0, typename... ArgT>
+inline PROTOBUF_ALWAYS_INLINE
+void GetWeightsStatusResponse::set_serving_manifest_digest(ArgT0&& arg0, ArgT... args) {
+ 
+ _impl_.serving_manifest_digest_.Set(static_cast<ArgT0 &&>(arg0), args..., GetArenaForAllocation());
+  // @@protoc_insertion_point(field_set:fabric.v1.GetWeightsStatusResponse.serving_manifest_digest)
+}
+inline std::string* GetWeightsStatusResponse::mutable_serving_manifest_digest() {
+  std::string* _s = _internal_mutable_serving_manifest_digest();
+  // @@protoc_insertion_point(field_mutable:fabric.v1.GetWeightsStatusResponse.serving_manifest_digest)
+  return _s;
+}
+inline const std::string& GetWeightsStatusResponse::_internal_serving_manifest_digest() const {
+  return _impl_.serving_manifest_digest_.Get();
+}
+inline void GetWeightsStatusResponse::_internal_set_serving_manifest_digest(const std::string& value) {
+  
+  _impl_.serving_manifest_digest_.Set(value, GetArenaForAllocation());
+}
+inline std::string* GetWeightsStatusResponse::_internal_mutable_serving_manifest_digest() {
+  
+  return _impl_.serving_manifest_digest_.Mutable(GetArenaForAllocation());
+}
+inline std::string* GetWeightsStatusResponse::release_serving_manifest_digest() {
+  // @@protoc_insertion_point(field_release:fabric.v1.GetWeightsStatusResponse.serving_manifest_digest)
+  return _impl_.serving_manifest_digest_.Release();
+}
+inline void GetWeightsStatusResponse::set_allocated_serving_manifest_digest(std::string* serving_manifest_digest) {
+  if (serving_manifest_digest != nullptr) {
+    
+  } else {
+    
+  }
+  _impl_.serving_manifest_digest_.SetAllocated(serving_manifest_digest, GetArenaForAllocation());
+#ifdef PROTOBUF_FORCE_COPY_DEFAULT_STRING
+  if (_impl_.serving_manifest_digest_.IsDefault()) {
+    _impl_.serving_manifest_digest_.Set("", GetArenaForAllocation());
+  }
+#endif // PROTOBUF_FORCE_COPY_DEFAULT_STRING
+  // @@protoc_insertion_point(field_set_allocated:fabric.v1.GetWeightsStatusResponse.serving_manifest_digest)
+}
+
+// string dtype = 8 [json_name = "dtype"];
+inline void GetWeightsStatusResponse::clear_dtype() {
+  _impl_.dtype_.ClearToEmpty();
+}
+inline const std::string& GetWeightsStatusResponse::dtype() const {
+  // @@protoc_insertion_point(field_get:fabric.v1.GetWeightsStatusResponse.dtype)
+  return _internal_dtype();
+}
+template <typename ArgT0, typename... ArgT>
+inline PROTOBUF_ALWAYS_INLINE
+void GetWeightsStatusResponse::set_dtype(ArgT0&& arg0, ArgT... args) {
+ 
+ _impl_.dtype_.Set(static_cast<ArgT0 &&>(arg0), args..., GetArenaForAllocation());
+  // @@protoc_insertion_point(field_set:fabric.v1.GetWeightsStatusResponse.dtype)
+}
+inline std::string* GetWeightsStatusResponse::mutable_dtype() {
+  std::string* _s = _internal_mutable_dtype();
+  // @@protoc_insertion_point(field_mutable:fabric.v1.GetWeightsStatusResponse.dtype)
+  return _s;
+}
+inline const std::string& GetWeightsStatusResponse::_internal_dtype() const {
+  return _impl_.dtype_.Get();
+}
+inline void GetWeightsStatusResponse::_internal_set_dtype(const std::string& value) {
+  
+  _impl_.dtype_.Set(value, GetArenaForAllocation());
+}
+inline std::string* GetWeightsStatusResponse::_internal_mutable_dtype() {
+  
+  return _impl_.dtype_.Mutable(GetArenaForAllocation());
+}
+inline std::string* GetWeightsStatusResponse::release_dtype() {
+  // @@protoc_insertion_point(field_release:fabric.v1.GetWeightsStatusResponse.dtype)
+  return _impl_.dtype_.Release();
+}
+inline void GetWeightsStatusResponse::set_allocated_dtype(std::string* dtype) {
+  if (dtype != nullptr) {
+    
+  } else {
+    
+  }
+  _impl_.dtype_.SetAllocated(dtype, GetArenaForAllocation());
+#ifdef PROTOBUF_FORCE_COPY_DEFAULT_STRING
+  if (_impl_.dtype_.IsDefault()) {
+    _impl_.dtype_.Set("", GetArenaForAllocation());
+  }
+#endif // PROTOBUF_FORCE_COPY_DEFAULT_STRING
+  // @@protoc_insertion_point(field_set_allocated:fabric.v1.GetWeightsStatusResponse.dtype)
 }
 
 // -------------------------------------------------------------------
