@@ -113,18 +113,23 @@ class HFRewardModelScorer(Scorer):
         # Over-long items answer INVALID_ARGUMENT here, in the model thread: the tokenizer is not safe to share
         # between threads, so the event loop never touches it.
         lengths = [len(ids) for ids in self.tokenizer([i.prompt for i in items], [i.response for i in items]).input_ids]
-        results: list[ScoreResult | BaseException] = [
-            invalid("response", f"prompt + response are {n} tokens, over this reward model's limit of {self.max_length}"
-                                f" (config key {self.config.key('max_length')}); shorten the response", "INPUT_TOO_LONG")
-            if n > self.max_length else None
-            for n in lengths
-        ]  # fmt: skip
+        results: list[ScoreResult | BaseException | None] = [
+            self._too_long(n) if n > self.max_length else None for n in lengths
+        ]
         ok = [k for k, r in enumerate(results) if r is None]
         if ok:
             scores = self.score_texts([items[k].prompt for k in ok], [items[k].response for k in ok])
             for k, score in zip(ok, scores, strict=True):
                 results[k] = ScoreResult(score)
         return results
+
+    def _too_long(self, tokens: int) -> BaseException:
+        return invalid(
+            "response",
+            f"prompt + response are {tokens} tokens, over this reward model's limit of {self.max_length} "
+            f"(config key {self.config.key('max_length')}); shorten the response",
+            "INPUT_TOO_LONG",
+        )
 
     async def score_batch(self, items: list[ScoreItem]) -> list[ScoreResult | BaseException]:
         return await asyncio.get_running_loop().run_in_executor(self._thread, self._score_batch, items)

@@ -50,7 +50,7 @@ def verify_math(response: str, ground_truth: str, timeout_s: float) -> tuple[flo
     signal.setitimer(signal.ITIMER_REAL, timeout_s)
     try:
         gold = parse(as_latex(ground_truth), parsing_timeout=None)
-        if not gold:
+        if all(isinstance(g, str) for g in gold):  # only the raw-text fallback: not math (e.g. "\frac{")
             return 0.0, "", False
         answer = parse(response, parsing_timeout=None)
         return (1.0 if verify(gold, answer, timeout_seconds=None) else 0.0), "", True
@@ -92,7 +92,7 @@ class MathRuleScorer(Scorer):
             self._pool = None
 
     def _recycle_pool(self, pool: ProcessPoolExecutor) -> None:
-        """A worker stuck where a signal cannot reach (inside C code) is killed with its pool; a fresh pool serves on."""
+        """A worker stuck where no signal reaches (inside C code) is killed with its pool; a fresh pool serves on."""
         if self._pool is not pool:
             return  # already replaced by another item's timeout
         log.warning("%s: a math-verify worker ignored its timeout; restarting the worker processes", self.name)
