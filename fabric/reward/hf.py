@@ -103,22 +103,25 @@ class HFRewardModelScorer(Scorer):
 
     def score_texts(self, prompts: list[str], responses: list[str]) -> list[float]:
         """One model call on one batch: what the server runs per batch, and what benchmarks call in-process."""
+        return self._forward(self.tokenizer(prompts, responses))
+
+    def _forward(self, encodings: dict[str, list]) -> list[float]:
         import torch
 
-        enc = self.tokenizer(prompts, responses, padding=True, truncation=False, return_tensors="pt").to(self.device)
+        batch = self.tokenizer.pad(encodings, return_tensors="pt").to(self.device)
         with torch.inference_mode():
-            return self.torch_model(**enc).logits[:, 0].float().cpu().tolist()
+            return self.torch_model(**batch).logits[:, 0].float().cpu().tolist()
 
     def _score_batch(self, items: list[ScoreItem]) -> list[ScoreResult | BaseException]:
-        # Over-long items answer INVALID_ARGUMENT here, in the model thread: the tokenizer is not safe to share
-        # between threads, so the event loop never touches it.
-        lengths = [len(ids) for ids in self.tokenizer([i.prompt for i in items], [i.response for i in items]).input_ids]
+        # Runs in the model thread, tokenizer included: HF tokenizers are not safe to share between threads.
+        encodings = self.tokenizer([i.prompt for i in items], [i.response for i in items])
+        lengths = [len(ids) for ids in encodings["input_ids"]]
         results: list[ScoreResult | BaseException | None] = [
             self._too_long(n) if n > self.max_length else None for n in lengths
         ]
         ok = [k for k, r in enumerate(results) if r is None]
         if ok:
-            scores = self.score_texts([items[k].prompt for k in ok], [items[k].response for k in ok])
+            scores = self._forward({key: [rows[k] for k in ok] for key, rows in encodings.items()})
             for k, score in zip(ok, scores, strict=True):
                 results[k] = ScoreResult(score)
         return results

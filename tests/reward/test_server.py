@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from fabric.reward.client import RewardClient, RewardItemError
 from fabric.v1 import reward_pb2, reward_pb2_grpc
 
-from .conftest import ROOT, start_server
+from .process import ROOT, start_server
 
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 INTERNAL = grpc.StatusCode.INTERNAL.value[0]
@@ -229,7 +229,7 @@ def test_sigterm_drains_and_exits_zero(tmp_path):
         assert score(server.address, [item])[0].score == 1.0
     finally:
         rc = server.terminate()
-    output = server.lines + list(server.proc.stdout)
+    output = server.lines
     assert rc == 0, "".join(output)
     assert any("draining" in line for line in output)
 
