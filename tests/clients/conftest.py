@@ -1,0 +1,179 @@
+"""Fixtures of the client interop tests: each client built once per session (when its toolchain is present, else
+its tests skip with the reason and the fix), and real rollout and reward servers on the tiny model per module."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+FABRIC = Path(sys.executable).parent / "fabric"
+GOCODE = Path("/usr/share/gocode/src")
+
+
+@dataclass(frozen=True)
+class ClientKind:
+    name: str
+    make_target: str
+    command: tuple[str, ...]  # the built example, relative to the repository root
+
+    def missing_toolchain(self) -> str | None:
+        """Why this client cannot be built here (with the fix), or None."""
+        fix = "run `make clients` (installs the toolchains from apt and npm)"
+        if self.name == "typescript":
+            if not shutil.which("node"):
+                return f"node not found: {fix}"
+            if not (ROOT / "clients/typescript/node_modules/.installed-stamp").exists():
+                return f"clients/typescript/node_modules not installed: {fix}"
+        elif self.name == "cpp":
+            for tool in ("cmake", "c++", "pkg-config"):
+                if not shutil.which(tool):
+                    return f"{tool} not found: {fix}"
+            if subprocess.run(["pkg-config", "--exists", "grpc++", "protobuf"]).returncode != 0:
+                return f"libgrpc++-dev / libprotobuf-dev not installed: {fix}"
+        elif self.name == "go":
+            if not shutil.which("go"):
+                return f"go not found: {fix}"
+            if not (GOCODE / "google.golang.org/grpc").is_dir():
+                return f"golang-google-grpc-dev not installed: {fix}"
+            if (GOCODE / "github.com/golang/protobuf/proto/table_unmarshal.go").exists():
+                return f"golang-github-golang-protobuf-1-3-dev is installed (grpc-go needs the 1.5 package): {fix}"
+        return None
+
+
+CLIENT_KINDS = {
+    "typescript": ClientKind("typescript", "clients-build-typescript", ("node", "clients/typescript/dist/example.js")),
+    "cpp": ClientKind("cpp", "clients-build-cpp", ("clients/cpp/build/fabric_example",)),
+    "go": ClientKind("go", "clients-build-go", ("clients/go/build/fabric-example",)),
+}
+_built: dict[str, str | None] = {}
+
+
+def build_client(kind: ClientKind) -> None:
+    """Builds the client once per session; skips when its toolchain is absent, fails when the build does."""
+    if kind.name not in _built:
+        reason = kind.missing_toolchain()
+        if reason is None:
+            result = subprocess.run(["make", "-s", kind.make_target], cwd=ROOT, capture_output=True, text=True)
+            if result.returncode != 0:
+                reason = f"FAILED: `make {kind.make_target}`:\n{(result.stdout + result.stderr)[-4000:]}"
+        _built[kind.name] = reason
+    reason = _built[kind.name]
+    if reason and reason.startswith("FAILED"):
+        pytest.fail(reason)
+    if reason:
+        pytest.skip(f"{kind.name} client: {reason}")
+
+
+@dataclass
+class ExampleRun:
+    returncode: int
+    events: list[dict]
+    output: str
+
+    def of(self, event: str) -> list[dict]:
+        return [e for e in self.events if e["event"] == event]
+
+
+def run_example(kind: ClientKind, args: list[str], timeout: float = 60) -> ExampleRun:
+    result = subprocess.run([*kind.command, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    output = result.stdout + result.stderr
+    try:
+        events = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+    except json.JSONDecodeError as exc:
+        raise AssertionError(f"{kind.name} example printed a line that is not JSON ({exc}):\n{output}") from None
+    return ExampleRun(result.returncode, events, output)
+
+
+@pytest.fixture(params=list(CLIENT_KINDS))
+def client(request) -> ClientKind:
+    kind = CLIENT_KINDS[request.param]
+    build_client(kind)
+    return kind
+
+
+class ServerProcess:
+    """`fabric serve KIND --config FILE --port 0`, ready once it prints its address; stopped with SIGTERM."""
+
+    def __init__(self, kind: str, config: Path, log_path: Path):
+        self.kind = kind
+        self.log_path = log_path
+        self.log = log_path.open("w")
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        self.proc = subprocess.Popen(
+            [str(FABRIC), "serve", kind, "--config", str(config), "--port", "0"],
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
+        self.address: str | None = None
+        self._ready = threading.Event()
+        threading.Thread(target=self._read_stdout, daemon=True).start()
+
+    def _read_stdout(self) -> None:
+        prefix = f"fabric {self.kind} server listening on "
+        for line in self.proc.stdout:
+            if line.startswith(prefix):
+                self.address = line[len(prefix) :].strip()
+                self._ready.set()
+            self.log.write(line)
+        self._ready.set()
+
+    def wait_ready(self, timeout: float) -> str:
+        if not self._ready.wait(timeout) or self.address is None:
+            self.stop()
+            tail = self.log_path.read_text()[-3000:]
+            raise RuntimeError(f"{self.kind} server did not report its address in {timeout:.0f} s; log tail:\n{tail}")
+        return self.address
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # its own session: the engine processes it started
+                self.proc.wait(10)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_model, tmp_path_factory) -> Iterator[dict[str, str]]:
+    """A real rollout server (vLLM on the tiny model) and a real reward server, started side by side."""
+    if not (ROOT / "fabric/rollout/server.py").exists():
+        pytest.skip("fabric/rollout/server.py does not exist yet: the interop tests need the real rollout server")
+    tmp = tmp_path_factory.mktemp("client-servers")
+    (tmp / "rollout.yaml").write_text(f"""
+actor_infer:
+  pretrain: {tiny_model}
+  generating_args: {{max_new_tokens: 16, temperature: 0.0, top_p: 1.0, top_k: -1, num_beams: 1,
+                    num_return_sequences: 1}}
+  strategy_args:
+    strategy_name: vllm
+    strategy_config: {{block_size: 32, dtype: float32, max_model_len: 256, enforce_eager: true}}
+  infer_batch_size: 16
+""")
+    (tmp / "reward.yaml").write_text(
+        "rewards: {answer_tag: {worker_cls: answer_tag}, math: {worker_cls: math_rule, num_workers: 1}}\n"
+    )
+    started = [ServerProcess(kind, tmp / f"{kind}.yaml", tmp / f"{kind}.log") for kind in ("rollout", "reward")]
+    try:
+        deadline = time.monotonic() + 240
+        addresses = {s.kind: s.wait_ready(max(1.0, deadline - time.monotonic())) for s in started}
+        yield addresses
+    finally:
+        for server in started:
+            server.stop()
