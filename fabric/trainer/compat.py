@@ -29,7 +29,7 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 # megatron warns about these on every import when apex / Transformer Engine are absent (by design here).
-for _message in ("Apex is not installed", "Transformer Engine and Apex are not installed", "full scope is deprecated"):
+for _message in ("Apex is not installed", "Transformer Engine and Apex are not installed"):
     warnings.filterwarnings("ignore", message=_message, category=UserWarning)
 
 _cpu_compat_applied = False

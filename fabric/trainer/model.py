@@ -106,6 +106,7 @@ def transformer_config_from_hf(hf_config, dtype: torch.dtype = torch.float32, de
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
+        cuda_graph_scope=[],  # the default "full" means the same but warns that it is deprecated
     )
 
 
