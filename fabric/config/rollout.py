@@ -1,0 +1,163 @@
+"""The rollout server's section (`actor_infer` by default): ROLL's shape, checked key by key.
+
+```yaml
+actor_infer:
+  model_args: {model_name_or_path: /models/qwen, dtype: bf16}    # or `pretrain: /models/qwen`
+  generating_args: {max_new_tokens: 512, top_p: 0.99, top_k: 100, num_beams: 1, temperature: 0.99,
+                    num_return_sequences: 8}
+  strategy_args:
+    strategy_name: vllm
+    strategy_config: {gpu_memory_utilization: 0.8, block_size: 16, max_model_len: 8000, sleep_level: 1}
+  device_mapping: list(range(0,8))
+  infer_batch_size: 64           # requests in the engine at once; more wait in the server's queue
+  max_queue_length: 4096         # fabric: requests waiting beyond that are refused (RESOURCE_EXHAUSTED)
+  drain_grace_s: 30              # fabric: on SIGTERM, running requests get this long before they are aborted
+```
+
+Only the rollout server's keys are read; every other key of a ROLL `actor_infer` section is accepted and ignored,
+so a ROLL config loads unchanged. Engine arguments (`strategy_config`) are checked against vLLM itself when the
+engine is built (fabric.rollout.engine), not here.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from fabric.config.loader import ConfigError, parse_device_mapping, role_section
+
+# generating_args keys -> fabric.v1.SamplingParams fields (ROLL's names; `stop_strings` is ROLL's name for `stop`).
+GENERATING_KEYS = {
+    "max_new_tokens": "max_new_tokens",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "num_beams": "num_beams",
+    "num_return_sequences": "num_return_sequences",
+    "seed": "seed",
+    "logprobs": "logprobs",
+    "stop": "stop",
+    "stop_strings": "stop",
+    "repetition_penalty": "repetition_penalty",
+}
+# ROLL GeneratingArguments keys that mean nothing to vLLM sampling: accepted so ROLL configs load, then ignored.
+IGNORED_GENERATING_KEYS = {"do_sample", "length_penalty", "early_stopping", "max_length", "min_new_tokens"}
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "bfloat16": "bfloat16", "float16": "float16",
+          "float32": "float32", "auto": "auto"}  # fmt: skip
+DEFAULT_INFER_BATCH_SIZE = 256
+DEFAULT_MAX_QUEUE_LENGTH = 4096
+DEFAULT_DRAIN_GRACE_S = 30.0
+
+
+@dataclass
+class RolloutConfig:
+    """What the rollout server needs from its section; `key()` names a setting for error messages."""
+
+    role: str
+    model: str
+    model_key: str  # where the model path came from, e.g. "actor_infer.model_args.model_name_or_path"
+    dtype: str | None  # vLLM dtype from model_args.dtype, None when unset
+    strategy_config: dict[str, Any]  # passed to vLLM unchanged (sleep_level removed)
+    sleep_level: int = 1
+    generating_args: dict[str, Any] = field(default_factory=dict)  # SamplingParams field -> default value
+    infer_batch_size: int = DEFAULT_INFER_BATCH_SIZE
+    max_queue_length: int = DEFAULT_MAX_QUEUE_LENGTH
+    drain_grace_s: float = DEFAULT_DRAIN_GRACE_S
+    device_mapping: list[int] = field(default_factory=list)
+
+    def key(self, *parts: str) -> str:
+        return ".".join([self.role, *parts])
+
+    def strategy_key(self, name: str) -> str:
+        return self.key("strategy_args", "strategy_config", name)
+
+
+def _mapping(value: Any, key: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(key, f"expected a mapping, got {value!r}")
+    return value
+
+
+def _positive_int(section: dict, name: str, default: int, role: str) -> int:
+    key = f"{role}.{name}"
+    value = section.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(key, f"expected an integer >= 1, got {value!r}")
+    return value
+
+
+def load_rollout_config(cfg: DictConfig, role: str = "actor_infer") -> RolloutConfig:
+    """The `role` section of a loaded config, checked; ConfigError names the bad key."""
+    section_cfg = role_section(cfg, role)
+    if not isinstance(section_cfg, DictConfig):
+        raise ConfigError(role, "expected a mapping with model_args, strategy_args, generating_args")
+    section = OmegaConf.to_container(section_cfg, resolve=True)
+
+    model_args = _mapping(section.get("model_args"), f"{role}.model_args")
+    model, model_key = model_args.get("model_name_or_path"), f"{role}.model_args.model_name_or_path"
+    if not model:
+        model, model_key = section.get("pretrain"), f"{role}.pretrain"
+    if not model:
+        raise ConfigError(f"{role}.model_args.model_name_or_path", "missing: set it (or `pretrain`) to a model dir")
+
+    dtype = model_args.get("dtype")
+    if dtype is not None:
+        if str(dtype) not in DTYPES:
+            raise ConfigError(f"{role}.model_args.dtype", f"unknown dtype {dtype!r}: use bf16, fp16 or fp32")
+        dtype = DTYPES[str(dtype)]
+
+    strategy_args = _mapping(section.get("strategy_args"), f"{role}.strategy_args")
+    name = strategy_args.get("strategy_name")
+    if name != "vllm":
+        raise ConfigError(
+            f"{role}.strategy_args.strategy_name",
+            f"the rollout server runs vLLM: set strategy_name: vllm (got {name!r})",
+        )
+    strategy_config = dict(_mapping(strategy_args.get("strategy_config"), f"{role}.strategy_args.strategy_config"))
+    sleep_level = strategy_config.pop("sleep_level", 1)  # ROLL pops it too: it is not a vLLM engine argument
+    if sleep_level not in (1, 2):
+        raise ConfigError(f"{role}.strategy_args.strategy_config.sleep_level", f"must be 1 or 2, got {sleep_level!r}")
+
+    rc = RolloutConfig(
+        role=role,
+        model=str(model),
+        model_key=model_key,
+        dtype=dtype,
+        strategy_config=strategy_config,
+        sleep_level=sleep_level,
+        generating_args=_generating_args(_mapping(section.get("generating_args"), f"{role}.generating_args"), role),
+        infer_batch_size=_positive_int(section, "infer_batch_size", DEFAULT_INFER_BATCH_SIZE, role),
+        max_queue_length=_positive_int(section, "max_queue_length", DEFAULT_MAX_QUEUE_LENGTH, role),
+        device_mapping=parse_device_mapping(section.get("device_mapping"), f"{role}.device_mapping"),
+    )
+    grace = section.get("drain_grace_s", DEFAULT_DRAIN_GRACE_S)
+    if isinstance(grace, bool) or not isinstance(grace, int | float) or grace < 0:
+        raise ConfigError(f"{role}.drain_grace_s", f"expected a number of seconds >= 0, got {grace!r}")
+    rc.drain_grace_s = float(grace)
+    return rc
+
+
+def _generating_args(raw: dict, role: str) -> dict[str, Any]:
+    """ROLL's generating_args as SamplingParams field -> value. Values are checked by the rollout server's
+    request validation (the same rules a request's `sampling` meets), at start."""
+    out: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name in IGNORED_GENERATING_KEYS or value is None:
+            continue
+        if name not in GENERATING_KEYS:
+            known = sorted(GENERATING_KEYS) + sorted(IGNORED_GENERATING_KEYS)
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(sorted(GENERATING_KEYS))}"
+            raise ConfigError(f"{role}.generating_args.{name}", f"unknown generating argument; {hint}")
+        target = GENERATING_KEYS[name]
+        if target == "stop":
+            value = [value] if isinstance(value, str) else list(value)
+        out[target] = value
+    return out
