@@ -1,6 +1,7 @@
 #include "fabric/client.h"
 
 #include <chrono>
+#include <exception>
 #include <fstream>
 #include <sstream>
 #include <thread>
@@ -22,8 +23,9 @@ std::string ReadFile(const std::string& path) {
 std::unique_ptr<grpc::ClientContext> MakeContext(const ConnectOptions& options) {
   auto context = std::make_unique<grpc::ClientContext>();
   if (options.timeout_s > 0) {
-    auto timeout = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::duration<double>(options.timeout_s));
-    context->set_deadline(std::chrono::system_clock::now() + timeout);
+    std::chrono::duration<double> timeout(options.timeout_s);
+    context->set_deadline(std::chrono::system_clock::now() +
+                          std::chrono::duration_cast<std::chrono::microseconds>(timeout));
   }
   if (!options.token.empty()) context->AddMetadata("authorization", "Bearer " + options.token);
   return context;
@@ -54,10 +56,17 @@ void RunStream(const ConnectOptions& options, StartCall start, const std::vector
     }
     stream->WritesDone();
   });
-  Response response;
-  while (stream->Read(&response)) on_item(ToOutcome(std::move(response)));
+  std::exception_ptr callback_failure;
+  try {
+    Response response;
+    while (stream->Read(&response)) on_item(ToOutcome(std::move(response)));
+  } catch (...) {  // on_item threw: end the call so the writer thread stops, then hand the exception on
+    callback_failure = std::current_exception();
+    context->TryCancel();
+  }
   writer.join();
   grpc::Status status = stream->Finish();
+  if (callback_failure) std::rethrow_exception(callback_failure);
   if (!status.ok()) throw Error(status);
 }
 

@@ -120,7 +120,9 @@ int Run(const Args& args) {
     }
   });
 
-  auto key = [](const fabric::v1::GenerateResponse& s) { return s.request_id() + "/" + std::to_string(s.sample_index()); };
+  auto key = [](const fabric::v1::GenerateResponse& s) {
+    return s.request_id() + "/" + std::to_string(s.sample_index());
+  };
   std::vector<fabric::v1::ScoreRequest> score_requests;
   for (const auto& s : samples) {
     fabric::v1::ScoreRequest request;

@@ -3,7 +3,7 @@
 // turned into ConnectError (the native error type of connect-es) with the gRPC code.
 import { readFileSync } from "node:fs";
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
-import { Code, ConnectError, createClient, type Client, type Interceptor } from "@connectrpc/connect";
+import { Code, ConnectError, createClient, type Client, type Interceptor, type Transport } from "@connectrpc/connect";
 import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
 import type { Error as ProtoError } from "./gen/fabric/v1/common_pb.js";
 import {
@@ -48,7 +48,9 @@ export class FabricItemError extends ConnectError {
 }
 
 /** What a stream yields per response: a value, or the error that refused its request. */
-export type Outcome<T> = { requestId: string; value: T; error?: undefined } | { requestId: string; value?: undefined; error: FabricItemError };
+export type Outcome<T> =
+  | { requestId: string; value: T; error?: undefined }
+  | { requestId: string; value?: undefined; error: FabricItemError };
 
 export type GenerateRequestInit = MessageInitShape<typeof GenerateRequestSchema>;
 export type ScoreRequestInit = MessageInitShape<typeof ScoreRequestSchema>;
@@ -56,7 +58,7 @@ type Requests<T> = Iterable<T> | AsyncIterable<T>;
 
 class Channel {
   readonly sessions: Http2SessionManager;
-  readonly transport;
+  readonly transport: Transport;
 
   constructor(options: ConnectOptions) {
     const baseUrl = `${options.caFile ? "https" : "http"}://${options.address}`;

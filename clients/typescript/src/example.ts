@@ -6,7 +6,13 @@
 //       [--timeout-s S] [--bad-request]
 import { parseArgs } from "node:util";
 import { ConnectError } from "@connectrpc/connect";
-import { FinishReason, RewardClient, RolloutClient, type GenerateRequestInit, type GenerateResponse } from "./index.js";
+import {
+  FinishReason,
+  RewardClient,
+  RolloutClient,
+  type GenerateRequestInit,
+  type GenerateResponse,
+} from "./index.js";
 
 const { values: args } = parseArgs({
   options: {
@@ -26,6 +32,8 @@ const { values: args } = parseArgs({
 });
 
 const print = (event: string, fields: object) => console.log(JSON.stringify({ event, ...fields }));
+const printItemError = (rpc: string, requestId: string, error: ConnectError) =>
+  print("error", { rpc, request_id: requestId, code: error.code, message: error.rawMessage });
 
 async function main(): Promise<number> {
   if (!args.rollout || !args.reward) throw new Error("--rollout HOST:PORT and --reward HOST:PORT are required");
@@ -57,7 +65,7 @@ async function main(): Promise<number> {
     for await (const item of rollout.generate(requests)) {
       if (item.error) {
         errors++;
-        print("error", { rpc: "Generate", request_id: item.requestId, code: item.error.code, message: item.error.rawMessage });
+        printItemError("Generate", item.requestId, item.error);
       } else {
         samples.push(item.value);
       }
@@ -77,7 +85,7 @@ async function main(): Promise<number> {
     for await (const item of reward.score(scoreRequests)) {
       if (item.error) {
         errors++;
-        print("error", { rpc: "Score", request_id: item.requestId, code: item.error.code, message: item.error.rawMessage });
+        printItemError("Score", item.requestId, item.error);
       } else {
         scores.set(item.requestId, item.value.score);
       }
