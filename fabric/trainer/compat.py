@@ -20,7 +20,6 @@ import contextlib
 import functools
 import logging
 import os
-import socket
 import warnings
 
 import torch
@@ -105,26 +104,24 @@ def apply_cpu_compat() -> bool:
     return True
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def init_megatron(tp: int | None = None, pp: int | None = None, seed: int = 1234) -> None:
+    """Initializes torch.distributed and megatron's parallel state once per process; later calls are no-ops.
 
-
-def init_megatron(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
-    """Initializes torch.distributed and megatron's parallel state once; a second call with the same sizes is a no-op.
-
-    Under torchrun (RANK/WORLD_SIZE/MASTER_ADDR set) the env:// rendezvous is used. Otherwise a single process
-    group of world size 1 is created on a free port of 127.0.0.1. The backend is nccl with CUDA, gloo without.
+    tp / pp default to 1 on the first call and to "whatever is initialized" after it; asking for other sizes than
+    the initialized ones raises. seed counts on the first call only. Under torchrun (WORLD_SIZE and MASTER_ADDR set)
+    the env:// rendezvous is used; otherwise a world of size 1 on a TCP store that binds a free port of
+    127.0.0.1 itself (port 0: no race with other processes). The backend is nccl with CUDA, gloo without.
     """
     global _initialized_with
     if _initialized_with is not None:
-        if _initialized_with != (tp, pp):
+        wanted = (tp or _initialized_with[0], pp or _initialized_with[1])
+        if wanted != _initialized_with:
             raise RuntimeError(
                 f"megatron is already initialized with tp={_initialized_with[0]} pp={_initialized_with[1]}; "
-                f"cannot re-initialize with tp={tp} pp={pp} in the same process"
+                f"cannot re-initialize with tp={wanted[0]} pp={wanted[1]} in the same process"
             )
         return
+    tp, pp = tp or 1, pp or 1
     apply_cpu_compat()
     from megatron.core import parallel_state, tensor_parallel
 
@@ -135,7 +132,8 @@ def init_megatron(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             dist.init_process_group(backend)
         else:
-            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+            store = dist.TCPStore("127.0.0.1", 0, world_size=1, is_master=True)
+            dist.init_process_group(backend, store=store, rank=0, world_size=1)
     if dist.get_world_size() % (tp * pp) != 0:
         raise ValueError(f"world size {dist.get_world_size()} is not divisible by tp*pp = {tp * pp}")
     if not parallel_state.model_parallel_is_initialized():

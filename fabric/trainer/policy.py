@@ -18,6 +18,7 @@ megatron's DDP wrapper (gradient all-reduce) and for TP > 1 a TP-aware grad norm
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
@@ -96,6 +97,34 @@ class TrainBatch:
 
 def _rows(value: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
     return None if value is None else value[start:stop]
+
+
+def clip_grad_norm(model, max_norm: float | None) -> float:
+    """The global L2 norm of the gradients over all tensor-parallel ranks; scales them down to max_norm if above.
+
+    Like torch's clip_grad_norm_, but each TP-sharded gradient counts once per shard and each replicated one
+    (norms, biases of row-parallel layers) once in all, so every TP rank computes the same norm and clips alike.
+    (megatron's own clip_grads asserts CUDA tensors, so it cannot serve on CPU.)
+    """
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return 0.0
+    squares = torch.zeros((), dtype=torch.float32, device=params[0].grad.device)
+    for param in params:
+        if param_is_not_tensor_parallel_duplicate(param):
+            squares += param.grad.detach().float().square().sum()
+    group = parallel_state.get_model_parallel_group()  # tensor x pipeline ranks holding one model's parts
+    if torch.distributed.get_world_size(group) > 1:
+        torch.distributed.all_reduce(squares, group=group)
+    norm = float(squares.sqrt())
+    if max_norm is not None and math.isfinite(norm) and norm > max_norm:
+        scale = max_norm / (norm + 1e-6)
+        for param in params:
+            param.grad.detach().mul_(scale)
+    return norm
 
 
 @dataclass
@@ -237,10 +266,8 @@ class Policy:
             (loss * weight).backward()
             for name, value in {"loss": loss.detach(), **metrics}.items():
                 totals[name] = totals.get(name, 0.0) + weight * float(value)
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        max_norm = self.optim.grad_clip if self.optim.grad_clip is not None else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        skipped = not torch.isfinite(torch.tensor(grad_norm))
+        grad_norm = clip_grad_norm(self.model, self.optim.grad_clip)
+        skipped = not math.isfinite(grad_norm)
         if skipped:  # a non-finite gradient would poison the weights: keep the old ones
             self.optimizer.zero_grad(set_to_none=True)
         else:

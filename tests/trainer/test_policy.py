@@ -19,8 +19,11 @@ def tokenizer(tiny_model):
     return AutoTokenizer.from_pretrained(tiny_model)
 
 
-def _rl_batch(tokenizer) -> TrainBatch:
+def rl_batch_ids(model_dir: str) -> TrainBatch:
     """Two groups of two samples of different lengths; rewards favour the correct answers."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompts = ["Add 2 and 3.\n", "Add 2 and 3.\n", "Add 10 and 7.\n", "Add 10 and 7.\n"]
     responses = ["<answer>5</answer>", "<answer>6</answer>", "<answer>17</answer>", "<answer>1</answer>"]
     batch = TrainBatch.from_token_lists(
@@ -48,7 +51,7 @@ def test_batch_from_token_lists_right_pads_and_masks_responses():
 def test_train_steps_lower_the_loss_on_a_fixed_batch(megatron, tiny_model, tokenizer):
     policy = Policy.from_hf(tiny_model, OptimConfig(lr=1e-4), LossConfig(kl_coef=0.05))
     reference = policy.frozen_copy()
-    batch = _rl_batch(tokenizer)
+    batch = rl_batch_ids(tiny_model)
     batch.old_logprobs = policy.logprobs(batch)
     batch.ref_logprobs = reference.logprobs(batch)
     torch.testing.assert_close(batch.old_logprobs, batch.ref_logprobs, rtol=0, atol=0)
@@ -66,7 +69,7 @@ def test_train_steps_lower_the_loss_on_a_fixed_batch(megatron, tiny_model, token
 
 
 def test_micro_batches_give_the_same_step_as_the_whole_batch(megatron, tiny_model, tokenizer):
-    batch = _rl_batch(tokenizer)
+    batch = rl_batch_ids(tiny_model)
     whole = Policy.from_hf(tiny_model, OptimConfig(lr=1e-3))
     split = Policy.from_hf(tiny_model, OptimConfig(lr=1e-3, micro_batch_size=1))
     batch.old_logprobs = whole.logprobs(batch) - 0.1  # ratio != 1, so clipping is in play
@@ -79,7 +82,7 @@ def test_micro_batches_give_the_same_step_as_the_whole_batch(megatron, tiny_mode
 
 def test_train_step_refuses_incomplete_batches(megatron, tiny_model, tokenizer):
     policy = Policy.from_hf(tiny_model, OptimConfig(lr=1e-3), LossConfig(kl_coef=0.1))
-    batch = _rl_batch(tokenizer)
+    batch = rl_batch_ids(tiny_model)
     with pytest.raises(ValueError, match="ref_logprobs is None"):
         policy.train_step(batch)
     batch.advantages = None
@@ -92,7 +95,7 @@ def test_saved_checkpoint_loads_in_transformers_with_the_trained_weights(megatro
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     policy = Policy.from_hf(tiny_model, OptimConfig(lr=1e-2))
-    batch = _rl_batch(tokenizer)
+    batch = rl_batch_ids(tiny_model)
     policy.sft_step(batch)
     out = policy.save(tmp_path / "ckpt")
     loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
