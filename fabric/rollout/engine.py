@@ -120,6 +120,9 @@ def _config_error(config: RolloutConfig, args: dict[str, Any], exc: Exception) -
     if key is None:  # the longest argument name the message mentions
         named = [k for k in args if k in str(exc)]
         key = max(named, key=len) if named else None
+    message = message.removeprefix("Value error, ")
+    if len(message) > 200 and ". " in message:  # vLLM's long explanations: the first sentence says it
+        message = message.split(". ", 1)[0] + "."
     if key == "model":
         return ConfigError(config.model_key, message)
     return ConfigError(config.strategy_key(key) if key else config.key("strategy_args", "strategy_config"), message)
