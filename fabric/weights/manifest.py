@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Sequence
 
+import crc32c as _crc32c
 import torch
 
 from fabric.errors import invalid
@@ -32,6 +33,11 @@ TORCH_TO_PROTO: dict[torch.dtype, int] = {
     torch.float8_e5m2: weights_pb2.D_TYPE_FLOAT8_E5M2,
 }
 PROTO_TO_TORCH = {v: k for k, v in TORCH_TO_PROTO.items()}
+
+
+def crc32c(data) -> int:
+    """CRC-32C (hardware-accelerated) of bytes or of any buffer, e.g. a view into the staging file, without a copy."""
+    return _crc32c.crc32c(data)
 
 
 def dtype_name(proto_dtype: int) -> str:

@@ -17,7 +17,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-import google_crc32c
 import grpc
 
 from fabric.errors import FabricError, abort, invalid, precondition, unavailable
@@ -153,7 +152,7 @@ class WeightReceiver:
         self._mark(staged, chunk.chunk_index, len(data))
 
     def _verify(self, staged: StagedVersion, chunk: weights_pb2.WeightChunk, data) -> None:
-        if google_crc32c.value(data) != chunk.crc32c:
+        if mf.crc32c(data) != chunk.crc32c:
             name = staged.manifest.tensors[chunk.tensor_index].name
             raise invalid(
                 "chunk.crc32c",

@@ -20,7 +20,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import google_crc32c
 import grpc
 import torch
 
@@ -69,7 +68,7 @@ class WeightSource:
     def chunk_meta(self, index: int) -> weights_pb2.WeightChunk:
         spec = self.manifest.chunks[index]
         if self._crcs[index] is None:
-            self._crcs[index] = google_crc32c.value(self.chunk_view(index))
+            self._crcs[index] = mf.crc32c(self.chunk_view(index))
         return weights_pb2.WeightChunk(
             chunk_index=index, tensor_index=spec.tensor_index, offset=spec.offset, crc32c=self._crcs[index]
         )

@@ -1,0 +1,140 @@
+"""Fabric servers as child processes: start `fabric serve ...`, wait for its ready line, stop it cleanly.
+
+Used by the launcher (`fabric run`), the benchmarks and the tests, so that all of them start servers the way a user
+does, and none of them leaves a process behind.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from pathlib import Path
+
+READY_RE = re.compile(r"fabric (\w+) server listening on (\S+)")
+
+
+class ServerProcess:
+    """One `fabric serve KIND` process. Its output is kept (the last lines) and optionally copied to a log file."""
+
+    def __init__(
+        self,
+        kind: str,
+        config: str | Path,
+        *,
+        name: str | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        role: str | None = None,
+        overrides: Sequence[str] = (),
+        prefix: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+        log_path: str | Path | None = None,
+    ):
+        self.kind = kind
+        self.name = name or kind
+        cmd = [*prefix, sys.executable, "-m", "fabric.cli", "serve", kind, "--config", str(config)]
+        cmd += ["--host", host, "--port", str(port)]
+        if role:
+            cmd += ["--role", role]
+        self.cmd = [*cmd, *overrides]
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.log_path = Path(log_path) if log_path else None
+        self.proc: subprocess.Popen | None = None
+        self.address: str | None = None
+        self.tail: deque[str] = deque(maxlen=200)
+        self._ready = threading.Event()
+
+    def start(self) -> ServerProcess:
+        self.proc = subprocess.Popen(
+            self.cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=self.env,
+            start_new_session=True,  # its own process group: a stop reaches the engine's children too
+        )
+        threading.Thread(target=self._pump, daemon=True).start()
+        return self
+
+    def _pump(self) -> None:
+        log = self.log_path.open("a") if self.log_path else None
+        try:
+            for line in self.proc.stdout:
+                self.tail.append(line.rstrip("\n"))
+                if log:
+                    log.write(line)
+                    log.flush()
+                match = READY_RE.search(line)
+                if match and not self._ready.is_set():
+                    self.address = match.group(2)
+                    self._ready.set()
+        finally:
+            if log:
+                log.close()
+            self._ready.set()
+
+    def wait_ready(self, timeout: float = 300.0) -> str:
+        """Blocks until the ready line; raises with the process's last output if it died or timed out."""
+        deadline = time.monotonic() + timeout
+        while not self._ready.wait(0.2):
+            if time.monotonic() > deadline:
+                self.stop(grace=1)
+                raise TimeoutError(f"{self.name} not ready after {timeout:.0f} s:\n{self.last_lines()}")
+        if self.address is None:
+            self.proc.wait(timeout=10)
+            raise RuntimeError(f"{self.name} exited with code {self.proc.returncode}:\n{self.last_lines()}")
+        return self.address
+
+    def last_lines(self, n: int = 25) -> str:
+        return "\n".join(list(self.tail)[-n:])
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive:
+            os.killpg(self.proc.pid, sig)
+
+    def stop(self, grace: float = 15.0) -> int | None:
+        """SIGTERM (the server drains), then SIGKILL of the whole group after `grace` seconds."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                pass
+        try:  # engine children may outlive the server process
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        return self.proc.wait()
+
+    def __enter__(self) -> ServerProcess:
+        self.start()
+        self.wait_ready()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def start_all(servers: Sequence[ServerProcess], timeout: float = 300.0) -> list[str]:
+    """Starts several servers at once (engines load in parallel) and waits for all; stops all on failure."""
+    for server in servers:
+        server.start()
+    try:
+        return [server.wait_ready(timeout) for server in servers]
+    except BaseException:
+        for server in servers:
+            server.stop(grace=2)
+        raise
