@@ -28,16 +28,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make-tiny-model", help="build the tiny Qwen2 model + tokenizer offline")
     p.add_argument("dir", help="output directory")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(target="fabric.models.tiny:cli_main")
+    p.set_defaults(handler="fabric.models.tiny:cli_main")
 
     serve = sub.add_parser("serve", help="start one fabric server on this node")
     serve_sub = serve.add_subparsers(dest="server", required=True, metavar="KIND")
     p = serve_sub.add_parser("rollout", help="vLLM rollout server (fabric.v1.RolloutService)")
     _add_server_args(p, "actor_infer")
-    p.set_defaults(target="fabric.rollout.server:cli_main")
+    p.set_defaults(handler="fabric.rollout.server:cli_main")
     p = serve_sub.add_parser("reward", help="reward server (fabric.v1.RewardService)")
     _add_server_args(p, "rewards")
-    p.set_defaults(target="fabric.reward.server:cli_main")
+    p.set_defaults(handler="fabric.reward.server:cli_main")
 
     p = sub.add_parser("push-weights", help="push an HF checkpoint to running rollout servers")
     p.add_argument("--checkpoint", required=True, help="HF model directory (safetensors)")
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="bulk bytes over the servers' raw-TCP data plane or the gRPC stream (auto: tcp when offered)",
     )
     p.add_argument("--chunk-mib", type=float, default=4.0, help="chunk size in MiB")
-    p.set_defaults(target="fabric.weights.push:cli_main")
+    p.set_defaults(handler="fabric.weights.push:cli_main")
 
     return parser
 
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    module_name, func_name = args.target.split(":")
+    module_name, func_name = args.handler.split(":")
     try:
         func = getattr(importlib.import_module(module_name), func_name)
         return int(func(args) or 0)

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from fabric.errors import FabricError
+from fabric.v1 import rollout_pb2
 from fabric.weights import manifest as mf
 from fabric.weights.sender import WeightSource, needed_chunks
 from fabric.weights.staging import StagingBuffer, tensors_from_update_info
-from fabric.v1 import rollout_pb2
 
 
 def _named():
@@ -34,7 +34,9 @@ def test_chunks_cover_every_tensor_exactly_once():
         assert all(a + n == b for (a, n), (b, _) in zip(spans, spans[1:], strict=False))
     assert source.manifest.total_bytes == sum(t.numel() * t.element_size() for _, t in _named())
     # views are the tensors' own bytes, reassembled they give the tensor back
-    joined = b"".join(source.chunk_view(i).tobytes() for i, s in enumerate(source.manifest.chunks) if s.tensor_index == 2)
+    joined = b"".join(
+        source.chunk_view(i).tobytes() for i, s in enumerate(source.manifest.chunks) if s.tensor_index == 2
+    )
     assert torch.equal(torch.frombuffer(bytearray(joined), dtype=torch.float32).reshape(64, 64), _named()[2][1])
 
 
