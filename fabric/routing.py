@@ -1,0 +1,191 @@
+"""Spreading generation over rollout servers, and surviving one that dies mid-rollout.
+
+`RolloutPool.generate(requests)` keeps one Generate stream per live server and sends each request to the
+least-loaded one (fewest unfinished requests from this pool), or to the server its `session_key` hashes to, so a
+multi-turn session keeps its prefix cache. When a server's stream breaks (killed, connection cut, keepalive timeout)
+its unfinished requests are resubmitted to the others, asking only for the samples that had not arrived;
+(request_id, sample_index) pairs already delivered are never delivered twice. A dead server is out of the pool until
+`admit()` brings it back (after the caller has brought it to the current weight version).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+
+from fabric.server import CHANNEL_OPTIONS
+from fabric.v1 import rollout_pb2, rollout_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class NoRolloutServerError(RuntimeError):
+    pass
+
+
+@dataclass
+class _Pending:
+    request: rollout_pb2.GenerateRequest
+    missing: list[int]  # sample indices of the caller's request not delivered yet
+    index_map: list[int] = field(default_factory=list)  # a resubmission's sample_index -> the caller's index
+
+
+class _Server:
+    def __init__(self, address: str, channel_factory):
+        self.address = address
+        self.channel = channel_factory(address)
+        self.stub = rollout_pb2_grpc.RolloutServiceStub(self.channel)
+        self.alive = True
+        self.pending: dict[str, _Pending] = {}
+        self.queue: asyncio.Queue | None = None
+        self.error = ""
+
+
+class RolloutPool:
+    def __init__(self, addresses: Sequence[str], channel_factory=None, stream_timeout: float | None = 3600.0):
+        if not addresses:
+            raise ValueError("a rollout pool needs at least one server address")
+        self.channel_factory = channel_factory or (
+            lambda address: grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        )
+        self.servers = {a: _Server(a, self.channel_factory) for a in addresses}
+        self.stream_timeout = stream_timeout
+        self.events: list[str] = []  # what happened (a server lost, requests resubmitted), for the run's log
+
+    @property
+    def alive(self) -> list[str]:
+        return [a for a, s in self.servers.items() if s.alive]
+
+    def mark_dead(self, address: str, reason: str) -> None:
+        server = self.servers[address]
+        if server.alive:
+            server.alive = False
+            server.error = reason
+            self.events.append(f"rollout server {address} lost: {reason}")
+            log.warning("rollout server %s lost: %s", address, reason)
+
+    async def admit(self, address: str) -> None:
+        """(Re)admits a server, e.g. one restarted and brought to the current weight version."""
+        old = self.servers.get(address)
+        if old is not None:
+            await old.channel.close()
+        self.servers[address] = _Server(address, self.channel_factory)
+        self.events.append(f"rollout server {address} admitted")
+
+    def _pick(self, request: rollout_pb2.GenerateRequest) -> _Server:
+        live = [s for s in self.servers.values() if s.alive]
+        if not live:
+            reasons = "; ".join(f"{s.address}: {s.error}" for s in self.servers.values())
+            raise NoRolloutServerError(f"no rollout server left ({reasons})")
+        if request.session_key:
+            digest = int(hashlib.sha1(request.session_key.encode()).hexdigest(), 16)
+            ordered = sorted(self.servers)  # stable over deaths: a key moves only when its server is down
+            for offset in range(len(ordered)):
+                server = self.servers[ordered[(digest + offset) % len(ordered)]]
+                if server.alive:
+                    return server
+        return min(live, key=lambda s: len(s.pending))
+
+    async def generate(
+        self, requests: Sequence[rollout_pb2.GenerateRequest]
+    ) -> AsyncIterator[rollout_pb2.GenerateResponse]:
+        """Yields every sample of every request exactly once (sample_index as the caller asked), or the request's
+        error response; completion order. Each request must set sampling.num_return_sequences."""
+        out: asyncio.Queue = asyncio.Queue()
+        delivered: set[tuple[str, int]] = set()
+        expected = 0
+        for request in requests:
+            n = request.sampling.num_return_sequences if request.sampling.HasField("num_return_sequences") else 0
+            if n < 1:
+                raise ValueError(f"request {request.request_id!r}: set sampling.num_return_sequences for the pool")
+            expected += n
+        readers: dict[str, asyncio.Task] = {}
+
+        def submit(pending: _Pending) -> None:
+            server = self._pick(pending.request)
+            server.pending[pending.request.request_id] = pending
+            if server.queue is None:
+                server.queue = asyncio.Queue()
+                readers[server.address] = asyncio.create_task(read(server))
+            server.queue.put_nowait(pending.request)
+
+        async def feed(server: _Server):
+            while (request := await server.queue.get()) is not None:
+                yield request
+
+        async def read(server: _Server) -> None:
+            call = server.stub.Generate(feed(server), timeout=self.stream_timeout)
+            try:
+                async for response in call:
+                    pending = server.pending.get(response.request_id)
+                    if pending is None:
+                        continue
+                    if response.HasField("error"):
+                        server.pending.pop(response.request_id, None)
+                        out.put_nowait(("error", response, pending))
+                        continue
+                    original = pending.index_map[response.sample_index] if pending.index_map else response.sample_index
+                    response.sample_index = original
+                    if original in pending.missing:
+                        pending.missing.remove(original)
+                    if not pending.missing:
+                        server.pending.pop(response.request_id, None)
+                    out.put_nowait(("sample", response, None))
+                if server.pending:
+                    raise ConnectionError("the stream ended with requests unanswered")
+            except (grpc.aio.AioRpcError, ConnectionError) as err:
+                reason = f"{err.code().name}: {err.details()}" if isinstance(err, grpc.aio.AioRpcError) else str(err)
+                self.mark_dead(server.address, reason)
+                orphans = list(server.pending.values())
+                server.pending.clear()
+                out.put_nowait(("failover", server.address, orphans))
+            finally:
+                call.cancel()
+
+        for request in requests:
+            submit(_Pending(request, list(range(request.sampling.num_return_sequences))))
+        try:
+            while len(delivered) < expected:
+                kind, payload, extra = await out.get()
+                if kind == "failover":
+                    for orphan in extra:
+                        if not orphan.missing:
+                            continue
+                        retry = rollout_pb2.GenerateRequest()
+                        retry.CopyFrom(orphan.request)
+                        retry.sampling.num_return_sequences = len(orphan.missing)
+                        self.events.append(
+                            f"resubmitted {orphan.request.request_id} ({len(orphan.missing)} samples) "
+                            f"after losing {payload}"
+                        )
+                        submit(_Pending(retry, list(orphan.missing), index_map=list(orphan.missing)))
+                    continue
+                if kind == "error":
+                    pending = extra
+                    for index in pending.missing:
+                        delivered.add((payload.request_id, index))
+                    yield payload
+                    continue
+                key = (payload.request_id, payload.sample_index)
+                if key in delivered:
+                    continue
+                delivered.add(key)
+                yield payload
+        finally:
+            for server in self.servers.values():
+                if server.queue is not None:
+                    server.queue.put_nowait(None)
+                    server.queue = None
+                server.pending.clear()
+            for task in readers.values():
+                task.cancel()
+            await asyncio.gather(*readers.values(), return_exceptions=True)
+
+    async def close(self) -> None:
+        for server in self.servers.values():
+            await server.channel.close()
