@@ -41,12 +41,13 @@ class Batcher:
     async def wait_idle(self) -> None:
         await self._idle.wait()
 
-    async def submit(self, item: ScoreItem) -> ScoreResult:
-        """Scores one item in the next batch; raises FabricError if the item failed."""
+    def submit(self, item: ScoreItem) -> asyncio.Future:
+        """Queues one item for the next batch; the future holds its ScoreResult or a FabricError.
+        Cancelling the future (its stream went away) makes the batcher skip the item."""
         future = asyncio.get_running_loop().create_future()
         self._idle.clear()
         self.queue.put_nowait((item, future))
-        return await future  # cancelling this (the stream went away) cancels the future: the batcher skips it
+        return future
 
     async def _collect(self) -> list[tuple[ScoreItem, asyncio.Future]]:
         batch = [await self.queue.get()]

@@ -45,7 +45,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
     def queue_depth(self) -> int:
         return sum(b.depth for b in self.batchers.values())
 
-    def _validate(self, req: reward_pb2.ScoreRequest, live_ids: set[str]) -> Scorer:
+    def _validate(self, req: reward_pb2.ScoreRequest, live_ids) -> Scorer:
         if not req.request_id:
             raise invalid("request_id", "required: give each item a unique id to match its response")
         if req.request_id in live_ids:
@@ -98,47 +98,52 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
 
     async def Score(self, request_iterator, context: grpc.aio.ServicerContext):
         answers: asyncio.Queue = asyncio.Queue()
-        live_ids: set[str] = set()
-        tasks: set[asyncio.Task] = set()
+        live: dict[str, asyncio.Future] = {}  # request_id -> its result, while in flight
+        reading_done = False
 
-        async def score_one(req: reward_pb2.ScoreRequest, scorer: Scorer) -> None:
-            item = ScoreItem(req.request_id, req.prompt, req.response, req.ground_truth, list(req.response_token_ids))
-            try:
-                answers.put_nowait(self._response(req, await self.batchers[scorer.name].submit(item)))
-            except FabricError as err:
-                answers.put_nowait(self._error(req, err))
-            finally:
-                live_ids.discard(req.request_id)
+        def answer(req: reward_pb2.ScoreRequest, future: asyncio.Future) -> None:
+            # A done-callback rather than a task per item: the event loop's per-item cost bounds throughput.
+            del live[req.request_id]
+            if not future.cancelled():
+                err = future.exception()
+                if err is None:
+                    answers.put_nowait(self._response(req, future.result()))
+                else:
+                    fabric_err = err if isinstance(err, FabricError) else internal(f"{type(err).__name__}: {err}")
+                    answers.put_nowait(self._error(req, fabric_err))
+            if reading_done and not live:
+                answers.put_nowait(None)
 
         async def read() -> None:
+            nonlocal reading_done
             async for req in request_iterator:
                 try:
-                    scorer = self._validate(req, live_ids)
+                    scorer = self._validate(req, live)
                 except FabricError as err:
                     answers.put_nowait(self._error(req, err))
                     continue
-                live_ids.add(req.request_id)
-                task = asyncio.create_task(score_one(req, scorer))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            await asyncio.gather(*list(tasks))
+                future = self.batchers[scorer.name].submit(
+                    ScoreItem(req.request_id, req.prompt, req.response, req.ground_truth, list(req.response_token_ids))
+                )
+                live[req.request_id] = future
+                future.add_done_callback(lambda f, req=req: answer(req, f))
+            reading_done = True
+            if not live:
+                answers.put_nowait(None)
 
         reader = asyncio.create_task(read())
-        reader.add_done_callback(lambda _: answers.put_nowait(None))
+        reader.add_done_callback(lambda r: r.cancelled() or r.exception() is None or answers.put_nowait(None))
         try:
-            while (answer := await answers.get()) is not None:
-                yield answer
-            while not answers.empty():  # answers queued just before the reader finished
-                if (answer := answers.get_nowait()) is not None:
-                    yield answer
-            if not reader.cancelled() and reader.exception() is not None:
+            while (response := await answers.get()) is not None:
+                yield response
+            if reader.done() and not reader.cancelled() and reader.exception() is not None:
                 exc = reader.exception()
-                log.exception("Score stream failed", exc_info=exc)
+                log.error("Score stream failed: %r", exc)
                 await abort(context, internal(f"Score stream failed: {type(exc).__name__}: {exc}"))
         finally:
             reader.cancel()
-            for task in list(tasks):
-                task.cancel()
+            for future in list(live.values()):
+                future.cancel()
 
     @staticmethod
     def _error(req: reward_pb2.ScoreRequest, err: FabricError) -> reward_pb2.ScoreResponse:

@@ -35,7 +35,8 @@ class ServerProcess:
 
 def start_server(config: Path, overrides: list[str] = (), timeout: float = 180.0) -> ServerProcess:
     """Starts `fabric serve reward --port 0` and waits for its `listening on HOST:PORT` line; `lines` is its output."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "fabric.cli", "serve", "reward", "--config", str(config), "--port", "0", *overrides]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
