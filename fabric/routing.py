@@ -189,3 +189,57 @@ class RolloutPool:
     async def close(self) -> None:
         for server in self.servers.values():
             await server.channel.close()
+
+
+class RewardPool:
+    """Scores items on the reward servers: the batch is split over the live servers, and a part whose server fails
+    is retried on another one (or on the same after a backoff). A failed call never turns into a silent score of 0:
+    after the retries the step fails with the reasons."""
+
+    def __init__(
+        self,
+        addresses: Sequence[str],
+        timeout: float = 300.0,
+        attempts: int = 3,
+        backoff_s: float = 1.0,
+        channel_factory=None,
+    ):
+        from fabric.reward.client import RewardClient
+
+        if not addresses:
+            raise ValueError("a reward pool needs at least one server address")
+        self.clients = {a: RewardClient(a, timeout=timeout) for a in addresses}
+        if channel_factory is not None:
+            from fabric.v1 import reward_pb2_grpc
+
+            for address, client in self.clients.items():
+                client.channel = channel_factory(address)
+                client.stub = reward_pb2_grpc.RewardServiceStub(client.channel)
+        self.attempts = attempts
+        self.backoff_s = backoff_s
+        self.events: list[str] = []
+
+    async def score(self, items: list[dict]) -> list:
+        addresses = list(self.clients)
+        shares = [items[i :: len(addresses)] for i in range(len(addresses))]
+        results = await asyncio.gather(*(self._score_share(share, k) for k, share in enumerate(shares) if share))
+        by_id = {r.request_id: r for part in results for r in part}
+        return [by_id[item["request_id"]] for item in items]
+
+    async def _score_share(self, share: list[dict], first: int):
+        addresses = list(self.clients)
+        errors = []
+        for attempt in range(self.attempts * len(addresses)):
+            address = addresses[(first + attempt) % len(addresses)]
+            try:
+                return await self.clients[address].score(share)
+            except grpc.aio.AioRpcError as err:
+                errors.append(f"{address}: {err.code().name}: {err.details()}")
+                self.events.append(f"reward call to {address} failed ({err.code().name}); retrying elsewhere")
+                if (attempt + 1) % len(addresses) == 0:
+                    await asyncio.sleep(self.backoff_s * (attempt + 1) / len(addresses))
+        raise RuntimeError(f"scoring failed on every reward server after retries: {'; '.join(errors[-3:])}")
+
+    async def close(self) -> None:
+        for client in self.clients.values():
+            await client.close()

@@ -1,0 +1,245 @@
+"""The trainer's view of the YAML: ROLL's pipeline keys, `actor_train`, `reference`, plus the fabric's own
+`cluster`, `weight_sync`, `timeouts` and `sft_warmup` sections. Unknown top-level keys are errors with a
+did-you-mean; so are unknown keys inside the sections the fabric owns.
+
+```yaml
+exp_name: demo
+output_dir: ./runs/${exp_name}
+seed: 42
+max_steps: 40
+rollout_batch_size: 16              # prompts per step
+num_return_sequences_in_group: 8    # samples per prompt (the GRPO group)
+prompt_length: 64
+response_length: 16
+ppo_epochs: 1
+pg_clip: 0.2
+init_kl_coef: 0.0                   # KL to the frozen reference in the loss (0: reference only for the metric)
+actor_train:
+  pretrain: /models/tiny
+  data_args: {file_name: data/train.jsonl}      # JSONL rows: prompt, ground_truth (and optional tag)
+  training_args: {learning_rate: 1.0e-5, weight_decay: 0.0, max_grad_norm: 1.0, per_device_train_batch_size: 64}
+  strategy_args: {strategy_name: megatron_train}
+cluster:                            # where the other processes are (fabric run fills these in)
+  rollout: [10.0.0.2:50051, 10.0.0.3:50051]
+  reward: [10.0.0.4:50052]
+  num_rollout_servers: 2            # how many `fabric run` starts on this node when `rollout` is empty
+  num_reward_servers: 1
+  trainer_port: 0
+```
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from fabric.config.loader import ConfigError
+
+TOP_LEVEL_KEYS = {
+    # ROLL's pipeline keys (accepted; the ones the fabric uses are read below)
+    "exp_name", "seed", "logging_dir", "output_dir", "max_steps", "save_steps", "logging_steps", "eval_steps",
+    "resume_from_checkpoint", "rollout_batch_size", "val_batch_size", "num_return_sequences_in_group",
+    "prompt_length", "response_length", "ppo_epochs", "pg_clip", "pg_clip_high", "init_kl_coef", "target_kl",
+    "kl_horizon", "add_token_level_kl", "use_kl_loss", "kl_loss_coef", "loss_agg_mode", "whiten_advantages",
+    "adv_estimator", "reward_clip", "advantage_clip", "dual_clip_loss", "max_len_mask", "difficulty_mask",
+    "checkpoint_config", "track_with", "tracker_kwargs", "num_gpus_per_node", "system_envs", "defaults", "hydra",
+    "pretrain", "reward_pretrain", "validation", "max_running_requests", "is_num_return_sequences_expand",
+    "async_generation_ratio", "generate_opt_level", "is_use_additional_prompts", "max_additional_running_prompts",
+    "response_length_penalty_coef", "lambd", "gamma", "value_clip", "norm_mean_type", "norm_std_type",
+    # sections
+    "actor_train", "actor_infer", "reference", "critic", "rewards",
+    # the fabric's own
+    "cluster", "weight_sync", "timeouts", "sft_warmup", "security", "dataset", "stale_samples", "task",
+}  # fmt: skip
+CLUSTER_KEYS = {"rollout", "reward", "num_rollout_servers", "num_reward_servers", "trainer_port", "host"}
+WEIGHT_SYNC_KEYS = {"mode", "transport", "chunk_mib"}
+TIMEOUT_KEYS = {"generate_s", "score_s", "push_s", "rpc_s", "server_start_s"}
+SFT_KEYS = {"steps", "learning_rate", "batch_size", "skip"}
+
+
+def check_keys(section: Any, allowed: set[str], where: str) -> None:
+    """Unknown keys are errors with the closest allowed key as a suggestion."""
+    if section is None:
+        return
+    if not isinstance(section, DictConfig):
+        raise ConfigError(where, f"must be a mapping, got {type(section).__name__}")
+    for key in section.keys():
+        if key not in allowed:
+            match = difflib.get_close_matches(str(key), sorted(allowed), n=1)
+            hint = f"did you mean '{match[0]}'?" if match else f"allowed keys: {', '.join(sorted(allowed))}"
+            path = f"{where}.{key}" if where else str(key)
+            raise ConfigError(path, f"unknown key; {hint}")
+
+
+@dataclass
+class PipelineConfig:
+    exp_name: str = "fabric"
+    output_dir: str = "./runs/fabric"
+    seed: int = 42
+    max_steps: int = 10
+    rollout_batch_size: int = 16
+    group_size: int = 8
+    prompt_length: int = 64
+    response_length: int = 32
+    ppo_epochs: int = 1
+    pg_clip: float = 0.2
+    kl_coef: float = 0.0
+    loss_agg_mode: str = "token-mean"
+    save_steps: int = 0
+    pretrain: str = ""
+    dataset: str = ""
+    dtype: str = "float32"
+    learning_rate: float = 1e-5
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    micro_batch_size: int | None = None
+    sampling: dict[str, Any] = field(default_factory=dict)  # generating_args for rollouts
+    rewards: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rollout_addresses: list[str] = field(default_factory=list)
+    reward_addresses: list[str] = field(default_factory=list)
+    num_rollout_servers: int = 1
+    num_reward_servers: int = 1
+    trainer_port: int = 0
+    host: str = "127.0.0.1"
+    sync_mode: str | None = None
+    sync_transport: str = "auto"
+    chunk_mib: float = 4.0
+    stale_policy: str = "drop"
+    generate_timeout_s: float = 600.0
+    score_timeout_s: float = 300.0
+    push_timeout_s: float = 600.0
+    rpc_timeout_s: float = 30.0
+    server_start_timeout_s: float = 600.0
+    sft_steps: int = 0
+    sft_learning_rate: float | None = None
+    sft_batch_size: int = 64
+
+    @property
+    def out(self) -> Path:
+        return Path(self.output_dir)
+
+
+def _get(cfg: DictConfig, path: str, default=None):
+    value = OmegaConf.select(cfg, path, default=default)
+    return default if value is None else value
+
+
+def _positive(value, key: str, kind=int):
+    try:
+        value = kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(key, f"must be a number, got {value!r}") from None
+    if value <= 0:
+        raise ConfigError(key, f"must be > 0, got {value}")
+    return value
+
+
+def pipeline_config(cfg: DictConfig) -> PipelineConfig:
+    check_keys(cfg, TOP_LEVEL_KEYS, "")
+    check_keys(cfg.get("cluster"), CLUSTER_KEYS, "cluster")
+    check_keys(cfg.get("weight_sync"), WEIGHT_SYNC_KEYS, "weight_sync")
+    check_keys(cfg.get("timeouts"), TIMEOUT_KEYS, "timeouts")
+    check_keys(cfg.get("sft_warmup"), SFT_KEYS, "sft_warmup")
+    if "actor_train" not in cfg:
+        raise ConfigError("actor_train", "section missing: the trainer needs the policy's model (pretrain)")
+    train = cfg.actor_train
+    strategy = _get(train, "strategy_args.strategy_name", "megatron_train")
+    if strategy != "megatron_train":
+        raise ConfigError(
+            "actor_train.strategy_args.strategy_name",
+            f"'{strategy}' is not supported: the fabric's trainer is megatron_train",
+        )
+    pretrain = _get(train, "pretrain") or _get(train, "model_args.model_name_or_path") or _get(cfg, "pretrain")
+    if not pretrain:
+        raise ConfigError("actor_train.pretrain", "no model: set actor_train.pretrain (an HF model directory)")
+    dataset = _get(train, "data_args.file_name") or _get(cfg, "dataset")
+    if isinstance(dataset, list | tuple) or (dataset is not None and not isinstance(dataset, str)):
+        dataset = list(dataset)[0]
+    if not dataset:
+        raise ConfigError("actor_train.data_args.file_name", "no dataset: a JSONL file of {prompt, ground_truth}")
+    pc = PipelineConfig(
+        exp_name=str(_get(cfg, "exp_name", "fabric")),
+        seed=int(_get(cfg, "seed", 42)),
+        max_steps=_positive(_get(cfg, "max_steps", 10), "max_steps"),
+        rollout_batch_size=_positive(_get(cfg, "rollout_batch_size", 16), "rollout_batch_size"),
+        group_size=_positive(_get(cfg, "num_return_sequences_in_group", 8), "num_return_sequences_in_group"),
+        prompt_length=_positive(_get(cfg, "prompt_length", 64), "prompt_length"),
+        response_length=_positive(_get(cfg, "response_length", 32), "response_length"),
+        ppo_epochs=_positive(_get(cfg, "ppo_epochs", 1), "ppo_epochs"),
+        pg_clip=_positive(_get(cfg, "pg_clip", 0.2), "pg_clip", float),
+        kl_coef=float(_get(cfg, "init_kl_coef", 0.0) or _get(cfg, "kl_loss_coef", 0.0)),
+        loss_agg_mode=str(_get(cfg, "loss_agg_mode", "token-mean")),
+        save_steps=int(_get(cfg, "save_steps", 0) or 0),
+        pretrain=str(pretrain),
+        dataset=str(dataset),
+        dtype={"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(
+            str(_get(train, "model_args.dtype", "fp32")), str(_get(train, "model_args.dtype", "float32"))
+        ),
+        learning_rate=_positive(
+            _get(train, "training_args.learning_rate", 1e-5), "actor_train.training_args.learning_rate", float
+        ),
+        weight_decay=float(_get(train, "training_args.weight_decay", 0.0)),
+        max_grad_norm=float(_get(train, "training_args.max_grad_norm", 1.0)),
+        micro_batch_size=_get(train, "training_args.per_device_train_batch_size"),
+        output_dir=str(_get(cfg, "output_dir", f"./runs/{_get(cfg, 'exp_name', 'fabric')}")),
+    )
+    if float(_get(cfg, "init_kl_coef", 0.0) or 0) < 0:
+        raise ConfigError("init_kl_coef", "must be >= 0")
+    if bool(_get(cfg, "add_token_level_kl", False)) and pc.kl_coef == 0:
+        raise ConfigError("add_token_level_kl", "needs init_kl_coef > 0 (the KL coefficient)")
+    infer = cfg.get("actor_infer") or {}
+    generating = dict(OmegaConf.to_container(infer.get("generating_args") or OmegaConf.create({}), resolve=True))
+    generating.setdefault("max_new_tokens", pc.response_length)
+    generating["num_return_sequences"] = pc.group_size
+    pc.sampling = {
+        k: v
+        for k, v in generating.items()
+        if k in {"max_new_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty"}
+    }
+    if pc.sampling["max_new_tokens"] > pc.response_length:
+        raise ConfigError(
+            "actor_infer.generating_args.max_new_tokens",
+            f"{pc.sampling['max_new_tokens']} exceeds response_length {pc.response_length}",
+        )
+    rewards = cfg.get("rewards")
+    if not rewards:
+        raise ConfigError(
+            "rewards", "section missing: name at least one reward (e.g. answer_tag: {worker_cls: answer_tag})"
+        )
+    for name, spec in rewards.items():
+        spec = spec or {}
+        tags = spec.get("tag_included") or []
+        pc.rewards[str(name)] = {"weight": float(spec.get("weight", 1.0)), "tags": [str(t) for t in tags]}
+    cluster = cfg.get("cluster") or {}
+    pc.rollout_addresses = [str(a) for a in cluster.get("rollout") or []]
+    pc.reward_addresses = [str(a) for a in cluster.get("reward") or []]
+    pc.num_rollout_servers = int(cluster.get("num_rollout_servers", 1))
+    pc.num_reward_servers = int(cluster.get("num_reward_servers", 1))
+    pc.trainer_port = int(cluster.get("trainer_port", 0))
+    pc.host = str(cluster.get("host", "127.0.0.1"))
+    sync = cfg.get("weight_sync") or {}
+    pc.sync_mode = sync.get("mode")
+    if pc.sync_mode not in (None, "relay", "direct"):
+        raise ConfigError("weight_sync.mode", f"'{pc.sync_mode}': use relay or direct")
+    pc.sync_transport = str(sync.get("transport", "auto"))
+    if pc.sync_transport not in ("auto", "tcp", "grpc"):
+        raise ConfigError("weight_sync.transport", f"'{pc.sync_transport}': use auto, tcp or grpc")
+    pc.chunk_mib = float(sync.get("chunk_mib", 4.0))
+    timeouts = cfg.get("timeouts") or {}
+    pc.generate_timeout_s = float(timeouts.get("generate_s", pc.generate_timeout_s))
+    pc.score_timeout_s = float(timeouts.get("score_s", pc.score_timeout_s))
+    pc.push_timeout_s = float(timeouts.get("push_s", pc.push_timeout_s))
+    pc.rpc_timeout_s = float(timeouts.get("rpc_s", pc.rpc_timeout_s))
+    pc.server_start_timeout_s = float(timeouts.get("server_start_s", pc.server_start_timeout_s))
+    pc.stale_policy = str(cfg.get("stale_samples", "drop"))
+    if pc.stale_policy not in ("drop", "use"):
+        raise ConfigError("stale_samples", f"'{pc.stale_policy}': use drop (leave them out of the loss) or use")
+    sft = cfg.get("sft_warmup") or {}
+    pc.sft_steps = 0 if sft.get("skip") else int(sft.get("steps", 0))
+    pc.sft_learning_rate = sft.get("learning_rate")
+    pc.sft_batch_size = int(sft.get("batch_size", 64))
+    return pc
