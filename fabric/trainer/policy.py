@@ -198,9 +198,13 @@ class Policy:
 
     @torch.no_grad()
     def logprobs(self, batch: TrainBatch) -> torch.Tensor:
-        """[B, T] logprobs of batch.input_ids (0 outside real tokens), in micro-batches, without grad."""
+        """[B, T] logprobs of batch.input_ids (0 outside real tokens), in micro-batches, without grad.
+
+        Returned on the batch's device (where the batch is assembled), whatever the model's device.
+        """
         self.model.eval()
         step = self._micro_batch_size(batch)
+        batch_device = batch.input_ids.device
         batch = batch.to(self.device)
         parts = [
             losses.token_logprobs(
@@ -208,7 +212,7 @@ class Policy:
             ).float()
             for mb in (batch.slice(i, i + step) for i in range(0, len(batch), step))
         ]
-        return torch.cat(parts)
+        return torch.cat(parts).to(batch_device)
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         """One optimizer step of the clipped policy-gradient loss (+ KL) over the whole batch."""

@@ -125,7 +125,6 @@ def main(steps: int = 300, eval_every: int = 25, batch_size: int = 64, lr: float
     from fabric.tasks import arithmetic
     from fabric.trainer.policy import OptimConfig
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     rows = list(arithmetic.examples(seed=0))
     evaluation, training = rows[:held_out], rows[held_out:]
     pairs = [(row["prompt"], row["response"]) for row in training]

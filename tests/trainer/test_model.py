@@ -15,6 +15,8 @@ from fabric.trainer.model import (
 )
 
 pytestmark = pytest.mark.slow
+# megatron runs on CUDA where there is one (unchanged code), else on the CPU; transformers, the reference, on the CPU.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +34,15 @@ def mg_model(megatron, tiny_model):
 
 
 def _logits(model, ids):
-    positions = torch.arange(ids.shape[1]).expand_as(ids)
+    ids = ids.to(DEVICE)
+    positions = torch.arange(ids.shape[1], device=DEVICE).expand_as(ids)
     with torch.no_grad():
-        return model(ids, positions, None)
+        return model(ids, positions, None).cpu()
+
+
+def _token_logprobs(model, ids, mask=None):
+    with torch.no_grad():
+        return losses.token_logprobs(model, ids.to(DEVICE), None if mask is None else mask.to(DEVICE)).cpu()
 
 
 def test_round_trip_is_bit_exact(tiny_model, mg_model):
@@ -59,15 +67,13 @@ def test_token_logprobs_match_transformers_and_ignore_padding(hf_model, mg_model
     mask = torch.ones_like(ids)
     mask[1, 8:] = 0  # right padding
     expected = losses.logprobs_from_logits(hf_model(ids).logits, ids) * mask
-    with torch.no_grad():
-        got = losses.token_logprobs(mg_model, ids, mask)
+    got = _token_logprobs(mg_model, ids, mask)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     assert got[1, 8:].abs().sum() == 0
-    with torch.no_grad():  # padding leaves the real tokens' logprobs unchanged
-        alone = losses.token_logprobs(mg_model, ids[1:, :8])
+    alone = _token_logprobs(mg_model, ids[1:, :8])  # padding leaves the real tokens' logprobs unchanged
     torch.testing.assert_close(got[1, :8], alone[0], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="not right-padded"):
-        losses.token_logprobs(mg_model, ids, mask.flip(1))
+        _token_logprobs(mg_model, ids, mask.flip(1))
 
 
 def test_iter_hf_weights_streams_lm_head_for_tied_embeddings(mg_model):

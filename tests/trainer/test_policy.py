@@ -100,7 +100,7 @@ def test_saved_checkpoint_loads_in_transformers_with_the_trained_weights(megatro
     out = policy.save(tmp_path / "ckpt")
     loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     original = read_hf_state_dict(tiny_model)
-    trained = dict(policy.hf_weights())
+    trained = {name: tensor.cpu() for name, tensor in policy.hf_weights()}
     for name, tensor in loaded.state_dict().items():
         assert torch.equal(tensor, trained[name]), name
     assert not torch.equal(trained["model.norm.weight"], original["model.norm.weight"])  # it did train

@@ -1,0 +1,411 @@
+"""The GRPO loop, trainer-driven: `fabric train --config FILE`.
+
+One step:
+    prompts --Generate--> rollout servers (RolloutPool: least-loaded, failover)  -> samples with weight_version
+    samples --Score-----> reward servers (RewardPool: retries elsewhere)          -> rewards
+    GRPO advantages (group-normalized) -> clipped policy loss + KL to the frozen reference -> AdamW step
+    policy weights --UpdateWeights (relay chain)--> every live rollout server      -> version + 1
+Samples produced by a version other than the one current at the step ("stale": e.g. from a server that missed an
+update) are counted and, by default, left out of the loss (`stale_samples: drop`); `use` keeps them, unweighted.
+The rollout servers may start with `load_format: dummy`: the first push (version 1) happens before any rollout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fabric.config import ConfigError, load_config
+from fabric.config.pipeline import PipelineConfig, pipeline_config
+from fabric.routing import RewardPool, RolloutPool
+from fabric.trainer import report
+from fabric.v1 import rollout_pb2, trainer_pb2
+
+log = logging.getLogger(__name__)
+
+
+def load_dataset(path: str, tokenizer, prompt_length: int) -> list[dict]:
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError("actor_train.data_args.file_name", f"dataset not found: {file}")
+    rows, skipped = [], 0
+    for number, line in enumerate(file.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError("actor_train.data_args.file_name", f"{file}:{number}: not JSON ({exc})") from None
+        if "prompt" not in row or "ground_truth" not in row:
+            raise ConfigError("actor_train.data_args.file_name", f"{file}:{number}: needs prompt and ground_truth")
+        if len(tokenizer.encode(row["prompt"], add_special_tokens=False)) > prompt_length:
+            skipped += 1
+            continue
+        rows.append(row)
+    if skipped:
+        log.warning("%d prompts longer than prompt_length=%d left out", skipped, prompt_length)
+    if not rows:
+        raise ConfigError("actor_train.data_args.file_name", f"{file}: no usable rows")
+    return rows
+
+
+@dataclass
+class Sample:
+    prompt_index: int
+    response: rollout_pb2.GenerateResponse
+    reward: float = 0.0
+
+
+class Trainer:
+    """Owns the policy and the pools; `run()` drives the steps, the TrainerService reads and steers it."""
+
+    def __init__(self, pc: PipelineConfig, policy, reference, tokenizer, dataset: list[dict]):
+        self.pc = pc
+        self.policy = policy
+        self.reference = reference
+        self.tokenizer = tokenizer
+        self.dataset = dataset
+        self.rng = random.Random(pc.seed)
+        self.order: list[int] = []
+        self.state = trainer_pb2.TRAINER_STATE_STARTING
+        self.message = ""
+        self.step = 0
+        self.version = 0
+        self.history: list[dict] = []
+        self.subscribers: set[asyncio.Queue] = set()
+        self.resume_event = asyncio.Event()
+        self.resume_event.set()
+        self.stop_requested = False
+        self.save_on_stop = False
+        self.lock = asyncio.Lock()  # held while the weights change: a checkpoint waits for a whole step
+        self.rollouts: RolloutPool | None = None
+        self.rewards: RewardPool | None = None
+        self.metrics_path = pc.out / "metrics.jsonl"
+        self.serving_dtype = None
+
+    # ---- the loop ----------------------------------------------------------------------------------------------
+
+    async def run(self, rollout_addresses: list[str], reward_addresses: list[str]) -> None:
+        self.rollouts = RolloutPool(rollout_addresses, stream_timeout=self.pc.generate_timeout_s)
+        self.rewards = RewardPool(reward_addresses, timeout=self.pc.score_timeout_s)
+        self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        self.metrics_path.write_text("")
+        try:
+            sync_seconds = await self.push_weights()  # version 1: the servers may hold dummy weights
+            log.info("initial weights pushed as version %d in %.2f s", self.version, sync_seconds)
+            self.state = trainer_pb2.TRAINER_STATE_RUNNING
+            while self.step < self.pc.max_steps and not self.stop_requested:
+                await self.resume_event.wait()
+                if self.stop_requested:
+                    break
+                async with self.lock:
+                    metrics = await self.run_step(self.step + 1)
+                self.step += 1
+                self.record(metrics)
+                if self.pc.save_steps and self.step % self.pc.save_steps == 0:
+                    await self.save_checkpoint(self.pc.out / "checkpoints" / f"step_{self.step}")
+            self.state = trainer_pb2.TRAINER_STATE_STOPPING
+            await self.save_checkpoint(self.pc.out / "checkpoints" / "final")
+            self.state = trainer_pb2.TRAINER_STATE_FINISHED
+        except Exception as exc:
+            self.state = trainer_pb2.TRAINER_STATE_FAILED
+            self.message = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            report.write_plot(self.history, self.pc.out / "metrics.png")
+            for queue in self.subscribers:
+                queue.put_nowait(None)
+            await self.rollouts.close()
+            await self.rewards.close()
+
+    def next_prompts(self) -> list[int]:
+        picked = []
+        while len(picked) < self.pc.rollout_batch_size:
+            if not self.order:
+                self.order = list(range(len(self.dataset)))
+                self.rng.shuffle(self.order)
+            picked.append(self.order.pop())
+        return picked
+
+    async def run_step(self, step: int) -> dict:
+        t_start = time.perf_counter()
+        await self.readmit_servers()
+        prompts = self.next_prompts()
+        sampling = rollout_pb2.SamplingParams(**self.pc.sampling, logprobs=True)
+        requests = [
+            rollout_pb2.GenerateRequest(request_id=f"s{step}-p{k}", prompt=self.dataset[i]["prompt"], sampling=sampling)
+            for k, i in enumerate(prompts)
+        ]
+        samples: dict[tuple[int, int], Sample] = {}
+        async for response in self.rollouts.generate(requests):
+            if response.HasField("error"):
+                raise RuntimeError(f"rollout refused {response.request_id}: {response.error.message}")
+            k = int(response.request_id.rsplit("-p", 1)[1])
+            samples[(k, response.sample_index)] = Sample(prompts[k], response)
+        t_generated = time.perf_counter()
+        ordered = [samples[(k, j)] for k in range(len(prompts)) for j in range(self.pc.group_size)]
+        await self.score(ordered, step)
+        t_scored = time.perf_counter()
+        metrics = await asyncio.to_thread(self.train, ordered)
+        t_trained = time.perf_counter()
+        sync_seconds = await self.push_weights()
+        t_end = time.perf_counter()
+        generated = sum(len(s.response.token_ids) for s in ordered)
+        metrics.update(
+            step=step,
+            weight_version=self.version,
+            generate_seconds=t_generated - t_start,
+            reward_seconds=t_scored - t_generated,
+            train_seconds=t_trained - t_scored,
+            weight_sync_seconds=sync_seconds,
+            step_seconds=t_end - t_start,
+            tokens_per_second=generated / max(t_generated - t_start, 1e-9),
+            samples=len(ordered),
+            response_length_mean=generated / len(ordered),
+        )
+        metrics["extra"]["rollout_servers_alive"] = float(len(self.rollouts.alive))
+        return metrics
+
+    async def score(self, samples: list[Sample], step: int) -> None:
+        items, owners = [], []
+        for n, sample in enumerate(samples):
+            row = self.dataset[sample.prompt_index]
+            for name, spec in self.pc.rewards.items():
+                if spec["tags"] and row.get("tag") not in spec["tags"]:
+                    continue
+                items.append(
+                    dict(
+                        request_id=f"s{step}-{n}-{name}",
+                        prompt=row["prompt"],
+                        response=sample.response.text,
+                        ground_truth=str(row["ground_truth"]),
+                        reward_name=name,
+                        response_token_ids=list(sample.response.token_ids),
+                    )
+                )
+                owners.append((sample, spec["weight"]))
+        responses = await self.rewards.score(items)
+        for (sample, weight), response in zip(owners, responses, strict=True):
+            sample.reward += weight * response.score
+
+    def train(self, samples: list[Sample]) -> dict:
+        from fabric.trainer import losses
+        from fabric.trainer.policy import TrainBatch
+
+        pad = self.tokenizer.pad_token_id
+        batch = TrainBatch.from_token_lists(
+            [list(s.response.prompt_token_ids) for s in samples],
+            [list(s.response.token_ids) for s in samples],
+            pad_id=pad,
+        )
+        stale = [s.response.weight_version != self.version for s in samples]
+        if self.pc.stale_policy == "drop" and any(stale):
+            keep = torch.tensor([not x for x in stale], dtype=batch.response_mask.dtype).unsqueeze(1)
+            batch.response_mask = batch.response_mask * keep
+        rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)
+        batch.advantages = losses.grpo_advantages(rewards, self.pc.group_size)
+        batch.old_logprobs = self.policy.logprobs(batch)
+        batch.ref_logprobs = self.reference.logprobs(batch)
+        # training-inference mismatch: the rollout's logprobs against the trainer's for the same tokens
+        rollout_lp = torch.zeros_like(batch.old_logprobs)
+        for row, sample in enumerate(samples):
+            start = len(sample.response.prompt_token_ids)
+            lp = list(sample.response.logprobs)
+            rollout_lp[row, start : start + len(lp)] = torch.tensor(lp)
+        mask = batch.response_mask.bool()
+        mismatch = float((rollout_lp - batch.old_logprobs).abs()[mask].mean()) if mask.any() else 0.0
+        kl = float(losses.masked_mean(losses.kl_penalty(batch.old_logprobs, batch.ref_logprobs), batch.response_mask))
+        step_metrics = {}
+        for _ in range(self.pc.ppo_epochs):
+            step_metrics = self.policy.train_step(batch)
+        weights = sum(spec["weight"] for spec in self.pc.rewards.values())
+        return {
+            "reward_mean": float(rewards.mean()),
+            "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+            "loss": float(step_metrics.get("loss", 0.0)),
+            "kl": kl,
+            "logprob_mismatch": mismatch,
+            "stale_samples": int(sum(stale)),
+            "extra": {
+                "accuracy": float((rewards >= 0.999 * weights).float().mean()),
+                "grad_norm": float(step_metrics.get("grad_norm", 0.0)),
+                **{k: float(v) for k, v in step_metrics.items() if k.startswith("clip")},
+            },
+        }
+
+    async def push_weights(self, targets: list[str] | None = None, version: int | None = None) -> float:
+        """Pushes the policy's weights to every live rollout server (relay by default), as the next version unless
+        `version` says otherwise (re-admitting a server: the current one)."""
+        from fabric.weights.sender import WeightSource, push_weights, serving_dtype, weights_status
+
+        targets = targets if targets is not None else self.rollouts.alive
+        if not targets:
+            raise RuntimeError("no rollout server left to push weights to")
+        started = time.perf_counter()
+        if self.serving_dtype is None:
+            statuses = await asyncio.gather(*(weights_status(t, timeout=self.pc.rpc_timeout_s) for t in targets))
+            self.serving_dtype = serving_dtype(list(statuses))
+        source = await asyncio.to_thread(
+            WeightSource, self.policy.hf_weights(), int(self.pc.chunk_mib * 2**20), self.serving_dtype
+        )
+        version = self.version + 1 if version is None else version
+        result = await push_weights(
+            source,
+            targets,
+            version=version,
+            mode=self.pc.sync_mode,
+            transport=self.pc.sync_transport,
+            timeout=self.pc.push_timeout_s,
+        )
+        for failed in result.failed:
+            self.rollouts.mark_dead(
+                failed.server, f"weight update to version {version} failed: {failed.error.message or 'not committed'}"
+            )
+        if not self.rollouts.alive:
+            raise RuntimeError(f"weight update to version {version} failed on every rollout server")
+        self.version = max(self.version, version)
+        return time.perf_counter() - started
+
+    async def readmit_servers(self) -> None:
+        """A lost rollout server that answers again is brought to the current version, then routed to."""
+        from fabric.weights.sender import weights_status
+
+        for address, server in list(self.rollouts.servers.items()):
+            if server.alive:
+                continue
+            try:
+                await weights_status(address, timeout=2)
+            except Exception:
+                continue
+            try:
+                await self.push_weights([address], version=self.version)
+            except Exception as exc:
+                log.warning("could not re-admit %s: %s", address, exc)
+                continue
+            await self.rollouts.admit(address)
+            log.info("rollout server %s re-admitted at version %d", address, self.version)
+
+    def record(self, metrics: dict) -> None:
+        self.history.append(metrics)
+        report.append_jsonl(self.metrics_path, metrics)
+        message = to_proto(metrics)
+        for queue in self.subscribers:
+            queue.put_nowait(message)
+        log.info(
+            "step %d  reward %.3f  acc %.2f  loss %+.4f  kl %.4f  mismatch %.1e  version %d  (%.1f s)",
+            metrics["step"],
+            metrics["reward_mean"],
+            metrics["extra"]["accuracy"],
+            metrics["loss"],
+            metrics["kl"],
+            metrics["logprob_mismatch"],
+            metrics["weight_version"],
+            metrics["step_seconds"],
+        )
+
+    async def save_checkpoint(self, path: Path) -> Path:
+        saved = await asyncio.to_thread(self.policy.save, path)
+        log.info("checkpoint saved to %s", saved)
+        return Path(saved)
+
+
+def to_proto(metrics: dict) -> trainer_pb2.StepMetrics:
+    fields = set(trainer_pb2.StepMetrics.DESCRIPTOR.fields_by_name) - {"extra"}
+    message = trainer_pb2.StepMetrics(**{k: v for k, v in metrics.items() if k in fields})
+    message.extra.update(metrics.get("extra", {}))
+    return message
+
+
+async def train_main(pc: PipelineConfig, ready=print) -> Trainer:
+    from transformers import AutoTokenizer
+
+    from fabric.server import FabricServer
+    from fabric.trainer.policy import LossConfig, OptimConfig, Policy
+    from fabric.trainer.service import TrainerServicer
+    from fabric.v1 import trainer_pb2_grpc
+
+    if not pc.rollout_addresses:
+        raise ConfigError("cluster.rollout", "no rollout server addresses (fabric run fills them in)")
+    if not pc.reward_addresses:
+        raise ConfigError("cluster.reward", "no reward server addresses (fabric run fills them in)")
+    if not Path(pc.pretrain, "config.json").is_file():
+        raise ConfigError("actor_train.pretrain", f"not an HF model directory (no config.json): {pc.pretrain}")
+    tokenizer = AutoTokenizer.from_pretrained(pc.pretrain)
+    dataset = load_dataset(pc.dataset, tokenizer, pc.prompt_length)
+    torch.manual_seed(pc.seed)
+    optim = OptimConfig(
+        lr=pc.learning_rate,
+        weight_decay=pc.weight_decay,
+        grad_clip=pc.max_grad_norm,
+        micro_batch_size=pc.micro_batch_size,
+    )
+    loss = LossConfig(
+        pg_clip=pc.pg_clip,
+        kl_coef=pc.kl_coef,
+        loss_agg_mode=pc.loss_agg_mode,
+        temperature=float(pc.sampling.get("temperature", 1.0)) or 1.0,
+    )
+    dtype = getattr(torch, pc.dtype)
+    policy = await asyncio.to_thread(Policy.from_hf, pc.pretrain, optim, loss, dtype, None, pc.seed)
+    if pc.sft_steps:
+        await asyncio.to_thread(sft_warmup_from_dataset, policy, dataset, pc)
+    reference = policy.frozen_copy()
+    trainer = Trainer(pc, policy, reference, tokenizer, dataset)
+    servicer = TrainerServicer(trainer)
+    server = FabricServer(
+        ["fabric.v1.TrainerService"],
+        lambda s: trainer_pb2_grpc.add_TrainerServiceServicer_to_server(servicer, s),
+        host=pc.host,
+        port=pc.trainer_port,
+    )
+    await server.start()
+    ready(f"fabric trainer server listening on {server.address}")
+    try:
+        await trainer.run(pc.rollout_addresses, pc.reward_addresses)
+    finally:
+        await server.stop(grace=2)
+    return trainer
+
+
+def sft_warmup_from_dataset(policy, dataset: list[dict], pc: PipelineConfig) -> None:
+    from fabric.trainer.sft import sft_warmup
+
+    pairs = [(row["prompt"], row["response"]) for row in dataset if row.get("response")]
+    if not pairs:
+        raise ConfigError("sft_warmup.steps", "the dataset has no `response` column to warm up on")
+    log.info("supervised warm-up: %d steps on %d pairs", pc.sft_steps, len(pairs))
+    sft_warmup(policy, pairs, pc.sft_steps, batch_size=pc.sft_batch_size, lr=pc.sft_learning_rate, seed=pc.seed)
+
+
+def cli_main(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    pc = pipeline_config(cfg)
+    for key in ("rollout", "reward"):
+        given = getattr(args, key, None)
+        if given:
+            setattr(pc, f"{key}_addresses", list(given))
+    if getattr(args, "port", None) is not None:
+        pc.trainer_port = args.port
+    try:
+        trainer = asyncio.run(train_main(pc, ready=lambda line: print(line, flush=True)))
+    except KeyboardInterrupt:
+        return 130
+    from rich.console import Console
+
+    console = Console()
+    console.print(report.summary_table(trainer.history))
+    first, last = report.first_last(trainer.history)
+    console.print(f"reward: first 5 steps {first:.3f} -> last 5 steps {last:.3f}; metrics in {trainer.metrics_path}")
+    return 0 if trainer.state == trainer_pb2.TRAINER_STATE_FINISHED else 1
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main(None))
