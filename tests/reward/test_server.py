@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import signal
 import subprocess
 import sys
+import time
 
 import grpc
 import pytest
@@ -220,18 +223,26 @@ def test_health_reflection_and_server_info(reward_server):
     assert "initialised with seed 0" in scorers["rm"].model
 
 
-def test_sigterm_drains_and_exits_zero(tmp_path):
+def test_sigterm_drains_in_flight_items_and_exits_zero(tmp_path):
     config = tmp_path / "tag.yaml"
-    config.write_text("rewards:\n  tag:\n    worker_cls: answer_tag\n")
+    # A long batch wait keeps the items in flight when SIGTERM arrives: the drain must still answer them.
+    config.write_text(
+        "rewards:\n  tag:\n    worker_cls: answer_tag\n    batch_wait_ms: 1500\n    infer_batch_size: 64\n"
+    )
     server = start_server(config)
+    items = [{"prompt": "p", "response": f"<answer>{k}</answer>", "ground_truth": str(k), "reward_name": "tag"}
+             for k in range(5)]  # fmt: skip
     try:
-        item = {"prompt": "p", "response": "<answer>2</answer>", "ground_truth": "2", "reward_name": "tag"}
-        assert score(server.address, [item])[0].score == 1.0
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(score, server.address, items)
+            time.sleep(0.5)
+            server.proc.send_signal(signal.SIGTERM)
+            responses = pending.result(timeout=30)
     finally:
         rc = server.terminate()
-    output = server.lines
-    assert rc == 0, "".join(output)
-    assert any("draining" in line for line in output)
+    assert [r.score for r in responses] == [1.0] * 5
+    assert rc == 0, "".join(server.lines)
+    assert any("draining" in line for line in server.lines)
 
 
 def test_config_errors_are_one_line_naming_the_key(tmp_path):
