@@ -39,6 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_server_args(p, "rewards")
     p.set_defaults(handler="fabric.reward.server:cli_main")
 
+    p = sub.add_parser("train", help="run the GRPO loop against running rollout and reward servers")
+    p.add_argument("--config", required=True, help="ROLL-style YAML file")
+    p.add_argument("--rollout", action="append", help="rollout server HOST:PORT (repeatable; else cluster.rollout)")
+    p.add_argument("--reward", action="append", help="reward server HOST:PORT (repeatable; else cluster.reward)")
+    p.add_argument("--port", type=int, default=None, help="TrainerService port (default cluster.trainer_port or 0)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (OmegaConf dotlist)")
+    p.set_defaults(handler="fabric.trainer.loop:cli_main")
+
     p = sub.add_parser("push-weights", help="push an HF checkpoint to running rollout servers")
     p.add_argument("--checkpoint", required=True, help="HF model directory (safetensors)")
     p.add_argument("--target", action="append", required=True, help="rollout server HOST:PORT (repeatable)")

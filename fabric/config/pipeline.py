@@ -198,7 +198,8 @@ def pipeline_config(cfg: DictConfig) -> PipelineConfig:
     pc.sampling = {
         k: v
         for k, v in generating.items()
-        if k in {"max_new_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty"}
+        if k
+        in {"max_new_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty", "num_return_sequences"}
     }
     if pc.sampling["max_new_tokens"] > pc.response_length:
         raise ConfigError(

@@ -38,12 +38,13 @@ def extract_answer(response: str) -> str | None:
 
 
 def write_dataset(path: str | Path, seed: int = 0, count: int | None = None) -> Path:
-    """A JSONL file of {"prompt", "ground_truth"}: the trainer's dataset format."""
+    """A JSONL file of {"prompt", "ground_truth", "response", "tag"}: the trainer's dataset format (the gold
+    response serves the supervised warm-up; the tag picks the rewards whose tag_included lists it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as f:
         for row in examples(seed, count):
-            f.write(json.dumps({"prompt": row["prompt"], "ground_truth": row["ground_truth"]}) + "\n")
+            f.write(json.dumps({**row, "tag": "arithmetic"}) + "\n")
     return path
 
 
