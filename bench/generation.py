@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 NUM_PROMPTS = 128
 MAX_NEW_TOKENS = 128
-CYCLES = 7
+CYCLES = 15
 # max_num_seqs pinned: vLLM's default differs between the engine (256) and the HTTP server (128 on CPU).
 ENGINE = {"block_size": 32, "dtype": "float32", "max_model_len": 256, "enforce_eager": True,
           "gpu_memory_utilization": 0.3, "max_num_seqs": NUM_PROMPTS}  # fmt: skip
