@@ -1,0 +1,135 @@
+"""Servers shared by the reliability tests, started once per session: three rollout servers (vLLM on the tiny
+model) and one reward server (rule scorers), each the real `fabric serve` CLI in its own process group.
+
+Tests may kill and restart a rollout server: `rollout_servers` is a mutable list of ServerProcess, and the
+restarted process takes the dead one's place (same port), so teardown stops whatever is running at the end.
+"""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+import torch
+
+from fabric.procs import ServerProcess, start_all
+from fabric.v1 import rollout_pb2, rollout_pb2_grpc
+
+PROMPTS = ["Add 3 and 4.\n", "Add 12 and 30.\n"]
+MAX_NEW = 8
+NUM_ROLLOUT_SERVERS = 3
+
+
+def write_rollout_config(model: str, path) -> str:
+    path.write_text(
+        "actor_infer:\n"
+        f"  pretrain: {model}\n"
+        f"  generating_args: {{max_new_tokens: {MAX_NEW}, temperature: 0.0}}\n"
+        "  strategy_args:\n"
+        "    strategy_name: vllm\n"
+        "    strategy_config: {block_size: 32, dtype: float32, max_model_len: 256, enforce_eager: true,\n"
+        "                      gpu_memory_utilization: 0.1}\n"
+        "  infer_batch_size: 8\n"
+        "  drain_grace_s: 5\n"
+    )
+    return str(path)
+
+
+REWARD_CONFIG = """\
+rewards:
+  math:
+    worker_cls: math_rule
+    infer_batch_size: 16
+    timeout_s: 2.0
+  answer_tag:
+    worker_cls: answer_tag
+    infer_batch_size: 32
+    max_input_chars: 4096
+  crashy:
+    worker_cls: tests.reward.plugin_scorers.CrashOnMarkerScorer
+    infer_batch_size: 8
+    batch_wait_ms: 20
+"""
+
+
+@pytest.fixture(scope="session")
+def rollout_config(tiny_model, tmp_path_factory) -> str:
+    return write_rollout_config(tiny_model, tmp_path_factory.mktemp("reliability") / "rollout.yaml")
+
+
+@pytest.fixture(scope="session")
+def rollout_servers(rollout_config, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("rollout-logs")
+    procs = [
+        ServerProcess("rollout", rollout_config, name=f"rollout-{i}", log_path=logs / f"rollout-{i}.log")
+        for i in range(NUM_ROLLOUT_SERVERS)
+    ]
+    start_all(procs, timeout=400)
+    yield procs
+    for proc in procs:
+        proc.stop(grace=10)
+
+
+@pytest.fixture(scope="session")
+def reward_server(tmp_path_factory):
+    path = tmp_path_factory.mktemp("reward") / "reward.yaml"
+    path.write_text(REWARD_CONFIG)
+    proc = ServerProcess("reward", path, name="reward")
+    proc.start()
+    proc.wait_ready(timeout=180)
+    yield proc
+    proc.stop(grace=10)
+
+
+def hf_greedy(model_dir: str) -> list[list[int]]:
+    """transformers' greedy continuation of PROMPTS: what a server serving this checkpoint must produce."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    outputs = []
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        out = model.generate(ids, max_new_tokens=MAX_NEW, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        outputs.append(out[0, ids.shape[1] :].tolist())
+    return outputs
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_model, tiny_model_b) -> dict[str, list[list[int]]]:
+    """Greedy outputs by checkpoint directory."""
+    refs = {tiny_model: hf_greedy(tiny_model), tiny_model_b: hf_greedy(tiny_model_b)}
+    assert refs[tiny_model] != refs[tiny_model_b], "the two checkpoints must be told apart by their outputs"
+    return refs
+
+
+def stub(address: str) -> rollout_pb2_grpc.RolloutServiceStub:
+    return rollout_pb2_grpc.RolloutServiceStub(grpc.insecure_channel(address))
+
+
+def greedy(address: str) -> tuple[list[list[int]], set[int]]:
+    """The server's greedy output on PROMPTS and the weight versions that produced it."""
+    requests = [
+        rollout_pb2.GenerateRequest(
+            request_id=str(i), prompt=p, sampling=rollout_pb2.SamplingParams(max_new_tokens=MAX_NEW, temperature=0)
+        )
+        for i, p in enumerate(PROMPTS)
+    ]
+    with grpc.insecure_channel(address) as channel:
+        responses = list(rollout_pb2_grpc.RolloutServiceStub(channel).Generate(iter(requests), timeout=60))
+    assert all(not r.HasField("error") for r in responses), responses
+    by_id = {r.request_id: r for r in responses}
+    return [list(by_id[str(i)].token_ids) for i in range(len(PROMPTS))], {r.weight_version for r in responses}
+
+
+def weights_status(address: str) -> rollout_pb2.GetWeightsStatusResponse:
+    with grpc.insecure_channel(address) as channel:
+        return rollout_pb2_grpc.RolloutServiceStub(channel).GetWeightsStatus(
+            rollout_pb2.GetWeightsStatusRequest(), timeout=10
+        )
+
+
+def server_info(address: str) -> rollout_pb2.RolloutServiceGetServerInfoResponse:
+    with grpc.insecure_channel(address) as channel:
+        return rollout_pb2_grpc.RolloutServiceStub(channel).GetServerInfo(
+            rollout_pb2.RolloutServiceGetServerInfoRequest(), timeout=10
+        )
