@@ -392,6 +392,45 @@ def test_sleep_wake_round_trip(server):
     assert again[1].state == rollout_pb2.SLEEP_STATE_AWAKE
 
 
+def hf_greedy(model_dir: str, prompt: str, max_new_tokens: int = 16) -> list[int]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    prompt_ids = AutoTokenizer.from_pretrained(model_dir)(prompt)["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, len(prompt_ids) :].tolist()
+
+
+def test_weight_updates_reach_the_engine_and_samples_carry_the_version(server, tiny_model, tiny_model_b):
+    """UpdateWeights goes through the servicer to the weight receiver and the engine adapter's commit: after
+    version 1 (checkpoint b) greedy output is checkpoint b's, after version 2 (a again) it is a's, and every sample
+    says which version made it."""
+    import torch
+
+    from fabric.weights.sender import WeightSource, push_weights
+
+    prompt = "Add 21 and 4.\n"
+
+    async def go():
+        async with RolloutClient(server.address) as client:
+            results = []
+            for version, checkpoint in ((1, tiny_model_b), (2, tiny_model)):
+                source = WeightSource.from_hf_checkpoint(checkpoint, 1 << 20, torch.float32)
+                report = await push_weights(source, [server.address], version=version)
+                (sample,) = await collect(client, [greedy_request(f"v{version}", prompt)])
+                results.append((report, sample, (await client.info()).weight_version))
+            return results
+
+    expected = {1: hf_greedy(tiny_model_b, prompt), 2: hf_greedy(tiny_model, prompt)}
+    assert expected[1] != expected[2]
+    for version, (report, sample, serving) in enumerate(run(go()), start=1):
+        assert report.ok and report.results[0].committed, report
+        assert sample.weight_version == version and serving == version
+        assert list(sample.token_ids) == expected[version]
+
+
 def test_sigterm_drains_running_requests_and_exits_0(server):
     """Runs last (it stops the module's server): a running request finishes, new work is refused, exit code 0."""
 
