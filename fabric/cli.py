@@ -39,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_server_args(p, "rewards")
     p.set_defaults(handler="fabric.reward.server:cli_main")
 
+    p = sub.add_parser("run", help="run every process of a config on this node (default: the embedded demo)")
+    p.add_argument("--config", default=None, help="ROLL-style YAML (default: examples/default.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. max_steps=3 output_dir=/tmp/x")
+    p.set_defaults(handler="fabric.run.launcher:cli_main")
+
     p = sub.add_parser("train", help="run the GRPO loop against running rollout and reward servers")
     p.add_argument("--config", required=True, help="ROLL-style YAML file")
     p.add_argument("--rollout", action="append", help="rollout server HOST:PORT (repeatable; else cluster.rollout)")

@@ -36,11 +36,14 @@ class ServerProcess:
         prefix: Sequence[str] = (),
         env: dict[str, str] | None = None,
         log_path: str | Path | None = None,
+        command: Sequence[str] | None = None,
     ):
         self.kind = kind
         self.name = name or kind
-        cmd = [*prefix, sys.executable, "-m", "fabric.cli", "serve", kind, "--config", str(config)]
-        cmd += ["--host", host, "--port", str(port)]
+        head = command or ["serve", kind]  # `fabric train` prints the same kind of ready line
+        cmd = [*prefix, sys.executable, "-m", "fabric.cli", *head, "--config", str(config)]
+        if command is None:
+            cmd += ["--host", host, "--port", str(port)]
         if role:
             cmd += ["--role", role]
         self.cmd = [*cmd, *overrides]

@@ -24,9 +24,10 @@ def make_response(a: int, b: int) -> str:
     return f"<answer>{a + b}</answer>"
 
 
-def examples(seed: int = 0, count: int | None = None) -> Iterator[dict]:
+def examples(seed: int = 0, count: int | None = None, max_operand: int | None = None) -> Iterator[dict]:
     """Yields {"prompt", "ground_truth", "response"} rows; all pairs shuffled when count is None."""
-    pairs = [(a, b) for a in range(MAX_OPERAND + 1) for b in range(MAX_OPERAND + 1)]
+    top = MAX_OPERAND if max_operand is None else int(max_operand)
+    pairs = [(a, b) for a in range(top + 1) for b in range(top + 1)]
     random.Random(seed).shuffle(pairs)
     for a, b in pairs[:count]:
         yield {"prompt": make_prompt(a, b), "ground_truth": str(a + b), "response": make_response(a, b)}
@@ -37,13 +38,13 @@ def extract_answer(response: str) -> str | None:
     return match.group(1).strip() if match else None
 
 
-def write_dataset(path: str | Path, seed: int = 0, count: int | None = None) -> Path:
+def write_dataset(path: str | Path, seed: int = 0, count: int | None = None, max_operand: int | None = None) -> Path:
     """A JSONL file of {"prompt", "ground_truth", "response", "tag"}: the trainer's dataset format (the gold
     response serves the supervised warm-up; the tag picks the rewards whose tag_included lists it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as f:
-        for row in examples(seed, count):
+        for row in examples(seed, count, max_operand):
             f.write(json.dumps({**row, "tag": "arithmetic"}) + "\n")
     return path
 

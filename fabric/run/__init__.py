@@ -1,0 +1,1 @@
+"""`fabric run`: every process of a config on this node, one command."""

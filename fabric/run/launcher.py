@@ -1,0 +1,218 @@
+"""`fabric run [--config FILE] [key=value ...]`: starts the config's rollout servers, reward servers and trainer on
+this node as separate processes talking gRPC on localhost, shows each step as it ends, and shuts everything down
+cleanly: at the end, on Ctrl-C / SIGTERM, or when the trainer dies. A rollout server that dies is reported by name;
+the trainer carries on with the others (its pool resubmits the lost requests), and only when no rollout server or
+no reward server is left does the run end. Everything a run writes goes under `output_dir`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+
+import grpc
+from omegaconf import OmegaConf
+from rich.console import Console
+from rich.live import Live
+
+from fabric.config import load_config
+from fabric.config.pipeline import pipeline_config
+from fabric.procs import ServerProcess, start_all
+from fabric.trainer import report
+from fabric.v1 import trainer_pb2, trainer_pb2_grpc
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "default.yaml"
+EXIT_SERVER_DIED = 3
+
+
+class RunFailed(RuntimeError):
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+class Launcher:
+    def __init__(self, config_path: Path, overrides: list[str], console: Console):
+        from fabric.run.prepare import prepare_task
+
+        self.console = console
+        cfg = load_config(config_path, overrides)
+        self.pc = pipeline_config(cfg)  # every config error surfaces here, before any process starts
+        self.out = self.pc.out.resolve()
+        (self.out / "logs").mkdir(parents=True, exist_ok=True)
+        prepare_task(cfg, log=lambda line: console.print(f"[dim]{line}"))
+        self.config_file = self.out / "config.yaml"
+        OmegaConf.save(cfg, self.config_file, resolve=True)
+        self.servers: list[ServerProcess] = []
+        self.trainer: ServerProcess | None = None
+        self.lost: set[str] = set()
+
+    def start_servers(self) -> tuple[list[str], list[str]]:
+        logs = self.out / "logs"
+        rollouts = [
+            ServerProcess("rollout", self.config_file, name=f"rollout-{i}", log_path=logs / f"rollout-{i}.log")
+            for i in range(self.pc.num_rollout_servers)
+        ]
+        rewards = [
+            ServerProcess("reward", self.config_file, name=f"reward-{i}", log_path=logs / f"reward-{i}.log")
+            for i in range(self.pc.num_reward_servers)
+        ]
+        self.servers = rollouts + rewards
+        with self.console.status(
+            f"starting {len(rollouts)} rollout and {len(rewards)} reward server(s) "
+            f"(a vLLM engine takes a while to load)"
+        ):
+            started = time.perf_counter()
+            addresses = start_all(self.servers, timeout=self.pc.server_start_timeout_s)
+        for server in self.servers:
+            self.console.print(f"  {server.name:10s} {server.address}  pid {server.proc.pid}")
+        self.console.print(f"servers ready in {time.perf_counter() - started:.0f} s")
+        return addresses[: len(rollouts)], addresses[len(rollouts) :]
+
+    def start_trainer(self, rollout: list[str], reward: list[str]) -> str:
+        command = ["train"]
+        for address in rollout:
+            command += ["--rollout", address]
+        for address in reward:
+            command += ["--reward", address]
+        self.trainer = ServerProcess(
+            "trainer", self.config_file, name="trainer", command=command, log_path=self.out / "logs" / "trainer.log"
+        )
+        self.trainer.start()
+        with self.console.status("trainer: loading the policy (and the supervised warm-up, if configured)"):
+            return self.trainer.wait_ready(timeout=self.pc.server_start_timeout_s)
+
+    def check_processes(self) -> None:
+        """A dead rollout server is reported and left behind; the run ends only when the trainer cannot go on."""
+        for server in self.servers:
+            if server.alive or server.name in self.lost:
+                continue
+            self.lost.add(server.name)
+            code = server.proc.returncode
+            self.console.print(
+                f"[bold red]{server.name} ({server.address}, pid {server.proc.pid}) died with exit "
+                f"code {code}[/]; its log: {server.log_path}"
+            )
+            kind = server.kind
+            alive = [s for s in self.servers if s.kind == kind and s.alive]
+            if not alive:
+                raise RunFailed(
+                    f"every {kind} server is gone (last: {server.name}, exit code {code}); "
+                    f"the run cannot go on. Last lines of its log:\n{server.last_lines(10)}",
+                    EXIT_SERVER_DIED,
+                )
+            self.console.print(f"[yellow]the trainer carries on with {len(alive)} {kind} server(s)")
+        if self.trainer is not None and not self.trainer.alive and self.trainer.proc.returncode != 0:
+            raise RunFailed(
+                f"the trainer exited with code {self.trainer.proc.returncode}; last lines of its log "
+                f"({self.trainer.log_path}):\n{self.trainer.last_lines(15)}",
+                self.trainer.proc.returncode,
+            )
+
+    async def watch(self, address: str) -> list[dict]:
+        """Streams the trainer's step metrics into a live table until the trainer finishes."""
+        rows: list[dict] = []
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = trainer_pb2_grpc.TrainerServiceStub(channel)
+            call = stub.WatchMetrics(trainer_pb2.WatchMetricsRequest(since_step=1))
+            reader = asyncio.ensure_future(self._read(call, rows))
+            with Live(self._table(rows), console=self.console, refresh_per_second=2) as live:
+                while not reader.done():
+                    self.check_processes()
+                    live.update(self._table(rows))
+                    await asyncio.wait([reader], timeout=0.5)
+                live.update(self._table(rows))
+            call.cancel()
+            try:
+                reader.result()
+            except (grpc.aio.AioRpcError, asyncio.CancelledError):
+                pass
+        return rows
+
+    async def _read(self, call, rows: list[dict]) -> None:
+        from google.protobuf.json_format import MessageToDict
+
+        async for message in call:
+            rows.append(
+                MessageToDict(
+                    message.metrics, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+                )
+            )
+
+    def _table(self, rows: list[dict]):
+        table = report.summary_table(
+            [_numbers(r) for r in rows[-25:]], title=f"{self.pc.exp_name}: step {len(rows)}/{self.pc.max_steps}"
+        )
+        return table
+
+    def stop_all(self) -> None:
+        for proc in [self.trainer, *self.servers]:
+            if proc is not None:
+                proc.stop(grace=20)
+
+
+def _numbers(row: dict) -> dict:
+    """The JSON form of StepMetrics back to numbers (int64 fields arrive as strings)."""
+    out = {
+        k: (float(v) if isinstance(v, str) and k not in ("step", "weight_version", "stale_samples") else v)
+        for k, v in row.items()
+    }
+    for key in ("step", "weight_version", "stale_samples", "samples"):
+        out[key] = int(out.get(key, 0) or 0)
+    out.setdefault("extra", {})
+    return out
+
+
+def cli_main(args) -> int:
+    console = Console(width=max(130, Console().width))
+    config = Path(args.config) if args.config else DEFAULT_CONFIG
+    launcher = Launcher(config, list(args.overrides), console)
+    loop = asyncio.new_event_loop()
+    stop = {"signal": None}
+
+    def on_signal(signum, frame):
+        stop["signal"] = signum
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    started = time.perf_counter()
+    try:
+        rollout, reward = launcher.start_servers()
+        address = launcher.start_trainer(rollout, reward)
+        console.print(
+            f"trainer: {address} (fabric.v1.TrainerService: GetStatus, WatchMetrics, Pause, Resume, "
+            "SaveCheckpoint, Stop)"
+        )
+        rows = loop.run_until_complete(launcher.watch(address))
+        code = launcher.trainer.proc.wait(timeout=120)
+        launcher.check_processes()
+        if code != 0:
+            raise RunFailed(f"the trainer exited with code {code}; see {launcher.trainer.log_path}", code)
+        first, last = report.first_last([_numbers(r) for r in rows])
+        console.print(
+            f"[bold]done in {time.perf_counter() - started:.0f} s[/]: {len(rows)} steps; mean reward of "
+            f"the first 5 steps {first:.3f}, of the last 5 steps {last:.3f}"
+        )
+        out = launcher.out
+        console.print(
+            f"metrics: {out / 'metrics.jsonl'}\nplot:    {out / 'metrics.png'}\n"
+            f"model:   {out / 'checkpoints' / 'final'}\nlogs:    {out / 'logs'}"
+        )
+        return 0
+    except RunFailed as exc:
+        console.print(f"[bold red]run failed:[/] {exc}")
+        return exc.code
+    except KeyboardInterrupt:
+        console.print(
+            f"[yellow]interrupted{' by signal ' + str(stop['signal']) if stop['signal'] else ''}: "
+            "stopping every process"
+        )
+        return 130
+    except (TimeoutError, RuntimeError) as exc:
+        console.print(f"[bold red]run failed:[/] {exc}")
+        return 1
+    finally:
+        launcher.stop_all()
+        loop.close()
