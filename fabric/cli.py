@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="bulk bytes over the servers' raw-TCP data plane or the gRPC stream (auto: tcp when offered)",
     )
     p.add_argument("--chunk-mib", type=float, default=4.0, help="chunk size in MiB")
+    p.add_argument("--config", default=None, help="YAML whose `security` section (token, TLS) to use")
     p.set_defaults(handler="fabric.weights.push:cli_main")
 
     return parser

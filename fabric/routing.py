@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from fabric.server import CHANNEL_OPTIONS
+from fabric import security
 from fabric.v1 import rollout_pb2, rollout_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -50,9 +50,7 @@ class RolloutPool:
     def __init__(self, addresses: Sequence[str], channel_factory=None, stream_timeout: float | None = 3600.0):
         if not addresses:
             raise ValueError("a rollout pool needs at least one server address")
-        self.channel_factory = channel_factory or (
-            lambda address: grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-        )
+        self.channel_factory = channel_factory or security.channel
         self.servers = {a: _Server(a, self.channel_factory) for a in addresses}
         self.stream_timeout = stream_timeout
         self.events: list[str] = []  # what happened (a server lost, requests resubmitted), for the run's log
@@ -125,12 +123,28 @@ class RolloutPool:
                     pending = server.pending.get(response.request_id)
                     if pending is None:
                         continue
+                    if response.error.code == grpc.StatusCode.UNAVAILABLE.value[0]:
+                        # Refused because the server is going away (draining): another server takes the request.
+                        server.pending.pop(response.request_id, None)
+                        self.mark_dead(server.address, response.error.message)
+                        out.put_nowait(("failover", server.address, [pending]))
+                        continue
                     if response.HasField("error"):
                         server.pending.pop(response.request_id, None)
                         out.put_nowait(("error", response, pending))
                         continue
                     original = pending.index_map[response.sample_index] if pending.index_map else response.sample_index
                     response.sample_index = original
+                    if response.finish_reason == rollout_pb2.FINISH_REASON_ABORT:
+                        # The server gave the sample up (drained or put to sleep; the pool never aborts): it is
+                        # not a sample, and another server generates it.
+                        self.mark_dead(server.address, "it aborted in-flight samples (shutting down or asleep)")
+                        if original in pending.missing:
+                            pending.missing.remove(original)
+                            out.put_nowait(("failover", server.address, [_Pending(pending.request, [original])]))
+                        if not pending.missing:
+                            server.pending.pop(response.request_id, None)
+                        continue
                     if original in pending.missing:
                         pending.missing.remove(original)
                     if not pending.missing:

@@ -45,10 +45,16 @@ class FabricServer:
         register: Callable[[grpc.aio.Server], None],
         host: str = "127.0.0.1",
         port: int = 0,
-        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        interceptors: Sequence[grpc.aio.ServerInterceptor] | None = None,
         credentials: grpc.ServerCredentials | None = None,
         on_drain: Callable[[float], Awaitable[None]] | None = None,
     ):
+        from fabric import security
+
+        sec = security.current()  # the process's `security` section: token interceptor, TLS credentials
+        if interceptors is None:
+            interceptors = sec.server_interceptors()
+        credentials = credentials or sec.server_credentials()
         self.service_names = list(service_names)
         self.server = grpc.aio.server(interceptors=list(interceptors), options=SERVER_OPTIONS)
         register(self.server)

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import grpc
-
-from fabric.server import CHANNEL_OPTIONS
+from fabric import security
 from fabric.v1 import reward_pb2, reward_pb2_grpc
 
 ITEM_FIELDS = ("request_id", "prompt", "response", "ground_truth", "reward_name", "response_token_ids")
@@ -38,7 +36,7 @@ class RewardClient:
     def __init__(self, address: str, timeout: float | None = 300.0):
         self.address = address
         self.timeout = timeout  # seconds for a whole score() call
-        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.channel = security.channel(address)  # TLS and token as the process's `security` section says
         self.stub = reward_pb2_grpc.RewardServiceStub(self.channel)
 
     async def __aenter__(self) -> RewardClient:

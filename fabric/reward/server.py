@@ -9,6 +9,7 @@ import time
 
 from omegaconf import DictConfig
 
+from fabric import security
 from fabric.config import load_config
 from fabric.config.reward import load_reward_configs
 from fabric.reward.scorer import Scorer, build_scorer
@@ -89,6 +90,7 @@ class RewardServer:
 
 async def _serve(args) -> None:
     cfg = load_config(args.config, args.overrides)
+    security.configure(security.SecurityConfig.from_cfg(cfg))  # token / TLS for the server and its channels
     server = await RewardServer.create(cfg, args.role, args.host, args.port)
     await server.serve_forever()
 

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 
-import grpc
-
-from fabric.server import CHANNEL_OPTIONS
+from fabric import security
 from fabric.v1 import rollout_pb2, rollout_pb2_grpc
 
 GenerateRequest = rollout_pb2.GenerateRequest
@@ -27,7 +25,7 @@ class RolloutClient:
     def __init__(self, address: str, timeout: float | None = 30.0):
         self.address = address
         self.timeout = timeout
-        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.channel = security.channel(address)  # TLS and token as the process's `security` section says
         self.stub = rollout_pb2_grpc.RolloutServiceStub(self.channel)
 
     async def generate(

@@ -11,6 +11,7 @@ import logging
 import sys
 from collections.abc import Callable
 
+from fabric import security
 from fabric.config import load_config
 from fabric.config.rollout import RolloutConfig, load_rollout_config
 from fabric.rollout.engine import VLLMEngine
@@ -54,6 +55,7 @@ async def serve(
 
 def cli_main(args) -> int:
     cfg = load_config(args.config, args.overrides)
+    security.configure(security.SecurityConfig.from_cfg(cfg))  # token / TLS for the server and its channels
     config = load_rollout_config(cfg, args.role)
     check_generating_args(config.generating_args, config.role)
     try:

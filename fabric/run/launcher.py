@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from rich.console import Console
 from rich.live import Live
 
+from fabric import security
 from fabric.config import load_config
 from fabric.config.pipeline import pipeline_config
 from fabric.procs import ServerProcess, start_all
@@ -39,7 +40,10 @@ class Launcher:
 
         self.console = console
         cfg = load_config(config_path, overrides)
-        self.pc = pipeline_config(cfg)  # every config error surfaces here, before any process starts
+        self.pc = pipeline_config(cfg)
+        security.configure(
+            security.SecurityConfig.from_cfg(cfg)
+        )  # every config error surfaces here, before any process starts
         self.out = self.pc.out.resolve()
         (self.out / "logs").mkdir(parents=True, exist_ok=True)
         prepare_task(cfg, log=lambda line: console.print(f"[dim]{line}"))
@@ -114,7 +118,7 @@ class Launcher:
     async def watch(self, address: str) -> list[dict]:
         """Streams the trainer's step metrics into a live table until the trainer finishes."""
         rows: list[dict] = []
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with security.channel(address) as channel:
             stub = trainer_pb2_grpc.TrainerServiceStub(channel)
             call = stub.WatchMetrics(trainer_pb2.WatchMetricsRequest(since_step=1))
             reader = asyncio.ensure_future(self._read(call, rows))

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from fabric import security
 from fabric.config import ConfigError, load_config
 from fabric.config.pipeline import PipelineConfig, pipeline_config
 from fabric.routing import RewardPool, RolloutPool
@@ -388,6 +389,7 @@ def sft_warmup_from_dataset(policy, dataset: list[dict], pc: PipelineConfig) -> 
 def cli_main(args) -> int:
     cfg = load_config(args.config, args.overrides)
     pc = pipeline_config(cfg)
+    security.configure(security.SecurityConfig.from_cfg(cfg))
     for key in ("rollout", "reward"):
         given = getattr(args, key, None)
         if given:

@@ -12,6 +12,11 @@ from fabric.weights.sender import WeightSource, push_weights, serving_dtype, wei
 
 
 async def _push(args) -> int:
+    if args.config:
+        from fabric import security
+        from fabric.config import load_config
+
+        security.configure(security.SecurityConfig.from_cfg(load_config(args.config)))
     console = Console(stderr=False)
     statuses = await asyncio.gather(*(weights_status(t) for t in args.target))
     dtype = serving_dtype(list(statuses))

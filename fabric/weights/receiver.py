@@ -11,6 +11,7 @@ arrives (a pipelined chain), over gRPC or over the raw-TCP data plane, whichever
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import socket
 import threading
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from fabric import security
 from fabric.errors import FabricError, abort, invalid, precondition, unavailable
 from fabric.v1 import rollout_pb2, rollout_pb2_grpc, weights_pb2
 from fabric.weights import manifest as mf
@@ -64,7 +66,7 @@ class WeightReceiver:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listener: socket.socket | None = None
         self.tcp_port = 0
-        self.auth_token: str | None = None  # set by the server when a token is configured
+        self.security = security.current()
 
     # ---- shared state machine -------------------------------------------------------------------------------
 
@@ -285,7 +287,8 @@ class WeightReceiver:
         if staged is None:
             # Idempotent: already serving. Still pass the header down a relay chain so every hop answers.
             return rollout_pb2.UpdateWeightsResponse(results=[self._already(header.weight_version)])
-        relay = _GrpcRelay(header) if header.relay_targets else None
+        # The next hop inherits this call's deadline, so a stuck hop cannot outlive the sender's patience.
+        relay = _GrpcRelay(header, context.time_remaining()) if header.relay_targets else None
         try:
             async for request in request_iterator:
                 if not request.HasField("chunk"):
@@ -312,8 +315,8 @@ class WeightReceiver:
     # ---- raw-TCP transport ------------------------------------------------------------------------------------
 
     def _ensure_data_plane(self) -> None:
-        if self._listener is not None:
-            return
+        if self._listener is not None or self.security.tls:
+            return  # with TLS on, weights travel over gRPC/TLS only: the data plane has no encryption
         self._loop = asyncio.get_running_loop()
         host = self.server_name.rsplit(":", 1)[0].strip("[]") or "127.0.0.1"
         listener = socket.create_server((host, 0), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
@@ -349,7 +352,7 @@ class WeightReceiver:
                 token = tcp.recv_frame(conn).decode()
                 request = rollout_pb2.UpdateWeightsRequest.FromString(tcp.recv_frame(conn))
                 try:
-                    if self.auth_token and token != self.auth_token:
+                    if self.security.token and not hmac.compare_digest(token, self.security.token):
                         raise FabricError(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token", "UNAUTHENTICATED")
                     if not request.HasField("header"):
                         raise invalid("header", "the first frame must carry the header", "MISSING_HEADER")
@@ -440,16 +443,14 @@ def _next_header(header: rollout_pb2.UpdateWeightsHeader) -> rollout_pb2.UpdateW
 class _GrpcRelay:
     """Forwards the chunks of one gRPC stream to the next server of the chain as they arrive."""
 
-    def __init__(self, header: rollout_pb2.UpdateWeightsHeader):
-        from fabric.server import CHANNEL_OPTIONS
-
+    def __init__(self, header: rollout_pb2.UpdateWeightsHeader, timeout: float | None = None):
         self.header = header
         self.target = header.relay_targets[0]
         self.queue: asyncio.Queue = asyncio.Queue(maxsize=RELAY_QUEUE_CHUNKS)
-        self.channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+        self.channel = security.channel(self.target)
         stub = rollout_pb2_grpc.RolloutServiceStub(self.channel)
         self.error: str | None = None
-        self.call = stub.UpdateWeights(self._requests())
+        self.call = stub.UpdateWeights(self._requests(), timeout=timeout)
         self.task = asyncio.ensure_future(self._run())
 
     async def _requests(self):
@@ -529,9 +530,7 @@ class _TcpRelay:
 
 
 def _tcp_port_of(target: str) -> int:
-    from fabric.server import CHANNEL_OPTIONS
-
-    with grpc.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
+    with security.sync_channel(target) as channel:
         status = rollout_pb2_grpc.RolloutServiceStub(channel).GetWeightsStatus(
             rollout_pb2.GetWeightsStatusRequest(), timeout=10
         )

@@ -20,10 +20,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import torch
 
-from fabric.server import CHANNEL_OPTIONS
+from fabric import security
 from fabric.v1 import rollout_pb2, rollout_pb2_grpc, weights_pb2
 from fabric.weights import manifest as mf
 from fabric.weights import tcp
@@ -115,10 +114,10 @@ class PushReport:
         return self.bytes_sent / self.seconds / 1e9 if self.seconds else 0.0
 
 
-async def weights_status(target: str, metadata=(), timeout: float = 10.0) -> rollout_pb2.GetWeightsStatusResponse:
-    async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
+async def weights_status(target: str, timeout: float = 10.0) -> rollout_pb2.GetWeightsStatusResponse:
+    async with security.channel(target) as channel:
         return await rollout_pb2_grpc.RolloutServiceStub(channel).GetWeightsStatus(
-            rollout_pb2.GetWeightsStatusRequest(), timeout=timeout, metadata=metadata
+            rollout_pb2.GetWeightsStatusRequest(), timeout=timeout
         )
 
 
@@ -142,15 +141,13 @@ async def push_weights(
     version: int | None = None,
     mode: str | None = None,
     transport: str = "auto",
-    token: str | None = None,
     streams: int = 1,
     timeout: float = DEFAULT_TIMEOUT_S,
 ) -> PushReport:
     """Pushes one version to every target; see the module doc for mode and transport."""
     if not targets:
         raise ValueError("no targets")
-    metadata = (("authorization", f"Bearer {token}"),) if token else ()
-    statuses = await asyncio.gather(*(weights_status(t, metadata) for t in targets))
+    statuses = await asyncio.gather(*(weights_status(t) for t in targets))
     if version is None:
         version = max(s.serving_version for s in statuses) + 1
     pending = [(t, s) for t, s in zip(targets, statuses, strict=True) if s.serving_version != version]
@@ -170,19 +167,13 @@ async def push_weights(
         chunks = needed_chunks(source, version, [s for _, s in pending])
         names = [t for t, _ in pending]
         report.results.extend(
-            await _send(
-                source, version, names[0], names[1:], chunks, pending[0][1], transport, token, metadata, timeout, report
-            )
+            await _send(source, version, names[0], names[1:], chunks, pending[0][1], transport, timeout, report)
         )
     elif mode == "direct":
         jobs = []
         for target, status in pending:
             chunks = needed_chunks(source, version, [status])
-            jobs.append(
-                _send_parallel(
-                    source, version, target, chunks, status, transport, token, metadata, timeout, report, streams
-                )
-            )
+            jobs.append(_send_parallel(source, version, target, chunks, status, transport, timeout, report, streams))
         for results in await asyncio.gather(*jobs):
             report.results.extend(results)
     else:
@@ -191,18 +182,14 @@ async def push_weights(
     return report
 
 
-async def _send_parallel(source, version, target, chunks, status, transport, token, metadata, timeout, report, streams):
+async def _send_parallel(source, version, target, chunks, status, transport, timeout, report, streams):
     """Several streams to one target, each a share of the chunks; the last to finish commits on the server."""
     indices = chunks if chunks is not None else list(range(len(source.manifest.chunks)))
     if streams <= 1 or len(indices) < 2:
-        return await _send(source, version, target, [], chunks, status, transport, token, metadata, timeout, report)
+        return await _send(source, version, target, [], chunks, status, transport, timeout, report)
     shares = [indices[i::streams] for i in range(streams)]
     results = await asyncio.gather(
-        *(
-            _send(source, version, target, [], share, status, transport, token, metadata, timeout, report)
-            for share in shares
-            if share
-        )
+        *(_send(source, version, target, [], share, status, transport, timeout, report) for share in shares if share)
     )
     committed = [r for rs in results for r in rs if r.committed]
     return [committed[0] if committed else results[0][0]]
@@ -214,12 +201,12 @@ def _header(source, version, relay_targets, chunks) -> rollout_pb2.UpdateWeights
     )
 
 
-async def _send(source, version, target, relay_targets, chunks, status, transport, token, metadata, timeout, report):
+async def _send(source, version, target, relay_targets, chunks, status, transport, timeout, report):
     indices = chunks if chunks is not None else range(len(source.manifest.chunks))
     header = _header(source, version, relay_targets, chunks)
     if transport == "tcp":
         return await asyncio.to_thread(
-            _send_tcp, source, header, target, status.tcp_data_port, indices, token, timeout, report
+            _send_tcp, source, header, target, status.tcp_data_port, indices, timeout, report
         )
 
     async def requests():
@@ -230,19 +217,17 @@ async def _send(source, version, target, relay_targets, chunks, status, transpor
             report.bytes_sent += len(chunk.data)
             yield rollout_pb2.UpdateWeightsRequest(chunk=chunk)
 
-    async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
-        response = await rollout_pb2_grpc.RolloutServiceStub(channel).UpdateWeights(
-            requests(), timeout=timeout, metadata=metadata
-        )
+    async with security.channel(target) as channel:
+        response = await rollout_pb2_grpc.RolloutServiceStub(channel).UpdateWeights(requests(), timeout=timeout)
     return list(response.results)
 
 
-def _send_tcp(source, header, target, port, indices, token, timeout, report):
+def _send_tcp(source, header, target, port, indices, timeout, report):
     host = target.rsplit(":", 1)[0].strip("[]")
     with socket.create_connection((host, port), timeout=timeout) as sock:
         tcp.tune(sock)
         sock.sendall(tcp.MAGIC)
-        tcp.send_frame(sock, (token or "").encode())
+        tcp.send_frame(sock, (security.current().token or "").encode())
         try:
             tcp.send_frame(sock, rollout_pb2.UpdateWeightsRequest(header=header).SerializeToString())
             for i in indices:
