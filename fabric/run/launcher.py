@@ -8,6 +8,8 @@ no reward server is left does the run end. Everything a run writes goes under `o
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import signal
 import time
 from pathlib import Path
@@ -18,7 +20,7 @@ from rich.console import Console
 from rich.live import Live
 
 from fabric import security
-from fabric.config import load_config
+from fabric.config import ConfigError, load_config
 from fabric.config.pipeline import pipeline_config
 from fabric.procs import ServerProcess, start_all
 from fabric.trainer import report
@@ -47,6 +49,7 @@ class Launcher:
         self.out = self.pc.out.resolve()
         (self.out / "logs").mkdir(parents=True, exist_ok=True)
         prepare_task(cfg, log=lambda line: console.print(f"[dim]{line}"))
+        check_before_start(cfg, self.pc)
         self.config_file = self.out / "config.yaml"
         OmegaConf.save(cfg, self.config_file, resolve=True)
         self.servers: list[ServerProcess] = []
@@ -155,6 +158,35 @@ class Launcher:
         for proc in [self.trainer, *self.servers]:
             if proc is not None:
                 proc.stop(grace=20)
+
+
+def check_before_start(cfg, pc) -> None:
+    """Every process's config, checked here, so a mistake is one line before anything starts (the servers would
+    refuse it too, but only after a long start, and in a log file)."""
+    from fabric.config.reward import load_reward_configs
+    from fabric.config.rollout import load_rollout_config
+
+    previous = os.environ.get("VLLM_LOGGING_LEVEL")
+    os.environ["VLLM_LOGGING_LEVEL"] = "ERROR"  # vLLM's import chatter would bury the one line that matters
+    try:
+        from fabric.rollout.engine import build_engine_args, check_engine_args
+    finally:
+        if previous is None:
+            os.environ.pop("VLLM_LOGGING_LEVEL")
+        else:
+            os.environ["VLLM_LOGGING_LEVEL"] = previous
+    for name in [n for n in logging.root.manager.loggerDict if n.startswith("vllm")]:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+    if not Path(pc.pretrain, "config.json").is_file():
+        raise ConfigError("actor_train.pretrain", f"not an HF model directory (no config.json): {pc.pretrain}")
+    if not Path(pc.dataset).is_file():
+        raise ConfigError("actor_train.data_args.file_name", f"dataset not found: {pc.dataset}")
+    rollout = load_rollout_config(cfg, "actor_infer")
+    check_engine_args(rollout, build_engine_args(rollout))
+    load_reward_configs(cfg, "rewards")
+    if pc.num_rollout_servers < 1 or pc.num_reward_servers < 1:
+        raise ConfigError("cluster.num_rollout_servers", "fabric run needs at least one rollout and one reward server")
 
 
 def _numbers(row: dict) -> dict:

@@ -179,6 +179,8 @@ class Trainer:
         items, owners = [], []
         for n, sample in enumerate(samples):
             row = self.dataset[sample.prompt_index]
+            if not sample.response.text.strip():
+                continue  # an empty generation (EOS at once) scores 0; reward servers refuse empty responses
             for name, spec in self.pc.rewards.items():
                 if spec["tags"] and row.get("tag") not in spec["tags"]:
                     continue
