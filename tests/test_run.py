@@ -1,0 +1,184 @@
+"""`fabric run` end to end on the embedded default (shortened): the launcher, 2 rollout servers, 1 reward server
+and the megatron-core trainer as separate processes. While it runs, the test steers the trainer over
+fabric.v1.TrainerService (pause, checkpoint, resume), then SIGKILLs one rollout server: the run must carry on and
+end cleanly, leaving no process behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from fabric.v1 import rollout_pb2, rollout_pb2_grpc, trainer_pb2, trainer_pb2_grpc
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = 10
+OVERRIDES = [f"max_steps={STEPS}", "rollout_batch_size=4", "num_return_sequences_in_group=4", "sft_warmup.steps=10",
+             "task.max_operand=9"]  # fmt: skip
+
+
+class Run:
+    def __init__(self, out: Path, *overrides: str):
+        self.out = out
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fabric.cli", "run", f"output_dir={out}", *OVERRIDES, *overrides],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "COLUMNS": "200"},
+        )  # fmt: skip
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self):
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_for(self, pattern: str, timeout: float = 400) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                if match := re.search(pattern, line):
+                    return match
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        raise AssertionError(f"no line matching {pattern!r}:\n" + "\n".join(self.lines[-40:]))
+
+    def steps_done(self) -> int:
+        path = self.out / "metrics.jsonl"
+        return len(path.read_text().splitlines()) if path.exists() else 0
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+def greedy(address: str, prompts: list[str]) -> list[list[int]]:
+    with grpc.insecure_channel(address) as channel:
+        requests = [rollout_pb2.GenerateRequest(request_id=str(i), prompt=p, sampling=rollout_pb2.SamplingParams(
+            max_new_tokens=8, temperature=0, num_return_sequences=1)) for i, p in enumerate(prompts)]  # fmt: skip
+        out = {r.request_id: list(r.token_ids) for r in rollout_pb2_grpc.RolloutServiceStub(channel).Generate(
+            iter(requests), timeout=60)}  # fmt: skip
+    return [out[str(i)] for i in range(len(prompts))]
+
+
+def hf_greedy(model_dir: str, prompts: list[str]) -> list[list[int]]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    result = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        tokens = out[0, ids.shape[1] :].tolist()
+        result.append(tokens)
+    return result
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    run = Run(tmp_path_factory.mktemp("run") / "out")
+    yield run
+    if run.proc.poll() is None:
+        run.proc.send_signal(signal.SIGINT)
+        run.proc.wait(timeout=60)
+
+
+def test_run_is_steered_survives_a_dead_rollout_server_and_cleans_up(run):
+    servers = {m[0]: (m[1], int(m[2])) for m in re.findall(r"^\s+(\S+-\d)\s+(\S+:\d+)\s+pid (\d+)", run.text, re.M)}
+    trainer_address = run.wait_for(r"^trainer: (\S+:\d+)").group(1)
+    servers = {m[0]: (m[1], int(m[2])) for m in re.findall(r"^\s+(\S+-\d)\s+(\S+:\d+)\s+pid (\d+)", run.text, re.M)}
+    assert set(servers) == {"rollout-0", "rollout-1", "reward-0"}, run.text
+
+    with grpc.insecure_channel(trainer_address) as channel:
+        trainer = trainer_pb2_grpc.TrainerServiceStub(channel)
+        deadline = time.monotonic() + 300
+        while run.steps_done() < 2:
+            assert time.monotonic() < deadline and run.proc.poll() is None, run.text[-3000:]
+            time.sleep(0.2)
+        # Pause: the step in flight finishes, then nothing moves; a checkpoint then matches the serving weights.
+        assert trainer.Pause(trainer_pb2.PauseRequest(), timeout=10).state == trainer_pb2.TRAINER_STATE_PAUSED
+        time.sleep(3)
+        paused_at = trainer.GetStatus(trainer_pb2.GetStatusRequest(), timeout=10)
+        time.sleep(2)
+        assert trainer.GetStatus(trainer_pb2.GetStatusRequest(), timeout=10).step == paused_at.step
+        saved = trainer.SaveCheckpoint(trainer_pb2.SaveCheckpointRequest(path=str(run.out / "paused")), timeout=60)
+        assert saved.weight_version == paused_at.weight_version and saved.step == paused_at.step
+        prompts = ["Add 3 and 4.\n", "Add 9 and 9.\n", "Add 0 and 5.\n"]
+        serving = servers["rollout-0"][0]
+        assert greedy(serving, prompts) == hf_greedy(saved.path, prompts)  # the checkpoint is the trained policy
+        base = hf_greedy(str(run.out / "base_model"), prompts)
+        assert hf_greedy(saved.path, prompts) != base
+        # WatchMetrics replays what happened so far
+        replay = trainer.WatchMetrics(trainer_pb2.WatchMetricsRequest(since_step=1), timeout=10)
+        first = next(iter(replay))
+        assert first.metrics.step == 1 and first.metrics.samples == 16
+        replay.cancel()
+        assert trainer.Resume(trainer_pb2.ResumeRequest(), timeout=10).state == trainer_pb2.TRAINER_STATE_RUNNING
+
+        # Kill one rollout server mid-run: the trainer carries on with the other.
+        killed_at = run.steps_done()
+        os.killpg(servers["rollout-1"][1], signal.SIGKILL)
+        run.wait_for(r"rollout-1 .*died with exit code -9")
+        run.wait_for(r"the trainer carries on with 1 rollout server")
+    assert run.proc.wait(timeout=400) == 0, run.text[-3000:]
+    assert killed_at < STEPS
+
+    rows = [json.loads(line) for line in (run.out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert [r["weight_version"] for r in rows] == list(range(2, STEPS + 2))  # version 1 is the initial push
+    assert all(r["samples"] == 16 and r["stale_samples"] == 0 for r in rows)  # every sample, none stale
+    assert all(r["logprob_mismatch"] < 1e-3 for r in rows)  # vLLM and megatron agree on the pushed weights
+    assert rows[-1]["extra"]["rollout_servers_alive"] == 1.0
+    assert (run.out / "metrics.png").stat().st_size > 10_000
+    final = run.out / "checkpoints" / "final"
+    assert (final / "model.safetensors").exists() and (final / "tokenizer.json").exists()
+    assert re.search(r"done in \d+ s: 10 steps; mean reward of the first 5 steps [\d.]+, of the last 5", run.text)
+
+    # nothing left behind
+    for _, pid in servers.values():
+        with pytest.raises(ProcessLookupError):
+            os.killpg(pid, 0)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("max_step=3", "config key 'max_step': unknown key; did you mean 'max_steps'?"),
+        ("actor_infer.strategy_args.strategy_config.block_size=16", "block_size': 16 is not supported"),
+        ("actor_infer.strategy_args.strategy_config.blok_size=32", "did you mean 'block_size'?"),
+        ("rewards.answer_tag.worker_cls=nope", "unknown scorer 'nope'"),
+        ("actor_infer.strategy_args.strategy_name=sglang", "strategy_name"),
+    ],
+)
+def test_config_mistakes_are_one_clear_line(tmp_path, override, message):
+    out = subprocess.run([sys.executable, "-m", "fabric.cli", "run", f"output_dir={tmp_path}", override],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 2
+    last = (out.stdout + out.stderr).strip().splitlines()[-1]
+    assert last.startswith("fabric: config key") and message in last, out.stdout + out.stderr
+    assert "Traceback" not in out.stdout + out.stderr
+
+
+def test_a_missing_model_is_one_clear_line(tmp_path):
+    config = tmp_path / "c.yaml"
+    text = (ROOT / "examples" / "default.yaml").read_text()
+    text = re.sub(r"(?ms)^task:.*?\n\n", "", text).replace("${task.model_dir}", str(tmp_path / "no-model"))
+    text = text.replace('"${task.dataset}"', str(tmp_path / "data.jsonl"))
+    config.write_text(text)
+    out = subprocess.run([sys.executable, "-m", "fabric.cli", "run", "--config", str(config),
+                          f"output_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "config key 'actor_train.pretrain': not an HF model directory" in out.stderr.strip().splitlines()[-1]
