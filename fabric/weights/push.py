@@ -29,7 +29,6 @@ async def _push(args) -> int:
             version=args.version,
             mode=args.mode,
             transport=args.transport,
-            token=getattr(args, "token", None),
         )
     table = Table(title=f"weight version {report.version}: {report.mode} over {report.transport}")
     for column in ("server", "committed", "received MB", "seconds", "commit s", "error"):
