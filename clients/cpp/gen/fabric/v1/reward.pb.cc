@@ -72,7 +72,8 @@ struct RewardServiceGetServerInfoRequestDefaultTypeInternal {
 PROTOBUF_ATTRIBUTE_NO_DESTROY PROTOBUF_CONSTINIT PROTOBUF_ATTRIBUTE_INIT_PRIORITY1 RewardServiceGetServerInfoRequestDefaultTypeInternal _RewardServiceGetServerInfoRequest_default_instance_;
 PROTOBUF_CONSTEXPR ScorerInfo::ScorerInfo(
     ::_pbi::ConstantInitialized): _impl_{
-    /*decltype(_impl_.reward_name_)*/{&::_pbi::fixed_address_empty_string, ::_pbi::ConstantInitialized{}}
+    /*decltype(_impl_.tag_included_)*/{}
+  , /*decltype(_impl_.reward_name_)*/{&::_pbi::fixed_address_empty_string, ::_pbi::ConstantInitialized{}}
   , /*decltype(_impl_.worker_cls_)*/{&::_pbi::fixed_address_empty_string, ::_pbi::ConstantInitialized{}}
   , /*decltype(_impl_.model_)*/{&::_pbi::fixed_address_empty_string, ::_pbi::ConstantInitialized{}}
   , /*decltype(_impl_.device_)*/{&::_pbi::fixed_address_empty_string, ::_pbi::ConstantInitialized{}}
@@ -154,6 +155,7 @@ const uint32_t TableStruct_fabric_2fv1_2freward_2eproto::offsets[] PROTOBUF_SECT
   PROTOBUF_FIELD_OFFSET(::fabric::v1::ScorerInfo, _impl_.device_),
   PROTOBUF_FIELD_OFFSET(::fabric::v1::ScorerInfo, _impl_.items_scored_),
   PROTOBUF_FIELD_OFFSET(::fabric::v1::ScorerInfo, _impl_.batches_scored_),
+  PROTOBUF_FIELD_OFFSET(::fabric::v1::ScorerInfo, _impl_.tag_included_),
   ~0u,  // no _has_bits_
   PROTOBUF_FIELD_OFFSET(::fabric::v1::RewardServiceGetServerInfoResponse, _internal_metadata_),
   ~0u,  // no _extensions_
@@ -169,7 +171,7 @@ static const ::_pbi::MigrationSchema schemas[] PROTOBUF_SECTION_VARIABLE(protode
   { 12, -1, -1, sizeof(::fabric::v1::ScoreResponse)},
   { 24, -1, -1, sizeof(::fabric::v1::RewardServiceGetServerInfoRequest)},
   { 30, -1, -1, sizeof(::fabric::v1::ScorerInfo)},
-  { 43, -1, -1, sizeof(::fabric::v1::RewardServiceGetServerInfoResponse)},
+  { 44, -1, -1, sizeof(::fabric::v1::RewardServiceGetServerInfoResponse)},
 };
 
 static const ::_pb::Message* const file_default_instances[] = {
@@ -194,28 +196,29 @@ const char descriptor_table_protodef_fabric_2fv1_2freward_2eproto[] PROTOBUF_SEC
   "rd_name\030\004 \001(\tR\nrewardName\022&\n\005error\030\005 \001(\013"
   "2\020.fabric.v1.ErrorR\005error\022\022\n\004info\030\006 \001(\tR"
   "\004info\"#\n!RewardServiceGetServerInfoReque"
-  "st\"\356\001\n\nScorerInfo\022\037\n\013reward_name\030\001 \001(\tR\n"
+  "st\"\221\002\n\nScorerInfo\022\037\n\013reward_name\030\001 \001(\tR\n"
   "rewardName\022\035\n\nworker_cls\030\002 \001(\tR\tworkerCl"
   "s\022(\n\020infer_batch_size\030\003 \001(\005R\016inferBatchS"
   "ize\022\024\n\005model\030\004 \001(\tR\005model\022\026\n\006device\030\005 \001("
   "\tR\006device\022!\n\014items_scored\030\006 \001(\003R\013itemsSc"
   "ored\022%\n\016batches_scored\030\007 \001(\003R\rbatchesSco"
-  "red\"\216\001\n\"RewardServiceGetServerInfoRespon"
-  "se\022/\n\007scorers\030\001 \003(\0132\025.fabric.v1.ScorerIn"
-  "foR\007scorers\022\037\n\013queue_depth\030\002 \001(\005R\nqueueD"
-  "epth\022\026\n\006server\030\003 \001(\tR\006server2\275\001\n\rRewardS"
-  "ervice\022>\n\005Score\022\027.fabric.v1.ScoreRequest"
-  "\032\030.fabric.v1.ScoreResponse(\0010\001\022l\n\rGetSer"
-  "verInfo\022,.fabric.v1.RewardServiceGetServ"
-  "erInfoRequest\032-.fabric.v1.RewardServiceG"
-  "etServerInfoResponseb\006proto3"
+  "red\022!\n\014tag_included\030\010 \003(\tR\013tagIncluded\"\216"
+  "\001\n\"RewardServiceGetServerInfoResponse\022/\n"
+  "\007scorers\030\001 \003(\0132\025.fabric.v1.ScorerInfoR\007s"
+  "corers\022\037\n\013queue_depth\030\002 \001(\005R\nqueueDepth\022"
+  "\026\n\006server\030\003 \001(\tR\006server2\275\001\n\rRewardServic"
+  "e\022>\n\005Score\022\027.fabric.v1.ScoreRequest\032\030.fa"
+  "bric.v1.ScoreResponse(\0010\001\022l\n\rGetServerIn"
+  "fo\022,.fabric.v1.RewardServiceGetServerInf"
+  "oRequest\032-.fabric.v1.RewardServiceGetSer"
+  "verInfoResponseb\006proto3"
   ;
 static const ::_pbi::DescriptorTable* const descriptor_table_fabric_2fv1_2freward_2eproto_deps[1] = {
   &::descriptor_table_fabric_2fv1_2fcommon_2eproto,
 };
 static ::_pbi::once_flag descriptor_table_fabric_2fv1_2freward_2eproto_once;
 const ::_pbi::DescriptorTable descriptor_table_fabric_2fv1_2freward_2eproto = {
-    false, false, 1108, descriptor_table_protodef_fabric_2fv1_2freward_2eproto,
+    false, false, 1143, descriptor_table_protodef_fabric_2fv1_2freward_2eproto,
     "fabric/v1/reward.proto",
     &descriptor_table_fabric_2fv1_2freward_2eproto_once, descriptor_table_fabric_2fv1_2freward_2eproto_deps, 1, 5,
     schemas, file_default_instances, TableStruct_fabric_2fv1_2freward_2eproto::offsets,
@@ -1159,7 +1162,8 @@ ScorerInfo::ScorerInfo(const ScorerInfo& from)
   : ::PROTOBUF_NAMESPACE_ID::Message() {
   ScorerInfo* const _this = this; (void)_this;
   new (&_impl_) Impl_{
-      decltype(_impl_.reward_name_){}
+      decltype(_impl_.tag_included_){from._impl_.tag_included_}
+    , decltype(_impl_.reward_name_){}
     , decltype(_impl_.worker_cls_){}
     , decltype(_impl_.model_){}
     , decltype(_impl_.device_){}
@@ -1212,7 +1216,8 @@ inline void ScorerInfo::SharedCtor(
   (void)arena;
   (void)is_message_owned;
   new (&_impl_) Impl_{
-      decltype(_impl_.reward_name_){}
+      decltype(_impl_.tag_included_){arena}
+    , decltype(_impl_.reward_name_){}
     , decltype(_impl_.worker_cls_){}
     , decltype(_impl_.model_){}
     , decltype(_impl_.device_){}
@@ -1250,6 +1255,7 @@ ScorerInfo::~ScorerInfo() {
 
 inline void ScorerInfo::SharedDtor() {
   GOOGLE_DCHECK(GetArenaForAllocation() == nullptr);
+  _impl_.tag_included_.~RepeatedPtrField();
   _impl_.reward_name_.Destroy();
   _impl_.worker_cls_.Destroy();
   _impl_.model_.Destroy();
@@ -1266,6 +1272,7 @@ void ScorerInfo::Clear() {
   // Prevent compiler warnings about cached_has_bits being unused
   (void) cached_has_bits;
 
+  _impl_.tag_included_.Clear();
   _impl_.reward_name_.ClearToEmpty();
   _impl_.worker_cls_.ClearToEmpty();
   _impl_.model_.ClearToEmpty();
@@ -1343,6 +1350,21 @@ const char* ScorerInfo::_InternalParse(const char* ptr, ::_pbi::ParseContext* ct
         if (PROTOBUF_PREDICT_TRUE(static_cast<uint8_t>(tag) == 56)) {
           _impl_.batches_scored_ = ::PROTOBUF_NAMESPACE_ID::internal::ReadVarint64(&ptr);
           CHK_(ptr);
+        } else
+          goto handle_unusual;
+        continue;
+      // repeated string tag_included = 8 [json_name = "tagIncluded"];
+      case 8:
+        if (PROTOBUF_PREDICT_TRUE(static_cast<uint8_t>(tag) == 66)) {
+          ptr -= 1;
+          do {
+            ptr += 1;
+            auto str = _internal_add_tag_included();
+            ptr = ::_pbi::InlineGreedyStringParser(str, ptr, ctx);
+            CHK_(ptr);
+            CHK_(::_pbi::VerifyUTF8(str, "fabric.v1.ScorerInfo.tag_included"));
+            if (!ctx->DataAvailable(ptr)) break;
+          } while (::PROTOBUF_NAMESPACE_ID::internal::ExpectTag<66>(ptr));
         } else
           goto handle_unusual;
         continue;
@@ -1433,6 +1455,16 @@ uint8_t* ScorerInfo::_InternalSerialize(
     target = ::_pbi::WireFormatLite::WriteInt64ToArray(7, this->_internal_batches_scored(), target);
   }
 
+  // repeated string tag_included = 8 [json_name = "tagIncluded"];
+  for (int i = 0, n = this->_internal_tag_included_size(); i < n; i++) {
+    const auto& s = this->_internal_tag_included(i);
+    ::PROTOBUF_NAMESPACE_ID::internal::WireFormatLite::VerifyUtf8String(
+      s.data(), static_cast<int>(s.length()),
+      ::PROTOBUF_NAMESPACE_ID::internal::WireFormatLite::SERIALIZE,
+      "fabric.v1.ScorerInfo.tag_included");
+    target = stream->WriteString(8, s, target);
+  }
+
   if (PROTOBUF_PREDICT_FALSE(_internal_metadata_.have_unknown_fields())) {
     target = ::_pbi::WireFormat::InternalSerializeUnknownFieldsToArray(
         _internal_metadata_.unknown_fields<::PROTOBUF_NAMESPACE_ID::UnknownFieldSet>(::PROTOBUF_NAMESPACE_ID::UnknownFieldSet::default_instance), target, stream);
@@ -1448,6 +1480,14 @@ size_t ScorerInfo::ByteSizeLong() const {
   uint32_t cached_has_bits = 0;
   // Prevent compiler warnings about cached_has_bits being unused
   (void) cached_has_bits;
+
+  // repeated string tag_included = 8 [json_name = "tagIncluded"];
+  total_size += 1 *
+      ::PROTOBUF_NAMESPACE_ID::internal::FromIntSize(_impl_.tag_included_.size());
+  for (int i = 0, n = _impl_.tag_included_.size(); i < n; i++) {
+    total_size += ::PROTOBUF_NAMESPACE_ID::internal::WireFormatLite::StringSize(
+      _impl_.tag_included_.Get(i));
+  }
 
   // string reward_name = 1 [json_name = "rewardName"];
   if (!this->_internal_reward_name().empty()) {
@@ -1510,6 +1550,7 @@ void ScorerInfo::MergeImpl(::PROTOBUF_NAMESPACE_ID::Message& to_msg, const ::PRO
   uint32_t cached_has_bits = 0;
   (void) cached_has_bits;
 
+  _this->_impl_.tag_included_.MergeFrom(from._impl_.tag_included_);
   if (!from._internal_reward_name().empty()) {
     _this->_internal_set_reward_name(from._internal_reward_name());
   }
@@ -1550,6 +1591,7 @@ void ScorerInfo::InternalSwap(ScorerInfo* other) {
   auto* lhs_arena = GetArenaForAllocation();
   auto* rhs_arena = other->GetArenaForAllocation();
   _internal_metadata_.InternalSwap(&other->_internal_metadata_);
+  _impl_.tag_included_.InternalSwap(&other->_impl_.tag_included_);
   ::PROTOBUF_NAMESPACE_ID::internal::ArenaStringPtr::InternalSwap(
       &_impl_.reward_name_, lhs_arena,
       &other->_impl_.reward_name_, rhs_arena

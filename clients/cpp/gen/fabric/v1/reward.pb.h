@@ -798,6 +798,7 @@ class ScorerInfo final :
   // accessors -------------------------------------------------------
 
   enum : int {
+    kTagIncludedFieldNumber = 8,
     kRewardNameFieldNumber = 1,
     kWorkerClsFieldNumber = 2,
     kModelFieldNumber = 4,
@@ -806,6 +807,30 @@ class ScorerInfo final :
     kBatchesScoredFieldNumber = 7,
     kInferBatchSizeFieldNumber = 3,
   };
+  // repeated string tag_included = 8 [json_name = "tagIncluded"];
+  int tag_included_size() const;
+  private:
+  int _internal_tag_included_size() const;
+  public:
+  void clear_tag_included();
+  const std::string& tag_included(int index) const;
+  std::string* mutable_tag_included(int index);
+  void set_tag_included(int index, const std::string& value);
+  void set_tag_included(int index, std::string&& value);
+  void set_tag_included(int index, const char* value);
+  void set_tag_included(int index, const char* value, size_t size);
+  std::string* add_tag_included();
+  void add_tag_included(const std::string& value);
+  void add_tag_included(std::string&& value);
+  void add_tag_included(const char* value);
+  void add_tag_included(const char* value, size_t size);
+  const ::PROTOBUF_NAMESPACE_ID::RepeatedPtrField<std::string>& tag_included() const;
+  ::PROTOBUF_NAMESPACE_ID::RepeatedPtrField<std::string>* mutable_tag_included();
+  private:
+  const std::string& _internal_tag_included(int index) const;
+  std::string* _internal_add_tag_included();
+  public:
+
   // string reward_name = 1 [json_name = "rewardName"];
   void clear_reward_name();
   const std::string& reward_name() const;
@@ -897,6 +922,7 @@ class ScorerInfo final :
   typedef void InternalArenaConstructable_;
   typedef void DestructorSkippable_;
   struct Impl_ {
+    ::PROTOBUF_NAMESPACE_ID::RepeatedPtrField<std::string> tag_included_;
     ::PROTOBUF_NAMESPACE_ID::internal::ArenaStringPtr reward_name_;
     ::PROTOBUF_NAMESPACE_ID::internal::ArenaStringPtr worker_cls_;
     ::PROTOBUF_NAMESPACE_ID::internal::ArenaStringPtr model_;
@@ -1973,6 +1999,81 @@ inline void ScorerInfo::_internal_set_batches_scored(int64_t value) {
 inline void ScorerInfo::set_batches_scored(int64_t value) {
   _internal_set_batches_scored(value);
   // @@protoc_insertion_point(field_set:fabric.v1.ScorerInfo.batches_scored)
+}
+
+// repeated string tag_included = 8 [json_name = "tagIncluded"];
+inline int ScorerInfo::_internal_tag_included_size() const {
+  return _impl_.tag_included_.size();
+}
+inline int ScorerInfo::tag_included_size() const {
+  return _internal_tag_included_size();
+}
+inline void ScorerInfo::clear_tag_included() {
+  _impl_.tag_included_.Clear();
+}
+inline std::string* ScorerInfo::add_tag_included() {
+  std::string* _s = _internal_add_tag_included();
+  // @@protoc_insertion_point(field_add_mutable:fabric.v1.ScorerInfo.tag_included)
+  return _s;
+}
+inline const std::string& ScorerInfo::_internal_tag_included(int index) const {
+  return _impl_.tag_included_.Get(index);
+}
+inline const std::string& ScorerInfo::tag_included(int index) const {
+  // @@protoc_insertion_point(field_get:fabric.v1.ScorerInfo.tag_included)
+  return _internal_tag_included(index);
+}
+inline std::string* ScorerInfo::mutable_tag_included(int index) {
+  // @@protoc_insertion_point(field_mutable:fabric.v1.ScorerInfo.tag_included)
+  return _impl_.tag_included_.Mutable(index);
+}
+inline void ScorerInfo::set_tag_included(int index, const std::string& value) {
+  _impl_.tag_included_.Mutable(index)->assign(value);
+  // @@protoc_insertion_point(field_set:fabric.v1.ScorerInfo.tag_included)
+}
+inline void ScorerInfo::set_tag_included(int index, std::string&& value) {
+  _impl_.tag_included_.Mutable(index)->assign(std::move(value));
+  // @@protoc_insertion_point(field_set:fabric.v1.ScorerInfo.tag_included)
+}
+inline void ScorerInfo::set_tag_included(int index, const char* value) {
+  GOOGLE_DCHECK(value != nullptr);
+  _impl_.tag_included_.Mutable(index)->assign(value);
+  // @@protoc_insertion_point(field_set_char:fabric.v1.ScorerInfo.tag_included)
+}
+inline void ScorerInfo::set_tag_included(int index, const char* value, size_t size) {
+  _impl_.tag_included_.Mutable(index)->assign(
+    reinterpret_cast<const char*>(value), size);
+  // @@protoc_insertion_point(field_set_pointer:fabric.v1.ScorerInfo.tag_included)
+}
+inline std::string* ScorerInfo::_internal_add_tag_included() {
+  return _impl_.tag_included_.Add();
+}
+inline void ScorerInfo::add_tag_included(const std::string& value) {
+  _impl_.tag_included_.Add()->assign(value);
+  // @@protoc_insertion_point(field_add:fabric.v1.ScorerInfo.tag_included)
+}
+inline void ScorerInfo::add_tag_included(std::string&& value) {
+  _impl_.tag_included_.Add(std::move(value));
+  // @@protoc_insertion_point(field_add:fabric.v1.ScorerInfo.tag_included)
+}
+inline void ScorerInfo::add_tag_included(const char* value) {
+  GOOGLE_DCHECK(value != nullptr);
+  _impl_.tag_included_.Add()->assign(value);
+  // @@protoc_insertion_point(field_add_char:fabric.v1.ScorerInfo.tag_included)
+}
+inline void ScorerInfo::add_tag_included(const char* value, size_t size) {
+  _impl_.tag_included_.Add()->assign(reinterpret_cast<const char*>(value), size);
+  // @@protoc_insertion_point(field_add_pointer:fabric.v1.ScorerInfo.tag_included)
+}
+inline const ::PROTOBUF_NAMESPACE_ID::RepeatedPtrField<std::string>&
+ScorerInfo::tag_included() const {
+  // @@protoc_insertion_point(field_list:fabric.v1.ScorerInfo.tag_included)
+  return _impl_.tag_included_;
+}
+inline ::PROTOBUF_NAMESPACE_ID::RepeatedPtrField<std::string>*
+ScorerInfo::mutable_tag_included() {
+  // @@protoc_insertion_point(field_mutable_list:fabric.v1.ScorerInfo.tag_included)
+  return &_impl_.tag_included_;
 }
 
 // -------------------------------------------------------------------
