@@ -73,20 +73,23 @@ def test_sender_killed_mid_push_leaves_old_version_everywhere_and_resume_heals(
                str(version), "--transport", "grpc", "--chunk-mib", str(CHUNK_BYTES / 2**20),
                "--target", slow.address, "--target", chain[1], "--target", chain[2]]  # fmt: skip
         sender = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            staged = wait_for(
-                lambda: (
-                    (s := weights_status(chain[0])).staged_version == version
-                    and len(s.staged_chunk_indices) >= total_chunks // 3
-                    and s
-                ),
-                timeout=120,
-                what="a third of the chunks to reach the first server",
+
+        def a_third_staged():
+            assert sender.poll() is None, "push-weights exited before a third of the chunks arrived"
+            status = weights_status(chain[0])
+            return (
+                status
+                if status.staged_version == version and 3 * len(status.staged_chunk_indices) >= total_chunks
+                else None
             )
+
+        try:
+            staged = wait_for(a_third_staged, timeout=120, what="a third of the chunks to reach the first server")
             os.killpg(sender.pid, signal.SIGKILL)
         finally:
             sender.kill()
             output = sender.communicate(timeout=30)[0].decode()
+            print(f"\npush-weights output:\n{output[-2000:]}")  # shown when the test fails
         assert sender.returncode == -signal.SIGKILL, output
         assert len(staged.staged_chunk_indices) < total_chunks, "the push finished before the kill"
     # The broken stream propagates down the chain; every server keeps serving the old version, whole.
