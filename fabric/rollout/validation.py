@@ -50,8 +50,8 @@ def resolve_sampling(values: dict[str, Any], field_prefix: str = "sampling") -> 
         return value
 
     temperature = number("temperature", 1.0)
-    if temperature < 0:
-        raise invalid(field("temperature"), f"must be >= 0 (0 is greedy), got {temperature:g}")
+    if not 0 <= temperature <= 2:  # vLLM's range: past it the engine refuses the request
+        raise invalid(field("temperature"), f"must be in [0, 2] (0 is greedy), got {temperature:g}")
     top_p = number("top_p", 1.0)
     if not 0 < top_p <= 1:
         raise invalid(field("top_p"), f"must be in (0, 1], got {top_p:g}")
