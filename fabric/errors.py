@@ -11,17 +11,26 @@ from grpc_status import rpc_status
 from fabric.v1 import common_pb2
 
 DOMAIN = "fabric.v1"
+# Errors echo parts of the request (a tensor name, a tag); a status travels in HTTP/2 trailers, which clients cap
+# (16 KiB by default), so an unbounded echo would turn INVALID_ARGUMENT into RESOURCE_EXHAUSTED.
+MAX_MESSAGE_CHARS = 1024
+MAX_FIELD_CHARS = 256
+
+
+def _cap(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
 
 
 class FabricError(Exception):
     """An error with the status code and field it should be reported under."""
 
     def __init__(self, code: grpc.StatusCode, message: str, reason: str = "", field: str = ""):
+        message = _cap(message, MAX_MESSAGE_CHARS)
         super().__init__(message)
         self.code = code
         self.message = message
-        self.reason = reason or code.name
-        self.field = field
+        self.reason = _cap(reason or code.name, MAX_FIELD_CHARS)
+        self.field = _cap(field, MAX_FIELD_CHARS)
 
     def to_proto(self) -> common_pb2.Error:
         return common_pb2.Error(code=self.code.value[0], message=self.message, reason=self.reason, field=self.field)

@@ -4,6 +4,7 @@ graceful drain on SIGTERM / SIGINT."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
@@ -56,7 +57,7 @@ class FabricServer:
             interceptors = sec.server_interceptors()
         credentials = credentials or sec.server_credentials()
         self.service_names = list(service_names)
-        self.server = grpc.aio.server(interceptors=list(interceptors), options=SERVER_OPTIONS)
+        self.server = grpc.aio.server(interceptors=[*interceptors, DecodeGuard()], options=SERVER_OPTIONS)
         register(self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -114,3 +115,84 @@ def print_ready(kind: str) -> Callable[[str], None]:
         print(f"fabric {kind} server listening on {address}", flush=True)
 
     return ready
+
+
+class _Unparseable:
+    """What the guarded deserializer hands on instead of raising: the bytes were no message of the RPC's type."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _message(handler, item) -> str:
+    return f"request bytes do not parse as this RPC's message ({type(item.error).__name__}): send a valid message"
+
+
+class DecodeGuard(grpc.aio.ServerInterceptor):
+    """Bytes that do not parse as the RPC's request type get INVALID_ARGUMENT (gRPC itself would answer UNKNOWN on a
+    unary call, or let a stream end silently)."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        decode = handler.request_deserializer
+
+        def safe_decode(data: bytes):
+            try:
+                return decode(data)
+            except Exception as exc:  # protobuf's DecodeError and friends
+                return _Unparseable(exc)
+
+        kwargs = dict(request_deserializer=safe_decode, response_serializer=handler.response_serializer)
+        if handler.request_streaming:
+            inner = handler.stream_stream or handler.stream_unary
+
+            async def guarded(request_iterator, context):
+                async for item in request_iterator:
+                    if isinstance(item, _Unparseable):
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _message(handler, item))
+                    yield item
+
+            if handler.response_streaming:
+
+                async def stream_stream(request_iterator, context):
+                    async for response in _responses(inner(guarded(request_iterator, context), context)):
+                        yield response
+
+                return grpc.stream_stream_rpc_method_handler(stream_stream, **kwargs)
+
+            async def stream_unary(request_iterator, context):
+                return await inner(guarded(request_iterator, context), context)
+
+            return grpc.stream_unary_rpc_method_handler(stream_unary, **kwargs)
+
+        inner = handler.unary_stream or handler.unary_unary
+
+        async def check(request, context):
+            if isinstance(request, _Unparseable):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _message(handler, request))
+
+        if handler.response_streaming:
+
+            async def unary_stream(request, context):
+                await check(request, context)
+                async for response in _responses(inner(request, context)):
+                    yield response
+
+            return grpc.unary_stream_rpc_method_handler(unary_stream, **kwargs)
+
+        async def unary_unary(request, context):
+            await check(request, context)
+            return await inner(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(unary_unary, **kwargs)
+
+
+async def _responses(result):
+    """A streaming handler is an async generator, or a coroutine that writes with context.write: serve both."""
+    if inspect.isasyncgen(result):
+        async for response in result:
+            yield response
+    else:
+        await result
