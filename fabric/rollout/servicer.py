@@ -81,6 +81,12 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
     async def Generate(self, request_iterator, context):
         refusal = self._asleep() or (self.draining and unavailable("the rollout server is shutting down", "DRAINING"))
         if refusal:
+            # Take the first request before refusing: a status sent while the client is still writing its first
+            # message can reach it as INTERNAL ("Internal error from Core") instead of this code.
+            try:
+                await asyncio.wait_for(request_iterator.__anext__(), timeout=1.0)
+            except Exception:  # end of stream, no request within the second, a broken stream: refuse all the same
+                pass
             await abort(context, refusal)
         stream = _Stream(next(self._stream_ids))
         self.streams.add(stream)
