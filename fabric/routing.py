@@ -4,14 +4,17 @@
 least-loaded one (fewest unfinished requests from this pool), or to the server its `session_key` hashes to, so a
 multi-turn session keeps its prefix cache. When a server's stream breaks (killed, connection cut, keepalive timeout)
 its unfinished requests are resubmitted to the others, asking only for the samples that had not arrived;
-(request_id, sample_index) pairs already delivered are never delivered twice. A dead server is out of the pool until
-`admit()` brings it back (after the caller has brought it to the current weight version).
+(request_id, sample_index) pairs already delivered are never delivered twice. A server that aborts samples on its
+own (it drains on SIGTERM or is put to sleep) or refuses a request as UNAVAILABLE is treated the same way; a
+resubmission carries a request_id of its own on the wire and is answered under the caller's. A dead server is out
+of the pool until `admit()` brings it back (after the caller has brought it to the current weight version).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +36,10 @@ class _Pending:
     request: rollout_pb2.GenerateRequest
     missing: list[int]  # sample indices of the caller's request not delivered yet
     index_map: list[int] = field(default_factory=list)  # a resubmission's sample_index -> the caller's index
+    caller_id: str = ""  # the caller's request_id; a resubmission travels under an id of its own
+
+    def __post_init__(self):
+        self.caller_id = self.caller_id or self.request.request_id
 
 
 class _Server:
@@ -103,6 +110,7 @@ class RolloutPool:
                 raise ValueError(f"request {request.request_id!r}: set sampling.num_return_sequences for the pool")
             expected += n
         readers: dict[str, asyncio.Task] = {}
+        retries = itertools.count(1)
 
         def submit(pending: _Pending) -> None:
             server = self._pick(pending.request)
@@ -120,17 +128,19 @@ class RolloutPool:
             call = server.stub.Generate(feed(server), timeout=self.stream_timeout)
             try:
                 async for response in call:
-                    pending = server.pending.get(response.request_id)
+                    wire_id = response.request_id
+                    pending = server.pending.get(wire_id)
                     if pending is None:
                         continue
+                    response.request_id = pending.caller_id
                     if response.error.code == grpc.StatusCode.UNAVAILABLE.value[0]:
                         # Refused because the server is going away (draining): another server takes the request.
-                        server.pending.pop(response.request_id, None)
+                        server.pending.pop(wire_id, None)
                         self.mark_dead(server.address, response.error.message)
                         out.put_nowait(("failover", server.address, [pending]))
                         continue
                     if response.HasField("error"):
-                        server.pending.pop(response.request_id, None)
+                        server.pending.pop(wire_id, None)
                         out.put_nowait(("error", response, pending))
                         continue
                     original = pending.index_map[response.sample_index] if pending.index_map else response.sample_index
@@ -141,14 +151,15 @@ class RolloutPool:
                         self.mark_dead(server.address, "it aborted in-flight samples (shutting down or asleep)")
                         if original in pending.missing:
                             pending.missing.remove(original)
-                            out.put_nowait(("failover", server.address, [_Pending(pending.request, [original])]))
+                            one = _Pending(pending.request, [original], caller_id=pending.caller_id)
+                            out.put_nowait(("failover", server.address, [one]))
                         if not pending.missing:
-                            server.pending.pop(response.request_id, None)
+                            server.pending.pop(wire_id, None)
                         continue
                     if original in pending.missing:
                         pending.missing.remove(original)
                     if not pending.missing:
-                        server.pending.pop(response.request_id, None)
+                        server.pending.pop(wire_id, None)
                     out.put_nowait(("sample", response, None))
                 if server.pending:
                     raise ConnectionError("the stream ended with requests unanswered")
@@ -173,11 +184,12 @@ class RolloutPool:
                         retry = rollout_pb2.GenerateRequest()
                         retry.CopyFrom(orphan.request)
                         retry.sampling.num_return_sequences = len(orphan.missing)
+                        # Its own id: the target may still hold a live part of the same request (unique per stream).
+                        retry.request_id = f"{orphan.caller_id}#retry{next(retries)}"
                         self.events.append(
-                            f"resubmitted {orphan.request.request_id} ({len(orphan.missing)} samples) "
-                            f"after losing {payload}"
+                            f"resubmitted {orphan.caller_id} ({len(orphan.missing)} samples) after losing {payload}"
                         )
-                        submit(_Pending(retry, list(orphan.missing), index_map=list(orphan.missing)))
+                        submit(_Pending(retry, list(orphan.missing), list(orphan.missing), orphan.caller_id))
                     continue
                 if kind == "error":
                     pending = extra
