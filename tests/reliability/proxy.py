@@ -28,6 +28,7 @@ class TcpProxy:
         self._refuse_after_cut = True
         self._flowing: asyncio.Event | None = None
         self._conns: set[asyncio.StreamWriter] = set()
+        self._pumps: set[asyncio.Task] = set()
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tcp-proxy", daemon=True)
@@ -90,6 +91,11 @@ class TcpProxy:
         async with server:
             await self._stop.wait()
             self._cut_all()
+        for task in list(self._pumps):  # the connection handlers then return on their own
+            task.cancel()
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        if others:
+            await asyncio.wait(others, timeout=5)
 
     def _shutdown(self) -> None:
         self._stop.set()
@@ -113,9 +119,11 @@ class TcpProxy:
         self._conns.update((client_writer, target_writer))
         up = asyncio.create_task(self._pump(client_reader, target_writer, upstream=True))
         down = asyncio.create_task(self._pump(target_reader, client_writer, upstream=False))
+        self._pumps.update((up, down))
         await asyncio.wait([up, down], return_when=asyncio.FIRST_COMPLETED)
         for task in (up, down):
             task.cancel()
+            self._pumps.discard(task)
         for writer in (client_writer, target_writer):
             self._conns.discard(writer)
             writer.transport.abort()
