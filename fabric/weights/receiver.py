@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import queue
 import socket
 import threading
 import time
@@ -404,6 +405,8 @@ class WeightReceiver:
             self._mark(staged, chunk.chunk_index, spec.length)
             if relay is not None:
                 relay.forward(frame, view)
+        if relay is not None:
+            relay.finish_sending()
         return self._call(lambda: self.finish(staged, started, wait_for_others))
 
     async def _begin_async(self, header):
@@ -483,13 +486,16 @@ class _GrpcRelay:
 
 
 class _TcpRelay:
-    """Forwards the frames of one TCP update to the next server's data plane, from the same memory."""
+    """Forwards the frames of one TCP update to the next server's data plane, from the same memory, in a thread of
+    its own: this server keeps receiving while the previous chunk goes out, so a chain runs at link speed."""
 
     def __init__(self, header: rollout_pb2.UpdateWeightsHeader, token: str):
         self.header = header
         self.target = header.relay_targets[0]
         self.error: str | None = None
         self.sock: socket.socket | None = None
+        self.queue: queue.Queue = queue.Queue(maxsize=RELAY_QUEUE_CHUNKS)
+        self.sender: threading.Thread | None = None
         try:
             port = _tcp_port_of(self.target)
             host = self.target.rsplit(":", 1)[0].strip("[]")
@@ -500,25 +506,52 @@ class _TcpRelay:
             tcp.send_frame(self.sock, rollout_pb2.UpdateWeightsRequest(header=_next_header(header)).SerializeToString())
         except (OSError, grpc.RpcError, ConnectionError) as exc:
             self.error = f"relay link to {self.target} failed: {exc}"
+            return
+        self.sender = threading.Thread(target=self._send_loop, name="weights-relay", daemon=True)
+        self.sender.start()
+
+    def _send_loop(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error or self.sock is None:
+                continue  # keep draining so the receiving side never blocks on a dead link
+            frame, view = item
+            try:
+                tcp.send_frame(self.sock, frame)
+                self.sock.sendall(view)
+            except OSError as exc:
+                self.error = f"relay link to {self.target} cut mid-stream: {exc}"
 
     def forward(self, frame: bytes, view: memoryview) -> None:
-        if self.sock is None or self.error:
+        if self.sender is not None and not self.error:
+            self.queue.put((frame, view))
+
+    def finish_sending(self) -> None:
+        """Waits until every chunk went out, then ends the downstream stream (before this server's own commit, so
+        the servers of a chain commit together and the staging memory is still there while it is sent)."""
+        if self.sender is None:
             return
-        try:
-            tcp.send_frame(self.sock, frame)
-            self.sock.sendall(view)
-        except OSError as exc:
-            self.error = f"relay link to {self.target} cut mid-stream: {exc}"
+        self.queue.put(None)
+        self.sender.join()
+        self.sender = None
+        if self.sock is not None and not self.error:
+            try:
+                tcp.send_frame(self.sock, b"")
+            except OSError as exc:
+                self.error = f"relay link to {self.target} failed: {exc}"
 
     def abort(self) -> None:
+        if self.sender is not None:
+            self.error = self.error or "aborted"
+            self.queue.put(None)
         if self.sock is not None:
             self.sock.close()
             self.sock = None
 
     def close(self) -> list[rollout_pb2.WeightUpdateResult]:
+        """The downstream servers' results (or their failure, resumable) once they have committed."""
+        self.finish_sending()
         if self.sock is not None and not self.error:
             try:
-                tcp.send_frame(self.sock, b"")
                 self.sock.settimeout(600)
                 response = rollout_pb2.UpdateWeightsResponse.FromString(tcp.recv_frame(self.sock))
                 self.abort()
