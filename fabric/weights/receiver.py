@@ -307,6 +307,8 @@ class WeightReceiver:
             if relay is not None:
                 relay.cancel()
             raise
+        if relay is not None:
+            await relay.end()  # the next server finishes while this one commits: a chain commits together
         result = await self.finish(staged, started, wait_for_others=bool(header.chunk_indices))
         results = [result]
         if relay is not None:
@@ -453,6 +455,7 @@ class _GrpcRelay:
         self.channel = security.channel(self.target)
         stub = rollout_pb2_grpc.RolloutServiceStub(self.channel)
         self.error: str | None = None
+        self.ended = False
         self.call = stub.UpdateWeights(self._requests(), timeout=timeout)
         self.task = asyncio.ensure_future(self._run())
 
@@ -475,9 +478,13 @@ class _GrpcRelay:
     def cancel(self) -> None:
         self.call.cancel()
 
-    async def close(self) -> list[rollout_pb2.WeightUpdateResult]:
-        if not self.task.done():
+    async def end(self) -> None:
+        if not self.task.done() and not self.ended:
+            self.ended = True
             await self.queue.put(None)
+
+    async def close(self) -> list[rollout_pb2.WeightUpdateResult]:
+        await self.end()
         response = await self.task
         await self.channel.close()
         if response is None:
