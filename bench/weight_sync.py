@@ -197,12 +197,19 @@ def fanout() -> list[dict]:
                             egress_mb=sent / 1e6,
                             egress_x=sent / size,
                             seconds=seconds,
+                            # until every server of the chain had every byte (its time minus its own commit)
+                            receive_s=max(r["seconds"] - r["commit_seconds"] for r in per_server(out.stdout)),
+                            commit_s=max(r["commit_seconds"] for r in per_server(out.stdout)),
                         )
                     )
         finally:
             for server in servers:
                 server.stop(grace=5)
     return results
+
+
+def per_server(stdout: str) -> list[dict]:
+    return json.loads(re.search(r"^results=(.*)$", stdout, re.M).group(1))
 
 
 def main() -> None:
@@ -218,19 +225,19 @@ def main() -> None:
 
     fan = fanout()
     if fan:
-        base = next(r["seconds"] for r in fan if r["servers"] == 1)
-        table = Table(title="fan-out: servers in namespaces behind 1 Gbit/s links, sender in its own")
-        for column in ("servers", "mode", "sender egress MB", "egress / model", "seconds", "vs 1 server"):
+        one = next(r for r in fan if r["servers"] == 1)
+        table = Table(
+            title="fan-out: servers in namespaces behind 1 Gbit/s links, sender in its own "
+            "(receive: until the last server had every byte; commit: into vLLM, CPU-bound on 2 cores)"
+        )
+        columns = ("servers", "mode", "sender egress MB", "egress / model", "seconds", "vs 1", "receive s",
+                   "receive vs 1", "commit s")  # fmt: skip
+        for column in columns:
             table.add_column(column, justify="right")
         for r in fan:
-            table.add_row(
-                str(r["servers"]),
-                r["mode"],
-                f"{r['egress_mb']:.0f}",
-                f"{r['egress_x']:.2f}x",
-                f"{r['seconds']:.2f}",
-                f"{r['seconds'] / base:.2f}x",
-            )
+            table.add_row(str(r["servers"]), r["mode"], f"{r['egress_mb']:.0f}", f"{r['egress_x']:.2f}x",
+                          f"{r['seconds']:.2f}", f"{r['seconds'] / one['seconds']:.2f}x", f"{r['receive_s']:.2f}",
+                          f"{r['receive_s'] / one['receive_s']:.2f}x", f"{r['commit_s']:.2f}")  # fmt: skip
         console.print(table)
     figures = {"throughput_gbps": dict(rows), "fanout": fan}
     out = CACHE / "weight_sync.json"

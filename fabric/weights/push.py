@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 
 from rich.console import Console
@@ -47,6 +48,10 @@ async def _push(args) -> int:
         f"bytes={source.total_bytes} sent={report.bytes_sent} seconds={report.seconds:.3f} "
         f"GB/s={report.gbps:.3f} version={report.version} ok={report.ok}"
     )
+    per_server = [
+        {"server": r.server, "seconds": r.seconds, "commit_seconds": r.commit_seconds} for r in report.results
+    ]
+    print(f"results={json.dumps(per_server)}")  # for scripts: per server, receive + commit and commit alone
     return 0 if report.ok else 1
 
 
