@@ -25,6 +25,8 @@ SERVER_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
+    # grpc-core times an unanswered ping out after this (60 s by default), not after keepalive_timeout_ms
+    ("grpc.http2.ping_timeout_ms", 5_000),
     ("grpc.so_reuseport", 0),
 ]
 CHANNEL_OPTIONS = [
@@ -34,6 +36,7 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.http2.ping_timeout_ms", 5_000),  # a silent peer is noticed in ~15 s, not ~70 s
 ]
 
 
