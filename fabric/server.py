@@ -150,23 +150,35 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
         kwargs = dict(request_deserializer=safe_decode, response_serializer=handler.response_serializer)
         if handler.request_streaming:
             inner = handler.stream_stream or handler.stream_unary
+            # Servicers may read their requests in a task of their own, where an abort would not end the call:
+            # the guard ends the request stream instead, and the call is refused once the handler has returned
+            # (what arrived before the bad bytes is answered, nothing is lost).
+            bad: list[_Unparseable] = []
 
-            async def guarded(request_iterator, context):
+            async def guarded(request_iterator):
                 async for item in request_iterator:
                     if isinstance(item, _Unparseable):
-                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _message(handler, item))
+                        bad.append(item)
+                        return
                     yield item
+
+            async def refuse_if_bad(context):
+                if bad:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _message(handler, bad[0]))
 
             if handler.response_streaming:
 
                 async def stream_stream(request_iterator, context):
-                    async for response in _responses(inner(guarded(request_iterator, context), context)):
+                    async for response in _responses(inner(guarded(request_iterator), context)):
                         yield response
+                    await refuse_if_bad(context)
 
                 return grpc.stream_stream_rpc_method_handler(stream_stream, **kwargs)
 
             async def stream_unary(request_iterator, context):
-                return await inner(guarded(request_iterator, context), context)
+                response = await inner(guarded(request_iterator), context)
+                await refuse_if_bad(context)
+                return response
 
             return grpc.stream_unary_rpc_method_handler(stream_unary, **kwargs)
 

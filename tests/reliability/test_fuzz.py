@@ -340,12 +340,6 @@ def test_garbage_bytes(rollout, reward, service, method, payloads):
             UNPARSED.append(f"{method} {payloads!r}: {err.code().name}: {err.details()}")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fabric.server.DecodeGuard aborts a stream from inside the request iterator, which Score and Generate read "
-    "in a task of their own: when the only earlier item was refused, both calls hang to their deadline "
-    "(DEADLINE_EXCEEDED); end the iterator there and abort once the handler returns (reliability report)",
-)
 def test_unparseable_bytes_are_invalid_argument(rollout, reward):
     """A good message, then bytes that are no message: the call ends INVALID_ARGUMENT (never OK, never a hang)."""
     rollout[2].WakeUp(rollout_pb2.WakeUpRequest(), timeout=10)  # raw Sleep bytes may have put it to sleep
