@@ -17,6 +17,8 @@ log = logging.getLogger(__name__)
 
 # Weight chunks are a few MiB; leave headroom for big prompts too.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# Calls (streams included) one server runs at once; more are refused RESOURCE_EXHAUSTED.
+MAX_CONCURRENT_RPCS = 1024
 SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -52,6 +54,7 @@ class FabricServer:
         interceptors: Sequence[grpc.aio.ServerInterceptor] | None = None,
         credentials: grpc.ServerCredentials | None = None,
         on_drain: Callable[[float], Awaitable[None]] | None = None,
+        max_concurrent_rpcs: int | None = MAX_CONCURRENT_RPCS,
     ):
         from fabric import security
 
@@ -60,7 +63,11 @@ class FabricServer:
             interceptors = sec.server_interceptors()
         credentials = credentials or sec.server_credentials()
         self.service_names = list(service_names)
-        self.server = grpc.aio.server(interceptors=[*interceptors, DecodeGuard()], options=SERVER_OPTIONS)
+        self.server = grpc.aio.server(
+            interceptors=[*interceptors, DecodeGuard()],
+            options=SERVER_OPTIONS,
+            maximum_concurrent_rpcs=max_concurrent_rpcs,  # beyond it: RESOURCE_EXHAUSTED, not unbounded memory
+        )
         register(self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -127,8 +134,11 @@ class _Unparseable:
         self.error = error
 
 
-def _message(handler, item) -> str:
-    return f"request bytes do not parse as this RPC's message ({type(item.error).__name__}): send a valid message"
+async def _refuse(context, item: _Unparseable) -> None:
+    from fabric.errors import abort, invalid
+
+    message = f"bytes do not parse as this RPC's message ({type(item.error).__name__}): send a valid message"
+    await abort(context, invalid("request", message, "UNPARSEABLE_MESSAGE"))
 
 
 class DecodeGuard(grpc.aio.ServerInterceptor):
@@ -164,7 +174,7 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
 
             async def refuse_if_bad(context):
                 if bad:
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _message(handler, bad[0]))
+                    await _refuse(context, bad[0])
 
             if handler.response_streaming:
 
@@ -186,7 +196,7 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
 
         async def check(request, context):
             if isinstance(request, _Unparseable):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _message(handler, request))
+                await _refuse(context, request)
 
         if handler.response_streaming:
 
