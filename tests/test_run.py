@@ -18,9 +18,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-import torch
 
 from fabric.v1 import rollout_pb2, rollout_pb2_grpc, trainer_pb2, trainer_pb2_grpc
+from tests.references import hf_greedy
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,20 +73,6 @@ def greedy(address: str, prompts: list[str]) -> list[list[int]]:
     return [out[str(i)] for i in range(len(prompts))]
 
 
-def hf_greedy(model_dir: str, prompts: list[str]) -> list[list[int]]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    result = []
-    for prompt in prompts:
-        ids = tokenizer(prompt, return_tensors="pt").input_ids
-        out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-        tokens = out[0, ids.shape[1] :].tolist()
-        result.append(tokens)
-    return result
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     run = Run(tmp_path_factory.mktemp("run") / "out")
@@ -118,9 +104,9 @@ def test_run_is_steered_survives_a_dead_rollout_server_and_cleans_up(run):
         assert saved.weight_version == paused_at.weight_version and saved.step == paused_at.step
         prompts = ["Add 3 and 4.\n", "Add 9 and 9.\n", "Add 0 and 5.\n"]
         serving = servers["rollout-0"][0]
-        assert greedy(serving, prompts) == hf_greedy(saved.path, prompts)  # the checkpoint is the trained policy
-        base = hf_greedy(str(run.out / "base_model"), prompts)
-        assert hf_greedy(saved.path, prompts) != base
+        assert greedy(serving, prompts) == hf_greedy(saved.path, prompts, 8)  # the checkpoint is the trained policy
+        base = hf_greedy(str(run.out / "base_model"), prompts, 8)
+        assert hf_greedy(saved.path, prompts, 8) != base
         # WatchMetrics replays what happened so far
         replay = trainer.WatchMetrics(trainer_pb2.WatchMetricsRequest(since_step=1), timeout=10)
         first = next(iter(replay))

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import grpc
 import pytest
-import torch
 
 from fabric.procs import ServerProcess, start_all
 from fabric.v1 import rollout_pb2, rollout_pb2_grpc
+from tests.references import hf_greedy
 
 PROMPTS = ["Add 3 and 4.\n", "Add 12 and 30.\n"]
 MAX_NEW = 8
@@ -80,24 +80,10 @@ def reward_server(tmp_path_factory):
     proc.stop(grace=10)
 
 
-def hf_greedy(model_dir: str) -> list[list[int]]:
-    """transformers' greedy continuation of PROMPTS: what a server serving this checkpoint must produce."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    outputs = []
-    for prompt in PROMPTS:
-        ids = tokenizer(prompt, return_tensors="pt").input_ids
-        out = model.generate(ids, max_new_tokens=MAX_NEW, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-        outputs.append(out[0, ids.shape[1] :].tolist())
-    return outputs
-
-
 @pytest.fixture(scope="session")
 def reference(tiny_model, tiny_model_b) -> dict[str, list[list[int]]]:
     """Greedy outputs by checkpoint directory."""
-    refs = {tiny_model: hf_greedy(tiny_model), tiny_model_b: hf_greedy(tiny_model_b)}
+    refs = {m: hf_greedy(m, PROMPTS, MAX_NEW) for m in (tiny_model, tiny_model_b)}
     assert refs[tiny_model] != refs[tiny_model_b], "the two checkpoints must be told apart by their outputs"
     return refs
 

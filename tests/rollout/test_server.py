@@ -13,6 +13,7 @@ import pytest
 from fabric.errors import error_info
 from fabric.rollout.client import GenerateRequest, RolloutClient, SamplingParams
 from fabric.v1 import rollout_pb2
+from tests.references import hf_greedy
 from tests.rollout.process import start_rollout_server, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -392,17 +393,6 @@ def test_sleep_wake_round_trip(server):
     assert again[1].state == rollout_pb2.SLEEP_STATE_AWAKE
 
 
-def hf_greedy(model_dir: str, prompt: str, max_new_tokens: int = 16) -> list[int]:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    prompt_ids = AutoTokenizer.from_pretrained(model_dir)(prompt)["input_ids"]
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False)
-    return out[0, len(prompt_ids) :].tolist()
-
-
 def test_weight_updates_reach_the_engine_and_samples_carry_the_version(server, tiny_model, tiny_model_b):
     """UpdateWeights goes through the servicer to the weight receiver and the engine adapter's commit: after
     version 1 (checkpoint b) greedy output is checkpoint b's, after version 2 (a again) it is a's, and every sample
@@ -423,7 +413,7 @@ def test_weight_updates_reach_the_engine_and_samples_carry_the_version(server, t
                 results.append((report, sample, (await client.info()).weight_version))
             return results
 
-    expected = {1: hf_greedy(tiny_model_b, prompt), 2: hf_greedy(tiny_model, prompt)}
+    expected = {1: hf_greedy(tiny_model_b, [prompt], 16)[0], 2: hf_greedy(tiny_model, [prompt], 16)[0]}
     assert expected[1] != expected[2]
     for version, (report, sample, serving) in enumerate(run(go()), start=1):
         assert report.ok and report.results[0].committed, report

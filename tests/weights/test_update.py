@@ -22,6 +22,7 @@ from fabric.v1 import rollout_pb2, rollout_pb2_grpc
 from fabric.weights import tcp
 from fabric.weights.manifest import TORCH_TO_PROTO
 from fabric.weights.sender import WeightSource, push_weights
+from tests.references import hf_greedy
 
 pytestmark = pytest.mark.slow
 PROMPTS = ["Add 3 and 4.\n", "Add 12 and 30.\n"]
@@ -53,22 +54,9 @@ def servers(tiny_model, tmp_path_factory):
         assert proc.stop() == 0, proc.last_lines()
 
 
-def hf_greedy(model_dir: str) -> list[list[int]]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
-    outputs = []
-    for prompt in PROMPTS:
-        ids = tokenizer(prompt, return_tensors="pt").input_ids
-        out = model.generate(ids, max_new_tokens=MAX_NEW, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-        outputs.append(out[0, ids.shape[1] :].tolist())
-    return outputs
-
-
 @pytest.fixture(scope="module")
 def reference(tiny_model, tiny_model_b):
-    return {"a": hf_greedy(tiny_model), "b": hf_greedy(tiny_model_b)}
+    return {"a": hf_greedy(tiny_model, PROMPTS, MAX_NEW), "b": hf_greedy(tiny_model_b, PROMPTS, MAX_NEW)}
 
 
 def stub(address: str):
