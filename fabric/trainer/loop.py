@@ -254,8 +254,13 @@ class Trainer:
             raise RuntimeError("no rollout server left to push weights to")
         started = time.perf_counter()
         if self.serving_dtype is None:
-            statuses = await asyncio.gather(*(weights_status(t, timeout=self.pc.rpc_timeout_s) for t in targets))
-            self.serving_dtype = serving_dtype(list(statuses))
+            found = await asyncio.gather(
+                *(weights_status(t, timeout=self.pc.rpc_timeout_s) for t in targets), return_exceptions=True
+            )
+            statuses = [s for s in found if not isinstance(s, BaseException)]
+            if not statuses:
+                raise RuntimeError(f"no rollout server answers: {found[0]}")
+            self.serving_dtype = serving_dtype(statuses)
         source = await asyncio.to_thread(
             WeightSource, self.policy.hf_weights(), int(self.pc.chunk_mib * 2**20), self.serving_dtype
         )
@@ -290,6 +295,8 @@ class Trainer:
                 continue
             try:
                 await self.push_weights([address], version=self.version)
+                if (await weights_status(address, timeout=self.pc.rpc_timeout_s)).serving_version != self.version:
+                    raise RuntimeError(f"it does not serve version {self.version} after the update")
             except Exception as exc:
                 log.warning("could not re-admit %s: %s", address, exc)
                 continue

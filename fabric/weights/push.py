@@ -19,8 +19,8 @@ async def _push(args) -> int:
 
         security.configure(security.SecurityConfig.from_cfg(load_config(args.config)))
     console = Console(stderr=False)
-    statuses = await asyncio.gather(*(weights_status(t) for t in args.target))
-    dtype = serving_dtype(list(statuses))
+    found = await asyncio.gather(*(weights_status(t) for t in args.target), return_exceptions=True)
+    dtype = serving_dtype([s for s in found if not isinstance(s, BaseException)])  # the unreachable get a row below
     with console.status(f"loading {args.checkpoint}"):
         source = WeightSource.from_hf_checkpoint(args.checkpoint, int(args.chunk_mib * 1024 * 1024), dtype)
     with console.status(f"pushing {source.total_bytes / 1e6:.1f} MB to {len(args.target)} server(s)"):

@@ -20,9 +20,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import torch
 
 from fabric import security
+from fabric.errors import FabricError
 from fabric.v1 import rollout_pb2, rollout_pb2_grpc, weights_pb2
 from fabric.weights import manifest as mf
 from fabric.weights import tcp
@@ -135,6 +137,32 @@ def needed_chunks(
     return sorted(needed)
 
 
+# Errors after which the next server in a relay chain is worth trying: the head went away, not the update.
+_TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+
+
+async def _status_or_error(target: str) -> rollout_pb2.GetWeightsStatusResponse | Exception:
+    try:
+        return await weights_status(target)
+    except (grpc.aio.AioRpcError, OSError) as exc:
+        return exc
+
+
+def _failure(target: str, version: int, exc: BaseException, reason: str) -> rollout_pb2.WeightUpdateResult:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        code, detail = exc.code(), exc.details()
+    else:
+        code, detail = grpc.StatusCode.UNAVAILABLE, f"{type(exc).__name__}: {exc}"
+    message = f"{target}: {detail}"
+    return rollout_pb2.WeightUpdateResult(
+        server=target, weight_version=version, error=FabricError(code, message, reason).to_proto()
+    )
+
+
+def _is_transient(exc: BaseException) -> bool:
+    return not isinstance(exc, grpc.aio.AioRpcError) or exc.code() in _TRANSIENT
+
+
 async def push_weights(
     source: WeightSource,
     targets: list[str],
@@ -144,42 +172,82 @@ async def push_weights(
     streams: int = 1,
     timeout: float = DEFAULT_TIMEOUT_S,
 ) -> PushReport:
-    """Pushes one version to every target; see the module doc for mode and transport."""
+    """Pushes one version to every target; see the module doc for mode and transport.
+
+    A target that cannot be reached, or dies during the push, gets a failed result (the others go on); the caller
+    decides what a partial update means (the trainer drops those servers from routing)."""
     if not targets:
         raise ValueError("no targets")
-    statuses = await asyncio.gather(*(weights_status(t) for t in targets))
+    if mode not in (None, "relay", "direct"):
+        raise ValueError(f"mode must be relay or direct, got {mode!r}")
+    found = await asyncio.gather(*(_status_or_error(t) for t in targets))
+    reachable = [(t, s) for t, s in zip(targets, found, strict=True) if not isinstance(s, Exception)]
     if version is None:
-        version = max(s.serving_version for s in statuses) + 1
-    pending = [(t, s) for t, s in zip(targets, statuses, strict=True) if s.serving_version != version]
+        version = max((s.serving_version for _, s in reachable), default=0) + 1
+    pending = [(t, s) for t, s in reachable if s.serving_version != version]
     if transport == "auto":
         transport = "tcp" if pending and all(s.tcp_data_port for _, s in pending) else "grpc"
     mode = mode or ("relay" if len(pending) >= 2 else "direct")
     report = PushReport(version, mode, transport, list(targets))
     report.results.extend(
+        _failure(t, version, s, "UNREACHABLE") for t, s in zip(targets, found, strict=True) if isinstance(s, Exception)
+    )
+    report.results.extend(
         rollout_pb2.WeightUpdateResult(server=t, weight_version=version, committed=True, already_committed=True)
-        for t, s in zip(targets, statuses, strict=True)
+        for t, s in reachable
         if s.serving_version == version
     )
     if not pending:
         return report
     start = time.perf_counter()
     if mode == "relay":
-        chunks = needed_chunks(source, version, [s for _, s in pending])
-        names = [t for t, _ in pending]
-        report.results.extend(
-            await _send(source, version, names[0], names[1:], chunks, pending[0][1], transport, timeout, report)
-        )
-    elif mode == "direct":
-        jobs = []
-        for target, status in pending:
-            chunks = needed_chunks(source, version, [status])
-            jobs.append(_send_parallel(source, version, target, chunks, status, transport, timeout, report, streams))
-        for results in await asyncio.gather(*jobs):
-            report.results.extend(results)
+        await _relay(source, version, pending, transport, timeout, report)
     else:
-        raise ValueError(f"mode must be relay or direct, got {mode!r}")
+
+        async def direct(target, status):
+            chunks = needed_chunks(source, version, [status])
+            try:
+                return await _send_parallel(
+                    source, version, target, chunks, status, transport, timeout, report, streams
+                )
+            except (grpc.aio.AioRpcError, OSError) as exc:
+                return [_failure(target, version, exc, "PUSH_FAILED")]
+
+        for results in await asyncio.gather(*(direct(t, s) for t, s in pending)):
+            report.results.extend(results)
     report.seconds = time.perf_counter() - start
     return report
+
+
+async def _relay(source, version, pending, transport, timeout, report) -> None:
+    """One stream down the chain of pending servers. When the head itself fails (dead, unreachable) the rest of the
+    chain is asked again where it stands and the next server becomes the head; chunks already staged there are not
+    sent again."""
+    while pending:
+        chunks = needed_chunks(source, version, [s for _, s in pending])
+        names = [t for t, _ in pending]
+        try:
+            report.results.extend(
+                await _send(source, version, names[0], names[1:], chunks, pending[0][1], transport, timeout, report)
+            )
+            return
+        except (grpc.aio.AioRpcError, OSError) as exc:
+            report.results.append(_failure(names[0], version, exc, "PUSH_FAILED"))
+            if not _is_transient(exc):  # the head refused the update itself: the next one would refuse it too
+                report.results.extend(_failure(t, version, exc, "NOT_SENT") for t in names[1:])
+                return
+        rest = names[1:]
+        found = await asyncio.gather(*(_status_or_error(t) for t in rest))
+        pending = []
+        for target, status in zip(rest, found, strict=True):
+            if isinstance(status, Exception):
+                report.results.append(_failure(target, version, status, "UNREACHABLE"))
+            elif status.serving_version == version:  # committed before the chain broke
+                report.results.append(
+                    rollout_pb2.WeightUpdateResult(server=target, weight_version=version, committed=True)
+                )
+            else:
+                pending.append((target, status))
 
 
 async def _send_parallel(source, version, target, chunks, status, transport, timeout, report, streams):

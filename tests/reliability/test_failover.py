@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import time
 from collections import Counter
 from pathlib import Path
@@ -225,3 +226,27 @@ def test_reward_call_failing_is_retried_elsewhere_and_never_scored_zero(reward_s
         with pytest.raises(RuntimeError, match="scoring failed on every reward server after retries"):
             asyncio.run(score([dead.address], attempts=3, backoff_s=0.2))
         assert time.monotonic() - started >= 0.2 + 0.4  # backed off between attempts
+
+
+def test_weight_push_drops_a_server_that_died_between_steps_and_the_run_goes_on(rollout_servers, tiny_model, tmp_path):
+    """The trainer pushes a version right after a server died, before any generate call noticed: the push still
+    commits on the live server, the dead one is dropped from routing, and the loop does not stop."""
+    live = rollout_servers[0].address
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{unused.getsockname()[1]}"
+
+    async def scenario():
+        trainer = make_trainer(tiny_model, [live], tmp_path)
+        await trainer.rollouts.close()
+        trainer.rollouts = RolloutPool([dead, live], stream_timeout=120)  # it still believes both alive
+        assert sorted(trainer.rollouts.alive) == sorted([dead, live])
+        before = trainer.version
+        await trainer.push_weights()
+        assert trainer.version == before + 1
+        assert trainer.rollouts.alive == [live]
+        assert any(e.startswith(f"rollout server {dead} lost: weight update") for e in trainer.rollouts.events)
+        assert weights_status(live).serving_version == before + 1
+        await trainer.rollouts.close()
+
+    asyncio.run(scenario())

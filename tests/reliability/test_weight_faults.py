@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -156,3 +157,32 @@ def test_relay_link_cut_mid_chain_leaves_whole_versions_and_next_push_heals(chai
         assert after.ok, after.failed
         for address in chain:
             assert_serving(address, version + 1, old_checkpoint, reference)
+
+
+def test_relay_head_lost_mid_push_the_next_server_leads_and_the_rest_commit(chain, tiny_model, tiny_model_b, reference):
+    old = weights_status(chain[0]).serving_version
+    old_checkpoint = tiny_model_b if greedy(chain[0])[0] == reference[tiny_model_b] else tiny_model
+    new_checkpoint = tiny_model if old_checkpoint == tiny_model_b else tiny_model_b
+    version = old + 1
+    source = source_of(new_checkpoint)
+    with socket.socket() as unused:  # a port nothing listens on: a server that is gone before the push starts
+        unused.bind(("127.0.0.1", 0))
+        gone = f"127.0.0.1:{unused.getsockname()[1]}"
+    with TcpProxy(chain[0]) as head:  # the sender's link to the head dies 40% of the way in, and stays down
+        head.cut_after(int(source.total_bytes * 0.4))
+        report = asyncio.run(push_weights(source, [head.address, chain[1], gone, chain[2]], version=version,
+                                          transport="grpc"))  # fmt: skip
+    assert report.mode == "relay" and head.cuts == 1
+    by_server = {r.server: r for r in report.results}
+    assert set(by_server) == {head.address, chain[1], gone, chain[2]}, report.results
+    assert not by_server[head.address].committed and by_server[head.address].error.reason == "PUSH_FAILED"
+    assert not by_server[gone].committed and by_server[gone].error.reason == "UNREACHABLE"
+    assert gone in by_server[gone].error.message
+    assert by_server[chain[1]].committed and by_server[chain[2]].committed, report.results
+    assert_serving(chain[0], old, old_checkpoint, reference)  # the lost head keeps its whole old version
+    assert_serving(chain[1], version, new_checkpoint, reference)
+    assert_serving(chain[2], version, new_checkpoint, reference)
+
+    healed = asyncio.run(push_weights(source, chain, version=version, transport="grpc"))
+    assert healed.ok, healed.failed
+    assert_serving(chain[0], version, new_checkpoint, reference)
