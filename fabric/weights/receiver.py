@@ -44,6 +44,7 @@ class StagedVersion:
     bytes_received: int = 0
     committed: bool = False
     failed: FabricError | None = None
+    streams: int = 0  # open streams feeding it now; 0: a partial version left by a broken stream, kept to resume
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -104,12 +105,23 @@ class WeightReceiver:
                         "MANIFEST_CHANGED",
                         "header.manifest",
                     )
+                staged.streams += 1
                 return staged  # a resume or a parallel stream of the same version
             if staged is not None and staged.version > version and not staged.committed:
-                raise precondition(
-                    f"version {staged.version} is being staged; {version} is older",
-                    "STALE_VERSION",
-                    "header.weight_version",
+                if staged.streams:
+                    raise precondition(
+                        f"version {staged.version} is arriving now; {version} is older: send a version newer "
+                        f"than {staged.version}, or wait for it to commit",
+                        "STALE_VERSION",
+                        "header.weight_version",
+                    )
+                # Nobody feeds it (its sender died, e.g. a trainer since restarted): it must not lock the server out.
+                log.warning(
+                    "dropping partial version %d (%d/%d chunks, no stream feeding it) for version %d",
+                    staged.version,
+                    staged.received_count,
+                    len(staged.manifest.chunks),
+                    version,
                 )
             if staged is not None:
                 self._drop_locked(staged)
@@ -117,7 +129,14 @@ class WeightReceiver:
             self.staged = StagedVersion(
                 version, header.manifest, digest, StagingBuffer(specs), bytearray(len(header.manifest.chunks))
             )
+            self.staged.streams = 1
             return self.staged
+
+    def release(self, staged: StagedVersion | None) -> None:
+        """A stream that began feeding `staged` has ended, however it ended."""
+        if staged is not None:
+            with self._state_lock:
+                staged.streams -= 1
 
     def check_chunk(self, staged: StagedVersion, chunk: weights_pb2.WeightChunk, length: int) -> weights_pb2.ChunkSpec:
         """Bounds: the chunk must be the manifest's chunk at that index (same tensor, offset, length)."""
@@ -288,6 +307,12 @@ class WeightReceiver:
         if staged is None:
             # Idempotent: already serving. Still pass the header down a relay chain so every hop answers.
             return rollout_pb2.UpdateWeightsResponse(results=[self._already(header.weight_version)])
+        try:
+            return await self._receive_grpc_chunks(header, staged, request_iterator, context, started)
+        finally:
+            self.release(staged)
+
+    async def _receive_grpc_chunks(self, header, staged, request_iterator, context, started):
         # The next hop inherits this call's deadline, so a stuck hop cannot outlive the sender's patience.
         relay = _GrpcRelay(header, context.time_remaining()) if header.relay_targets else None
         try:
@@ -380,6 +405,8 @@ class WeightReceiver:
             log.warning("weight data connection broke: %s (the partial version stays staged)", exc)
             if relay is not None:
                 relay.abort()
+        finally:
+            self.release(staged)
 
     def _receive_tcp_chunks(self, conn, staged, relay, started, wait_for_others):
         while True:
