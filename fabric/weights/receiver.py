@@ -26,7 +26,7 @@ from fabric.errors import FabricError, abort, invalid, precondition, unavailable
 from fabric.v1 import rollout_pb2, rollout_pb2_grpc, weights_pb2
 from fabric.weights import manifest as mf
 from fabric.weights import tcp
-from fabric.weights.staging import StagingBuffer
+from fabric.weights.staging import StagingBuffer, layout
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,7 @@ class WeightReceiver:
         self.optional = mf.optional_names(engine.hf_config)
         self.tied = bool(self.optional)
         self.staged: StagedVersion | None = None
+        self._spare: StagingBuffer | None = None  # the last committed version's staging file, reused when it fits
         self.serving_digest = ""
         self._state_lock = threading.Lock()
         self._commit_lock: asyncio.Lock | None = None
@@ -127,7 +128,7 @@ class WeightReceiver:
                 self._drop_locked(staged)
             specs = [(t.name, mf.PROTO_TO_TORCH[t.dtype], tuple(t.shape)) for t in header.manifest.tensors]
             self.staged = StagedVersion(
-                version, header.manifest, digest, StagingBuffer(specs), bytearray(len(header.manifest.chunks))
+                version, header.manifest, digest, self._buffer_locked(specs), bytearray(len(header.manifest.chunks))
             )
             self.staged.streams = 1
             return self.staged
@@ -137,6 +138,8 @@ class WeightReceiver:
         if staged is not None:
             with self._state_lock:
                 staged.streams -= 1
+                if staged.streams == 0 and self.staged is not staged:
+                    self._retire_locked(staged)
 
     def check_chunk(self, staged: StagedVersion, chunk: weights_pb2.WeightChunk, length: int) -> weights_pb2.ChunkSpec:
         """Bounds: the chunk must be the manifest's chunk at that index (same tensor, offset, length)."""
@@ -201,7 +204,29 @@ class WeightReceiver:
     def _drop_locked(self, staged: StagedVersion) -> None:
         if self.staged is staged:
             self.staged = None
-        staged.buffer.close()
+        if staged.streams == 0:
+            self._retire_locked(staged)
+        # else: the last stream still feeding it retires it when it ends (release), so nothing writes into a
+        # buffer that was closed or handed to the next version
+
+    def _retire_locked(self, staged: StagedVersion) -> None:
+        """A committed version's buffer is kept for the next version of the same layout: its pages are already
+        allocated, and first-touch page faults on a fresh shared-memory file cost as much as the network."""
+        if staged.buffer is None:
+            return
+        if staged.committed and self._spare is None:
+            self._spare = staged.buffer
+        else:
+            staged.buffer.close()
+        staged.buffer = None
+
+    def _buffer_locked(self, specs) -> StagingBuffer:
+        spare, self._spare = self._spare, None
+        if spare is not None and spare.slots == layout(specs)[0]:
+            return spare  # stale bytes: every chunk is written (and verified) again before the version can commit
+        if spare is not None:
+            spare.close()
+        return StagingBuffer(specs)
 
     async def finish(
         self, staged: StagedVersion, started: float, wait_for_others: bool = False
@@ -367,6 +392,9 @@ class WeightReceiver:
         with self._state_lock:
             if self.staged is not None:
                 self._drop_locked(self.staged)
+            if self._spare is not None:
+                self._spare.close()
+                self._spare = None
 
     def _serve_tcp(self, conn: socket.socket) -> None:
         """One update over TCP, in its own thread; state changes and the commit run on the event loop."""
