@@ -217,6 +217,16 @@ class RolloutPool:
             await server.channel.close()
 
 
+# Per-item errors worth another try (google.rpc codes): the item was fine, the server was not.
+_TRANSIENT_ITEM_CODES = {
+    grpc.StatusCode.INTERNAL.value[0],
+    grpc.StatusCode.UNAVAILABLE.value[0],
+    grpc.StatusCode.DEADLINE_EXCEEDED.value[0],
+    grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
+    grpc.StatusCode.ABORTED.value[0],
+}
+
+
 class RewardPool:
     """Scores items on the reward servers: the batch is split over the live servers, and a part whose server fails
     is retried on another one (or on the same after a backoff). A failed call never turns into a silent score of 0:
@@ -253,17 +263,33 @@ class RewardPool:
         return [by_id[item["request_id"]] for item in items]
 
     async def _score_share(self, share: list[dict], first: int):
+        """Scores `share`; items the server answered with a transient per-item error (the model failed on the batch,
+        a deadline) are retried like a failed call; an item refused as invalid fails the step with the reason."""
         addresses = list(self.clients)
-        errors = []
+        errors, scored = [], []
         for attempt in range(self.attempts * len(addresses)):
             address = addresses[(first + attempt) % len(addresses)]
             try:
-                return await self.clients[address].score(share)
+                responses = await self.clients[address].score(share, raise_on_error=False)
             except grpc.aio.AioRpcError as err:
                 errors.append(f"{address}: {err.code().name}: {err.details()}")
                 self.events.append(f"reward call to {address} failed ({err.code().name}); retrying elsewhere")
-                if (attempt + 1) % len(addresses) == 0:
-                    await asyncio.sleep(self.backoff_s * (attempt + 1) / len(addresses))
+            else:
+                failed = {r.request_id: r for r in responses if r.HasField("error") and r.error.code}
+                scored.extend(r for r in responses if r.request_id not in failed)
+                for r in failed.values():
+                    if r.error.code not in _TRANSIENT_ITEM_CODES:
+                        raise RuntimeError(
+                            f"reward server {address} refused {r.request_id!r}: {r.error.message} ({r.error.reason})"
+                        )
+                if not failed:
+                    return scored
+                share = [item for item in share if item["request_id"] in failed]
+                first_error = next(iter(failed.values())).error
+                errors.append(f"{address}: {len(failed)} item(s): {first_error.message}")
+                self.events.append(f"{len(failed)} item(s) failed on reward server {address}; retrying elsewhere")
+            if (attempt + 1) % len(addresses) == 0:
+                await asyncio.sleep(self.backoff_s * (attempt + 1) / len(addresses))
         raise RuntimeError(f"scoring failed on every reward server after retries: {'; '.join(errors[-3:])}")
 
     async def close(self) -> None:

@@ -12,6 +12,7 @@ CONFIG = Path(__file__).resolve().parent / "reward_config.yaml"
 # Overrides on top of reward_config.yaml: a plugin scorer by dotted path, and a small char limit to test.
 OVERRIDES = ["rewards.crashy.worker_cls=tests.reward.plugin_scorers.CrashOnMarkerScorer",
              "rewards.crashy.infer_batch_size=8", "rewards.crashy.batch_wait_ms=50",
+             "rewards.flaky.worker_cls=tests.reward.plugin_scorers.FailsFirstTimeScorer",
              "rewards.answer_tag.max_input_chars=1000"]  # fmt: skip
 
 

