@@ -58,10 +58,11 @@ class FabricWay:
     """`fabric serve rollout` in a subprocess; the client runs here."""
 
     def __init__(self, model: str, workdir: Path):
-        from tests.rollout.process import start_rollout_server, write_config
+        from tests.rollout.configs import write_config
+        from tests.servers import serve
 
         config = write_config(workdir / "rollout.yaml", model, strategy_config=ENGINE, infer_batch_size=NUM_PROMPTS)
-        self.server = start_rollout_server(config)
+        self.server = serve("rollout", config)
 
     def round(self) -> tuple[float, int]:
         from fabric.rollout.client import GenerateRequest, RolloutClient, SamplingParams
@@ -78,7 +79,7 @@ class FabricWay:
         return _timed(lambda: asyncio.run(go()))
 
     def close(self) -> None:
-        self.server.terminate()
+        self.server.stop()
 
 
 class InProcessWay:

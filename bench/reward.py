@@ -79,7 +79,7 @@ def main() -> None:
     from fabric.config import load_config
     from fabric.config.reward import load_reward_configs
     from fabric.reward.hf import HFRewardModelScorer
-    from tests.reward.process import start_server
+    from tests.servers import serve
 
     items = make_items(ITEMS)
     with tempfile.TemporaryDirectory() as tmp:
@@ -87,7 +87,7 @@ def main() -> None:
         config.write_text(CONFIG)
         scorer = HFRewardModelScorer(load_reward_configs(load_config(config))["rm"])
         scorer.load()
-        server = start_server(config)
+        server = serve("reward", config)
         try:
             asyncio.run(through_server(server.address, items[:BATCH]))  # warm-up both sides
             in_process(scorer, items[:BATCH])
@@ -101,7 +101,7 @@ def main() -> None:
             rule_items = [{**x, "reward_name": "tag", "ground_truth": "1"} for x in items]
             rule_s = [asyncio.run(through_server(server.address, rule_items))[0] for _ in range(ROUNDS)]
         finally:
-            server.terminate()
+            server.stop()
 
     worst = max(abs(a - b) for a, b in zip(local_scores, served_scores, strict=True))
     local_rate = ITEMS / statistics.median(local_s)

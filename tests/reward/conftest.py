@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from .process import start_server
+from tests.servers import serve
 
 CONFIG = Path(__file__).resolve().parent / "reward_config.yaml"
 # Overrides on top of reward_config.yaml: a plugin scorer by dotted path, and a small char limit to test.
@@ -18,6 +18,6 @@ OVERRIDES = ["rewards.crashy.worker_cls=tests.reward.plugin_scorers.CrashOnMarke
 
 @pytest.fixture(scope="session")
 def reward_server():
-    server = start_server(CONFIG, OVERRIDES)
+    server = serve("reward", CONFIG, OVERRIDES)
     yield server
-    server.terminate()
+    server.stop()

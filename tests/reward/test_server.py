@@ -17,8 +17,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from fabric.reward.client import RewardClient, RewardItemError
 from fabric.routing import RewardPool
 from fabric.v1 import reward_pb2, reward_pb2_grpc
-
-from .process import ROOT, start_server
+from tests.servers import ROOT, serve
 
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 INTERNAL = grpc.StatusCode.INTERNAL.value[0]
@@ -252,7 +251,7 @@ def test_sigterm_drains_in_flight_items_and_exits_zero(tmp_path):
     config.write_text(
         "rewards:\n  tag:\n    worker_cls: answer_tag\n    batch_wait_ms: 1500\n    infer_batch_size: 64\n"
     )
-    server = start_server(config)
+    server = serve("reward", config)
     items = [{"prompt": "p", "response": f"<answer>{k}</answer>", "ground_truth": str(k), "reward_name": "tag"}
              for k in range(5)]  # fmt: skip
     try:
@@ -262,10 +261,10 @@ def test_sigterm_drains_in_flight_items_and_exits_zero(tmp_path):
             server.proc.send_signal(signal.SIGTERM)
             responses = pending.result(timeout=30)
     finally:
-        rc = server.terminate()
+        rc = server.stop(grace=30)
     assert [r.score for r in responses] == [1.0] * 5
-    assert rc == 0, "".join(server.lines)
-    assert any("draining" in line for line in server.lines)
+    assert rc == 0, server.last_lines()
+    assert any("draining" in line for line in server.tail)
 
 
 def test_config_errors_are_one_line_naming_the_key(tmp_path):

@@ -12,7 +12,7 @@ from fabric.config import ConfigError, load_config
 from fabric.config.rollout import load_rollout_config
 from fabric.rollout.validation import check_generating_args, resolve_request
 from fabric.v1 import rollout_pb2
-from tests.rollout.process import ROOT, write_config
+from tests.rollout.configs import ROOT, write_config
 
 # ROLL's example block (reference/roll-vllm-backend.zh.txt), as written, with the values it interpolates.
 ROLL_EXAMPLE = """

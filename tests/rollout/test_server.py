@@ -14,7 +14,8 @@ from fabric.errors import error_info
 from fabric.rollout.client import GenerateRequest, RolloutClient, SamplingParams
 from fabric.v1 import rollout_pb2
 from tests.references import hf_greedy
-from tests.rollout.process import start_rollout_server, write_config
+from tests.rollout.configs import write_config
+from tests.servers import serve
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -37,10 +38,9 @@ def server(tiny_model, tmp_path_factory):
         max_queue_length=MAX_QUEUE_LENGTH,
         drain_grace_s=60,
     )
-    proc = start_rollout_server(config)
-    yield proc
-    if proc.proc.poll() is None:
-        proc.terminate()
+    server = serve("rollout", config)
+    yield server
+    server.stop(grace=60)
 
 
 def run(coro):
@@ -444,5 +444,5 @@ def test_sigterm_drains_running_requests_and_exits_0(server):
     responses, refused = run(go())
     assert [(r.request_id, r.finish_reason) for r in responses] == [("last", rollout_pb2.FINISH_REASON_LENGTH)]
     assert refused.code() == grpc.StatusCode.UNAVAILABLE
-    assert server.proc.wait(60) == 0, server.log_tail()
-    assert any("draining" in line for line in server.lines)
+    assert server.proc.wait(60) == 0, server.last_lines()
+    assert any("draining" in line for line in server.tail)
