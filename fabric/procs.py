@@ -61,7 +61,10 @@ class ServerProcess:
             stderr=subprocess.STDOUT,
             text=True,
             env=self.env,
-            start_new_session=True,  # its own process group: a stop reaches the engine's children too
+            # Its own process group, so a stop reaches the engine's children too; not its own session: Linux
+            # schedules each session as one group (autogroup), and a server alone in one gets a single share of
+            # the CPU for its busy engine processes and itself, which starves its gRPC loop on a small host.
+            process_group=0,
         )
         threading.Thread(target=self._pump, daemon=True).start()
         return self
@@ -111,7 +114,7 @@ class ServerProcess:
         if self.proc is None:
             return None
         if self.proc.poll() is None:
-            self.signal(signal.SIGTERM)
+            self.proc.send_signal(signal.SIGTERM)  # the server only: it drains, then stops its engine itself
             try:
                 self.proc.wait(timeout=grace)
             except subprocess.TimeoutExpired:

@@ -21,12 +21,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 INFER_BATCH_SIZE = 4
 MAX_QUEUE_LENGTH = 4
-MAX_MODEL_LEN = 256
+MAX_MODEL_LEN = 512  # the tiny model's max_position_embeddings
 # Sampled with this seed, the long prompt below runs to max_new_tokens on the tiny model (no early EOS): checked
 # by test_long_request_runs_to_length, which the timing-free ordering tests rely on.
-LONG_SEED = 7
+LONG_SEED = 6
 LONG_PROMPT = "Add 12 and 30.\n"
-LONG_TOKENS = 200
+LONG_TOKENS = 480  # ~1 s of decoding here: the windows the abort and ordering tests act in
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +37,7 @@ def server(tiny_model, tmp_path_factory):
         infer_batch_size=INFER_BATCH_SIZE,
         max_queue_length=MAX_QUEUE_LENGTH,
         drain_grace_s=60,
+        strategy_config={"max_model_len": MAX_MODEL_LEN},
     )
     server = serve("rollout", config)
     yield server
@@ -230,11 +231,11 @@ def test_abort_running_and_queued_requests(server):
                 async for response in client.generate(requests, timeout=300):
                     responses.append(response)
 
+            with pytest.raises(grpc.aio.AioRpcError) as empty:
+                await client.abort([])
             consumer = asyncio.create_task(consume())
             busy = await wait_for(client, lambda i: i.running_requests == INFER_BATCH_SIZE and i.queue_depth == 2)
             aborted = await client.abort(["a5", "a0", "nope"])  # a5 is queued, a0 is running
-            with pytest.raises(grpc.aio.AioRpcError) as empty:
-                await client.abort([])
             rest = await client.abort([f"a{i}" for i in range(1, 5)])
             await asyncio.wait_for(consumer, 120)
             return busy, aborted, empty.value, rest, responses, await idle(client)
