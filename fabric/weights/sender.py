@@ -137,8 +137,17 @@ def needed_chunks(
     return sorted(needed)
 
 
-# Errors after which the next server in a relay chain is worth trying: the head went away, not the update.
-_TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+# A head that answers with one of these refused the update itself, and the next server would refuse it too. Any
+# other error (UNAVAILABLE, DEADLINE_EXCEEDED, and INTERNAL/UNKNOWN, which gRPC also reports for a connection reset
+# mid-stream) means the head went away: the next server in the chain takes over.
+_REFUSALS = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.OUT_OF_RANGE,
+    grpc.StatusCode.UNIMPLEMENTED,
+}
 
 
 async def _status_or_error(target: str) -> rollout_pb2.GetWeightsStatusResponse | Exception:
@@ -160,7 +169,7 @@ def _failure(target: str, version: int, exc: BaseException, reason: str) -> roll
 
 
 def _is_transient(exc: BaseException) -> bool:
-    return not isinstance(exc, grpc.aio.AioRpcError) or exc.code() in _TRANSIENT
+    return not isinstance(exc, grpc.aio.AioRpcError) or exc.code() not in _REFUSALS
 
 
 async def push_weights(
