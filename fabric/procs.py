@@ -37,7 +37,9 @@ class ServerProcess:
         env: dict[str, str] | None = None,
         log_path: str | Path | None = None,
         command: Sequence[str] | None = None,
+        own_session: bool = True,
     ):
+        self.own_session = own_session
         self.kind = kind
         self.name = name or kind
         head = command or ["serve", kind]  # `fabric train` prints the same kind of ready line
@@ -61,10 +63,11 @@ class ServerProcess:
             stderr=subprocess.STDOUT,
             text=True,
             env=self.env,
-            # Its own process group, so a stop reaches the engine's children too; not its own session: Linux
-            # schedules each session as one group (autogroup), and a server alone in one gets a single share of
-            # the CPU for its busy engine processes and itself, which starves its gRPC loop on a small host.
-            process_group=0,
+            # Its own process group either way, so a stop reaches the engine's children too. Its own session
+            # also makes it its own scheduling group under Linux autogroup: servers cannot starve each other or
+            # the launcher, but a server's busy engine processes compete with its own gRPC loop for that share.
+            start_new_session=self.own_session,
+            process_group=None if self.own_session else 0,
         )
         threading.Thread(target=self._pump, daemon=True).start()
         return self
@@ -114,7 +117,7 @@ class ServerProcess:
         if self.proc is None:
             return None
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)  # the server only: it drains, then stops its engine itself
+            self.signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=grace)
             except subprocess.TimeoutExpired:

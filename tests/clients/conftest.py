@@ -117,7 +117,7 @@ class ServerProcess:
             stderr=self.log,
             text=True,
             env=env,
-            process_group=0,  # a group to kill with its engine processes; not a session (see fabric/procs.py)
+            start_new_session=True,
         )
         self.address: str | None = None
         self._ready = threading.Event()
@@ -145,7 +145,7 @@ class ServerProcess:
             try:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)  # its own group: the engine processes it started
+                os.killpg(self.proc.pid, signal.SIGKILL)  # its own session: the engine processes it started
                 self.proc.wait(10)
         self.log.close()
 
