@@ -175,6 +175,10 @@ def test_silent_server_is_noticed_by_keepalive_and_its_samples_move(rollout_serv
     healthy = rollout_servers[0].address
     with TcpProxy(rollout_servers[2].address) as proxy:
         requests = long_requests("frozen", prompts=8, samples=2, max_new_tokens=120)
+        for k, request in enumerate(
+            requests
+        ):  # staggered lengths: the frozen server still owes samples after its first
+            request.sampling.max_new_tokens = 40 + 30 * k
 
         async def scenario():
             pool = RolloutPool([healthy, proxy.address], stream_timeout=300)
