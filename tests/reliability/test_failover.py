@@ -178,7 +178,7 @@ def test_silent_server_is_noticed_by_keepalive_and_its_samples_move(rollout_serv
         for k, request in enumerate(
             requests
         ):  # staggered lengths: the frozen server still owes samples after its first
-            request.sampling.max_new_tokens = 40 + 30 * k
+            request.sampling.max_new_tokens = 40 + 25 * k  # at most 215: max_model_len 256
 
         async def scenario():
             pool = RolloutPool([healthy, proxy.address], stream_timeout=300)
