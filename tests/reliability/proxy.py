@@ -5,12 +5,14 @@ go through it.
     with TcpProxy("127.0.0.1:50051") as proxy:      # proxy.address forwards to the target
         proxy.cut_after(200_000)                     # drop every connection once 200 kB more went upstream
         proxy.freeze()                               # stop forwarding, keep sockets open (a dead peer)
+        proxy.freeze_after_next_reply()              # the same, right after the target next sends anything
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 PUMP_BYTES = 16 * 1024
 
@@ -27,6 +29,8 @@ class TcpProxy:
         self._refuse = False
         self._refuse_after_cut = True
         self._flowing: asyncio.Event | None = None
+        self._freeze_after_reply = False
+        self.frozen_at: float | None = None  # time.monotonic() of the last freeze
         self._conns: set[asyncio.StreamWriter] = set()
         self._pumps: set[asyncio.Task] = set()
         self._loop = asyncio.new_event_loop()
@@ -57,7 +61,12 @@ class TcpProxy:
 
     def freeze(self) -> None:
         """Stops moving bytes both ways but keeps the sockets open: the peer looks alive to TCP and silent."""
-        self._call(self._flowing.clear)
+        self._call(self._freeze)
+
+    def freeze_after_next_reply(self) -> None:
+        """Arms a freeze that the proxy's own loop fires right after it forwards the target's next bytes: the peer
+        goes silent mid-conversation, at a point that does not depend on how fast the test reads its replies."""
+        self._freeze_after_reply = True
 
     def restore(self) -> None:
         self._refuse = False
@@ -96,6 +105,10 @@ class TcpProxy:
         others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
         if others:
             await asyncio.wait(others, timeout=5)
+
+    def _freeze(self) -> None:
+        self._flowing.clear()
+        self.frozen_at = time.monotonic()
 
     def _shutdown(self) -> None:
         self._stop.set()
@@ -147,3 +160,6 @@ class TcpProxy:
                     await asyncio.sleep(len(data) / self.rate)
             else:
                 self.bytes_down += len(data)
+                if self._freeze_after_reply:
+                    self._freeze_after_reply = False
+                    self._freeze()

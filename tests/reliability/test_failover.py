@@ -175,23 +175,25 @@ def test_silent_server_is_noticed_by_keepalive_and_its_samples_move(rollout_serv
     healthy = rollout_servers[0].address
     with TcpProxy(rollout_servers[2].address) as proxy:
         requests = long_requests("frozen", prompts=8, samples=2, max_new_tokens=120)
-        for k, request in enumerate(
-            requests
-        ):  # staggered lengths: the frozen server still owes samples after its first
-            request.sampling.max_new_tokens = 40 + 25 * k  # at most 215: max_model_len 256
 
         async def scenario():
             pool = RolloutPool([healthy, proxy.address], stream_timeout=300)
-            keys, frozen_at = [], None
+            # The connection to the soon-silent server is up and quiet; then the link freezes right after the
+            # server's first answer to the Generate stream (it has the requests and owes every sample). Freezing
+            # from the proxy's own loop, not on a sample the test reads, keeps the timing out of the test: a busy
+            # test process once read the first sample only after the server had sent them all.
+            await pool.servers[proxy.address].stub.GetServerInfo(
+                rollout_pb2.RolloutServiceGetServerInfoRequest(), timeout=30
+            )
+            await asyncio.sleep(0.5)
+            proxy.freeze_after_next_reply()
+            keys = []
             async for response in pool.generate(requests):
                 assert not response.HasField("error"), response.error
                 keys.append((response.request_id, response.sample_index))
-                if frozen_at is None and response.server == rollout_servers[2].address:  # its stream flows
-                    proxy.freeze()
-                    frozen_at = time.monotonic()
             await pool.close()
-            assert frozen_at is not None, "the server behind the proxy never answered"
-            return keys, time.monotonic() - frozen_at, pool
+            assert proxy.frozen_at is not None, "the server behind the proxy never answered"
+            return keys, time.monotonic() - proxy.frozen_at, pool
 
         keys, seconds, pool = asyncio.run(scenario())
     assert sorted(keys) == sorted(expected_keys(requests))
