@@ -470,6 +470,12 @@ class _GrpcRelay:
         except grpc.aio.AioRpcError as err:
             self.error = f"relay link to {self.target} failed: {err.code().name}: {err.details()}"
             return None
+        finally:
+            # The link is over. A put() may be waiting on the full queue (the hop died, or never connected, while
+            # this server received faster than it could forward): empty the queue so that put() returns, or this
+            # server's own stream would stall until the sender's deadline.
+            while not self.queue.empty():
+                self.queue.get_nowait()
 
     async def put(self, request) -> None:
         if self.error is None and not self.task.done():

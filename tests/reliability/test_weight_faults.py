@@ -14,9 +14,11 @@ import subprocess
 import sys
 import time
 
+import grpc
 import pytest
 import torch
 
+from fabric.v1 import rollout_pb2, rollout_pb2_grpc
 from fabric.weights.sender import WeightSource, needed_chunks, push_weights
 
 from .conftest import greedy, weights_status
@@ -186,3 +188,34 @@ def test_relay_head_lost_mid_push_the_next_server_leads_and_the_rest_commit(chai
     healed = asyncio.run(push_weights(source, chain, version=version, transport="grpc"))
     assert healed.ok, healed.failed
     assert_serving(chain[0], version, new_checkpoint, reference)
+
+
+def test_relay_hop_that_never_answers_is_reported_and_does_not_stall_the_stream(chain, tiny_model, tiny_model_b,
+                                                                                 reference):  # fmt: skip
+    """The next hop accepts the TCP connection and never speaks HTTP/2 (a hung host): the head receives faster than
+    it can forward, so its relay queue fills and the stream waits on it. When gRPC gives the hop up, the head must
+    go on receiving, commit, and report the hop; before the fix it waited on the full queue until the deadline."""
+    old = weights_status(chain[0]).serving_version
+    checkpoint = tiny_model_b if greedy(chain[0])[0] == reference[tiny_model_b] else tiny_model
+    source = source_of(checkpoint)
+    assert len(source.manifest.chunks) > 2 * 8, "more chunks than the relay queue holds"
+    header = rollout_pb2.UpdateWeightsHeader(weight_version=old + 1, manifest=source.manifest)
+    with socket.create_server(("127.0.0.1", 0)) as black_hole:  # the kernel completes handshakes; nobody reads
+        hop = f"127.0.0.1:{black_hole.getsockname()[1]}"
+        header.relay_targets.append(hop)
+        messages = [rollout_pb2.UpdateWeightsRequest(header=header)]
+        for i in range(len(source.manifest.chunks)):
+            chunk = source.chunk_meta(i)
+            chunk.data = source.chunk_view(i).tobytes()
+            messages.append(rollout_pb2.UpdateWeightsRequest(chunk=chunk))
+        started = time.monotonic()
+        with grpc.insecure_channel(chain[0]) as channel:
+            response = rollout_pb2_grpc.RolloutServiceStub(channel).UpdateWeights(iter(messages), timeout=90)
+        seconds = time.monotonic() - started
+    head, lost = response.results
+    assert head.committed and not head.error.code, head
+    assert not lost.committed and lost.error.reason == "RELAY_LINK_CUT" and hop in lost.error.message, lost
+    print(f"\nrelay hop that never answered given up after {seconds:.1f} s; the head committed")
+    assert_serving(chain[0], old + 1, checkpoint, reference)
+    healed = push(checkpoint, chain, old + 1)  # the other servers catch up: the module ends on one version
+    assert healed.ok, healed.failed
