@@ -26,7 +26,7 @@ from fabric.errors import FabricError, abort, invalid, precondition, unavailable
 from fabric.v1 import rollout_pb2, rollout_pb2_grpc, weights_pb2
 from fabric.weights import manifest as mf
 from fabric.weights import tcp
-from fabric.weights.staging import StagingBuffer
+from fabric.weights.staging import StagingBuffer, layout
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ class StagedVersion:
     bytes_received: int = 0
     committed: bool = False
     failed: FabricError | None = None
+    streams: int = 0  # open streams feeding it now; 0: a partial version left by a broken stream, kept to resume
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -61,6 +62,7 @@ class WeightReceiver:
         self.optional = mf.optional_names(engine.hf_config)
         self.tied = bool(self.optional)
         self.staged: StagedVersion | None = None
+        self._spare: StagingBuffer | None = None  # the last committed version's staging file, reused when it fits
         self.serving_digest = ""
         self._state_lock = threading.Lock()
         self._commit_lock: asyncio.Lock | None = None
@@ -104,20 +106,40 @@ class WeightReceiver:
                         "MANIFEST_CHANGED",
                         "header.manifest",
                     )
+                staged.streams += 1
                 return staged  # a resume or a parallel stream of the same version
             if staged is not None and staged.version > version and not staged.committed:
-                raise precondition(
-                    f"version {staged.version} is being staged; {version} is older",
-                    "STALE_VERSION",
-                    "header.weight_version",
+                if staged.streams:
+                    raise precondition(
+                        f"version {staged.version} is arriving now; {version} is older: send a version newer "
+                        f"than {staged.version}, or wait for it to commit",
+                        "STALE_VERSION",
+                        "header.weight_version",
+                    )
+                # Nobody feeds it (its sender died, e.g. a trainer since restarted): it must not lock the server out.
+                log.warning(
+                    "dropping partial version %d (%d/%d chunks, no stream feeding it) for version %d",
+                    staged.version,
+                    staged.received_count,
+                    len(staged.manifest.chunks),
+                    version,
                 )
             if staged is not None:
                 self._drop_locked(staged)
             specs = [(t.name, mf.PROTO_TO_TORCH[t.dtype], tuple(t.shape)) for t in header.manifest.tensors]
             self.staged = StagedVersion(
-                version, header.manifest, digest, StagingBuffer(specs), bytearray(len(header.manifest.chunks))
+                version, header.manifest, digest, self._buffer_locked(specs), bytearray(len(header.manifest.chunks))
             )
+            self.staged.streams = 1
             return self.staged
+
+    def release(self, staged: StagedVersion | None) -> None:
+        """A stream that began feeding `staged` has ended, however it ended."""
+        if staged is not None:
+            with self._state_lock:
+                staged.streams -= 1
+                if staged.streams == 0 and self.staged is not staged:
+                    self._retire_locked(staged)
 
     def check_chunk(self, staged: StagedVersion, chunk: weights_pb2.WeightChunk, length: int) -> weights_pb2.ChunkSpec:
         """Bounds: the chunk must be the manifest's chunk at that index (same tensor, offset, length)."""
@@ -182,7 +204,29 @@ class WeightReceiver:
     def _drop_locked(self, staged: StagedVersion) -> None:
         if self.staged is staged:
             self.staged = None
-        staged.buffer.close()
+        if staged.streams == 0:
+            self._retire_locked(staged)
+        # else: the last stream still feeding it retires it when it ends (release), so nothing writes into a
+        # buffer that was closed or handed to the next version
+
+    def _retire_locked(self, staged: StagedVersion) -> None:
+        """A committed version's buffer is kept for the next version of the same layout: its pages are already
+        allocated, and first-touch page faults on a fresh shared-memory file cost as much as the network."""
+        if staged.buffer is None:
+            return
+        if staged.committed and self._spare is None:
+            self._spare = staged.buffer
+        else:
+            staged.buffer.close()
+        staged.buffer = None
+
+    def _buffer_locked(self, specs) -> StagingBuffer:
+        spare, self._spare = self._spare, None
+        if spare is not None and spare.slots == layout(specs)[0]:
+            return spare  # stale bytes: every chunk is written (and verified) again before the version can commit
+        if spare is not None:
+            spare.close()
+        return StagingBuffer(specs)
 
     async def finish(
         self, staged: StagedVersion, started: float, wait_for_others: bool = False
@@ -288,6 +332,12 @@ class WeightReceiver:
         if staged is None:
             # Idempotent: already serving. Still pass the header down a relay chain so every hop answers.
             return rollout_pb2.UpdateWeightsResponse(results=[self._already(header.weight_version)])
+        try:
+            return await self._receive_grpc_chunks(header, staged, request_iterator, context, started)
+        finally:
+            self.release(staged)
+
+    async def _receive_grpc_chunks(self, header, staged, request_iterator, context, started):
         # The next hop inherits this call's deadline, so a stuck hop cannot outlive the sender's patience.
         relay = _GrpcRelay(header, context.time_remaining()) if header.relay_targets else None
         try:
@@ -342,6 +392,9 @@ class WeightReceiver:
         with self._state_lock:
             if self.staged is not None:
                 self._drop_locked(self.staged)
+            if self._spare is not None:
+                self._spare.close()
+                self._spare = None
 
     def _serve_tcp(self, conn: socket.socket) -> None:
         """One update over TCP, in its own thread; state changes and the commit run on the event loop."""
@@ -380,6 +433,8 @@ class WeightReceiver:
             log.warning("weight data connection broke: %s (the partial version stays staged)", exc)
             if relay is not None:
                 relay.abort()
+        finally:
+            self.release(staged)
 
     def _receive_tcp_chunks(self, conn, staged, relay, started, wait_for_others):
         while True:

@@ -124,12 +124,28 @@ class StagingBuffer:
         return buf
 
 
+_mapped: tuple[tuple, torch.Tensor] | None = None  # worker side: the staging file mapped last, kept mapped
+
+
+def _map(path: str, size: int) -> torch.Tensor:
+    """The receiver reuses one staging file for version after version, so the worker keeps its mapping: mapping
+    and faulting in a model's worth of pages again costs tens of ms a commit. Keyed by inode, not just the name:
+    a name can come back for a new file, an inode cannot while this mapping holds it."""
+    global _mapped
+    st = os.stat(path)
+    key = (path, st.st_dev, st.st_ino, size)
+    if _mapped is None or _mapped[0] != key:
+        _mapped = None  # the old file's pages go before the new ones come
+        _mapped = (key, torch.from_file(path, shared=True, size=size, dtype=torch.uint8))
+    return _mapped[1]
+
+
 def tensors_from_update_info(info: dict) -> Iterator[tuple[str, torch.Tensor]]:
-    """Worker side: maps the staging file read-only and yields (name, tensor) views over it."""
+    """Worker side: maps the staging file and yields (name, tensor) views over it."""
     size = int(info["size"])
     if size == 0:
         return
-    raw = torch.from_file(info["path"], shared=True, size=size, dtype=torch.uint8)
+    raw = _map(info["path"], size)
     for name, dtype_name, shape, offset in info["tensors"]:
         dtype = DTYPES_BY_NAME[dtype_name]
         numel = 1

@@ -11,6 +11,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import grpc
@@ -271,3 +272,41 @@ def test_tcp_connection_cut_halfway_leaves_old_version_and_resumes(servers, tiny
     assert report.ok and report.bytes_sent < source.total_bytes * 0.75
     tokens, versions = greedy(target)
     assert tokens == reference["b"] and versions == {version}
+
+
+def test_a_partial_newer_version_left_by_a_dead_sender_does_not_lock_the_server_out(servers, tiny_model, reference):
+    """A trainer dies halfway through pushing version v+5 and a restarted one counts from the serving version: v+1.
+    While a stream still feeds v+5, the older v+1 is refused; once none does, v+1 replaces the stranded partial."""
+    target = servers[1]
+    source = WeightSource.from_hf_checkpoint(tiny_model, chunk_bytes=64 * 1024)
+    serving = status(target).serving_version
+    stranded = serving + 5
+    hold = threading.Event()
+
+    def header_and_two_chunks_then_hang():
+        requests = _requests(source, stranded)
+        yield from (next(requests) for _ in range(3))
+        hold.wait(60)
+
+    call = stub(target).UpdateWeights.future(header_and_two_chunks_then_hang(), timeout=120)
+    try:
+        deadline = time.monotonic() + 30
+        while len(status(target).staged_chunk_indices) < 2:
+            assert time.monotonic() < deadline, status(target)
+            time.sleep(0.05)
+        with pytest.raises(grpc.RpcError) as err:
+            stub(target).UpdateWeights(_requests(source, serving + 1), timeout=60)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert f"version {stranded} is arriving now" in err.value.details()
+    finally:
+        call.cancel()  # the first sender dies
+        hold.set()
+    assert status(target).staged_version == stranded  # kept: its sender could still come back and resume it
+
+    deadline = time.monotonic() + 20
+    while not (report := push(source, [target], version=serving + 1, transport="grpc")).ok:
+        assert time.monotonic() < deadline, report.failed  # until the server has seen the stream end
+        time.sleep(0.2)
+    after = status(target)
+    assert after.serving_version == serving + 1 and after.staged_version == 0
+    assert greedy(target) == (reference["a"], {serving + 1})
