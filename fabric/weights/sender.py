@@ -168,6 +168,24 @@ def _failure(target: str, version: int, exc: BaseException, reason: str) -> roll
     )
 
 
+def _triage(targets, found, version, report, already_committed: bool) -> list:
+    """Records the results of targets that are unreachable or already serve `version`; returns the others as
+    (target, status), the ones still to be sent."""
+    pending = []
+    for target, status in zip(targets, found, strict=True):
+        if isinstance(status, Exception):
+            report.results.append(_failure(target, version, status, "UNREACHABLE"))
+        elif status.serving_version == version:
+            report.results.append(
+                rollout_pb2.WeightUpdateResult(
+                    server=target, weight_version=version, committed=True, already_committed=already_committed
+                )
+            )
+        else:
+            pending.append((target, status))
+    return pending
+
+
 def _is_transient(exc: BaseException) -> bool:
     return not isinstance(exc, grpc.aio.AioRpcError) or exc.code() not in _REFUSALS
 
@@ -190,22 +208,14 @@ async def push_weights(
     if mode not in (None, "relay", "direct"):
         raise ValueError(f"mode must be relay or direct, got {mode!r}")
     found = await asyncio.gather(*(_status_or_error(t) for t in targets))
-    reachable = [(t, s) for t, s in zip(targets, found, strict=True) if not isinstance(s, Exception)]
     if version is None:
-        version = max((s.serving_version for _, s in reachable), default=0) + 1
-    pending = [(t, s) for t, s in reachable if s.serving_version != version]
+        version = max((s.serving_version for s in found if not isinstance(s, Exception)), default=0) + 1
+    report = PushReport(version, "", "", list(targets))
+    pending = _triage(targets, found, version, report, already_committed=True)
     if transport == "auto":
         transport = "tcp" if pending and all(s.tcp_data_port for _, s in pending) else "grpc"
-    mode = mode or ("relay" if len(pending) >= 2 else "direct")
-    report = PushReport(version, mode, transport, list(targets))
-    report.results.extend(
-        _failure(t, version, s, "UNREACHABLE") for t, s in zip(targets, found, strict=True) if isinstance(s, Exception)
-    )
-    report.results.extend(
-        rollout_pb2.WeightUpdateResult(server=t, weight_version=version, committed=True, already_committed=True)
-        for t, s in reachable
-        if s.serving_version == version
-    )
+    report.transport = transport
+    report.mode = mode = mode or ("relay" if len(pending) >= 2 else "direct")
     if not pending:
         return report
     start = time.perf_counter()
@@ -247,16 +257,7 @@ async def _relay(source, version, pending, transport, timeout, report) -> None:
                 return
         rest = names[1:]
         found = await asyncio.gather(*(_status_or_error(t) for t in rest))
-        pending = []
-        for target, status in zip(rest, found, strict=True):
-            if isinstance(status, Exception):
-                report.results.append(_failure(target, version, status, "UNREACHABLE"))
-            elif status.serving_version == version:  # committed before the chain broke
-                report.results.append(
-                    rollout_pb2.WeightUpdateResult(server=target, weight_version=version, committed=True)
-                )
-            else:
-                pending.append((target, status))
+        pending = _triage(rest, found, version, report, already_committed=False)  # committed: before the break
 
 
 async def _send_parallel(source, version, target, chunks, status, transport, timeout, report, streams):
