@@ -31,6 +31,15 @@ from fabric.weights.staging import StagingBuffer, layout
 log = logging.getLogger(__name__)
 
 RELAY_QUEUE_CHUNKS = 8  # bounded: a slow next hop slows this stream down instead of filling memory
+# A next hop that accepts TCP but never answers (a hung host) stalls this stream once the queue is full: give it up
+# after this long instead of gRPC's default 20 s connection attempt. A live hop answers in milliseconds.
+RELAY_CONNECT_TIMEOUT_MS = 5_000
+
+
+def _relay_channel_options() -> list:
+    from fabric.server import CHANNEL_OPTIONS
+
+    return [*CHANNEL_OPTIONS, ("grpc.min_reconnect_backoff_ms", RELAY_CONNECT_TIMEOUT_MS)]
 
 
 @dataclass
@@ -507,7 +516,7 @@ class _GrpcRelay:
         self.header = header
         self.target = header.relay_targets[0]
         self.queue: asyncio.Queue = asyncio.Queue(maxsize=RELAY_QUEUE_CHUNKS)
-        self.channel = security.channel(self.target)
+        self.channel = security.channel(self.target, options=_relay_channel_options())
         stub = rollout_pb2_grpc.RolloutServiceStub(self.channel)
         self.error: str | None = None
         self.ended = False
@@ -631,7 +640,7 @@ class _TcpRelay:
 
 
 def _tcp_port_of(target: str) -> int:
-    with security.sync_channel(target) as channel:
+    with security.sync_channel(target, options=_relay_channel_options()) as channel:
         status = rollout_pb2_grpc.RolloutServiceStub(channel).GetWeightsStatus(
             rollout_pb2.GetWeightsStatusRequest(), timeout=10
         )
