@@ -4,7 +4,8 @@
    raw TCP between two processes (the limit) vs the fabric's UpdateWeights over gRPC (1 and 4 streams) and over its
    raw-TCP data plane.
 2. Fan-out, 1 / 2 / 4 rollout servers, each in its own network namespace behind a 1 Gbit/s veth link (tc), the
-   sender in another: the sender's egress bytes and the wall time, relay chain vs direct streams.
+   sender in another: the sender's egress bytes and the wall time, relay chain vs direct streams. Every server has
+   received one version before the clock starts (as in a run after its first step); each row is the median of 3.
 Run with `make bench` (all benchmarks) or `python -m bench weight_sync`.
 """
 
@@ -38,6 +39,7 @@ BIG = dict(
     num_key_value_heads=4,
     head_dim=64,
 )  # ~225 MB float32
+REPEATS = 3  # fan-out pushes per configuration; the table shows the median
 MEDIUM = dict(
     hidden_size=512,
     intermediate_size=1408,
@@ -170,51 +172,59 @@ def fanout() -> list[dict]:
         ]
         try:
             addresses = start_all(servers, timeout=600)
-            version = 0
-            for count in (1, 2, 4):
-                for mode in ("relay", "direct"):
-                    if count == 1 and mode == "direct":
-                        continue  # one target: relay and direct are the same single stream
-                    version += 1
-                    cmd = [
-                        *sender.prefix,
-                        sys.executable,
-                        "-m",
-                        "fabric.cli",
-                        "push-weights",
-                        "--checkpoint",
-                        str(model),
-                        "--version",
-                        str(version),
-                        "--mode",
-                        mode,
-                        "--transport",
-                        "tcp",
-                    ]
-                    for address in addresses[:count]:
-                        cmd += ["--target", address]
-                    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-                    line = re.search(r"bytes=(\d+) sent=(\d+) seconds=([\d.]+)", out.stdout)
-                    if out.returncode != 0 or not line:
-                        raise RuntimeError(f"push-weights failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
-                    size, sent, seconds = int(line.group(1)), int(line.group(2)), float(line.group(3))
-                    results.append(
-                        dict(
-                            servers=count,
-                            mode=mode,
-                            model_mb=size / 1e6,
-                            egress_mb=sent / 1e6,
-                            egress_x=sent / size,
-                            seconds=seconds,
-                            # until every server of the chain had every byte (its time minus its own commit)
-                            receive_s=max(r["seconds"] - r["commit_seconds"] for r in per_server(out.stdout)),
-                            commit_s=max(r["commit_seconds"] for r in per_server(out.stdout)),
-                        )
+            # Untimed warm-up: every server receives one version first, as after a run's first step, so that no row
+            # pays a server's first push (its staging file allocated, the worker mapping it) and the others not.
+            configurations = [(len(addresses), "direct", False)]
+            for _ in range(REPEATS):  # interleaved, so that a burst of load on the box does not hit one row alone
+                for count in (1, 2, 4):  # with one target, relay and direct are the same stream: measured once
+                    modes = ("relay",) if count == 1 else ("relay", "direct")
+                    configurations += [(count, mode, True) for mode in modes]
+            for version, (count, mode, timed) in enumerate(configurations, start=1):
+                cmd = [
+                    *sender.prefix,
+                    sys.executable,
+                    "-m",
+                    "fabric.cli",
+                    "push-weights",
+                    "--checkpoint",
+                    str(model),
+                    "--version",
+                    str(version),
+                    "--mode",
+                    mode,
+                    "--transport",
+                    "tcp",
+                ]
+                for address in addresses[:count]:
+                    cmd += ["--target", address]
+                out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+                line = re.search(r"bytes=(\d+) sent=(\d+) seconds=([\d.]+)", out.stdout)
+                if out.returncode != 0 or not line:
+                    raise RuntimeError(f"push-weights failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+                size, sent, seconds = int(line.group(1)), int(line.group(2)), float(line.group(3))
+                if not timed:
+                    continue
+                results.append(
+                    dict(
+                        servers=count,
+                        mode=mode,
+                        model_mb=size / 1e6,
+                        egress_mb=sent / 1e6,
+                        egress_x=sent / size,
+                        seconds=seconds,
+                        # until every server of the chain had every byte (its time minus its own commit)
+                        receive_s=max(r["seconds"] - r["commit_seconds"] for r in per_server(out.stdout)),
+                        commit_s=max(r["commit_seconds"] for r in per_server(out.stdout)),
                     )
+                )
         finally:
             for server in servers:
                 server.stop(grace=5)
-    return results
+    medians = []  # per configuration, the run with the median wall time
+    for key in dict.fromkeys((r["servers"], r["mode"]) for r in results):
+        runs = sorted((r for r in results if (r["servers"], r["mode"]) == key), key=lambda r: r["seconds"])
+        medians.append(runs[len(runs) // 2])
+    return medians
 
 
 def per_server(stdout: str) -> list[dict]:
@@ -236,7 +246,7 @@ def main() -> None:
     if fan:
         one = next(r for r in fan if r["servers"] == 1)
         table = Table(
-            title="fan-out: servers in namespaces behind 1 Gbit/s links, sender in its own "
+            title=f"fan-out: servers in namespaces behind 1 Gbit/s links, sender in its own; median of {REPEATS} pushes "
             "(receive: until the last server had every byte; commit: into vLLM, CPU-bound on 2 cores)"
         )
         columns = ("servers", "mode", "sender egress MB", "egress / model", "seconds", "vs 1", "receive s",
