@@ -16,7 +16,7 @@ actor_infer:
 
 Only the rollout server's keys are read; every other key of a ROLL `actor_infer` section is accepted and ignored,
 so a ROLL config loads unchanged. Engine arguments (`strategy_config`) are checked against vLLM itself when the
-engine is built (fabric.rollout.engine), not here.
+engine is built (fabric.rollout.vllm.engine), not here.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from fabric.config.loader import ConfigError, parse_device_mapping, role_section
+from fabric.rollout.engine import ENGINES, engine_names
 
 # generating_args keys -> fabric.v1.SamplingParams fields (ROLL's names; `stop_strings` is ROLL's name for `stop`).
 GENERATING_KEYS = {
@@ -67,6 +68,7 @@ class RolloutConfig:
     max_queue_length: int = DEFAULT_MAX_QUEUE_LENGTH
     drain_grace_s: float = DEFAULT_DRAIN_GRACE_S
     device_mapping: list[int] = field(default_factory=list)
+    strategy_name: str = "vllm"  # the engine (fabric.rollout.engine.ENGINES)
 
     def key(self, *parts: str) -> str:
         return ".".join([self.role, *parts])
@@ -115,10 +117,10 @@ def load_rollout_config(cfg: DictConfig, role: str = "actor_infer") -> RolloutCo
 
     strategy_args = _mapping(section.get("strategy_args"), f"{role}.strategy_args")
     name = strategy_args.get("strategy_name")
-    if name != "vllm":
+    if name not in ENGINES:
         raise ConfigError(
             f"{role}.strategy_args.strategy_name",
-            f"the rollout server runs vLLM: set strategy_name: vllm (got {name!r})",
+            f"no rollout engine named {name!r}: use one of {', '.join(engine_names())}",
         )
     strategy_config = dict(_mapping(strategy_args.get("strategy_config"), f"{role}.strategy_args.strategy_config"))
     sleep_level = strategy_config.pop("sleep_level", 1)  # ROLL pops it too: it is not a vLLM engine argument
@@ -136,6 +138,7 @@ def load_rollout_config(cfg: DictConfig, role: str = "actor_infer") -> RolloutCo
         infer_batch_size=_positive_int(section, "infer_batch_size", DEFAULT_INFER_BATCH_SIZE, role),
         max_queue_length=_positive_int(section, "max_queue_length", DEFAULT_MAX_QUEUE_LENGTH, role),
         device_mapping=parse_device_mapping(section.get("device_mapping"), f"{role}.device_mapping"),
+        strategy_name=name,
     )
     grace = section.get("drain_grace_s", DEFAULT_DRAIN_GRACE_S)
     if isinstance(grace, bool) or not isinstance(grace, int | float) or grace < 0:

@@ -1,1 +1,2 @@
-"""The rollout server: fabric.v1.RolloutService on vLLM (engine.py is the only module that touches vLLM)."""
+"""The rollout server: fabric.v1.RolloutService over a RolloutEngine (engine.py: protocol and registry; vllm/: the
+vLLM engine, the only code that touches vLLM)."""

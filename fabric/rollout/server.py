@@ -14,7 +14,7 @@ from collections.abc import Callable
 from fabric import security
 from fabric.config import load_config
 from fabric.config.rollout import RolloutConfig, load_rollout_config
-from fabric.rollout.engine import VLLMEngine
+from fabric.rollout.engine import create_engine
 from fabric.rollout.servicer import RolloutServicer
 from fabric.rollout.validation import check_generating_args
 from fabric.server import FabricServer, print_ready
@@ -32,7 +32,7 @@ class EngineStartError(RuntimeError):
 async def serve(
     config: RolloutConfig, host: str = "127.0.0.1", port: int = 0, ready: Callable[[str], None] | None = None
 ) -> None:
-    engine = VLLMEngine(config)  # checks the engine arguments: ConfigError before the slow start
+    engine = create_engine(config)  # checks the engine arguments: ConfigError before the slow start
     servicer = RolloutServicer(engine, config)
     server = FabricServer(
         [SERVICE_NAME],

@@ -17,13 +17,26 @@ import grpc
 
 from fabric.config.rollout import RolloutConfig
 from fabric.errors import FabricError, abort, invalid, precondition, unavailable
-from fabric.rollout.engine import WAKE_TAGS, Sample, Sampling, VLLMEngine
+from fabric.rollout.engine import WAKE_TAGS, FinishReason, RolloutEngine, Sample, Sampling, SleepState
 from fabric.rollout.validation import resolve_request
 from fabric.v1 import rollout_pb2, rollout_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 _END = object()  # ends a stream's response queue
+
+# The engine's plain enums <-> the wire's.
+_FINISH_REASONS = {
+    FinishReason.STOP: rollout_pb2.FINISH_REASON_STOP,
+    FinishReason.LENGTH: rollout_pb2.FINISH_REASON_LENGTH,
+    FinishReason.ABORT: rollout_pb2.FINISH_REASON_ABORT,
+    FinishReason.UNSPECIFIED: rollout_pb2.FINISH_REASON_UNSPECIFIED,
+}
+_SLEEP_STATES = {
+    SleepState.AWAKE: rollout_pb2.SLEEP_STATE_AWAKE,
+    SleepState.ASLEEP: rollout_pb2.SLEEP_STATE_ASLEEP,
+    SleepState.WEIGHTS_ONLY: rollout_pb2.SLEEP_STATE_WEIGHTS_ONLY,
+}
 
 
 @dataclass(eq=False)
@@ -54,7 +67,7 @@ class _Request:
 
 
 class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
-    def __init__(self, engine: VLLMEngine, config: RolloutConfig, server_name: str = ""):
+    def __init__(self, engine: RolloutEngine, config: RolloutConfig, server_name: str = ""):
         self.engine = engine
         self.config = config
         self.server_name = server_name
@@ -70,8 +83,8 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
     # ---- Generate ----
 
     def _asleep(self) -> FabricError | None:
-        if self.going_to_sleep or self.engine.sleep_state != rollout_pb2.SLEEP_STATE_AWAKE:
-            state = rollout_pb2.SleepState.Name(self.engine.sleep_state)
+        if self.going_to_sleep or self.engine.sleep_state != SleepState.AWAKE:
+            state = rollout_pb2.SleepState.Name(_SLEEP_STATES[self.engine.sleep_state])
             return unavailable(
                 f"the rollout server is asleep ({state}): call WakeUp (tags weights, then kv_cache) before Generate",
                 reason="ASLEEP",
@@ -192,7 +205,7 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
             token_ids=sample.token_ids,
             text=sample.text,
             logprobs=sample.logprobs,
-            finish_reason=sample.finish_reason,
+            finish_reason=_FINISH_REASONS[sample.finish_reason],
             weight_version=version,
             prompt_token_ids=request.prompt_ids,
             server=self.server_name,
@@ -224,7 +237,7 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         """Aborts a live request; its samples are still answered, with finish reason abort."""
         if request.task is None:
             self.pending.remove(request)
-            aborted = Sample(token_ids=[], text="", logprobs=[], finish_reason=rollout_pb2.FINISH_REASON_ABORT)
+            aborted = Sample(token_ids=[], text="", logprobs=[], finish_reason=FinishReason.ABORT)
             for index in range(request.sampling.num_return_sequences):
                 response = self._sample_response(request, index, aborted, self.engine.weight_version)
                 request.stream.out.put_nowait(response)
@@ -256,7 +269,7 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         level = request.level or self.config.sleep_level
         if level not in (1, 2):
             await abort(context, invalid("level", f"must be 1 or 2 (0: the server's sleep_level), got {request.level}"))
-        if self.engine.sleep_state == rollout_pb2.SLEEP_STATE_AWAKE and not self.going_to_sleep:
+        if self.engine.sleep_state == SleepState.AWAKE and not self.going_to_sleep:
             self.going_to_sleep = True  # refuse new requests from here on
             try:
                 await self._abort_all()
@@ -264,22 +277,22 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
             finally:
                 self.going_to_sleep = False
             log.info("asleep (level %d)", level)
-        return rollout_pb2.SleepResponse(state=self.engine.sleep_state, level=self.engine.sleep_level)
+        return rollout_pb2.SleepResponse(state=_SLEEP_STATES[self.engine.sleep_state], level=self.engine.sleep_level)
 
     async def WakeUp(self, request, context):
         tags = list(dict.fromkeys(request.tags))
         for i, tag in enumerate(tags):
             if tag not in WAKE_TAGS:
                 await abort(context, invalid(f"tags[{i}]", f"unknown tag {tag!r}: use {' or '.join(WAKE_TAGS)}"))
-        if self.engine.sleep_state == rollout_pb2.SLEEP_STATE_ASLEEP and tags == ["kv_cache"]:
+        if self.engine.sleep_state == SleepState.ASLEEP and tags == ["kv_cache"]:
             await abort(
                 context,
                 precondition("wake up in two steps: tags [weights] first, then [kv_cache] (or empty tags for both)",
                              "WAKE_ORDER", "tags"),
             )  # fmt: skip
         await self.engine.wake_up(tags)
-        log.info("wake-up %s -> %s", tags or "all", rollout_pb2.SleepState.Name(self.engine.sleep_state))
-        return rollout_pb2.WakeUpResponse(state=self.engine.sleep_state)
+        log.info("wake-up %s -> %s", tags or "all", self.engine.sleep_state)
+        return rollout_pb2.WakeUpResponse(state=_SLEEP_STATES[self.engine.sleep_state])
 
     # ---- Info ----
 
@@ -293,7 +306,7 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
             weight_version=engine.weight_version,
             queue_depth=len(self.pending),
             running_requests=self.running,
-            sleep_state=engine.sleep_state,
+            sleep_state=_SLEEP_STATES[engine.sleep_state],
             sleep_level=engine.sleep_level,
             max_model_len=engine.max_model_len,
             vocab_size=engine.vocab_size,

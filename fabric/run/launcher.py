@@ -169,7 +169,7 @@ def check_before_start(cfg, pc) -> None:
     previous = os.environ.get("VLLM_LOGGING_LEVEL")
     os.environ["VLLM_LOGGING_LEVEL"] = "ERROR"  # vLLM's import chatter would bury the one line that matters
     try:
-        from fabric.rollout.engine import build_engine_args, check_engine_args
+        from fabric.rollout.engine import check_engine_config
     finally:
         if previous is None:
             os.environ.pop("VLLM_LOGGING_LEVEL")
@@ -183,7 +183,7 @@ def check_before_start(cfg, pc) -> None:
     if not Path(pc.dataset).is_file():
         raise ConfigError("actor_train.data_args.file_name", f"dataset not found: {pc.dataset}")
     rollout = load_rollout_config(cfg, "actor_infer")
-    check_engine_args(rollout, build_engine_args(rollout))
+    check_engine_config(rollout)
     load_reward_configs(cfg, "rewards")
     if pc.num_rollout_servers < 1 or pc.num_reward_servers < 1:
         raise ConfigError("cluster.num_rollout_servers", "fabric run needs at least one rollout and one reward server")

