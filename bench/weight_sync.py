@@ -246,7 +246,8 @@ def main() -> None:
     if fan:
         one = next(r for r in fan if r["servers"] == 1)
         table = Table(
-            title=f"fan-out: servers in namespaces behind 1 Gbit/s links, sender in its own; median of {REPEATS} pushes "
+            title="fan-out: servers in namespaces behind 1 Gbit/s links, sender in its own; "
+            f"median of {REPEATS} pushes "
             "(receive: until the last server had every byte; commit: into vLLM, CPU-bound on 2 cores)"
         )
         columns = ("servers", "mode", "sender egress MB", "egress / model", "seconds", "vs 1", "receive s",
