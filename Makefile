@@ -36,6 +36,7 @@ lint: setup
 	else echo "buf breaking: no main with protos to compare against"; fi
 	$(BIN)/ruff check fabric tests bench
 	$(BIN)/ruff format --check fabric tests bench
+	$(BIN)/mypy  # fabric/, configured in pyproject.toml ([tool.mypy])
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -73,6 +73,7 @@ class ServerProcess:
         return self
 
     def _pump(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None  # started by start() with stdout=PIPE
         log = self.log_path.open("a") if self.log_path else None
         try:
             for line in self.proc.stdout:
@@ -97,6 +98,7 @@ class ServerProcess:
                 self.stop(grace=1)
                 raise TimeoutError(f"{self.name} not ready after {timeout:.0f} s:\n{self.last_lines()}")
         if self.address is None:
+            assert self.proc is not None
             self.proc.wait(timeout=10)
             raise RuntimeError(f"{self.name} exited with code {self.proc.returncode}:\n{self.last_lines()}")
         return self.address
@@ -109,7 +111,7 @@ class ServerProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def signal(self, sig: int) -> None:
-        if self.alive:
+        if self.proc is not None and self.proc.poll() is None:  # alive
             os.killpg(self.proc.pid, sig)
 
     def stop(self, grace: float = 15.0) -> int | None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from fabric import security
-from fabric.v1 import rollout_pb2, rollout_pb2_grpc
+from fabric.v1 import reward_pb2, rollout_pb2, rollout_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,9 @@ class RolloutPool:
             server.queue.put_nowait(pending.request)
 
         async def feed(server: _Server):
-            while (request := await server.queue.get()) is not None:
+            queue = server.queue  # made by submit() before it started this reader; ends with a None
+            assert queue is not None
+            while (request := await queue.get()) is not None:
                 yield request
 
         async def read(server: _Server) -> None:
@@ -266,7 +268,8 @@ class RewardPool:
         """Scores `share`; items the server answered with a transient per-item error (the model failed on the batch,
         a deadline) are retried like a failed call; an item refused as invalid fails the step with the reason."""
         addresses = list(self.clients)
-        errors, scored = [], []
+        errors: list[str] = []
+        scored: list[reward_pb2.ScoreResponse] = []
         for attempt in range(self.attempts * len(addresses)):
             address = addresses[(first + attempt) % len(addresses)]
             try:

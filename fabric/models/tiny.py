@@ -56,13 +56,14 @@ def make_tiny_model(out_dir: str | Path, seed: int = 0, vocab_size: int = 320, *
         tokenizer_object=train_tokenizer(vocab_size), eos_token=EOS_TOKEN, pad_token=EOS_TOKEN
     )
     eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+    assert isinstance(eos_id, int)  # one token in, one id out
     padded_vocab = -(-len(tokenizer) // 64) * 64  # round up: friendlier shapes for the kernels
     config = Qwen2Config(
         vocab_size=padded_vocab,
         bos_token_id=eos_id,
         eos_token_id=eos_id,
         pad_token_id=eos_id,
-        torch_dtype="float32",
+        dtype="float32",  # `torch_dtype` before transformers 5; config.json holds "dtype" either way
         **{**TINY_CONFIG, **overrides},
     )
     torch.manual_seed(seed)

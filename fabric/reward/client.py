@@ -56,7 +56,7 @@ class RewardClient:
             if unknown:
                 raise ValueError(f"item {index}: unknown keys {sorted(unknown)}; allowed: {', '.join(ITEM_FIELDS)}")
             requests.append(reward_pb2.ScoreRequest(**{"request_id": str(index), **item}))
-        order = {}
+        order: dict[str, int] = {}
         for index, req in enumerate(requests):
             if req.request_id in order:
                 raise ValueError(f"item {index}: request_id {req.request_id!r} repeats item {order[req.request_id]}")
@@ -69,10 +69,11 @@ class RewardClient:
         missing = [r.request_id for r, got in zip(requests, responses, strict=True) if got is None]
         if missing:
             raise RuntimeError(f"reward server {self.address} closed the stream without answering {missing[:5]}")
-        failed = [r for r in responses if r.HasField("error")]
+        answered = [r for r in responses if r is not None]  # all of them: none is missing
+        failed = [r for r in answered if r.HasField("error")]
         if failed and raise_on_error:
-            raise RewardItemError(failed, responses)
-        return responses
+            raise RewardItemError(failed, answered)
+        return answered
 
     async def info(self) -> reward_pb2.RewardServiceGetServerInfoResponse:
         return await self.stub.GetServerInfo(reward_pb2.RewardServiceGetServerInfoRequest(), timeout=30)

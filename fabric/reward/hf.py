@@ -124,7 +124,7 @@ class HFRewardModelScorer(Scorer):
             scores = self._forward({key: [rows[k] for k in ok] for key, rows in encodings.items()})
             for k, score in zip(ok, scores, strict=True):
                 results[k] = ScoreResult(score)
-        return results
+        return [r for r in results if r is not None]  # every item has its result or its error by now
 
     def _too_long(self, tokens: int) -> BaseException:
         return invalid(

@@ -103,6 +103,8 @@ class MathRuleScorer(Scorer):
 
     async def _score_one(self, item: ScoreItem, retry: bool = True) -> ScoreResult | BaseException:
         pool = self._pool
+        if pool is None:
+            return RuntimeError(f"{self.name}: not started, or closed")
         future = asyncio.get_running_loop().run_in_executor(
             pool, verify_math, item.response, item.ground_truth, self.timeout_s
         )

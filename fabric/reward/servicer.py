@@ -6,6 +6,7 @@ Path of a Score item: Score() -> _validate() -> Batcher.submit() -> Scorer.score
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 
@@ -126,13 +127,17 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
                     ScoreItem(req.request_id, req.prompt, req.response, req.ground_truth, list(req.response_token_ids))
                 )
                 live[req.request_id] = future
-                future.add_done_callback(lambda f, req=req: answer(req, f))
+                future.add_done_callback(functools.partial(answer, req))
             reading_done = True
             if not live:
                 answers.put_nowait(None)
 
+        def reader_done(task: asyncio.Task) -> None:
+            if not task.cancelled() and task.exception() is not None:
+                answers.put_nowait(None)  # ends the loop below, which reports the failure
+
         reader = asyncio.create_task(read())
-        reader.add_done_callback(lambda r: r.cancelled() or r.exception() is None or answers.put_nowait(None))
+        reader.add_done_callback(reader_done)
         try:
             while (response := await answers.get()) is not None:
                 yield response
