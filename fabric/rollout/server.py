@@ -46,10 +46,13 @@ async def serve(
         try:
             await engine.start()
         except Exception as exc:
-            raise EngineStartError(f"vLLM engine failed to start ({exc}); its log above says why") from exc
+            raise EngineStartError(
+                f"{config.strategy_name} engine failed to start ({exc}); its log above says why"
+            ) from exc
         await server.serve_forever(grace=config.drain_grace_s, ready=ready)
         log.info("stopped")
     finally:
+        servicer.close()  # staging files first: they are RAM-backed shared memory
         engine.shutdown()
 
 

@@ -20,9 +20,9 @@ import torch
 
 from fabric.procs import ServerProcess, start_all
 from fabric.v1 import rollout_pb2, rollout_pb2_grpc
-from fabric.weights import tcp
 from fabric.weights.manifest import TORCH_TO_PROTO
 from fabric.weights.sender import WeightSource, push_weights
+from fabric.weights.transports import tcp
 from tests.references import hf_greedy
 
 pytestmark = pytest.mark.slow
