@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file fabric/v1/rollout.proto.
  */
 export const file_fabric_v1_rollout: GenFile = /*@__PURE__*/
-  fileDesc("ChdmYWJyaWMvdjEvcm9sbG91dC5wcm90bxIJZmFicmljLnYxIo4DCg5TYW1wbGluZ1BhcmFtcxIbCg5tYXhfbmV3X3Rva2VucxgBIAEoBUgAiAEBEhgKC3RlbXBlcmF0dXJlGAIgASgCSAGIAQESEgoFdG9wX3AYAyABKAJIAogBARISCgV0b3BfaxgEIAEoBUgDiAEBEhYKCW51bV9iZWFtcxgFIAEoBUgEiAEBEiEKFG51bV9yZXR1cm5fc2VxdWVuY2VzGAYgASgFSAWIAQESEQoEc2VlZBgHIAEoA0gGiAEBEhUKCGxvZ3Byb2JzGAggASgISAeIAQESDAoEc3RvcBgJIAMoCRIfChJyZXBldGl0aW9uX3BlbmFsdHkYCiABKAJICIgBAUIRCg9fbWF4X25ld190b2tlbnNCDgoMX3RlbXBlcmF0dXJlQggKBl90b3BfcEIICgZfdG9wX2tCDAoKX251bV9iZWFtc0IXChVfbnVtX3JldHVybl9zZXF1ZW5jZXNCBwoFX3NlZWRCCwoJX2xvZ3Byb2JzQhUKE19yZXBldGl0aW9uX3BlbmFsdHkikQEKD0dlbmVyYXRlUmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgJEg4KBnByb21wdBgCIAEoCRIYChBwcm9tcHRfdG9rZW5faWRzGAMgAygFEisKCHNhbXBsaW5nGAQgASgLMhkuZmFicmljLnYxLlNhbXBsaW5nUGFyYW1zEhMKC3Nlc3Npb25fa2V5GAUgASgJIoICChBHZW5lcmF0ZVJlc3BvbnNlEhIKCnJlcXVlc3RfaWQYASABKAkSFAoMc2FtcGxlX2luZGV4GAIgASgFEhEKCXRva2VuX2lkcxgDIAMoBRIMCgR0ZXh0GAQgASgJEhAKCGxvZ3Byb2JzGAUgAygCEi4KDWZpbmlzaF9yZWFzb24YBiABKA4yFy5mYWJyaWMudjEuRmluaXNoUmVhc29uEhYKDndlaWdodF92ZXJzaW9uGAcgASgDEhgKEHByb21wdF90b2tlbl9pZHMYCCADKAUSHwoFZXJyb3IYCSABKAsyEC5mYWJyaWMudjEuRXJyb3ISDgoGc2VydmVyGAogASgJIiMKDEFib3J0UmVxdWVzdBITCgtyZXF1ZXN0X2lkcxgBIAMoCSIsCg1BYm9ydFJlc3BvbnNlEhsKE2Fib3J0ZWRfcmVxdWVzdF9pZHMYASADKAkibQoUVXBkYXRlV2VpZ2h0c1JlcXVlc3QSLgoGaGVhZGVyGAEgASgLMh4uZmFicmljLnYxLlVwZGF0ZVdlaWdodHNIZWFkZXISJQoFY2h1bmsYAiABKAsyFi5mYWJyaWMudjEuV2VpZ2h0Q2h1bmsiiAEKE1VwZGF0ZVdlaWdodHNIZWFkZXISFgoOd2VpZ2h0X3ZlcnNpb24YASABKAMSKwoIbWFuaWZlc3QYAiABKAsyGS5mYWJyaWMudjEuV2VpZ2h0TWFuaWZlc3QSFQoNcmVsYXlfdGFyZ2V0cxgDIAMoCRIVCg1jaHVua19pbmRpY2VzGAQgAygFIkcKFVVwZGF0ZVdlaWdodHNSZXNwb25zZRIuCgdyZXN1bHRzGAEgAygLMh0uZmFicmljLnYxLldlaWdodFVwZGF0ZVJlc3VsdCLMAQoSV2VpZ2h0VXBkYXRlUmVzdWx0Eg4KBnNlcnZlchgBIAEoCRIWCg53ZWlnaHRfdmVyc2lvbhgCIAEoAxIRCgljb21taXR0ZWQYAyABKAgSGQoRYWxyZWFkeV9jb21taXR0ZWQYBCABKAgSFgoOYnl0ZXNfcmVjZWl2ZWQYBSABKAMSDwoHc2Vjb25kcxgGIAEoARIWCg5jb21taXRfc2Vjb25kcxgHIAEoARIfCgVlcnJvchgIIAEoCzIQLmZhYnJpYy52MS5FcnJvciIZChdHZXRXZWlnaHRzU3RhdHVzUmVxdWVzdCLmAQoYR2V0V2VpZ2h0c1N0YXR1c1Jlc3BvbnNlEhcKD3NlcnZpbmdfdmVyc2lvbhgBIAEoAxIWCg5zdGFnZWRfdmVyc2lvbhgCIAEoAxIeChZzdGFnZWRfbWFuaWZlc3RfZGlnZXN0GAMgASgJEhwKFHN0YWdlZF9jaHVua19pbmRpY2VzGAQgAygFEhQKDHRvdGFsX2NodW5rcxgFIAEoBRIVCg10Y3BfZGF0YV9wb3J0GAYgASgFEh8KF3NlcnZpbmdfbWFuaWZlc3RfZGlnZXN0GAcgASgJEg0KBWR0eXBlGAggASgJIh0KDFNsZWVwUmVxdWVzdBINCgVsZXZlbBgBIAEoBSJECg1TbGVlcFJlc3BvbnNlEiQKBXN0YXRlGAEgASgOMhUuZmFicmljLnYxLlNsZWVwU3RhdGUSDQoFbGV2ZWwYAiABKAUiHQoNV2FrZVVwUmVxdWVzdBIMCgR0YWdzGAEgAygJIjYKDldha2VVcFJlc3BvbnNlEiQKBXN0YXRlGAEgASgOMhUuZmFicmljLnYxLlNsZWVwU3RhdGUiJAoiUm9sbG91dFNlcnZpY2VHZXRTZXJ2ZXJJbmZvUmVxdWVzdCLjAgojUm9sbG91dFNlcnZpY2VHZXRTZXJ2ZXJJbmZvUmVzcG9uc2USDQoFbW9kZWwYASABKAkSGgoSZW5naW5lX2NvbmZpZ19qc29uGAIgASgJEhYKDndlaWdodF92ZXJzaW9uGAMgASgDEhMKC3F1ZXVlX2RlcHRoGAQgASgFEhgKEHJ1bm5pbmdfcmVxdWVzdHMYBSABKAUSKgoLc2xlZXBfc3RhdGUYBiABKA4yFS5mYWJyaWMudjEuU2xlZXBTdGF0ZRITCgtzbGVlcF9sZXZlbBgHIAEoBRIVCg1tYXhfbW9kZWxfbGVuGAggASgFEhIKCnZvY2FiX3NpemUYCSABKAUSGAoQaW5mZXJfYmF0Y2hfc2l6ZRgKIAEoBRIcChRnZW5lcmF0aW5nX2FyZ3NfanNvbhgLIAEoCRIOCgZzZXJ2ZXIYDCABKAkSFgoOZW5naW5lX3ZlcnNpb24YDSABKAkqeAoMRmluaXNoUmVhc29uEh0KGUZJTklTSF9SRUFTT05fVU5TUEVDSUZJRUQQABIWChJGSU5JU0hfUkVBU09OX1NUT1AQARIYChRGSU5JU0hfUkVBU09OX0xFTkdUSBACEhcKE0ZJTklTSF9SRUFTT05fQUJPUlQQAyp2CgpTbGVlcFN0YXRlEhsKF1NMRUVQX1NUQVRFX1VOU1BFQ0lGSUVEEAASFQoRU0xFRVBfU1RBVEVfQVdBS0UQARIWChJTTEVFUF9TVEFURV9BU0xFRVAQAhIcChhTTEVFUF9TVEFURV9XRUlHSFRTX09OTFkQAzKzBAoOUm9sbG91dFNlcnZpY2USRwoIR2VuZXJhdGUSGi5mYWJyaWMudjEuR2VuZXJhdGVSZXF1ZXN0GhsuZmFicmljLnYxLkdlbmVyYXRlUmVzcG9uc2UoATABEjoKBUFib3J0EhcuZmFicmljLnYxLkFib3J0UmVxdWVzdBoYLmZhYnJpYy52MS5BYm9ydFJlc3BvbnNlElQKDVVwZGF0ZVdlaWdodHMSHy5mYWJyaWMudjEuVXBkYXRlV2VpZ2h0c1JlcXVlc3QaIC5mYWJyaWMudjEuVXBkYXRlV2VpZ2h0c1Jlc3BvbnNlKAESWwoQR2V0V2VpZ2h0c1N0YXR1cxIiLmZhYnJpYy52MS5HZXRXZWlnaHRzU3RhdHVzUmVxdWVzdBojLmZhYnJpYy52MS5HZXRXZWlnaHRzU3RhdHVzUmVzcG9uc2USOgoFU2xlZXASFy5mYWJyaWMudjEuU2xlZXBSZXF1ZXN0GhguZmFicmljLnYxLlNsZWVwUmVzcG9uc2USPQoGV2FrZVVwEhguZmFicmljLnYxLldha2VVcFJlcXVlc3QaGS5mYWJyaWMudjEuV2FrZVVwUmVzcG9uc2USbgoNR2V0U2VydmVySW5mbxItLmZhYnJpYy52MS5Sb2xsb3V0U2VydmljZUdldFNlcnZlckluZm9SZXF1ZXN0Gi4uZmFicmljLnYxLlJvbGxvdXRTZXJ2aWNlR2V0U2VydmVySW5mb1Jlc3BvbnNlYgZwcm90bzM", [file_fabric_v1_common, file_fabric_v1_weights]);
+  fileDesc("ChdmYWJyaWMvdjEvcm9sbG91dC5wcm90bxIJZmFicmljLnYxIo4DCg5TYW1wbGluZ1BhcmFtcxIbCg5tYXhfbmV3X3Rva2VucxgBIAEoBUgAiAEBEhgKC3RlbXBlcmF0dXJlGAIgASgCSAGIAQESEgoFdG9wX3AYAyABKAJIAogBARISCgV0b3BfaxgEIAEoBUgDiAEBEhYKCW51bV9iZWFtcxgFIAEoBUgEiAEBEiEKFG51bV9yZXR1cm5fc2VxdWVuY2VzGAYgASgFSAWIAQESEQoEc2VlZBgHIAEoA0gGiAEBEhUKCGxvZ3Byb2JzGAggASgISAeIAQESDAoEc3RvcBgJIAMoCRIfChJyZXBldGl0aW9uX3BlbmFsdHkYCiABKAJICIgBAUIRCg9fbWF4X25ld190b2tlbnNCDgoMX3RlbXBlcmF0dXJlQggKBl90b3BfcEIICgZfdG9wX2tCDAoKX251bV9iZWFtc0IXChVfbnVtX3JldHVybl9zZXF1ZW5jZXNCBwoFX3NlZWRCCwoJX2xvZ3Byb2JzQhUKE19yZXBldGl0aW9uX3BlbmFsdHkikQEKD0dlbmVyYXRlUmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgJEg4KBnByb21wdBgCIAEoCRIYChBwcm9tcHRfdG9rZW5faWRzGAMgAygFEisKCHNhbXBsaW5nGAQgASgLMhkuZmFicmljLnYxLlNhbXBsaW5nUGFyYW1zEhMKC3Nlc3Npb25fa2V5GAUgASgJIoICChBHZW5lcmF0ZVJlc3BvbnNlEhIKCnJlcXVlc3RfaWQYASABKAkSFAoMc2FtcGxlX2luZGV4GAIgASgFEhEKCXRva2VuX2lkcxgDIAMoBRIMCgR0ZXh0GAQgASgJEhAKCGxvZ3Byb2JzGAUgAygCEi4KDWZpbmlzaF9yZWFzb24YBiABKA4yFy5mYWJyaWMudjEuRmluaXNoUmVhc29uEhYKDndlaWdodF92ZXJzaW9uGAcgASgDEhgKEHByb21wdF90b2tlbl9pZHMYCCADKAUSHwoFZXJyb3IYCSABKAsyEC5mYWJyaWMudjEuRXJyb3ISDgoGc2VydmVyGAogASgJIiMKDEFib3J0UmVxdWVzdBITCgtyZXF1ZXN0X2lkcxgBIAMoCSIsCg1BYm9ydFJlc3BvbnNlEhsKE2Fib3J0ZWRfcmVxdWVzdF9pZHMYASADKAkibQoUVXBkYXRlV2VpZ2h0c1JlcXVlc3QSLgoGaGVhZGVyGAEgASgLMh4uZmFicmljLnYxLlVwZGF0ZVdlaWdodHNIZWFkZXISJQoFY2h1bmsYAiABKAsyFi5mYWJyaWMudjEuV2VpZ2h0Q2h1bmsi0AEKE1VwZGF0ZVdlaWdodHNIZWFkZXISFgoOd2VpZ2h0X3ZlcnNpb24YASABKAMSKwoIbWFuaWZlc3QYAiABKAsyGS5mYWJyaWMudjEuV2VpZ2h0TWFuaWZlc3QSFQoNcmVsYXlfdGFyZ2V0cxgDIAMoCRIVCg1jaHVua19pbmRpY2VzGAQgAygFEhEKCXRyYW5zcG9ydBgFIAEoCRIzCgpjb2xsZWN0aXZlGAYgASgLMh8uZmFicmljLnYxLkNvbGxlY3RpdmVSZW5kZXp2b3VzIpsBChRDb2xsZWN0aXZlUmVuZGV6dm91cxIPCgdiYWNrZW5kGAEgASgJEhUKDXN0b3JlX2FkZHJlc3MYAiABKAkSEgoKd29ybGRfc2l6ZRgDIAEoBRIMCgRyYW5rGAQgASgFEhQKDGJ1Y2tldF9ieXRlcxgFIAEoAxIRCgl0aW1lb3V0X3MYBiABKAESEAoIZ3JvdXBfaWQYByABKAkiRwoVVXBkYXRlV2VpZ2h0c1Jlc3BvbnNlEi4KB3Jlc3VsdHMYASADKAsyHS5mYWJyaWMudjEuV2VpZ2h0VXBkYXRlUmVzdWx0IvkBChJXZWlnaHRVcGRhdGVSZXN1bHQSDgoGc2VydmVyGAEgASgJEhYKDndlaWdodF92ZXJzaW9uGAIgASgDEhEKCWNvbW1pdHRlZBgDIAEoCBIZChFhbHJlYWR5X2NvbW1pdHRlZBgEIAEoCBIWCg5ieXRlc19yZWNlaXZlZBgFIAEoAxIPCgdzZWNvbmRzGAYgASgBEhYKDmNvbW1pdF9zZWNvbmRzGAcgASgBEh8KBWVycm9yGAggASgLMhAuZmFicmljLnYxLkVycm9yEhEKCXRyYW5zcG9ydBgJIAEoCRIYChB0cmFuc3BvcnRfcmVhc29uGAogASgJIhkKF0dldFdlaWdodHNTdGF0dXNSZXF1ZXN0IpsCChhHZXRXZWlnaHRzU3RhdHVzUmVzcG9uc2USFwoPc2VydmluZ192ZXJzaW9uGAEgASgDEhYKDnN0YWdlZF92ZXJzaW9uGAIgASgDEh4KFnN0YWdlZF9tYW5pZmVzdF9kaWdlc3QYAyABKAkSHAoUc3RhZ2VkX2NodW5rX2luZGljZXMYBCADKAUSFAoMdG90YWxfY2h1bmtzGAUgASgFEhUKDXRjcF9kYXRhX3BvcnQYBiABKAUSHwoXc2VydmluZ19tYW5pZmVzdF9kaWdlc3QYByABKAkSDQoFZHR5cGUYCCABKAkSMwoKdHJhbnNwb3J0cxgJIAMoCzIfLmZhYnJpYy52MS5XZWlnaHRUcmFuc3BvcnRPZmZlciKeAQoUV2VpZ2h0VHJhbnNwb3J0T2ZmZXISDAoEbmFtZRgBIAEoCRIMCgRwb3J0GAIgASgFEjsKBnBhcmFtcxgDIAMoCzIrLmZhYnJpYy52MS5XZWlnaHRUcmFuc3BvcnRPZmZlci5QYXJhbXNFbnRyeRotCgtQYXJhbXNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIh0KDFNsZWVwUmVxdWVzdBINCgVsZXZlbBgBIAEoBSJECg1TbGVlcFJlc3BvbnNlEiQKBXN0YXRlGAEgASgOMhUuZmFicmljLnYxLlNsZWVwU3RhdGUSDQoFbGV2ZWwYAiABKAUiHQoNV2FrZVVwUmVxdWVzdBIMCgR0YWdzGAEgAygJIjYKDldha2VVcFJlc3BvbnNlEiQKBXN0YXRlGAEgASgOMhUuZmFicmljLnYxLlNsZWVwU3RhdGUiJAoiUm9sbG91dFNlcnZpY2VHZXRTZXJ2ZXJJbmZvUmVxdWVzdCLjAgojUm9sbG91dFNlcnZpY2VHZXRTZXJ2ZXJJbmZvUmVzcG9uc2USDQoFbW9kZWwYASABKAkSGgoSZW5naW5lX2NvbmZpZ19qc29uGAIgASgJEhYKDndlaWdodF92ZXJzaW9uGAMgASgDEhMKC3F1ZXVlX2RlcHRoGAQgASgFEhgKEHJ1bm5pbmdfcmVxdWVzdHMYBSABKAUSKgoLc2xlZXBfc3RhdGUYBiABKA4yFS5mYWJyaWMudjEuU2xlZXBTdGF0ZRITCgtzbGVlcF9sZXZlbBgHIAEoBRIVCg1tYXhfbW9kZWxfbGVuGAggASgFEhIKCnZvY2FiX3NpemUYCSABKAUSGAoQaW5mZXJfYmF0Y2hfc2l6ZRgKIAEoBRIcChRnZW5lcmF0aW5nX2FyZ3NfanNvbhgLIAEoCRIOCgZzZXJ2ZXIYDCABKAkSFgoOZW5naW5lX3ZlcnNpb24YDSABKAkqeAoMRmluaXNoUmVhc29uEh0KGUZJTklTSF9SRUFTT05fVU5TUEVDSUZJRUQQABIWChJGSU5JU0hfUkVBU09OX1NUT1AQARIYChRGSU5JU0hfUkVBU09OX0xFTkdUSBACEhcKE0ZJTklTSF9SRUFTT05fQUJPUlQQAyp2CgpTbGVlcFN0YXRlEhsKF1NMRUVQX1NUQVRFX1VOU1BFQ0lGSUVEEAASFQoRU0xFRVBfU1RBVEVfQVdBS0UQARIWChJTTEVFUF9TVEFURV9BU0xFRVAQAhIcChhTTEVFUF9TVEFURV9XRUlHSFRTX09OTFkQAzKzBAoOUm9sbG91dFNlcnZpY2USRwoIR2VuZXJhdGUSGi5mYWJyaWMudjEuR2VuZXJhdGVSZXF1ZXN0GhsuZmFicmljLnYxLkdlbmVyYXRlUmVzcG9uc2UoATABEjoKBUFib3J0EhcuZmFicmljLnYxLkFib3J0UmVxdWVzdBoYLmZhYnJpYy52MS5BYm9ydFJlc3BvbnNlElQKDVVwZGF0ZVdlaWdodHMSHy5mYWJyaWMudjEuVXBkYXRlV2VpZ2h0c1JlcXVlc3QaIC5mYWJyaWMudjEuVXBkYXRlV2VpZ2h0c1Jlc3BvbnNlKAESWwoQR2V0V2VpZ2h0c1N0YXR1cxIiLmZhYnJpYy52MS5HZXRXZWlnaHRzU3RhdHVzUmVxdWVzdBojLmZhYnJpYy52MS5HZXRXZWlnaHRzU3RhdHVzUmVzcG9uc2USOgoFU2xlZXASFy5mYWJyaWMudjEuU2xlZXBSZXF1ZXN0GhguZmFicmljLnYxLlNsZWVwUmVzcG9uc2USPQoGV2FrZVVwEhguZmFicmljLnYxLldha2VVcFJlcXVlc3QaGS5mYWJyaWMudjEuV2FrZVVwUmVzcG9uc2USbgoNR2V0U2VydmVySW5mbxItLmZhYnJpYy52MS5Sb2xsb3V0U2VydmljZUdldFNlcnZlckluZm9SZXF1ZXN0Gi4uZmFicmljLnYxLlJvbGxvdXRTZXJ2aWNlR2V0U2VydmVySW5mb1Jlc3BvbnNlYgZwcm90bzM", [file_fabric_v1_common, file_fabric_v1_weights]);
 
 /**
  * Sampling overrides: every field left unset takes the server's generating_args default.
@@ -290,6 +290,22 @@ export type UpdateWeightsHeader = Message<"fabric.v1.UpdateWeightsHeader"> & {
    * @generated from field: repeated int32 chunk_indices = 4;
    */
   chunkIndices: number[];
+
+  /**
+   * The path the bulk bytes take, one of the names this server offered in GetWeightsStatus.transports: "grpc"
+   * (empty: chunks on this stream), "tcp" (the data plane), or a collective ("gloo", "nccl") / "ipc", whose
+   * parameters travel in `collective`.
+   *
+   * @generated from field: string transport = 5;
+   */
+  transport: string;
+
+  /**
+   * For a collective transport: the group this server joins to receive the version's buckets.
+   *
+   * @generated from field: fabric.v1.CollectiveRendezvous collective = 6;
+   */
+  collective?: CollectiveRendezvous | undefined;
 };
 
 /**
@@ -298,6 +314,69 @@ export type UpdateWeightsHeader = Message<"fabric.v1.UpdateWeightsHeader"> & {
  */
 export const UpdateWeightsHeaderSchema: GenMessage<UpdateWeightsHeader> = /*@__PURE__*/
   messageDesc(file_fabric_v1_rollout, 6);
+
+/**
+ * A process group that a sender forms per update: the sender is rank 0 and broadcasts the version's buckets;
+ * every receiving server is one rank (its engine's worker joins). A group that cannot form or stalls past
+ * timeout_s is abandoned by every rank: the update fails, the previous version keeps serving.
+ *
+ * @generated from message fabric.v1.CollectiveRendezvous
+ */
+export type CollectiveRendezvous = Message<"fabric.v1.CollectiveRendezvous"> & {
+  /**
+   * torch.distributed backend: "gloo" (CPU) or "nccl" (GPU).
+   *
+   * @generated from field: string backend = 1;
+   */
+  backend: string;
+
+  /**
+   * HOST:PORT of the TCP store the sender listens on.
+   *
+   * @generated from field: string store_address = 2;
+   */
+  storeAddress: string;
+
+  /**
+   * @generated from field: int32 world_size = 3;
+   */
+  worldSize: number;
+
+  /**
+   * This server's rank (1..world_size-1).
+   *
+   * @generated from field: int32 rank = 4;
+   */
+  rank: number;
+
+  /**
+   * Bytes per broadcast bucket.
+   *
+   * @generated from field: int64 bucket_bytes = 5;
+   */
+  bucketBytes: bigint;
+
+  /**
+   * Deadline for forming the group and for each collective.
+   *
+   * @generated from field: double timeout_s = 6;
+   */
+  timeoutS: number;
+
+  /**
+   * Names the group: a retry forms a new one.
+   *
+   * @generated from field: string group_id = 7;
+   */
+  groupId: string;
+};
+
+/**
+ * Describes the message fabric.v1.CollectiveRendezvous.
+ * Use `create(CollectiveRendezvousSchema)` to create a new message.
+ */
+export const CollectiveRendezvousSchema: GenMessage<CollectiveRendezvous> = /*@__PURE__*/
+  messageDesc(file_fabric_v1_rollout, 7);
 
 /**
  * @generated from message fabric.v1.UpdateWeightsResponse
@@ -316,7 +395,7 @@ export type UpdateWeightsResponse = Message<"fabric.v1.UpdateWeightsResponse"> &
  * Use `create(UpdateWeightsResponseSchema)` to create a new message.
  */
 export const UpdateWeightsResponseSchema: GenMessage<UpdateWeightsResponse> = /*@__PURE__*/
-  messageDesc(file_fabric_v1_rollout, 7);
+  messageDesc(file_fabric_v1_rollout, 8);
 
 /**
  * @generated from message fabric.v1.WeightUpdateResult
@@ -367,6 +446,18 @@ export type WeightUpdateResult = Message<"fabric.v1.WeightUpdateResult"> & {
    * @generated from field: fabric.v1.Error error = 8;
    */
   error?: Error | undefined;
+
+  /**
+   * The path this server's bytes took ("grpc", "tcp", "gloo", "nccl", "ipc") and why the sender chose it.
+   *
+   * @generated from field: string transport = 9;
+   */
+  transport: string;
+
+  /**
+   * @generated from field: string transport_reason = 10;
+   */
+  transportReason: string;
 };
 
 /**
@@ -374,7 +465,7 @@ export type WeightUpdateResult = Message<"fabric.v1.WeightUpdateResult"> & {
  * Use `create(WeightUpdateResultSchema)` to create a new message.
  */
 export const WeightUpdateResultSchema: GenMessage<WeightUpdateResult> = /*@__PURE__*/
-  messageDesc(file_fabric_v1_rollout, 8);
+  messageDesc(file_fabric_v1_rollout, 9);
 
 /**
  * @generated from message fabric.v1.GetWeightsStatusRequest
@@ -387,7 +478,7 @@ export type GetWeightsStatusRequest = Message<"fabric.v1.GetWeightsStatusRequest
  * Use `create(GetWeightsStatusRequestSchema)` to create a new message.
  */
 export const GetWeightsStatusRequestSchema: GenMessage<GetWeightsStatusRequest> = /*@__PURE__*/
-  messageDesc(file_fabric_v1_rollout, 9);
+  messageDesc(file_fabric_v1_rollout, 10);
 
 /**
  * @generated from message fabric.v1.GetWeightsStatusResponse
@@ -443,6 +534,13 @@ export type GetWeightsStatusResponse = Message<"fabric.v1.GetWeightsStatusRespon
    * @generated from field: string dtype = 8;
    */
   dtype: string;
+
+  /**
+   * The paths a weight update can take to this server, best first; the sender picks the best it can use too.
+   *
+   * @generated from field: repeated fabric.v1.WeightTransportOffer transports = 9;
+   */
+  transports: WeightTransportOffer[];
 };
 
 /**
@@ -450,7 +548,42 @@ export type GetWeightsStatusResponse = Message<"fabric.v1.GetWeightsStatusRespon
  * Use `create(GetWeightsStatusResponseSchema)` to create a new message.
  */
 export const GetWeightsStatusResponseSchema: GenMessage<GetWeightsStatusResponse> = /*@__PURE__*/
-  messageDesc(file_fabric_v1_rollout, 10);
+  messageDesc(file_fabric_v1_rollout, 11);
+
+/**
+ * One path a weight update's bytes can take to a rollout server.
+ *
+ * @generated from message fabric.v1.WeightTransportOffer
+ */
+export type WeightTransportOffer = Message<"fabric.v1.WeightTransportOffer"> & {
+  /**
+   * "grpc", "tcp", "gloo", "nccl" or "ipc".
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * tcp: the data plane's port.
+   *
+   * @generated from field: int32 port = 2;
+   */
+  port: number;
+
+  /**
+   * What a sender needs to judge whether it can use this path, e.g. ipc: host_id and gpu_uuid.
+   *
+   * @generated from field: map<string, string> params = 3;
+   */
+  params: { [key: string]: string };
+};
+
+/**
+ * Describes the message fabric.v1.WeightTransportOffer.
+ * Use `create(WeightTransportOfferSchema)` to create a new message.
+ */
+export const WeightTransportOfferSchema: GenMessage<WeightTransportOffer> = /*@__PURE__*/
+  messageDesc(file_fabric_v1_rollout, 12);
 
 /**
  * @generated from message fabric.v1.SleepRequest
@@ -469,7 +602,7 @@ export type SleepRequest = Message<"fabric.v1.SleepRequest"> & {
  * Use `create(SleepRequestSchema)` to create a new message.
  */
 export const SleepRequestSchema: GenMessage<SleepRequest> = /*@__PURE__*/
-  messageDesc(file_fabric_v1_rollout, 11);
+  messageDesc(file_fabric_v1_rollout, 13);
 
 /**
  * @generated from message fabric.v1.SleepResponse
@@ -491,7 +624,7 @@ export type SleepResponse = Message<"fabric.v1.SleepResponse"> & {
  * Use `create(SleepResponseSchema)` to create a new message.
  */
 export const SleepResponseSchema: GenMessage<SleepResponse> = /*@__PURE__*/
-  messageDesc(file_fabric_v1_rollout, 12);
+  messageDesc(file_fabric_v1_rollout, 14);
 
 /**
  * @generated from message fabric.v1.WakeUpRequest
@@ -510,7 +643,7 @@ export type WakeUpRequest = Message<"fabric.v1.WakeUpRequest"> & {
  * Use `create(WakeUpRequestSchema)` to create a new message.
  */
 export const WakeUpRequestSchema: GenMessage<WakeUpRequest> = /*@__PURE__*/
-  messageDesc(file_fabric_v1_rollout, 13);
+  messageDesc(file_fabric_v1_rollout, 15);
 
 /**
  * @generated from message fabric.v1.WakeUpResponse
@@ -527,7 +660,7 @@ export type WakeUpResponse = Message<"fabric.v1.WakeUpResponse"> & {
  * Use `create(WakeUpResponseSchema)` to create a new message.
  */
 export const WakeUpResponseSchema: GenMessage<WakeUpResponse> = /*@__PURE__*/
-  messageDesc(file_fabric_v1_rollout, 14);
+  messageDesc(file_fabric_v1_rollout, 16);
 
 /**
  * @generated from message fabric.v1.RolloutServiceGetServerInfoRequest
@@ -540,7 +673,7 @@ export type RolloutServiceGetServerInfoRequest = Message<"fabric.v1.RolloutServi
  * Use `create(RolloutServiceGetServerInfoRequestSchema)` to create a new message.
  */
 export const RolloutServiceGetServerInfoRequestSchema: GenMessage<RolloutServiceGetServerInfoRequest> = /*@__PURE__*/
-  messageDesc(file_fabric_v1_rollout, 15);
+  messageDesc(file_fabric_v1_rollout, 17);
 
 /**
  * @generated from message fabric.v1.RolloutServiceGetServerInfoResponse
@@ -623,7 +756,7 @@ export type RolloutServiceGetServerInfoResponse = Message<"fabric.v1.RolloutServ
  * Use `create(RolloutServiceGetServerInfoResponseSchema)` to create a new message.
  */
 export const RolloutServiceGetServerInfoResponseSchema: GenMessage<RolloutServiceGetServerInfoResponse> = /*@__PURE__*/
-  messageDesc(file_fabric_v1_rollout, 16);
+  messageDesc(file_fabric_v1_rollout, 18);
 
 /**
  * @generated from enum fabric.v1.FinishReason
