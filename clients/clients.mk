@@ -1,9 +1,11 @@
-# Clients in other languages, generated from protos/fabric/v1 by one `buf generate` (clients/buf.gen.yaml).
-# Generated code is committed (clients/*/gen, clients/typescript/src/gen) so a consumer needs no toolchain to
-# read it; `make clients` checks that a fresh generation equals it, then builds every client.
+# Clients in other languages, generated from protos/fabric/v1. The TypeScript and Go stubs come from one
+# `buf generate` (clients/buf.gen.yaml) and are committed (clients/typescript/src/gen, clients/go/gen) so a consumer
+# needs no toolchain to read them; `make clients` checks that a fresh generation equals them, then builds every
+# client. The C++ stubs are not committed: CMake generates them at build time (clients/cpp/CMakeLists.txt runs
+# protoc + grpc_cpp_plugin into clients/cpp/build/gen), so they always match the installed protobuf and gRPC.
 #
 #   make clients            toolchains (apt + npm, only what is missing) + generation check + build all
-#   make clients-generate   regenerate in place after a proto change (then commit the result)
+#   make clients-generate   regenerate the TypeScript and Go stubs in place after a proto change (then commit them)
 #   make test-clients       the interop tests: each client's example against real Python servers
 
 .PHONY: clients clients-toolchains clients-generate clients-check clients-build \
@@ -16,7 +18,9 @@ CLIENTS_SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CLIENTS_APT := cmake g++ make pkg-config protobuf-compiler libprotobuf-dev libgrpc++-dev protobuf-compiler-grpc \
                golang-go golang-google-grpc-dev golang-google-protobuf-dev golang-github-golang-protobuf-1-5-dev \
                protoc-gen-go protoc-gen-go-grpc
-CLIENTS_GEN_DIRS := clients/typescript/src/gen clients/cpp/gen clients/go/gen
+CLIENTS_GEN_DIRS := clients/typescript/src/gen clients/go/gen
+# Parallel jobs of the C++ build (e.g. `make clients CLIENTS_JOBS=1` on a busy machine).
+CLIENTS_JOBS ?= $(shell nproc)
 CLIENTS_TS := clients/typescript
 CLIENTS_GO_BUILD := $(CURDIR)/clients/go/build
 # grpc-go from Debian is a GOPATH tree (/usr/share/gocode), not a module proxy: build in GOPATH mode, with the
@@ -59,7 +63,7 @@ clients-build-typescript: clients-toolchains
 
 clients-build-cpp: clients-toolchains
 	cmake -S clients/cpp -B clients/cpp/build -DCMAKE_BUILD_TYPE=Release >/dev/null
-	cmake --build clients/cpp/build -j$$(nproc)
+	cmake --build clients/cpp/build -j$(CLIENTS_JOBS)
 
 clients-build-go: clients-toolchains
 	mkdir -p $(CLIENTS_GO_BUILD)/gopath/src/fabric/clients
