@@ -104,7 +104,14 @@ async def commit(engine, update_info: dict, version: int) -> None:
     await engine.pause_generation(mode="keep", clear_cache=True)
     try:
         await engine.start_weight_update()
-        await engine.update_weights(WeightTransferUpdateRequest(update_info=update_info))
+        try:
+            await engine.update_weights(WeightTransferUpdateRequest(update_info=update_info))
+        except BaseException:
+            # End the update inside the engine whatever failed: left open, the next update is refused ("already
+            # active") and the engine dies later. Layers that loaded nothing keep their weights; the receiver
+            # loads the serving version again for the rest (fabric.weights.versions).
+            await engine.finish_weight_update()
+            raise
         await engine.finish_weight_update(weight_version=str(version))
     finally:
         await engine.resume_generation()
