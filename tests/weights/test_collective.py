@@ -47,7 +47,8 @@ class V025WeightTransferEngine(abc.ABC):
     @abc.abstractmethod
     def finish_weight_update(self) -> None: ...
 
-    def update_weights(self, update_info) -> None: ...
+    def update_weights(self, update_info) -> None:
+        self.receive_weights(self.parse_update_info(update_info))
 
     @abc.abstractmethod
     def receive_weights(self, update_info) -> None: ...
