@@ -136,7 +136,7 @@ def raw_nccl(total: int, bucket: int = GiB, rounds: int = 3, stall: bool = False
 # ---- rollout servers -------------------------------------------------------------------------------------------
 
 
-def write_config(path: Path, model: str, dtype: str, util: float, dummy: bool) -> str:
+def write_config(path: Path, model: str, dtype: str, util: float, dummy: bool, max_len: int = 1024) -> str:
     extra = ", load_format: dummy" if dummy else ""
     path.write_text(
         "actor_infer:\n"
@@ -144,7 +144,7 @@ def write_config(path: Path, model: str, dtype: str, util: float, dummy: bool) -
         "  generating_args: {max_new_tokens: 16, temperature: 0.0}\n"
         "  strategy_args:\n"
         "    strategy_name: vllm\n"
-        f"    strategy_config: {{dtype: {dtype}, max_model_len: 1024, enforce_eager: true,\n"
+        f"    strategy_config: {{dtype: {dtype}, max_model_len: {max_len}, enforce_eager: true,\n"
         f"                      gpu_memory_utilization: {util}{extra}}}\n"
         "  infer_batch_size: 512\n"
     )
@@ -211,7 +211,8 @@ def push(source, target, version, transport):
         "ok": report.ok, "seconds": seconds, "transport": r.transport if r else "",
         "reason": r.transport_reason if r else "",
         "server_seconds": r.seconds if r else 0, "commit_s": r.commit_seconds if r else 0,
-        "transfer_s": getattr(report, "transfer_seconds", 0.0), "error": r.error.message if r else "",
+        "transfer_s": getattr(report, "transfer_seconds", 0.0), "group_s": getattr(report, "group_seconds", 0.0),
+        "error": r.error.message if r else "",
     }  # fmt: skip
 
 
@@ -256,7 +257,9 @@ def correctness(out: Path) -> None:
     prompts = ["Add 3 and 4.\n", "Add 12 and 30.\n", "hello"]
     a, b = make_tiny_model(out / "tiny-a", seed=0), make_tiny_model(out / "tiny-b", seed=1)
     ref = {"a": hf_greedy_gpu(str(a), prompts, 16), "b": hf_greedy_gpu(str(b), prompts, 16)}
-    server, start_s = start_server(write_config(out / "tiny.yaml", str(a), "float32", 0.2, False), out / "tiny.log")
+    server, start_s = start_server(
+        write_config(out / "tiny.yaml", str(a), "float32", 0.2, False, 256), out / "tiny.log"
+    )
     record("correctness.server_start_s", start_s)
     try:
         addr = server.address

@@ -266,6 +266,8 @@ class VLLMEngine:
             if not tags:
                 return  # the weights are up already
         fully_awake = await self.engine.wake_up(list(tags) or None)
+        if fully_awake is None:  # vLLM 0.25.1 returns nothing: awake once the KV cache is back
+            fully_awake = not tags or "kv_cache" in tags
         if fully_awake:
             self.sleep_state, self.sleep_level = SleepState.AWAKE, 0
         else:
