@@ -59,9 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["relay", "direct"], default=None, help="fan-out (default: relay for 2+)")
     p.add_argument(
         "--transport",
-        choices=["auto", "tcp", "grpc"],
+        choices=["auto", "grpc", "tcp", "gloo", "nccl", "ipc"],
         default="auto",
-        help="bulk bytes over the servers' raw-TCP data plane or the gRPC stream (auto: tcp when offered)",
+        help="the path of the bulk bytes, if the server offers it and this sender can use it, else the best both can "
+        "(auto: ipc > nccl > tcp > grpc; gloo only when asked); each server's result says which it took and why",
     )
     p.add_argument("--chunk-mib", type=float, default=4.0, help="chunk size in MiB")
     p.add_argument("--config", default=None, help="YAML whose `security` section (token, TLS) to use")
