@@ -9,7 +9,6 @@ and on `vllm` on a GPU host.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import logging
 import os
@@ -20,6 +19,7 @@ from typing import Any
 
 from fabric.config.loader import ConfigError
 from fabric.config.rollout import RolloutConfig
+from fabric.errors import did_you_mean
 from fabric.rollout.engine import FinishReason, Sample, Sampling, SleepState
 
 log = logging.getLogger(__name__)
@@ -53,9 +53,7 @@ def check_engine_args(config: RolloutConfig, args: dict[str, Any]):
     known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
     for name in args:
         if name not in known:
-            close = difflib.get_close_matches(name, known, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(config.strategy_key(name), f"not a vLLM engine argument{hint}")
+            raise ConfigError(config.strategy_key(name), f"not a vLLM engine argument{did_you_mean(name, known)}")
 
     model = config.model
     if not Path(model).exists() and (model.startswith((".", "/", "~")) or os.path.isabs(model)):
