@@ -180,6 +180,8 @@ def check_config(
     report = CheckReport()
     ignored, report.errors = top_level(cfg, set(TOP_LEVEL_KEYS))
     report.ignored += ignored
+    if any(roll_keys.AGENTIC_WHY in str(e) for e in report.errors):
+        return report  # one line says it all: none of the sections means what the fabric would read
     steps = []
     if role in ("rollout", "all"):
         steps.append(lambda: _check_rollout(cfg, rollout_section, report, engine))

@@ -136,6 +136,8 @@ def parse_device_mapping(value: Any, key: str = "device_mapping") -> list[int]:
         return [value]
     if not isinstance(value, str):
         try:
+            if any(isinstance(v, bool) for v in value):
+                raise ValueError
             return [int(v) for v in value]
         except (TypeError, ValueError):
             raise ConfigError(key, f"expected a list of device ids, got {value!r}") from None
@@ -151,7 +153,9 @@ def parse_device_mapping(value: Any, key: str = "device_mapping") -> list[int]:
             listed = _LIST_RE.match(text)
             text = listed.group(1) if listed else text
             parsed = ast.literal_eval(text if text.startswith("[") else f"[{text}]")
-            ids = [int(v) for v in parsed]
+            if not all(type(v) is int for v in parsed):
+                raise ValueError
+            ids = list(parsed)
         if any(isinstance(v, bool) or v < 0 for v in ids):
             raise ValueError
         return ids

@@ -85,6 +85,8 @@ TOP_LEVEL_IGNORED = {
     # keys of older ROLL configs that ROLL's own loader drops
     "reward_normalization": "", "reward_norm": "", "reward_shift": "", "reward_scale": "",
     "reward_filter_mean_threshold": "",
+    # Hydra `defaults:` fragments of ROLL's examples (DeepSpeed settings other roles interpolate)
+    "deepspeed_zero": "", "deepspeed_zero2": "", "deepspeed_zero3": "", "deepspeed_zero3_cpuoffload": "",
     # a role the fabric does not run (only adv_estimator: gae would need it; the trainer refuses that)
     "critic": "no critic",
 }  # fmt: skip
@@ -151,7 +153,7 @@ MODEL_ARGS_QUIET = {
     "attn_implementation", "moe_aux_loss_coef", "disable_gradient_checkpointing",
     "gradient_checkpointing_use_reentrant",
     "device_map", "model_type", "num_labels", "freeze_module_prefix", "ulysses_size", "autocast_adapter_dtype",
-    "lora_dropout", "additional_target",
+    "lora_dropout", "additional_target", "flash_attn",
 }  # fmt: skip
 MODEL_ARGS_REFUSED = {
     "adapter_name_or_path": Refused("LoRA adapters are not supported: merge the adapter into the model"),
