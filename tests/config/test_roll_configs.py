@@ -207,3 +207,21 @@ def test_run_refuses_bad_max_new_tokens_before_starting_servers(tmp_path, tiny_m
     err = capsys.readouterr().err
     assert "actor_infer.generating_args.max_new_tokens" in err
     assert not (tmp_path / "out" / "logs" / "rollout-0.log").exists()
+
+
+# ---- ROLL's CrossThinkQA rule, as its worker scores -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "response, truth, kind, expected",
+    [("<think>A or B?</think>\n\\boxed{B}", "B", "soft", (1.0, True, True)),
+     ("the answer is B", "B", "soft", (0.5, True, False)),
+     ("\\boxed{C}", "B", "soft", (-0.5, False, True)),
+     ("no idea", "B", "soft", (-1.0, False, False)),
+     ("the answer is B", "B", "strict", (-1.0, True, False)),
+     ("\\boxed{C}", "B", "loose", (-1.0, False, True))],
+)  # fmt: skip
+def test_crossthinkqa_rule(response, truth, kind, expected):
+    from fabric.reward.rules import crossthinkqa_reward
+
+    assert crossthinkqa_reward(response, truth, kind) == expected
