@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def roll_rollout(tiny_model):
-    server = serve("rollout", MEGATRON, [f"pretrain={tiny_model}"])
+    server = serve("rollout", MEGATRON, [f"pretrain={tiny_model}"], timeout=600)
     yield server
     server.stop()
 
