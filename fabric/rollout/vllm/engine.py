@@ -190,6 +190,7 @@ class VLLMEngine:
             top_k=sampling.top_k,
             seed=None if sampling.seed is None else sampling.seed + sample_index,
             stop=sampling.stop or None,
+            include_stop_str_in_output=self.config.include_stop_str_in_output,  # generating_args (ROLL's key)
             repetition_penalty=sampling.repetition_penalty,
             logprobs=0 if sampling.logprobs else None,  # 0: the sampled token's logprob only
             flat_logprobs=True,  # one flat list per sample instead of a dict per token
