@@ -138,8 +138,23 @@ def _positive(value, key: str, kind=int):
     return value
 
 
+def _response_length(cfg: DictConfig):
+    """ROLL's rule: `sequence_length` (prompt + response) gives the response length when response_length is unset."""
+    if _get(cfg, "response_length") is None and _get(cfg, "sequence_length") is not None:
+        prompt = _positive(_get(cfg, "prompt_length", 64), "prompt_length")
+        response = _positive(_get(cfg, "sequence_length"), "sequence_length") - prompt
+        if response < 1:
+            raise ConfigError("sequence_length", f"must exceed prompt_length ({prompt}): it is prompt + response")
+        return response
+    return _get(cfg, "response_length", 32)
+
+
 def pipeline_config(cfg: DictConfig) -> PipelineConfig:
-    check_keys(cfg, TOP_LEVEL_KEYS, "")
+    from fabric.config.check import top_level  # ROLL's keys, used / ignored / refused: fabric/config/roll_keys.py
+
+    errors = top_level(cfg, TOP_LEVEL_KEYS)[1]
+    if errors:
+        raise errors[0]
     check_keys(cfg.get("cluster"), CLUSTER_KEYS, "cluster")
     check_keys(cfg.get("weight_sync"), WEIGHT_SYNC_KEYS, "weight_sync")
     check_keys(cfg.get("timeouts"), TIMEOUT_KEYS, "timeouts")
@@ -158,7 +173,9 @@ def pipeline_config(cfg: DictConfig) -> PipelineConfig:
         raise ConfigError("actor_train.pretrain", "no model: set actor_train.pretrain (an HF model directory)")
     dataset = _get(train, "data_args.file_name") or _get(cfg, "dataset")
     if isinstance(dataset, list | tuple) or (dataset is not None and not isinstance(dataset, str)):
-        dataset = list(dataset)[0]
+        if len(dataset) > 1:
+            raise ConfigError("actor_train.data_args.file_name", "the fabric reads one JSONL file: concatenate them")
+        dataset = list(dataset)[0] if len(dataset) else None
     if not dataset:
         raise ConfigError("actor_train.data_args.file_name", "no dataset: a JSONL file of {prompt, ground_truth}")
     pc = PipelineConfig(
@@ -168,7 +185,7 @@ def pipeline_config(cfg: DictConfig) -> PipelineConfig:
         rollout_batch_size=_positive(_get(cfg, "rollout_batch_size", 16), "rollout_batch_size"),
         group_size=_positive(_get(cfg, "num_return_sequences_in_group", 8), "num_return_sequences_in_group"),
         prompt_length=_positive(_get(cfg, "prompt_length", 64), "prompt_length"),
-        response_length=_positive(_get(cfg, "response_length", 32), "response_length"),
+        response_length=_positive(_response_length(cfg), "response_length"),
         ppo_epochs=_positive(_get(cfg, "ppo_epochs", 1), "ppo_epochs"),
         pg_clip=_positive(_get(cfg, "pg_clip", 0.2), "pg_clip", float),
         kl_coef=float(_get(cfg, "init_kl_coef", 0.0) or _get(cfg, "kl_loss_coef", 0.0)),
@@ -183,7 +200,7 @@ def pipeline_config(cfg: DictConfig) -> PipelineConfig:
             _get(train, "training_args.learning_rate", 1e-5), "actor_train.training_args.learning_rate", float
         ),
         weight_decay=float(_get(train, "training_args.weight_decay", 0.0)),
-        max_grad_norm=float(_get(train, "training_args.max_grad_norm", 1.0)),
+        max_grad_norm=float(_get(train, "training_args.max_grad_norm", _get(cfg, "max_grad_norm", 1.0))),
         micro_batch_size=_get(train, "training_args.per_device_train_batch_size"),
         output_dir=str(_get(cfg, "output_dir", f"./runs/{_get(cfg, 'exp_name', 'fabric')}")),
     )

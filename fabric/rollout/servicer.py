@@ -300,6 +300,8 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         import json
 
         engine = self.engine
+        # issue 13 (GPU): accelerator memory as the engine reads it, so a client sees what sleep freed
+        free, total = engine.device_memory() if hasattr(engine, "device_memory") else (0, 0)
         return rollout_pb2.RolloutServiceGetServerInfoResponse(
             model=engine.model_dir,
             engine_config_json=engine.engine_config_json(),
@@ -314,6 +316,8 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
             generating_args_json=json.dumps(self.config.generating_args, sort_keys=True),
             server=self.server_name,
             engine_version=engine.engine_version,
+            device_memory_free_bytes=free,
+            device_memory_total_bytes=total,
         )
 
     # ---- Weights: fabric.weights.receiver does the work ----

@@ -114,20 +114,30 @@ class UpdateWeightsRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[UpdateWeightsHeader, _Mapping]] = ..., chunk: _Optional[_Union[_weights_pb2.WeightChunk, _Mapping]] = ...) -> None: ...
 
 class UpdateWeightsHeader(_message.Message):
-    __slots__ = ("weight_version", "manifest", "relay_targets", "chunk_indices", "transport", "collective")
+    __slots__ = ("weight_version", "manifest", "relay_targets", "chunk_indices", "transport", "collective", "ipc")
     WEIGHT_VERSION_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     RELAY_TARGETS_FIELD_NUMBER: _ClassVar[int]
     CHUNK_INDICES_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     COLLECTIVE_FIELD_NUMBER: _ClassVar[int]
+    IPC_FIELD_NUMBER: _ClassVar[int]
     weight_version: int
     manifest: _weights_pb2.WeightManifest
     relay_targets: _containers.RepeatedScalarFieldContainer[str]
     chunk_indices: _containers.RepeatedScalarFieldContainer[int]
     transport: str
     collective: CollectiveRendezvous
-    def __init__(self, weight_version: _Optional[int] = ..., manifest: _Optional[_Union[_weights_pb2.WeightManifest, _Mapping]] = ..., relay_targets: _Optional[_Iterable[str]] = ..., chunk_indices: _Optional[_Iterable[int]] = ..., transport: _Optional[str] = ..., collective: _Optional[_Union[CollectiveRendezvous, _Mapping]] = ...) -> None: ...
+    ipc: IpcHandles
+    def __init__(self, weight_version: _Optional[int] = ..., manifest: _Optional[_Union[_weights_pb2.WeightManifest, _Mapping]] = ..., relay_targets: _Optional[_Iterable[str]] = ..., chunk_indices: _Optional[_Iterable[int]] = ..., transport: _Optional[str] = ..., collective: _Optional[_Union[CollectiveRendezvous, _Mapping]] = ..., ipc: _Optional[_Union[IpcHandles, _Mapping]] = ...) -> None: ...
+
+class IpcHandles(_message.Message):
+    __slots__ = ("gpu_uuid", "tensors")
+    GPU_UUID_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    gpu_uuid: str
+    tensors: bytes
+    def __init__(self, gpu_uuid: _Optional[str] = ..., tensors: _Optional[bytes] = ...) -> None: ...
 
 class CollectiveRendezvous(_message.Message):
     __slots__ = ("backend", "store_address", "world_size", "rank", "bucket_bytes", "timeout_s", "group_id")
@@ -251,7 +261,7 @@ class RolloutServiceGetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class RolloutServiceGetServerInfoResponse(_message.Message):
-    __slots__ = ("model", "engine_config_json", "weight_version", "queue_depth", "running_requests", "sleep_state", "sleep_level", "max_model_len", "vocab_size", "infer_batch_size", "generating_args_json", "server", "engine_version")
+    __slots__ = ("model", "engine_config_json", "weight_version", "queue_depth", "running_requests", "sleep_state", "sleep_level", "max_model_len", "vocab_size", "infer_batch_size", "generating_args_json", "server", "engine_version", "device_memory_free_bytes", "device_memory_total_bytes")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ENGINE_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -265,6 +275,8 @@ class RolloutServiceGetServerInfoResponse(_message.Message):
     GENERATING_ARGS_JSON_FIELD_NUMBER: _ClassVar[int]
     SERVER_FIELD_NUMBER: _ClassVar[int]
     ENGINE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_MEMORY_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_MEMORY_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     model: str
     engine_config_json: str
     weight_version: int
@@ -278,4 +290,6 @@ class RolloutServiceGetServerInfoResponse(_message.Message):
     generating_args_json: str
     server: str
     engine_version: str
-    def __init__(self, model: _Optional[str] = ..., engine_config_json: _Optional[str] = ..., weight_version: _Optional[int] = ..., queue_depth: _Optional[int] = ..., running_requests: _Optional[int] = ..., sleep_state: _Optional[_Union[SleepState, str]] = ..., sleep_level: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., infer_batch_size: _Optional[int] = ..., generating_args_json: _Optional[str] = ..., server: _Optional[str] = ..., engine_version: _Optional[str] = ...) -> None: ...
+    device_memory_free_bytes: int
+    device_memory_total_bytes: int
+    def __init__(self, model: _Optional[str] = ..., engine_config_json: _Optional[str] = ..., weight_version: _Optional[int] = ..., queue_depth: _Optional[int] = ..., running_requests: _Optional[int] = ..., sleep_state: _Optional[_Union[SleepState, str]] = ..., sleep_level: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., infer_batch_size: _Optional[int] = ..., generating_args_json: _Optional[str] = ..., server: _Optional[str] = ..., engine_version: _Optional[str] = ..., device_memory_free_bytes: _Optional[int] = ..., device_memory_total_bytes: _Optional[int] = ...) -> None: ...

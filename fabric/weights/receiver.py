@@ -11,6 +11,7 @@ import asyncio
 import logging
 
 from fabric import security
+from fabric.addresses import host_of
 from fabric.errors import invalid
 from fabric.v1 import rollout_pb2
 from fabric.weights.transports.grpc_stream import GrpcStreamReceiver
@@ -33,7 +34,7 @@ class WeightReceiver:
 
     def _transports(self) -> list:
         if self.tcp is None and not security.current().tls:  # the data plane has no encryption
-            host = self.server_name.rsplit(":", 1)[0].strip("[]") or "127.0.0.1"
+            host = host_of(self.server_name)
             self.tcp = TcpDataPlane(self.store, host, asyncio.get_running_loop())
         return [*self.engine_transports, *([self.tcp] if self.tcp else []), self.grpc]
 

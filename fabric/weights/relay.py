@@ -14,6 +14,7 @@ import threading
 import grpc
 
 from fabric import security
+from fabric.addresses import host_of
 from fabric.errors import FabricError
 from fabric.v1 import rollout_pb2, rollout_pb2_grpc
 from fabric.weights.transports import tcp as framing
@@ -116,7 +117,7 @@ class TcpRelay:
         self.sender: threading.Thread | None = None
         try:
             port = _tcp_port_of(self.target)
-            host = self.target.rsplit(":", 1)[0].strip("[]")
+            host = host_of(self.target)
             self.sock = socket.create_connection((host, port), timeout=30)
             framing.tune(self.sock)
             self.sock.sendall(framing.MAGIC)

@@ -91,7 +91,7 @@ class WeightSource:
             for i in indices:
                 spec = chunks[i]
                 raw = self._raw(spec.tensor_index)
-                if raw.device.type == "cpu":
+                if not self._off_host(raw):
                     if pending is not None:
                         yield from self._drain(*pending)
                         pending = None
@@ -115,8 +115,12 @@ class WeightSource:
         finally:
             self._pinned.extend(buffers)
 
+    @staticmethod
+    def _off_host(tensor: torch.Tensor) -> bool:
+        return tensor.device.type != "cpu"
+
     def _take_buffers(self, stage_bytes: int) -> list[torch.Tensor]:
-        if self.device.type == "cpu":
+        if not any(self._off_host(t) for t in self.tensors):
             return []
         self._pinned = [b for b in self._pinned if b.numel() >= stage_bytes]
         while len(self._pinned) < 2:
@@ -156,7 +160,7 @@ class WeightSource:
         """One chunk's bytes in host memory: a view of a CPU tensor, a copy of any other."""
         chunks = self.host_chunks([index])
         _, view = next(chunks)
-        if self.tensors[self.manifest.chunks[index].tensor_index].device.type != "cpu":
+        if self._off_host(self.tensors[self.manifest.chunks[index].tensor_index]):
             view = memoryview(bytes(view))  # the staging buffer is reused
         chunks.close()
         return view

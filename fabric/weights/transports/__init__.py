@@ -26,6 +26,10 @@ from fabric.v1 import rollout_pb2
 SENDERS: dict[str, str] = {
     "grpc": "fabric.weights.transports.grpc_stream",
     "tcp": "fabric.weights.transports.tcp",
+    # GPU paths and the CPU collective (fabric.weights.transports.collective, ipc); `auto` never picks gloo
+    "gloo": "fabric.weights.transports.gloo",
+    "nccl": "fabric.weights.transports.nccl",
+    "ipc": "fabric.weights.transports.ipc",
 }
 # What `auto` picks, best first, among the paths both ends can use.
 PREFERENCE: tuple[str, ...] = ("ipc", "nccl", "tcp", "grpc")

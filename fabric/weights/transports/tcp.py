@@ -25,6 +25,7 @@ import time
 import grpc
 
 from fabric import security
+from fabric.addresses import host_of
 from fabric.errors import FabricError, invalid
 from fabric.v1 import rollout_pb2, weights_pb2
 from fabric.weights.transports import SendJob
@@ -199,7 +200,7 @@ async def send(job: SendJob) -> list[rollout_pb2.WeightUpdateResult]:
 
 def _send(job: SendJob) -> list[rollout_pb2.WeightUpdateResult]:
     source, report = job.source, job.report
-    host = job.target.rsplit(":", 1)[0].strip("[]")
+    host = host_of(job.target)
     with socket.create_connection((host, job.offer.port), timeout=job.timeout) as sock:
         tune(sock)
         sock.sendall(MAGIC)
