@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file fabric/v1/rollout.proto.
  */
 export const file_fabric_v1_rollout: GenFile = /*@__PURE__*/
-  fileDesc("ChdmYWJyaWMvdjEvcm9sbG91dC5wcm90bxIJZmFicmljLnYxIo4DCg5TYW1wbGluZ1BhcmFtcxIbCg5tYXhfbmV3X3Rva2VucxgBIAEoBUgAiAEBEhgKC3RlbXBlcmF0dXJlGAIgASgCSAGIAQESEgoFdG9wX3AYAyABKAJIAogBARISCgV0b3BfaxgEIAEoBUgDiAEBEhYKCW51bV9iZWFtcxgFIAEoBUgEiAEBEiEKFG51bV9yZXR1cm5fc2VxdWVuY2VzGAYgASgFSAWIAQESEQoEc2VlZBgHIAEoA0gGiAEBEhUKCGxvZ3Byb2JzGAggASgISAeIAQESDAoEc3RvcBgJIAMoCRIfChJyZXBldGl0aW9uX3BlbmFsdHkYCiABKAJICIgBAUIRCg9fbWF4X25ld190b2tlbnNCDgoMX3RlbXBlcmF0dXJlQggKBl90b3BfcEIICgZfdG9wX2tCDAoKX251bV9iZWFtc0IXChVfbnVtX3JldHVybl9zZXF1ZW5jZXNCBwoFX3NlZWRCCwoJX2xvZ3Byb2JzQhUKE19yZXBldGl0aW9uX3BlbmFsdHkikQEKD0dlbmVyYXRlUmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgJEg4KBnByb21wdBgCIAEoCRIYChBwcm9tcHRfdG9rZW5faWRzGAMgAygFEisKCHNhbXBsaW5nGAQgASgLMhkuZmFicmljLnYxLlNhbXBsaW5nUGFyYW1zEhMKC3Nlc3Npb25fa2V5GAUgASgJIoICChBHZW5lcmF0ZVJlc3BvbnNlEhIKCnJlcXVlc3RfaWQYASABKAkSFAoMc2FtcGxlX2luZGV4GAIgASgFEhEKCXRva2VuX2lkcxgDIAMoBRIMCgR0ZXh0GAQgASgJEhAKCGxvZ3Byb2JzGAUgAygCEi4KDWZpbmlzaF9yZWFzb24YBiABKA4yFy5mYWJyaWMudjEuRmluaXNoUmVhc29uEhYKDndlaWdodF92ZXJzaW9uGAcgASgDEhgKEHByb21wdF90b2tlbl9pZHMYCCADKAUSHwoFZXJyb3IYCSABKAsyEC5mYWJyaWMudjEuRXJyb3ISDgoGc2VydmVyGAogASgJIiMKDEFib3J0UmVxdWVzdBITCgtyZXF1ZXN0X2lkcxgBIAMoCSIsCg1BYm9ydFJlc3BvbnNlEhsKE2Fib3J0ZWRfcmVxdWVzdF9pZHMYASADKAkibQoUVXBkYXRlV2VpZ2h0c1JlcXVlc3QSLgoGaGVhZGVyGAEgASgLMh4uZmFicmljLnYxLlVwZGF0ZVdlaWdodHNIZWFkZXISJQoFY2h1bmsYAiABKAsyFi5mYWJyaWMudjEuV2VpZ2h0Q2h1bmsi0AEKE1VwZGF0ZVdlaWdodHNIZWFkZXISFgoOd2VpZ2h0X3ZlcnNpb24YASABKAMSKwoIbWFuaWZlc3QYAiABKAsyGS5mYWJyaWMudjEuV2VpZ2h0TWFuaWZlc3QSFQoNcmVsYXlfdGFyZ2V0cxgDIAMoCRIVCg1jaHVua19pbmRpY2VzGAQgAygFEhEKCXRyYW5zcG9ydBgFIAEoCRIzCgpjb2xsZWN0aXZlGAYgASgLMh8uZmFicmljLnYxLkNvbGxlY3RpdmVSZW5kZXp2b3VzIpsBChRDb2xsZWN0aXZlUmVuZGV6dm91cxIPCgdiYWNrZW5kGAEgASgJEhUKDXN0b3JlX2FkZHJlc3MYAiABKAkSEgoKd29ybGRfc2l6ZRgDIAEoBRIMCgRyYW5rGAQgASgFEhQKDGJ1Y2tldF9ieXRlcxgFIAEoAxIRCgl0aW1lb3V0X3MYBiABKAESEAoIZ3JvdXBfaWQYByABKAkiRwoVVXBkYXRlV2VpZ2h0c1Jlc3BvbnNlEi4KB3Jlc3VsdHMYASADKAsyHS5mYWJyaWMudjEuV2VpZ2h0VXBkYXRlUmVzdWx0IvkBChJXZWlnaHRVcGRhdGVSZXN1bHQSDgoGc2VydmVyGAEgASgJEhYKDndlaWdodF92ZXJzaW9uGAIgASgDEhEKCWNvbW1pdHRlZBgDIAEoCBIZChFhbHJlYWR5X2NvbW1pdHRlZBgEIAEoCBIWCg5ieXRlc19yZWNlaXZlZBgFIAEoAxIPCgdzZWNvbmRzGAYgASgBEhYKDmNvbW1pdF9zZWNvbmRzGAcgASgBEh8KBWVycm9yGAggASgLMhAuZmFicmljLnYxLkVycm9yEhEKCXRyYW5zcG9ydBgJIAEoCRIYChB0cmFuc3BvcnRfcmVhc29uGAogASgJIhkKF0dldFdlaWdodHNTdGF0dXNSZXF1ZXN0IpsCChhHZXRXZWlnaHRzU3RhdHVzUmVzcG9uc2USFwoPc2VydmluZ192ZXJzaW9uGAEgASgDEhYKDnN0YWdlZF92ZXJzaW9uGAIgASgDEh4KFnN0YWdlZF9tYW5pZmVzdF9kaWdlc3QYAyABKAkSHAoUc3RhZ2VkX2NodW5rX2luZGljZXMYBCADKAUSFAoMdG90YWxfY2h1bmtzGAUgASgFEhUKDXRjcF9kYXRhX3BvcnQYBiABKAUSHwoXc2VydmluZ19tYW5pZmVzdF9kaWdlc3QYByABKAkSDQoFZHR5cGUYCCABKAkSMwoKdHJhbnNwb3J0cxgJIAMoCzIfLmZhYnJpYy52MS5XZWlnaHRUcmFuc3BvcnRPZmZlciKeAQoUV2VpZ2h0VHJhbnNwb3J0T2ZmZXISDAoEbmFtZRgBIAEoCRIMCgRwb3J0GAIgASgFEjsKBnBhcmFtcxgDIAMoCzIrLmZhYnJpYy52MS5XZWlnaHRUcmFuc3BvcnRPZmZlci5QYXJhbXNFbnRyeRotCgtQYXJhbXNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIh0KDFNsZWVwUmVxdWVzdBINCgVsZXZlbBgBIAEoBSJECg1TbGVlcFJlc3BvbnNlEiQKBXN0YXRlGAEgASgOMhUuZmFicmljLnYxLlNsZWVwU3RhdGUSDQoFbGV2ZWwYAiABKAUiHQoNV2FrZVVwUmVxdWVzdBIMCgR0YWdzGAEgAygJIjYKDldha2VVcFJlc3BvbnNlEiQKBXN0YXRlGAEgASgOMhUuZmFicmljLnYxLlNsZWVwU3RhdGUiJAoiUm9sbG91dFNlcnZpY2VHZXRTZXJ2ZXJJbmZvUmVxdWVzdCLjAgojUm9sbG91dFNlcnZpY2VHZXRTZXJ2ZXJJbmZvUmVzcG9uc2USDQoFbW9kZWwYASABKAkSGgoSZW5naW5lX2NvbmZpZ19qc29uGAIgASgJEhYKDndlaWdodF92ZXJzaW9uGAMgASgDEhMKC3F1ZXVlX2RlcHRoGAQgASgFEhgKEHJ1bm5pbmdfcmVxdWVzdHMYBSABKAUSKgoLc2xlZXBfc3RhdGUYBiABKA4yFS5mYWJyaWMudjEuU2xlZXBTdGF0ZRITCgtzbGVlcF9sZXZlbBgHIAEoBRIVCg1tYXhfbW9kZWxfbGVuGAggASgFEhIKCnZvY2FiX3NpemUYCSABKAUSGAoQaW5mZXJfYmF0Y2hfc2l6ZRgKIAEoBRIcChRnZW5lcmF0aW5nX2FyZ3NfanNvbhgLIAEoCRIOCgZzZXJ2ZXIYDCABKAkSFgoOZW5naW5lX3ZlcnNpb24YDSABKAkqeAoMRmluaXNoUmVhc29uEh0KGUZJTklTSF9SRUFTT05fVU5TUEVDSUZJRUQQABIWChJGSU5JU0hfUkVBU09OX1NUT1AQARIYChRGSU5JU0hfUkVBU09OX0xFTkdUSBACEhcKE0ZJTklTSF9SRUFTT05fQUJPUlQQAyp2CgpTbGVlcFN0YXRlEhsKF1NMRUVQX1NUQVRFX1VOU1BFQ0lGSUVEEAASFQoRU0xFRVBfU1RBVEVfQVdBS0UQARIWChJTTEVFUF9TVEFURV9BU0xFRVAQAhIcChhTTEVFUF9TVEFURV9XRUlHSFRTX09OTFkQAzKzBAoOUm9sbG91dFNlcnZpY2USRwoIR2VuZXJhdGUSGi5mYWJyaWMudjEuR2VuZXJhdGVSZXF1ZXN0GhsuZmFicmljLnYxLkdlbmVyYXRlUmVzcG9uc2UoATABEjoKBUFib3J0EhcuZmFicmljLnYxLkFib3J0UmVxdWVzdBoYLmZhYnJpYy52MS5BYm9ydFJlc3BvbnNlElQKDVVwZGF0ZVdlaWdodHMSHy5mYWJyaWMudjEuVXBkYXRlV2VpZ2h0c1JlcXVlc3QaIC5mYWJyaWMudjEuVXBkYXRlV2VpZ2h0c1Jlc3BvbnNlKAESWwoQR2V0V2VpZ2h0c1N0YXR1cxIiLmZhYnJpYy52MS5HZXRXZWlnaHRzU3RhdHVzUmVxdWVzdBojLmZhYnJpYy52MS5HZXRXZWlnaHRzU3RhdHVzUmVzcG9uc2USOgoFU2xlZXASFy5mYWJyaWMudjEuU2xlZXBSZXF1ZXN0GhguZmFicmljLnYxLlNsZWVwUmVzcG9uc2USPQoGV2FrZVVwEhguZmFicmljLnYxLldha2VVcFJlcXVlc3QaGS5mYWJyaWMudjEuV2FrZVVwUmVzcG9uc2USbgoNR2V0U2VydmVySW5mbxItLmZhYnJpYy52MS5Sb2xsb3V0U2VydmljZUdldFNlcnZlckluZm9SZXF1ZXN0Gi4uZmFicmljLnYxLlJvbGxvdXRTZXJ2aWNlR2V0U2VydmVySW5mb1Jlc3BvbnNlYgZwcm90bzM", [file_fabric_v1_common, file_fabric_v1_weights]);
+  fileDesc("ChdmYWJyaWMvdjEvcm9sbG91dC5wcm90bxIJZmFicmljLnYxIo4DCg5TYW1wbGluZ1BhcmFtcxIbCg5tYXhfbmV3X3Rva2VucxgBIAEoBUgAiAEBEhgKC3RlbXBlcmF0dXJlGAIgASgCSAGIAQESEgoFdG9wX3AYAyABKAJIAogBARISCgV0b3BfaxgEIAEoBUgDiAEBEhYKCW51bV9iZWFtcxgFIAEoBUgEiAEBEiEKFG51bV9yZXR1cm5fc2VxdWVuY2VzGAYgASgFSAWIAQESEQoEc2VlZBgHIAEoA0gGiAEBEhUKCGxvZ3Byb2JzGAggASgISAeIAQESDAoEc3RvcBgJIAMoCRIfChJyZXBldGl0aW9uX3BlbmFsdHkYCiABKAJICIgBAUIRCg9fbWF4X25ld190b2tlbnNCDgoMX3RlbXBlcmF0dXJlQggKBl90b3BfcEIICgZfdG9wX2tCDAoKX251bV9iZWFtc0IXChVfbnVtX3JldHVybl9zZXF1ZW5jZXNCBwoFX3NlZWRCCwoJX2xvZ3Byb2JzQhUKE19yZXBldGl0aW9uX3BlbmFsdHkikQEKD0dlbmVyYXRlUmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgJEg4KBnByb21wdBgCIAEoCRIYChBwcm9tcHRfdG9rZW5faWRzGAMgAygFEisKCHNhbXBsaW5nGAQgASgLMhkuZmFicmljLnYxLlNhbXBsaW5nUGFyYW1zEhMKC3Nlc3Npb25fa2V5GAUgASgJIoICChBHZW5lcmF0ZVJlc3BvbnNlEhIKCnJlcXVlc3RfaWQYASABKAkSFAoMc2FtcGxlX2luZGV4GAIgASgFEhEKCXRva2VuX2lkcxgDIAMoBRIMCgR0ZXh0GAQgASgJEhAKCGxvZ3Byb2JzGAUgAygCEi4KDWZpbmlzaF9yZWFzb24YBiABKA4yFy5mYWJyaWMudjEuRmluaXNoUmVhc29uEhYKDndlaWdodF92ZXJzaW9uGAcgASgDEhgKEHByb21wdF90b2tlbl9pZHMYCCADKAUSHwoFZXJyb3IYCSABKAsyEC5mYWJyaWMudjEuRXJyb3ISDgoGc2VydmVyGAogASgJIiMKDEFib3J0UmVxdWVzdBITCgtyZXF1ZXN0X2lkcxgBIAMoCSIsCg1BYm9ydFJlc3BvbnNlEhsKE2Fib3J0ZWRfcmVxdWVzdF9pZHMYASADKAkibQoUVXBkYXRlV2VpZ2h0c1JlcXVlc3QSLgoGaGVhZGVyGAEgASgLMh4uZmFicmljLnYxLlVwZGF0ZVdlaWdodHNIZWFkZXISJQoFY2h1bmsYAiABKAsyFi5mYWJyaWMudjEuV2VpZ2h0Q2h1bmsi9AEKE1VwZGF0ZVdlaWdodHNIZWFkZXISFgoOd2VpZ2h0X3ZlcnNpb24YASABKAMSKwoIbWFuaWZlc3QYAiABKAsyGS5mYWJyaWMudjEuV2VpZ2h0TWFuaWZlc3QSFQoNcmVsYXlfdGFyZ2V0cxgDIAMoCRIVCg1jaHVua19pbmRpY2VzGAQgAygFEhEKCXRyYW5zcG9ydBgFIAEoCRIzCgpjb2xsZWN0aXZlGAYgASgLMh8uZmFicmljLnYxLkNvbGxlY3RpdmVSZW5kZXp2b3VzEiIKA2lwYxgHIAEoCzIVLmZhYnJpYy52MS5JcGNIYW5kbGVzIi8KCklwY0hhbmRsZXMSEAoIZ3B1X3V1aWQYASABKAkSDwoHdGVuc29ycxgCIAEoDCKbAQoUQ29sbGVjdGl2ZVJlbmRlenZvdXMSDwoHYmFja2VuZBgBIAEoCRIVCg1zdG9yZV9hZGRyZXNzGAIgASgJEhIKCndvcmxkX3NpemUYAyABKAUSDAoEcmFuaxgEIAEoBRIUCgxidWNrZXRfYnl0ZXMYBSABKAMSEQoJdGltZW91dF9zGAYgASgBEhAKCGdyb3VwX2lkGAcgASgJIkcKFVVwZGF0ZVdlaWdodHNSZXNwb25zZRIuCgdyZXN1bHRzGAEgAygLMh0uZmFicmljLnYxLldlaWdodFVwZGF0ZVJlc3VsdCL5AQoSV2VpZ2h0VXBkYXRlUmVzdWx0Eg4KBnNlcnZlchgBIAEoCRIWCg53ZWlnaHRfdmVyc2lvbhgCIAEoAxIRCgljb21taXR0ZWQYAyABKAgSGQoRYWxyZWFkeV9jb21taXR0ZWQYBCABKAgSFgoOYnl0ZXNfcmVjZWl2ZWQYBSABKAMSDwoHc2Vjb25kcxgGIAEoARIWCg5jb21taXRfc2Vjb25kcxgHIAEoARIfCgVlcnJvchgIIAEoCzIQLmZhYnJpYy52MS5FcnJvchIRCgl0cmFuc3BvcnQYCSABKAkSGAoQdHJhbnNwb3J0X3JlYXNvbhgKIAEoCSIZChdHZXRXZWlnaHRzU3RhdHVzUmVxdWVzdCKbAgoYR2V0V2VpZ2h0c1N0YXR1c1Jlc3BvbnNlEhcKD3NlcnZpbmdfdmVyc2lvbhgBIAEoAxIWCg5zdGFnZWRfdmVyc2lvbhgCIAEoAxIeChZzdGFnZWRfbWFuaWZlc3RfZGlnZXN0GAMgASgJEhwKFHN0YWdlZF9jaHVua19pbmRpY2VzGAQgAygFEhQKDHRvdGFsX2NodW5rcxgFIAEoBRIVCg10Y3BfZGF0YV9wb3J0GAYgASgFEh8KF3NlcnZpbmdfbWFuaWZlc3RfZGlnZXN0GAcgASgJEg0KBWR0eXBlGAggASgJEjMKCnRyYW5zcG9ydHMYCSADKAsyHy5mYWJyaWMudjEuV2VpZ2h0VHJhbnNwb3J0T2ZmZXIingEKFFdlaWdodFRyYW5zcG9ydE9mZmVyEgwKBG5hbWUYASABKAkSDAoEcG9ydBgCIAEoBRI7CgZwYXJhbXMYAyADKAsyKy5mYWJyaWMudjEuV2VpZ2h0VHJhbnNwb3J0T2ZmZXIuUGFyYW1zRW50cnkaLQoLUGFyYW1zRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASIdCgxTbGVlcFJlcXVlc3QSDQoFbGV2ZWwYASABKAUiRAoNU2xlZXBSZXNwb25zZRIkCgVzdGF0ZRgBIAEoDjIVLmZhYnJpYy52MS5TbGVlcFN0YXRlEg0KBWxldmVsGAIgASgFIh0KDVdha2VVcFJlcXVlc3QSDAoEdGFncxgBIAMoCSI2Cg5XYWtlVXBSZXNwb25zZRIkCgVzdGF0ZRgBIAEoDjIVLmZhYnJpYy52MS5TbGVlcFN0YXRlIiQKIlJvbGxvdXRTZXJ2aWNlR2V0U2VydmVySW5mb1JlcXVlc3QiqAMKI1JvbGxvdXRTZXJ2aWNlR2V0U2VydmVySW5mb1Jlc3BvbnNlEg0KBW1vZGVsGAEgASgJEhoKEmVuZ2luZV9jb25maWdfanNvbhgCIAEoCRIWCg53ZWlnaHRfdmVyc2lvbhgDIAEoAxITCgtxdWV1ZV9kZXB0aBgEIAEoBRIYChBydW5uaW5nX3JlcXVlc3RzGAUgASgFEioKC3NsZWVwX3N0YXRlGAYgASgOMhUuZmFicmljLnYxLlNsZWVwU3RhdGUSEwoLc2xlZXBfbGV2ZWwYByABKAUSFQoNbWF4X21vZGVsX2xlbhgIIAEoBRISCgp2b2NhYl9zaXplGAkgASgFEhgKEGluZmVyX2JhdGNoX3NpemUYCiABKAUSHAoUZ2VuZXJhdGluZ19hcmdzX2pzb24YCyABKAkSDgoGc2VydmVyGAwgASgJEhYKDmVuZ2luZV92ZXJzaW9uGA0gASgJEiAKGGRldmljZV9tZW1vcnlfZnJlZV9ieXRlcxgOIAEoAxIhChlkZXZpY2VfbWVtb3J5X3RvdGFsX2J5dGVzGA8gASgDKngKDEZpbmlzaFJlYXNvbhIdChlGSU5JU0hfUkVBU09OX1VOU1BFQ0lGSUVEEAASFgoSRklOSVNIX1JFQVNPTl9TVE9QEAESGAoURklOSVNIX1JFQVNPTl9MRU5HVEgQAhIXChNGSU5JU0hfUkVBU09OX0FCT1JUEAMqdgoKU2xlZXBTdGF0ZRIbChdTTEVFUF9TVEFURV9VTlNQRUNJRklFRBAAEhUKEVNMRUVQX1NUQVRFX0FXQUtFEAESFgoSU0xFRVBfU1RBVEVfQVNMRUVQEAISHAoYU0xFRVBfU1RBVEVfV0VJR0hUU19PTkxZEAMyswQKDlJvbGxvdXRTZXJ2aWNlEkcKCEdlbmVyYXRlEhouZmFicmljLnYxLkdlbmVyYXRlUmVxdWVzdBobLmZhYnJpYy52MS5HZW5lcmF0ZVJlc3BvbnNlKAEwARI6CgVBYm9ydBIXLmZhYnJpYy52MS5BYm9ydFJlcXVlc3QaGC5mYWJyaWMudjEuQWJvcnRSZXNwb25zZRJUCg1VcGRhdGVXZWlnaHRzEh8uZmFicmljLnYxLlVwZGF0ZVdlaWdodHNSZXF1ZXN0GiAuZmFicmljLnYxLlVwZGF0ZVdlaWdodHNSZXNwb25zZSgBElsKEEdldFdlaWdodHNTdGF0dXMSIi5mYWJyaWMudjEuR2V0V2VpZ2h0c1N0YXR1c1JlcXVlc3QaIy5mYWJyaWMudjEuR2V0V2VpZ2h0c1N0YXR1c1Jlc3BvbnNlEjoKBVNsZWVwEhcuZmFicmljLnYxLlNsZWVwUmVxdWVzdBoYLmZhYnJpYy52MS5TbGVlcFJlc3BvbnNlEj0KBldha2VVcBIYLmZhYnJpYy52MS5XYWtlVXBSZXF1ZXN0GhkuZmFicmljLnYxLldha2VVcFJlc3BvbnNlEm4KDUdldFNlcnZlckluZm8SLS5mYWJyaWMudjEuUm9sbG91dFNlcnZpY2VHZXRTZXJ2ZXJJbmZvUmVxdWVzdBouLmZhYnJpYy52MS5Sb2xsb3V0U2VydmljZUdldFNlcnZlckluZm9SZXNwb25zZWIGcHJvdG8z", [file_fabric_v1_common, file_fabric_v1_weights]);
 
 /**
  * Sampling overrides: every field left unset takes the server's generating_args default.
@@ -306,6 +306,13 @@ export type UpdateWeightsHeader = Message<"fabric.v1.UpdateWeightsHeader"> & {
    * @generated from field: fabric.v1.CollectiveRendezvous collective = 6;
    */
   collective?: CollectiveRendezvous | undefined;
+
+  /**
+   * For transport "ipc" (sender and server on one GPU): the CUDA IPC handles of the version's tensors.
+   *
+   * @generated from field: fabric.v1.IpcHandles ipc = 7;
+   */
+  ipc?: IpcHandles | undefined;
 };
 
 /**
@@ -314,6 +321,34 @@ export type UpdateWeightsHeader = Message<"fabric.v1.UpdateWeightsHeader"> & {
  */
 export const UpdateWeightsHeaderSchema: GenMessage<UpdateWeightsHeader> = /*@__PURE__*/
   messageDesc(file_fabric_v1_rollout, 6);
+
+/**
+ * CUDA memory handles of one version's tensors, in manifest order (fabric.weights.transports.ipc).
+ *
+ * @generated from message fabric.v1.IpcHandles
+ */
+export type IpcHandles = Message<"fabric.v1.IpcHandles"> & {
+  /**
+   * The GPU the memory is on.
+   *
+   * @generated from field: string gpu_uuid = 1;
+   */
+  gpuUuid: string;
+
+  /**
+   * One handle per tensor, as a pickle of plain values (no globals: the server refuses any).
+   *
+   * @generated from field: bytes tensors = 2;
+   */
+  tensors: Uint8Array;
+};
+
+/**
+ * Describes the message fabric.v1.IpcHandles.
+ * Use `create(IpcHandlesSchema)` to create a new message.
+ */
+export const IpcHandlesSchema: GenMessage<IpcHandles> = /*@__PURE__*/
+  messageDesc(file_fabric_v1_rollout, 7);
 
 /**
  * A process group that a sender forms per update: the sender is rank 0 and broadcasts the version's buckets;
@@ -376,7 +411,7 @@ export type CollectiveRendezvous = Message<"fabric.v1.CollectiveRendezvous"> & {
  * Use `create(CollectiveRendezvousSchema)` to create a new message.
  */
 export const CollectiveRendezvousSchema: GenMessage<CollectiveRendezvous> = /*@__PURE__*/
-  messageDesc(file_fabric_v1_rollout, 7);
+  messageDesc(file_fabric_v1_rollout, 8);
 
 /**
  * @generated from message fabric.v1.UpdateWeightsResponse
@@ -395,7 +430,7 @@ export type UpdateWeightsResponse = Message<"fabric.v1.UpdateWeightsResponse"> &
  * Use `create(UpdateWeightsResponseSchema)` to create a new message.
  */
 export const UpdateWeightsResponseSchema: GenMessage<UpdateWeightsResponse> = /*@__PURE__*/
-  messageDesc(file_fabric_v1_rollout, 8);
+  messageDesc(file_fabric_v1_rollout, 9);
 
 /**
  * @generated from message fabric.v1.WeightUpdateResult
@@ -465,7 +500,7 @@ export type WeightUpdateResult = Message<"fabric.v1.WeightUpdateResult"> & {
  * Use `create(WeightUpdateResultSchema)` to create a new message.
  */
 export const WeightUpdateResultSchema: GenMessage<WeightUpdateResult> = /*@__PURE__*/
-  messageDesc(file_fabric_v1_rollout, 9);
+  messageDesc(file_fabric_v1_rollout, 10);
 
 /**
  * @generated from message fabric.v1.GetWeightsStatusRequest
@@ -478,7 +513,7 @@ export type GetWeightsStatusRequest = Message<"fabric.v1.GetWeightsStatusRequest
  * Use `create(GetWeightsStatusRequestSchema)` to create a new message.
  */
 export const GetWeightsStatusRequestSchema: GenMessage<GetWeightsStatusRequest> = /*@__PURE__*/
-  messageDesc(file_fabric_v1_rollout, 10);
+  messageDesc(file_fabric_v1_rollout, 11);
 
 /**
  * @generated from message fabric.v1.GetWeightsStatusResponse
@@ -548,7 +583,7 @@ export type GetWeightsStatusResponse = Message<"fabric.v1.GetWeightsStatusRespon
  * Use `create(GetWeightsStatusResponseSchema)` to create a new message.
  */
 export const GetWeightsStatusResponseSchema: GenMessage<GetWeightsStatusResponse> = /*@__PURE__*/
-  messageDesc(file_fabric_v1_rollout, 11);
+  messageDesc(file_fabric_v1_rollout, 12);
 
 /**
  * One path a weight update's bytes can take to a rollout server.
@@ -583,7 +618,7 @@ export type WeightTransportOffer = Message<"fabric.v1.WeightTransportOffer"> & {
  * Use `create(WeightTransportOfferSchema)` to create a new message.
  */
 export const WeightTransportOfferSchema: GenMessage<WeightTransportOffer> = /*@__PURE__*/
-  messageDesc(file_fabric_v1_rollout, 12);
+  messageDesc(file_fabric_v1_rollout, 13);
 
 /**
  * @generated from message fabric.v1.SleepRequest
@@ -602,7 +637,7 @@ export type SleepRequest = Message<"fabric.v1.SleepRequest"> & {
  * Use `create(SleepRequestSchema)` to create a new message.
  */
 export const SleepRequestSchema: GenMessage<SleepRequest> = /*@__PURE__*/
-  messageDesc(file_fabric_v1_rollout, 13);
+  messageDesc(file_fabric_v1_rollout, 14);
 
 /**
  * @generated from message fabric.v1.SleepResponse
@@ -624,7 +659,7 @@ export type SleepResponse = Message<"fabric.v1.SleepResponse"> & {
  * Use `create(SleepResponseSchema)` to create a new message.
  */
 export const SleepResponseSchema: GenMessage<SleepResponse> = /*@__PURE__*/
-  messageDesc(file_fabric_v1_rollout, 14);
+  messageDesc(file_fabric_v1_rollout, 15);
 
 /**
  * @generated from message fabric.v1.WakeUpRequest
@@ -643,7 +678,7 @@ export type WakeUpRequest = Message<"fabric.v1.WakeUpRequest"> & {
  * Use `create(WakeUpRequestSchema)` to create a new message.
  */
 export const WakeUpRequestSchema: GenMessage<WakeUpRequest> = /*@__PURE__*/
-  messageDesc(file_fabric_v1_rollout, 15);
+  messageDesc(file_fabric_v1_rollout, 16);
 
 /**
  * @generated from message fabric.v1.WakeUpResponse
@@ -660,7 +695,7 @@ export type WakeUpResponse = Message<"fabric.v1.WakeUpResponse"> & {
  * Use `create(WakeUpResponseSchema)` to create a new message.
  */
 export const WakeUpResponseSchema: GenMessage<WakeUpResponse> = /*@__PURE__*/
-  messageDesc(file_fabric_v1_rollout, 16);
+  messageDesc(file_fabric_v1_rollout, 17);
 
 /**
  * @generated from message fabric.v1.RolloutServiceGetServerInfoRequest
@@ -673,7 +708,7 @@ export type RolloutServiceGetServerInfoRequest = Message<"fabric.v1.RolloutServi
  * Use `create(RolloutServiceGetServerInfoRequestSchema)` to create a new message.
  */
 export const RolloutServiceGetServerInfoRequestSchema: GenMessage<RolloutServiceGetServerInfoRequest> = /*@__PURE__*/
-  messageDesc(file_fabric_v1_rollout, 17);
+  messageDesc(file_fabric_v1_rollout, 18);
 
 /**
  * @generated from message fabric.v1.RolloutServiceGetServerInfoResponse
@@ -749,6 +784,18 @@ export type RolloutServiceGetServerInfoResponse = Message<"fabric.v1.RolloutServ
    * @generated from field: string engine_version = 13;
    */
   engineVersion: string;
+
+  /**
+   * Accelerator memory of the server's device as torch.cuda.mem_get_info reads it (0 on CPU): what sleep frees.
+   *
+   * @generated from field: int64 device_memory_free_bytes = 14;
+   */
+  deviceMemoryFreeBytes: bigint;
+
+  /**
+   * @generated from field: int64 device_memory_total_bytes = 15;
+   */
+  deviceMemoryTotalBytes: bigint;
 };
 
 /**
@@ -756,7 +803,7 @@ export type RolloutServiceGetServerInfoResponse = Message<"fabric.v1.RolloutServ
  * Use `create(RolloutServiceGetServerInfoResponseSchema)` to create a new message.
  */
 export const RolloutServiceGetServerInfoResponseSchema: GenMessage<RolloutServiceGetServerInfoResponse> = /*@__PURE__*/
-  messageDesc(file_fabric_v1_rollout, 18);
+  messageDesc(file_fabric_v1_rollout, 19);
 
 /**
  * @generated from enum fabric.v1.FinishReason
