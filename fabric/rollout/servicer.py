@@ -196,9 +196,13 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
             response.sample_index = index
             request.stream.out.put_nowait(response)
             return
-        request.stream.out.put_nowait(self._sample_response(request, index, sample, version))
+        request.stream.out.put_nowait(
+            self._sample_response(request, index, sample, version, last_version=self.engine.weight_version)
+        )
 
-    def _sample_response(self, request: _Request, index: int, sample: Sample, version: int):
+    def _sample_response(
+        self, request: _Request, index: int, sample: Sample, version: int, last_version: int | None = None
+    ):
         return rollout_pb2.GenerateResponse(
             request_id=request.request_id,
             sample_index=index,
@@ -207,6 +211,8 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
             logprobs=sample.logprobs,
             finish_reason=_FINISH_REASONS[sample.finish_reason],
             weight_version=version,
+            first_weight_version=version,
+            last_weight_version=version if last_version is None else last_version,
             prompt_token_ids=request.prompt_ids,
             server=self.server_name,
         )

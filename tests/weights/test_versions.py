@@ -14,7 +14,7 @@ import torch
 from fabric.v1 import rollout_pb2, rollout_pb2_grpc
 from fabric.weights import manifest as mf
 from fabric.weights.sender import WeightSource, push_weights, weights_status
-from tests.rollout.fake_engine import fingerprint, tiny_hf_config
+from tests.rollout.fake_engine import FakeEngine, fingerprint, tiny_hf_config
 from tests.rollout.test_servicer import fake_server
 
 
@@ -180,3 +180,23 @@ def test_host_chunks_stage_off_host_tensors_through_two_reused_buffers(stage_byt
     assert len(staged._pinned) == 2  # both buffers back in the pool, reused by the next push
     again = [(i, bytes(view)) for i, view in staged.host_chunks(indices[::-1], stage_bytes=stage_bytes)]
     assert again == direct[::-1] and len(staged._pinned) == 2
+
+
+def test_a_sample_that_spans_an_update_reports_the_first_and_last_version_it_ran_under(shm):
+    from tests.rollout.test_servicer import collect, request
+
+    async def go():
+        async with fake_server(FakeEngine(token_seconds=0.01)) as (client, servicer, engine):
+            assert (await push_weights(source(1), [client.address])).ok
+            stream = asyncio.ensure_future(collect(client, [request("long", tokens=300), request("short", tokens=1)]))
+            while servicer.running < 2:
+                await asyncio.sleep(0.01)
+            while servicer.running > 1:  # "short" is done: only "long" is in the engine
+                await asyncio.sleep(0.01)
+            assert (await push_weights(source(2), [client.address])).ok
+            return await stream
+
+    by_id = {r.request_id: r for r in asyncio.run(go())}
+    assert (by_id["short"].first_weight_version, by_id["short"].last_weight_version) == (1, 1)
+    assert (by_id["long"].first_weight_version, by_id["long"].last_weight_version) == (1, 2)
+    assert by_id["long"].weight_version == 1

@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import time
 
+import grpc
+
 from fabric import security
 from fabric.errors import FabricError, invalid
 from fabric.v1 import rollout_pb2, rollout_pb2_grpc
-from fabric.weights.relay import GrpcRelay
+from fabric.weights.relay import RELAY_QUEUE_CHUNKS, next_header, relay_channel_options, relay_failures
 from fabric.weights.transports import SendJob
 from fabric.weights.versions import StagedVersion, VersionStore
 
@@ -75,3 +77,56 @@ async def send(job: SendJob) -> list[rollout_pb2.WeightUpdateResult]:
     async with security.channel(job.target) as channel:
         response = await rollout_pb2_grpc.RolloutServiceStub(channel).UpdateWeights(requests(), timeout=job.timeout)
     return list(response.results)
+
+
+class GrpcRelay:
+    """Forwards the chunks of one gRPC stream to the next server of the chain as they arrive."""
+
+    def __init__(self, header: rollout_pb2.UpdateWeightsHeader, timeout: float | None = None):
+        self.header = header
+        self.target = header.relay_targets[0]
+        self.queue: asyncio.Queue = asyncio.Queue(maxsize=RELAY_QUEUE_CHUNKS)
+        self.channel = security.channel(self.target, options=relay_channel_options())
+        stub = rollout_pb2_grpc.RolloutServiceStub(self.channel)
+        self.error: str | None = None
+        self.ended = False
+        self.call = stub.UpdateWeights(self._requests(), timeout=timeout)
+        self.task = asyncio.ensure_future(self._run())
+
+    async def _requests(self):
+        yield rollout_pb2.UpdateWeightsRequest(header=next_header(self.header))
+        while (item := await self.queue.get()) is not None:
+            yield item
+
+    async def _run(self):
+        try:
+            return await self.call
+        except grpc.aio.AioRpcError as err:
+            self.error = f"relay link to {self.target} failed: {err.code().name}: {err.details()}"
+            return None
+        finally:
+            # The link is over. A put() may be waiting on the full queue (the hop died, or never connected, while
+            # this server received faster than it could forward): empty the queue so that put() returns, or this
+            # server's own stream would stall until the sender's deadline.
+            while not self.queue.empty():
+                self.queue.get_nowait()
+
+    async def put(self, request) -> None:
+        if self.error is None and not self.task.done():
+            await self.queue.put(request)
+
+    def cancel(self) -> None:
+        self.call.cancel()
+
+    async def end(self) -> None:
+        if not self.task.done() and not self.ended:
+            self.ended = True
+            await self.queue.put(None)
+
+    async def close(self) -> list[rollout_pb2.WeightUpdateResult]:
+        await self.end()
+        response = await self.task
+        await self.channel.close()
+        if response is None:
+            return relay_failures(self.header, self.error or f"relay link to {self.target} failed")
+        return list(response.results)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import queue
 import socket
 import struct
 import threading
@@ -27,7 +28,8 @@ import grpc
 from fabric import security
 from fabric.addresses import host_of
 from fabric.errors import FabricError, invalid
-from fabric.v1 import rollout_pb2, weights_pb2
+from fabric.v1 import rollout_pb2, rollout_pb2_grpc, weights_pb2
+from fabric.weights.relay import RELAY_QUEUE_CHUNKS, next_header, relay_channel_options, relay_failures
 from fabric.weights.transports import SendJob
 
 log = logging.getLogger(__name__)
@@ -109,8 +111,6 @@ class TcpDataPlane:
         return asyncio.run_coroutine_threadsafe(make_coro(), self.loop).result()
 
     def _serve(self, conn: socket.socket) -> None:
-        from fabric.weights.relay import TcpRelay
-
         tune(conn)
         started = time.perf_counter()
         staged = relay = None
@@ -215,3 +215,93 @@ def _send(job: SendJob) -> list[rollout_pb2.WeightUpdateResult]:
         except OSError:
             pass  # the server refused mid-stream (bad header or chunk): its answer is waiting to be read
         return list(rollout_pb2.UpdateWeightsResponse.FromString(recv_frame(sock)).results)
+
+
+# ---- relay: forward each frame to the next server's data plane ------------------------------------------------
+
+
+class TcpRelay:
+    """Forwards the frames of one TCP update to the next server's data plane, from the same memory, in a thread of
+    its own: this server keeps receiving while the previous chunk goes out, so a chain runs at link speed."""
+
+    def __init__(self, header: rollout_pb2.UpdateWeightsHeader, token: str):
+        self.header = header
+        self.target = header.relay_targets[0]
+        self.error: str | None = None
+        self.sock: socket.socket | None = None
+        self.queue: queue.Queue = queue.Queue(maxsize=RELAY_QUEUE_CHUNKS)
+        self.sender: threading.Thread | None = None
+        try:
+            port = _tcp_port_of(self.target)
+            host = host_of(self.target)
+            self.sock = socket.create_connection((host, port), timeout=30)
+            tune(self.sock)
+            self.sock.sendall(MAGIC)
+            send_frame(self.sock, token.encode())
+            send_frame(self.sock, rollout_pb2.UpdateWeightsRequest(header=next_header(header)).SerializeToString())
+        except (OSError, grpc.RpcError, ConnectionError) as exc:
+            self.error = f"relay link to {self.target} failed: {exc}"
+            return
+        self.sender = threading.Thread(target=self._send_loop, name="weights-relay", daemon=True)
+        self.sender.start()
+
+    def _send_loop(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error or self.sock is None:
+                continue  # keep draining so the receiving side never blocks on a dead link
+            frame, view = item
+            try:
+                send_frame(self.sock, frame)
+                self.sock.sendall(view)
+            except OSError as exc:
+                self.error = f"relay link to {self.target} cut mid-stream: {exc}"
+
+    def forward(self, frame: bytes, view: memoryview) -> None:
+        if self.sender is not None and not self.error:
+            self.queue.put((frame, view))
+
+    def finish_sending(self) -> None:
+        """Waits until every chunk went out, then ends the downstream stream (before this server's own commit, so
+        the servers of a chain commit together and the staging memory is still there while it is sent)."""
+        if self.sender is None:
+            return
+        self.queue.put(None)
+        self.sender.join()
+        self.sender = None
+        if self.sock is not None and not self.error:
+            try:
+                send_frame(self.sock, b"")
+            except OSError as exc:
+                self.error = f"relay link to {self.target} failed: {exc}"
+
+    def abort(self) -> None:
+        if self.sender is not None:
+            self.error = self.error or "aborted"
+            self.queue.put(None)
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def close(self) -> list[rollout_pb2.WeightUpdateResult]:
+        """The downstream servers' results (or their failure, resumable) once they have committed."""
+        self.finish_sending()
+        if self.sock is not None and not self.error:
+            try:
+                self.sock.settimeout(600)
+                response = rollout_pb2.UpdateWeightsResponse.FromString(recv_frame(self.sock))
+                self.abort()
+                return list(response.results)
+            except (OSError, ConnectionError) as exc:
+                self.error = f"relay link to {self.target} failed: {exc}"
+        self.abort()
+        return relay_failures(self.header, self.error or f"relay link to {self.target} failed")
+
+
+def _tcp_port_of(target: str) -> int:
+    with security.sync_channel(target, options=relay_channel_options()) as channel:
+        status = rollout_pb2_grpc.RolloutServiceStub(channel).GetWeightsStatus(
+            rollout_pb2.GetWeightsStatusRequest(), timeout=10
+        )
+    if not status.tcp_data_port:
+        raise ConnectionError(f"{target} has no TCP data plane")
+    return status.tcp_data_port
