@@ -13,49 +13,23 @@ The rollout servers may start with `load_format: dummy`: the first push (version
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from fabric import security
-from fabric.config import ConfigError, load_config
-from fabric.config.pipeline import PipelineConfig, pipeline_config
+from fabric.config.pipeline import PipelineConfig
+from fabric.errors import precondition
 from fabric.routing import RewardPool, RolloutPool
 from fabric.trainer import report
 from fabric.v1 import rollout_pb2, trainer_pb2
 
 log = logging.getLogger(__name__)
 
-
-def load_dataset(path: str, tokenizer, prompt_length: int) -> list[dict]:
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError("actor_train.data_args.file_name", f"dataset not found: {file}")
-    rows, skipped = [], 0
-    for number, line in enumerate(file.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConfigError("actor_train.data_args.file_name", f"{file}:{number}: not JSON ({exc})") from None
-        if "prompt" not in row or "ground_truth" not in row:
-            raise ConfigError("actor_train.data_args.file_name", f"{file}:{number}: needs prompt and ground_truth")
-        if len(tokenizer.encode(row["prompt"], add_special_tokens=False)) > prompt_length:
-            skipped += 1
-            continue
-        rows.append(row)
-    if skipped:
-        log.warning("%d prompts longer than prompt_length=%d left out", skipped, prompt_length)
-    if not rows:
-        raise ConfigError("actor_train.data_args.file_name", f"{file}: no usable rows")
-    return rows
+FINAL_STATES = (trainer_pb2.TRAINER_STATE_FINISHED, trainer_pb2.TRAINER_STATE_FAILED)
 
 
 @dataclass
@@ -91,6 +65,33 @@ class Trainer:
         self.rewards: RewardPool | None = None
         self.metrics_path = pc.out / "metrics.jsonl"
         self.serving_dtype = None
+
+    # ---- control (the TrainerService calls these) --------------------------------------------------------------
+
+    def pause(self) -> int:
+        """Holds the loop before its next step (the current one finishes). Returns the state."""
+        if self.state in FINAL_STATES:
+            raise precondition("the run has ended; nothing to pause", "RUN_ENDED")
+        self.resume_event.clear()
+        if self.state == trainer_pb2.TRAINER_STATE_RUNNING:
+            self.state = trainer_pb2.TRAINER_STATE_PAUSED
+        return self.state
+
+    def resume(self) -> int:
+        if self.state in FINAL_STATES:
+            raise precondition("the run has ended; nothing to resume", "RUN_ENDED")
+        if self.state == trainer_pb2.TRAINER_STATE_PAUSED:
+            self.state = trainer_pb2.TRAINER_STATE_RUNNING
+        self.resume_event.set()
+        return self.state
+
+    def stop(self) -> int:
+        """Ends the run after the current step (with the final checkpoint). Returns the state."""
+        self.stop_requested = True
+        self.resume_event.set()
+        if self.state not in FINAL_STATES:
+            self.state = trainer_pb2.TRAINER_STATE_STOPPING
+        return self.state
 
     # ---- the loop ----------------------------------------------------------------------------------------------
 
@@ -306,7 +307,7 @@ class Trainer:
     def record(self, metrics: dict) -> None:
         self.history.append(metrics)
         report.append_jsonl(self.metrics_path, metrics)
-        message = to_proto(metrics)
+        message = report.to_proto(metrics)
         for queue in self.subscribers:
             queue.put_nowait(message)
         log.info(
@@ -325,98 +326,3 @@ class Trainer:
         saved = await asyncio.to_thread(self.policy.save, path)
         log.info("checkpoint saved to %s", saved)
         return Path(saved)
-
-
-def to_proto(metrics: dict) -> trainer_pb2.StepMetrics:
-    fields = set(trainer_pb2.StepMetrics.DESCRIPTOR.fields_by_name) - {"extra"}
-    message = trainer_pb2.StepMetrics(**{k: v for k, v in metrics.items() if k in fields})
-    message.extra.update(metrics.get("extra", {}))
-    return message
-
-
-async def train_main(pc: PipelineConfig, ready=print) -> Trainer:
-    from transformers import AutoTokenizer
-
-    from fabric.server import FabricServer
-    from fabric.trainer.policy import LossConfig, OptimConfig, Policy
-    from fabric.trainer.service import TrainerServicer
-    from fabric.v1 import trainer_pb2_grpc
-
-    if not pc.rollout_addresses:
-        raise ConfigError("cluster.rollout", "no rollout server addresses (fabric run fills them in)")
-    if not pc.reward_addresses:
-        raise ConfigError("cluster.reward", "no reward server addresses (fabric run fills them in)")
-    if not Path(pc.pretrain, "config.json").is_file():
-        raise ConfigError("actor_train.pretrain", f"not an HF model directory (no config.json): {pc.pretrain}")
-    tokenizer = AutoTokenizer.from_pretrained(pc.pretrain)
-    dataset = load_dataset(pc.dataset, tokenizer, pc.prompt_length)
-    torch.manual_seed(pc.seed)
-    optim = OptimConfig(
-        lr=pc.learning_rate,
-        weight_decay=pc.weight_decay,
-        grad_clip=pc.max_grad_norm,
-        micro_batch_size=pc.micro_batch_size,
-    )
-    loss = LossConfig(
-        pg_clip=pc.pg_clip,
-        kl_coef=pc.kl_coef,
-        loss_agg_mode=pc.loss_agg_mode,
-        temperature=float(pc.sampling.get("temperature", 1.0)) or 1.0,
-    )
-    dtype = getattr(torch, pc.dtype)
-    policy = await asyncio.to_thread(Policy.from_hf, pc.pretrain, optim, loss, dtype, None, pc.seed)
-    if pc.sft_steps:
-        await asyncio.to_thread(sft_warmup_from_dataset, policy, dataset, pc)
-    reference = policy.frozen_copy()
-    trainer = Trainer(pc, policy, reference, tokenizer, dataset)
-    servicer = TrainerServicer(trainer)
-    server = FabricServer(
-        ["fabric.v1.TrainerService"],
-        lambda s: trainer_pb2_grpc.add_TrainerServiceServicer_to_server(servicer, s),
-        host=pc.host,
-        port=pc.trainer_port,
-    )
-    await server.start()
-    ready(f"fabric trainer server listening on {server.address}")
-    try:
-        await trainer.run(pc.rollout_addresses, pc.reward_addresses)
-    finally:
-        await server.stop(grace=2)
-    return trainer
-
-
-def sft_warmup_from_dataset(policy, dataset: list[dict], pc: PipelineConfig) -> None:
-    from fabric.trainer.sft import sft_warmup
-
-    pairs = [(row["prompt"], row["response"]) for row in dataset if row.get("response")]
-    if not pairs:
-        raise ConfigError("sft_warmup.steps", "the dataset has no `response` column to warm up on")
-    log.info("supervised warm-up: %d steps on %d pairs", pc.sft_steps, len(pairs))
-    sft_warmup(policy, pairs, pc.sft_steps, batch_size=pc.sft_batch_size, lr=pc.sft_learning_rate, seed=pc.seed)
-
-
-def cli_main(args) -> int:
-    cfg = load_config(args.config, args.overrides)
-    pc = pipeline_config(cfg)
-    security.configure(security.SecurityConfig.from_cfg(cfg))
-    for key in ("rollout", "reward"):
-        given = getattr(args, key, None)
-        if given:
-            setattr(pc, f"{key}_addresses", list(given))
-    if getattr(args, "port", None) is not None:
-        pc.trainer_port = args.port
-    try:
-        trainer = asyncio.run(train_main(pc, ready=lambda line: print(line, flush=True)))
-    except KeyboardInterrupt:
-        return 130
-    from rich.console import Console
-
-    console = Console()
-    console.print(report.summary_table(trainer.history))
-    first, last = report.first_last(trainer.history)
-    console.print(f"reward: first 5 steps {first:.3f} -> last 5 steps {last:.3f}; metrics in {trainer.metrics_path}")
-    return 0 if trainer.state == trainer_pb2.TRAINER_STATE_FINISHED else 1
-
-
-if __name__ == "__main__":
-    sys.exit(cli_main(None))
