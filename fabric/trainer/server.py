@@ -14,7 +14,7 @@ from fabric.config import ConfigError, load_config
 from fabric.config.pipeline import PipelineConfig, pipeline_config
 from fabric.trainer import report
 from fabric.trainer.data import load_dataset
-from fabric.trainer.loop import Trainer
+from fabric.trainer.loop import Trainer, sampling_settings
 from fabric.v1 import trainer_pb2
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ async def train_main(pc: PipelineConfig, ready=print) -> Trainer:
     from transformers import AutoTokenizer
 
     from fabric.server import FabricServer
-    from fabric.trainer.policy import LossConfig, OptimConfig, Policy
+    from fabric.trainer.algorithm import lr_scheduler
     from fabric.trainer.servicer import TrainerServicer
     from fabric.v1 import trainer_pb2_grpc
 
@@ -37,22 +37,13 @@ async def train_main(pc: PipelineConfig, ready=print) -> Trainer:
     tokenizer = AutoTokenizer.from_pretrained(pc.pretrain)
     dataset = load_dataset(pc.dataset, tokenizer, pc.prompt_length)
     torch.manual_seed(pc.seed)
-    optim = OptimConfig(
-        lr=pc.learning_rate,
-        weight_decay=pc.weight_decay,
-        grad_clip=pc.max_grad_norm,
-        micro_batch_size=pc.micro_batch_size,
-    )
-    loss = LossConfig(
-        pg_clip=pc.pg_clip,
-        kl_coef=pc.kl_coef,
-        loss_agg_mode=pc.loss_agg_mode,
-        temperature=float(pc.sampling.get("temperature", 1.0)) or 1.0,
-    )
-    dtype = getattr(torch, pc.dtype)
-    policy = await asyncio.to_thread(Policy.from_hf, pc.pretrain, optim, loss, dtype, None, pc.seed)
+    policy = await asyncio.to_thread(build_policy, pc)
     if pc.sft_steps:
         await asyncio.to_thread(sft_warmup_from_dataset, policy, dataset, pc)
+        policy.reset_optimizer()  # RL starts with fresh AdamW moments, not the warm-up's
+    a = pc.algorithm
+    total = a.optimizer_steps(pc.rollout_batch_size * pc.group_size, pc.max_steps)
+    policy.set_schedule(lambda optimizer: lr_scheduler(optimizer, a, total))
     reference = policy.frozen_copy()
     trainer = Trainer(pc, policy, reference, tokenizer, dataset)
     servicer = TrainerServicer(trainer)
@@ -69,6 +60,44 @@ async def train_main(pc: PipelineConfig, ready=print) -> Trainer:
     finally:
         await server.stop(grace=2)
     return trainer
+
+
+def optim_config(pc: PipelineConfig):
+    """actor_train.training_args as the policy's optimizer settings (per_device_train_batch_size: the micro-batch)."""
+    from fabric.trainer.policy import OptimConfig
+
+    a = pc.algorithm
+    return OptimConfig(
+        lr=a.learning_rate,
+        weight_decay=a.weight_decay,
+        betas=(a.adam_beta1, a.adam_beta2),
+        grad_clip=a.max_grad_norm,
+        micro_batch_size=a.per_device_train_batch_size,
+    )
+
+
+def loss_config(pc: PipelineConfig):
+    """The loss as ROLL's keys say: clip range (use_pg_clip_range), dual clip (1 + 2 pg_clip), the KL loss only with
+    use_kl_loss (kl_loss_coef x k3; init_kl_coef is the in-reward KL's, see algorithm.py), the aggregation."""
+    from fabric.trainer.policy import LossConfig
+
+    a = pc.algorithm
+    return LossConfig(
+        pg_clip=a.clip_low,
+        pg_clip_high=a.clip_high,
+        dual_clip=1.0 + 2.0 * a.pg_clip if a.dual_clip_loss else None,
+        kl_coef=a.kl_loss_coef_in_use,
+        kl_estimator="k3",
+        loss_agg_mode=a.loss_agg_mode,
+        norm_length=float(pc.response_length),
+        temperature=float(sampling_settings(pc.sampling)["temperature"]) or 1.0,
+    )
+
+
+def build_policy(pc: PipelineConfig):
+    from fabric.trainer.policy import Policy
+
+    return Policy.from_hf(pc.pretrain, optim_config(pc), loss_config(pc), getattr(torch, pc.dtype), None, pc.seed)
 
 
 def sft_warmup_from_dataset(policy, dataset: list[dict], pc: PipelineConfig) -> None:
