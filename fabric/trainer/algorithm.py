@@ -92,7 +92,8 @@ def compute_advantages(
     metrics["samples_used"] = float(sample_mask.sum())
 
     # 2. response-level reward: normalization, clip
-    rewards = losses.reward_norm(scores, group_size, cfg.norm_mean_type, cfg.norm_std_type, valid=valid)
+    norm = ("group", "group") if cfg.adv_estimator == "grpo" else (cfg.norm_mean_type, cfg.norm_std_type)
+    rewards = losses.reward_norm(scores, group_size, *norm, valid=valid)
     if cfg.reward_clip:
         metrics["reward_clip_frac"] = _clip_frac(rewards, cfg.reward_clip)
         rewards = rewards.clamp(-cfg.reward_clip, cfg.reward_clip)
