@@ -7,7 +7,7 @@ export VLLM_CPU_KVCACHE_SPACE ?= 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup proto check-proto lint test test-fast run bench clean tiny-model
+.PHONY: gpu-check setup proto check-proto lint test test-fast run bench clean tiny-model
 
 setup: $(STAMP)
 
@@ -54,6 +54,12 @@ bench: setup
 
 clean:
 	rm -rf .cache runs build
+
+# On a CUDA host with 2 GPUs: the GPU weight paths (NCCL check, correctness on vLLM, layouts), figures in runs/gpu.
+gpu-check:
+	$(PYTHON) -m bench.gpu_sync nccl-check runs/gpu
+	$(PYTHON) -m bench.gpu_sync correctness runs/gpu
+	$(PYTHON) -m bench.gpu_sync layouts runs/gpu
 
 # Client toolchains and targets (clients, test-clients) live beside the clients.
 -include clients/clients.mk

@@ -1,172 +1,485 @@
-"""GPU figures, for a CUDA host (the H100 lent to sessions): megatron-core train steps of the tiny model and of a
-~113M-parameter model (bf16), and the weight push from GPU memory to a rollout-side receiver on the same host.
+"""GPU weight paths on a 2-GPU CUDA host (issue 13): `python -m bench.gpu_sync MODE OUT_DIR`.
 
-The receiver is the fabric's WeightReceiver (staging, crc32c, atomic commit) behind a RolloutService; that host has no
-vLLM, so its engine adapter commits into a transformers model on the GPU instead of a vLLM engine (the commit is a
-copy into the model's parameters either way). Compared side by side: raw TCP between two processes (the wire's
-limit), the fabric's gRPC stream (1 and 4 streams) and its raw-TCP data plane. Without CUDA it says so and returns.
-`python -m bench gpu_sync`.
+Modes (each writes OUT_DIR/MODE.json and prints every figure as it comes; a part that fails is recorded, the rest runs):
+  nccl-check   no vLLM: raw NCCL broadcast GPU0 -> GPU1 in 1 GiB buckets, and a rank stalling mid-broadcast (the other
+               rank must give up at its deadline, abort the group and return)
+  correctness  a rollout server (fabric serve rollout, vLLM) on GPU1 with a tiny fp32 Qwen2: pushes over NCCL from
+               GPU0 and CUDA IPC from GPU1, greedy output against transformers fp32 on GPU; a sender killed
+               mid-broadcast (the old version keeps serving, nothing hangs)
+  layouts      bf16 Qwen2.5-0.5B / 3B / 7B shapes (random weights on the trainer's GPU, load_format dummy on the
+               server): raw NCCL of the same bytes, the fabric's NCCL path, CUDA IPC on one GPU, the host path (tcp,
+               pinned staging; smallest layout only), the update while generation runs, generation tokens/s, and
+               sleep / wake (memory freed as GetServerInfo reports it)
+  vllm-own     in-process vLLM on the 7B layout: generation tokens/s and vLLM's own NCCL weight-transfer engine
+
+Every process here keeps NCCL's NVLink multicast off (NCCL_NVLS_ENABLE=0), as the GPU machines require.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
 import sys
-import tempfile
+import threading
 import time
+import traceback
 from pathlib import Path
 
 import torch
 
-MEDIUM = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=10, num_attention_heads=16,
-              num_key_value_heads=4, head_dim=64, max_position_embeddings=2048)  # fmt: skip
+SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+os.environ.update(SAFE_ENV)
+GiB = 1 << 30
+
+LAYOUTS = {  # Qwen2.5 shapes
+    "0.5B": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                 num_key_value_heads=2, tie_word_embeddings=True),
+    "3B": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+               num_key_value_heads=2, tie_word_embeddings=True),
+    "7B": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4, tie_word_embeddings=False),
+}  # fmt: skip
+RESULTS: dict = {}
 
 
-class HFEngine:
-    """The receiver's engine on a host without vLLM: commits into a transformers model on the GPU."""
+def record(key, value):
+    RESULTS[key] = value
+    print(f"RESULT {key} = {json.dumps(value)}", flush=True)
 
-    def __init__(self, model_dir: str):
-        from transformers import AutoConfig, AutoModelForCausalLM
 
-        self.model_dir = model_dir
-        self.hf_config = AutoConfig.from_pretrained(model_dir)
-        self.dtype = torch.bfloat16
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = AutoModelForCausalLM.from_config(self.hf_config, dtype=self.dtype).to(self.device)
-        self.weight_version = 0
-        self.sleep_state = 1
+def guarded(name):
+    def wrap(fn):
+        def run(*a, **k):
+            started = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            except Exception as exc:  # noqa: BLE001 - one part failing must not cost the others
+                record(f"{name}.error", f"{type(exc).__name__}: {exc}"[:2000])
+                traceback.print_exc()
+            finally:
+                print(f"-- {name}: {time.perf_counter() - started:.1f} s", flush=True)
 
-    async def commit_weights(self, update_info: dict, version: int) -> None:
-        from fabric.weights.staging import tensors_from_update_info
+        return run
 
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for name, tensor in tensors_from_update_info(update_info):
-                if name in params:
-                    params[name].copy_(tensor, non_blocking=True)
-        if self.device == "cuda":
+    return wrap
+
+
+# ---- raw NCCL between two processes ----------------------------------------------------------------------------
+
+
+def _rank1(address: str, total: int, bucket: int, rounds: int, stall: bool) -> None:
+    """GPU1's rank: receives `rounds` x `total` bytes in buckets into one flat buffer."""
+    from torch.distributed import PrefixStore
+
+    from fabric.weights.transports import collective
+
+    torch.cuda.set_device(1)
+    host, port = collective._split(address)
+    store = PrefixStore("raw/", collective._store(host, port, False, 60))
+    group = collective.Group("nccl", store, 1, 2, 20 if stall else 60, host, torch.device("cuda", 1))
+    flat = torch.empty(total, dtype=torch.uint8, device="cuda:1")
+    started = time.monotonic()
+    try:
+        for _ in range(rounds):
+            for lo, hi in collective.buckets(total, bucket):
+                group.broadcast(flat[lo:hi])
+            group.wait_all(time.monotonic() + (3 if stall else 60))
+        print(json.dumps({"rank1": "ok"}), flush=True)
+    except Exception as exc:  # noqa: BLE001
+        print(json.dumps({"rank1": f"{type(exc).__name__}: {exc}", "after_s": time.monotonic() - started}), flush=True)
+    group.close()
+
+
+def raw_nccl(total: int, bucket: int = GiB, rounds: int = 3, stall: bool = False) -> dict:
+    from torch.distributed import PrefixStore
+
+    from fabric.weights.transports import collective
+
+    torch.cuda.set_device(0)
+    master = collective._store("127.0.0.1", 0, True, 60)
+    peer = subprocess.Popen(
+        [sys.executable, "-m", "bench.gpu_sync", "_rank1", f"127.0.0.1:{master.port}", str(total), str(bucket),
+         str(rounds + 1), "1" if stall else "0"],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, **SAFE_ENV},
+    )  # fmt: skip
+    group = collective.Group("nccl", PrefixStore("raw/", master), 0, 2, 60, "127.0.0.1", torch.device("cuda", 0))
+    send = torch.empty(min(bucket, total), dtype=torch.uint8, device="cuda:0")
+    times = []
+    out: dict = {}
+    try:
+        for r in range(rounds + 1):
             torch.cuda.synchronize()
-        self.weight_version = version
+            t0 = time.perf_counter()
+            for i, (lo, hi) in enumerate(collective.buckets(total, bucket)):
+                if stall and i == 1:
+                    out["stalled_sender_sleeps_s"] = 8
+                    time.sleep(8)
+                    raise RuntimeError("stalled on purpose")
+                group.broadcast(send[: hi - lo])
+            group.wait_all(time.monotonic() + 60)
+            if r:
+                times.append(time.perf_counter() - t0)
+    except Exception as exc:  # noqa: BLE001
+        out["rank0"] = f"{type(exc).__name__}: {exc}"
+        group.abort()
+    group.close()
+    line = peer.communicate(timeout=120)[0].strip().splitlines()
+    out["rank1"] = json.loads(line[-1]) if line else None
+    if times:
+        best = min(times)
+        out.update(bytes=total, seconds=best, gbps=total / best / 1e9)
+    return out
 
 
-def serve(model_dir: str) -> None:
-    from fabric.server import FabricServer
-    from fabric.v1 import rollout_pb2_grpc
-    from fabric.weights.receiver import WeightReceiver
-
-    class WeightsOnly(rollout_pb2_grpc.RolloutServiceServicer):
-        def __init__(self, receiver):
-            self.receiver = receiver
-
-        async def UpdateWeights(self, request_iterator, context):
-            return await self.receiver.update_weights(request_iterator, context)
-
-        async def GetWeightsStatus(self, request, context):
-            return self.receiver.status()
-
-    async def main():
-        servicer = WeightsOnly(None)
-        server = FabricServer(
-            ["fabric.v1.RolloutService"], lambda s: rollout_pb2_grpc.add_RolloutServiceServicer_to_server(servicer, s)
-        )
-        servicer.receiver = WeightReceiver(HFEngine(model_dir), f"127.0.0.1:{server.port}")
-        await server.serve_forever(
-            ready=lambda address: print(f"fabric rollout server listening on {address}", flush=True)
-        )
-
-    asyncio.run(main())
+# ---- rollout servers -------------------------------------------------------------------------------------------
 
 
-def time_train_steps(model_dir: str, batch: int, seq: int, steps: int = 5) -> dict:
-    from fabric.trainer import losses
-    from fabric.trainer.policy import OptimConfig, Policy, TrainBatch
-
-    policy = Policy.from_hf(model_dir, OptimConfig(lr=1e-5), dtype=torch.bfloat16, device="cuda")
-    params = sum(p.numel() for p in policy.model.parameters())
-    vocab = policy.model.hf_config.vocab_size
-    g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(1, vocab - 1, (batch, seq // 2), generator=g).tolist()
-    responses = torch.randint(1, vocab - 1, (batch, seq // 2), generator=g).tolist()
-    data = TrainBatch.from_token_lists(prompts, responses, pad_id=0)
-    data.advantages = losses.grpo_advantages(torch.randn(batch, generator=g), group_size=batch)
-    for _ in range(2):
-        policy.train_step(data)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        policy.train_step(data)
-    torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / steps
-    return {"params_m": params / 1e6, "batch": batch, "seq": seq, "step_ms": seconds * 1e3,
-            "tokens_per_s": batch * seq / seconds, "policy": policy}  # fmt: skip
+def write_config(path: Path, model: str, dtype: str, util: float, dummy: bool, max_len: int = 1024) -> str:
+    extra = ", load_format: dummy" if dummy else ""
+    path.write_text(
+        "actor_infer:\n"
+        f"  pretrain: {model}\n"
+        "  generating_args: {max_new_tokens: 16, temperature: 0.0}\n"
+        "  strategy_args:\n"
+        "    strategy_name: vllm\n"
+        f"    strategy_config: {{dtype: {dtype}, max_model_len: {max_len}, enforce_eager: true,\n"
+        f"                      gpu_memory_utilization: {util}{extra}}}\n"
+        "  infer_batch_size: 512\n"
+    )
+    return str(path)
 
 
-def push_figures(policy, model_dir: str, tmp: Path) -> list[tuple[str, float]]:
-    from bench.weight_sync import raw_tcp_gbps
+def start_server(config: str, log: Path, gpu: str = "1"):
     from fabric.procs import ServerProcess
-    from fabric.weights.sender import WeightSource, push_weights
 
-    rows = []
-    start = time.perf_counter()
-    source = WeightSource(policy.hf_weights(), dtype=torch.bfloat16)
-    gather = time.perf_counter() - start
-    size = source.total_bytes
-    rows.append((f"GPU -> host staging of {size / 1e6:.0f} MB (HF layout)", size / gather / 1e9))
-    rows.append(("raw TCP, 2 processes (the limit)", raw_tcp_gbps(size)))
-    server = ServerProcess("rollout", "unused", command=["-c"], log_path=tmp / "receiver.log")
-    server.cmd = [sys.executable, "-m", "bench.gpu_sync", "--serve", model_dir]
-    with server:
-        version = 0
-        for label, transport, streams in [("fabric gRPC, 1 stream", "grpc", 1), ("fabric gRPC, 4 streams", "grpc", 4),
-                                          ("fabric TCP data plane", "tcp", 1)]:  # fmt: skip
-            best = 0.0
-            for _ in range(3):
-                version += 1
-                report = asyncio.run(push_weights(source, [server.address], version=version, mode="direct",
-                                                  transport=transport, streams=streams))  # fmt: skip
-                assert report.ok, report.failed
-                best = max(best, size / report.seconds / 1e9)
-            rows.append((f"{label} (into the GPU model)", best))
-        start = time.perf_counter()
-        source = WeightSource(policy.hf_weights(), dtype=torch.bfloat16)
-        report = asyncio.run(push_weights(source, [server.address], version=version + 1, transport="tcp"))
-        rows.append(
-            ("end to end: GPU weights -> receiver's GPU model, TCP", size / (time.perf_counter() - start) / 1e9)
+    env = {**SAFE_ENV, "CUDA_VISIBLE_DEVICES": gpu, "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    server = ServerProcess("rollout", config, name="rollout", log_path=log, env=env)
+    started = time.perf_counter()
+    server.start()
+    server.wait_ready(400)
+    return server, time.perf_counter() - started
+
+
+def stub(address):
+    import grpc
+
+    from fabric.v1 import rollout_pb2_grpc
+
+    return rollout_pb2_grpc.RolloutServiceStub(
+        grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 1 << 30)])
+    )
+
+
+def generate(address, prompts, max_new, ids=False):
+    from fabric.v1 import rollout_pb2
+
+    reqs = []
+    for i, p in enumerate(prompts):
+        r = rollout_pb2.GenerateRequest(
+            request_id=str(i), sampling=rollout_pb2.SamplingParams(max_new_tokens=max_new, temperature=0)
         )
-    return rows
+        if ids:
+            r.prompt_token_ids.extend(p)
+        else:
+            r.prompt = p
+        reqs.append(r)
+    t0 = time.perf_counter()
+    out = list(stub(address).Generate(iter(reqs), timeout=600))
+    seconds = time.perf_counter() - t0
+    errors = [o.error.message for o in out if o.HasField("error")]
+    by_id = {o.request_id: o for o in out}
+    tokens = [list(by_id[str(i)].token_ids) if str(i) in by_id else [] for i in range(len(prompts))]
+    return tokens, seconds, {o.weight_version for o in out}, errors
 
 
-def main() -> None:
-    if not torch.cuda.is_available():
-        print("gpu_sync: skipped, no CUDA device here (run it on a GPU host: python -m bench gpu_sync)")
-        return
+def wstatus(address):
+    from fabric.v1 import rollout_pb2
+
+    return stub(address).GetWeightsStatus(rollout_pb2.GetWeightsStatusRequest(), timeout=30)
+
+
+def push(source, target, version, transport):
+    from fabric.weights.sender import push_weights
+
+    t0 = time.perf_counter()
+    report = asyncio.run(push_weights(source, [target], version=version, transport=transport, timeout=600))
+    seconds = time.perf_counter() - t0
+    r = report.results[0] if report.results else None
+    return {
+        "ok": report.ok, "seconds": seconds, "transport": r.transport if r else "",
+        "reason": r.transport_reason if r else "",
+        "server_seconds": r.seconds if r else 0, "commit_s": r.commit_seconds if r else 0,
+        "transfer_s": getattr(report, "transfer_seconds", 0.0), "group_s": getattr(report, "group_seconds", 0.0),
+        "error": r.error.message if r else "",
+    }  # fmt: skip
+
+
+def hf_greedy_gpu(model_dir, prompts, max_new):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to("cuda:0").eval()
+    outs = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = tok(p, return_tensors="pt").input_ids.to("cuda:0")
+            o = model.generate(ids, max_new_tokens=max_new, do_sample=False, pad_token_id=tok.eos_token_id)
+            outs.append(o[0, ids.shape[1] :].tolist())
+    return outs
+
+
+def source_from_dir(model_dir, device):
+    from fabric.weights.sender import WeightSource
+
+    src = WeightSource.from_hf_checkpoint(model_dir)
+    return WeightSource(((n, t.to(device)) for n, t in zip(src.names, src.tensors, strict=True)))
+
+
+SENDER = """
+import asyncio, sys, time
+from fabric.weights.sender import WeightSource, push_weights
+from fabric.weights.transports import collective
+def hook(i):
+    if i == 2:
+        print("BUCKET", i, flush=True); time.sleep(600)
+collective.AFTER_BUCKET = hook
+s = WeightSource.from_hf_checkpoint(sys.argv[1])
+s = WeightSource((n, t.to("cuda:0")) for n, t in zip(s.names, s.tensors))
+asyncio.run(push_weights(s, [sys.argv[3]], version=int(sys.argv[2]), transport="nccl"))
+"""
+
+
+def correctness(out: Path) -> None:
     from fabric.models.tiny import make_tiny_model
 
-    results = {"device": torch.cuda.get_device_name()}
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        tiny = make_tiny_model(tmp / "tiny")
-        medium = make_tiny_model(tmp / "medium", **MEDIUM)
-        tiny_fig = time_train_steps(str(tiny), batch=64, seq=32)
-        del tiny_fig["policy"]
-        medium_fig = time_train_steps(str(medium), batch=8, seq=1024)
-        policy = medium_fig.pop("policy")
-        results["train"] = {"tiny": tiny_fig, "medium": medium_fig}
-        results["push"] = push_figures(policy, str(medium), tmp)
-    print(json.dumps(results, indent=2))
-    for name, fig in results["train"].items():
-        print(
-            f"megatron train step, {name}: {fig['params_m']:.1f} M params, {fig['batch']}x{fig['seq']} tokens, "
-            f"bf16: {fig['step_ms']:.1f} ms/step, {fig['tokens_per_s']:.0f} tokens/s"
+    prompts = ["Add 3 and 4.\n", "Add 12 and 30.\n", "hello"]
+    a, b = make_tiny_model(out / "tiny-a", seed=0), make_tiny_model(out / "tiny-b", seed=1)
+    ref = {"a": hf_greedy_gpu(str(a), prompts, 16), "b": hf_greedy_gpu(str(b), prompts, 16)}
+    server, start_s = start_server(
+        write_config(out / "tiny.yaml", str(a), "float32", 0.2, False, 256), out / "tiny.log"
+    )
+    record("correctness.server_start_s", start_s)
+    try:
+        addr = server.address
+        offers = [o.name for o in wstatus(addr).transports]
+        record("correctness.offers", offers)
+        tokens, _, versions, errors = generate(addr, prompts, 16)
+        record("correctness.initial_equals_hf_a", tokens == ref["a"])
+        r = push(source_from_dir(b, "cuda:0"), addr, 1, "nccl")
+        record("correctness.nccl_push", r)
+        tokens, _, versions, errors = generate(addr, prompts, 16)
+        record(
+            "correctness.nccl_greedy_equals_hf_b",
+            {"equal": tokens == ref["b"], "versions": sorted(versions), "errors": errors},
         )
-    limit = next(g for label, g in results["push"] if label.startswith("raw TCP"))
-    for label, gbps in results["push"]:
-        print(f"{label:60s} {gbps:6.2f} GB/s  ({gbps / limit:.0%} of raw TCP)")
+        r = push(source_from_dir(a, "cuda:1"), addr, 2, "ipc")
+        record("correctness.ipc_push", r)
+        tokens, _, versions, errors = generate(addr, prompts, 16)
+        record("correctness.ipc_greedy_equals_hf_a", {"equal": tokens == ref["a"], "versions": sorted(versions)})
+        # a sender killed mid-broadcast
+        env = {**os.environ, **SAFE_ENV, "FABRIC_BUCKET_BYTES": str(64 * 1024), "FABRIC_COLLECTIVE_TIMEOUT_S": "10"}
+        sender = subprocess.Popen(
+            [sys.executable, "-c", SENDER, str(b), "3", addr], stdout=subprocess.PIPE, text=True, env=env
+        )
+        line = sender.stdout.readline()
+        sender.kill()
+        sender.wait()
+        killed = time.monotonic()
+        while wstatus(addr).staged_version and time.monotonic() - killed < 60:
+            time.sleep(0.1)
+        st = wstatus(addr)
+        tokens, _, versions, errors = generate(addr, prompts, 16)
+        record("correctness.sender_killed_mid_broadcast", {
+            "sender_said": line.strip(), "server_gave_up_after_s": time.monotonic() - killed,
+            "serving_version": st.serving_version, "staged_version": st.staged_version,
+            "old_version_output_equals_hf_a": tokens == ref["a"], "versions": sorted(versions),
+        })  # fmt: skip
+        r = push(source_from_dir(b, "cuda:0"), addr, 3, "nccl")
+        tokens, _, versions, _ = generate(addr, prompts, 16)
+        record("correctness.next_nccl_push_after_kill", {**r, "equals_hf_b": tokens == ref["b"]})
+    finally:
+        server.stop()
+
+
+def make_layout_dir(out: Path, name: str) -> Path:
+    from transformers import Qwen2Config
+
+    from fabric.models.tiny import make_tiny_model
+
+    tiny = make_tiny_model(out / "tok")
+    d = out / f"qwen2.5-{name}"
+    d.mkdir(exist_ok=True)
+    for f in tiny.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            (d / f.name).write_bytes(f.read_bytes())
+    cfg = Qwen2Config(vocab_size=151936, max_position_embeddings=32768, rope_theta=1000000.0, torch_dtype="bfloat16",
+                      bos_token_id=0, eos_token_id=0, **LAYOUTS[name])  # fmt: skip
+    cfg.save_pretrained(d)
+    return d
+
+
+def random_source(model_dir: Path, device: str):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fabric.weights.sender import WeightSource
+
+    cfg = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    g = torch.Generator(device=device).manual_seed(0)
+    named = []
+    for n, p in model.named_parameters():
+        t = torch.empty(p.shape, dtype=torch.bfloat16, device=device)
+        t.normal_(0, 0.02, generator=g)
+        named.append((n, t))
+    return WeightSource(named)
+
+
+def layouts(out: Path, names) -> None:
+    for name in names:
+        run_layout(out, name)
+
+
+@guarded("layout")
+def run_layout(out: Path, name: str) -> None:
+    d = make_layout_dir(out, name)
+    source = random_source(d, "cuda:0")
+    size = source.total_bytes
+    key = f"{name}"
+    record(f"{key}.bytes", size)
+    record(f"{key}.raw_nccl", raw_nccl(size))
+    util = 0.45
+    server, start_s = start_server(
+        write_config(out / f"{name}.yaml", str(d), "bfloat16", util, True), out / f"{name}.log"
+    )
+    record(f"{key}.server_start_s", start_s)
+    try:
+        addr = server.address
+        pushes = [push(source, addr, v, "nccl") for v in (1, 2, 3)]
+        record(f"{key}.nccl_push", pushes)
+        best = min(p["seconds"] for p in pushes)
+        raw = RESULTS[f"{key}.raw_nccl"].get("seconds")
+        transfer = min(p["transfer_s"] for p in pushes)
+        record(f"{key}.nccl_summary", {
+            "full_update_s": best, "transfer_s": transfer, "transfer_gbps": size / transfer / 1e9 if transfer else 0,
+            "transfer_share_of_raw": raw / transfer if raw and transfer else None,
+            "full_update_gbps": size / best / 1e9,
+        })  # fmt: skip
+        # the update while generation runs
+        prompts = [[(7 * i + j) % 300 + 1 for j in range(64)] for i in range(256)]
+        result = {}
+        gen = threading.Thread(target=lambda: result.update(g=generate(addr, prompts, 256, ids=True)))
+        gen.start()
+        time.sleep(1.0)
+        busy = push(source, addr, 4, "nccl")
+        gen.join()
+        toks, gs, versions, errors = result["g"]
+        record(
+            f"{key}.nccl_push_while_generating", {**busy, "gen_versions": sorted(versions), "gen_errors": errors[:3]}
+        )
+        # colocated CUDA IPC: the trainer's copy on the server's GPU
+        colocated = random_source(d, "cuda:1")
+        ipcs = [push(colocated, addr, v, "ipc") for v in (5, 6)]
+        record(f"{key}.ipc_push", ipcs)
+        del colocated
+        torch.cuda.empty_cache()
+        if name == "0.5B":
+            record(f"{key}.tcp_push", push(source, addr, 7, "tcp"))
+        # generation through the fabric
+        toks, gs, versions, errors = generate(addr, prompts, 128, ids=True)
+        n = sum(len(t) for t in toks)
+        record(f"{key}.fabric_generation", {"tokens": n, "seconds": gs, "tokens_per_s": n / gs, "errors": errors[:3]})
+        # sleep / wake
+        record(f"{key}.sleep_wake", sleep_wake(addr, source))
+    finally:
+        server.stop()
+    del source
+    torch.cuda.empty_cache()
+
+
+def sleep_wake(addr, source) -> dict:
+    from fabric.v1 import rollout_pb2
+
+    s = stub(addr)
+
+    def info():
+        i = s.GetServerInfo(rollout_pb2.RolloutServiceGetServerInfoRequest(), timeout=30)
+        return i.device_memory_free_bytes / 1e9
+
+    out = {"free_gb_awake": info()}
+    for level in (1, 2):
+        t0 = time.perf_counter()
+        s.Sleep(rollout_pb2.SleepRequest(level=level), timeout=300)
+        out[f"l{level}_sleep_s"] = time.perf_counter() - t0
+        out[f"l{level}_free_gb_asleep"] = info()
+        t0 = time.perf_counter()
+        s.WakeUp(rollout_pb2.WakeUpRequest(tags=["weights"]), timeout=300)
+        out[f"l{level}_wake_weights_s"] = time.perf_counter() - t0
+        out[f"l{level}_free_gb_weights_only"] = info()
+        if level == 2:  # weights were dropped: sync them before the KV cache comes back
+            version = wstatus(addr).serving_version + 1
+            out["l2_push_after_wake"] = push(source, addr, version, "nccl")
+        t0 = time.perf_counter()
+        s.WakeUp(rollout_pb2.WakeUpRequest(tags=["kv_cache"]), timeout=300)
+        out[f"l{level}_wake_kv_s"] = time.perf_counter() - t0
+        out[f"l{level}_free_gb_awake_again"] = info()
+    return out
+
+
+VLLM_OWN = r"""
+import json, os, sys, time, threading, torch
+from vllm import LLM, SamplingParams
+model = sys.argv[1]
+llm = LLM(model=model, load_format="dummy", dtype="bfloat16", enforce_eager=True, gpu_memory_utilization=0.45,
+          max_model_len=1024, weight_transfer_config={"backend": "nccl"})
+prompts = [{"prompt_token_ids": [(7 * i + j) % 300 + 1 for j in range(64)]} for i in range(256)]
+sp = SamplingParams(max_tokens=128, temperature=0, ignore_eos=True)
+llm.generate(prompts[:4], sp)
+t0 = time.perf_counter(); outs = llm.generate(prompts, sp); dt = time.perf_counter() - t0
+n = sum(len(o.outputs[0].token_ids) for o in outs)
+print("RESULT vllm_inprocess_generation", json.dumps({"tokens": n, "seconds": dt, "tokens_per_s": n / dt}), flush=True)
+"""
+
+
+@guarded("vllm-own")
+def vllm_own(out: Path) -> None:
+    d = make_layout_dir(out, "7B")
+    env = {**os.environ, **SAFE_ENV, "CUDA_VISIBLE_DEVICES": "1", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
+    p = subprocess.run([sys.executable, "-c", VLLM_OWN, str(d)], capture_output=True, text=True, env=env, timeout=400)
+    for line in p.stdout.splitlines():
+        if line.startswith("RESULT "):
+            _, key, value = line.split(" ", 2)
+            record(key, json.loads(value))
+    if p.returncode:
+        record("vllm_own.stderr_tail", p.stderr[-3000:])
+
+
+def main(argv: list[str] | None = None) -> None:
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        print("gpu_sync: skipped, needs 2 CUDA devices (python -m bench.gpu_sync MODE OUT_DIR on a GPU host)")
+        return
+    argv = argv or ["layouts", "runs/gpu_sync"]
+    mode, out = argv[0], Path(argv[1])
+    out.mkdir(parents=True, exist_ok=True)
+    record("device", [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])
+    try:
+        if mode == "nccl-check":
+            guarded("raw_nccl_8GiB")(lambda: record("raw_nccl_8GiB", raw_nccl(8 * GiB)))()
+            guarded("stall")(lambda: record("nccl_stall_deadline", raw_nccl(2 * GiB, rounds=1, stall=True)))()
+        elif mode == "correctness":
+            guarded("correctness")(correctness)(out)
+        elif mode == "layouts":
+            layouts(out, argv[2].split(",") if len(argv) > 2 else ["7B", "0.5B", "3B"])
+        elif mode == "vllm-own":
+            vllm_own(out)
+    finally:
+        (out / f"{mode}.json").write_text(json.dumps(RESULTS, indent=2))
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 2 and sys.argv[1] == "--serve":
-        serve(sys.argv[2])
+    if sys.argv[1] == "_rank1":
+        _rank1(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6] == "1")
     else:
-        main()
+        main(sys.argv[1:])

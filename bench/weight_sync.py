@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fabric.procs import ServerProcess, start_all
-from fabric.weights import tcp
+from fabric.weights.transports import tcp
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache" / "bench"

@@ -52,6 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (OmegaConf dotlist)")
     p.set_defaults(handler="fabric.trainer.server:cli_main")
 
+    p = sub.add_parser("check", help="check a config for the named processes without starting anything")
+    p.add_argument("--config", required=True, help="ROLL-style YAML file")
+    p.add_argument(
+        "--role", default="all", choices=["rollout", "reward", "train", "all"], help="which processes (default all)"
+    )
+    p.add_argument("--rollout-section", default="actor_infer", help="the rollout servers' section")
+    p.add_argument("--reward-section", default="rewards", help="the reward servers' section (default rewards)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (OmegaConf dotlist)")
+    p.set_defaults(handler="fabric.cli:check_main")
+
     p = sub.add_parser("push-weights", help="push an HF checkpoint to running rollout servers")
     p.add_argument("--checkpoint", required=True, help="HF model directory (safetensors)")
     p.add_argument("--target", action="append", required=True, help="rollout server HOST:PORT (repeatable)")
@@ -59,15 +69,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["relay", "direct"], default=None, help="fan-out (default: relay for 2+)")
     p.add_argument(
         "--transport",
-        choices=["auto", "tcp", "grpc"],
+        choices=["auto", "grpc", "tcp", "gloo", "nccl", "ipc"],
         default="auto",
-        help="bulk bytes over the servers' raw-TCP data plane or the gRPC stream (auto: tcp when offered)",
+        help="the path of the bulk bytes, if the server offers it and this sender can use it, else the best both can "
+        "(auto: ipc > nccl > tcp > grpc; gloo only when asked); each server's result says which it took and why",
     )
     p.add_argument("--chunk-mib", type=float, default=4.0, help="chunk size in MiB")
     p.add_argument("--config", default=None, help="YAML whose `security` section (token, TLS) to use")
     p.set_defaults(handler="fabric.weights.push:cli_main")
 
     return parser
+
+
+def check_main(args) -> int:
+    """`fabric check`: exit 0 with one line per section, or exit 2 with one line per problem."""
+    from fabric.config import load_config
+    from fabric.config.check import check_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"fabric: {exc}", file=sys.stderr)
+        return 2
+    report = check_config(cfg, args.role, rollout_section=args.rollout_section, reward_section=args.reward_section)
+    if report.warning():
+        print(f"warning: {report.warning()}", file=sys.stderr)
+    for error in report.errors:
+        print(f"fabric: {error}", file=sys.stderr)
+    if report.errors:
+        return 2
+    for line in report.summary:
+        print(line)
+    print(f"OK: {args.config} ({args.role})")
+    return 0
+
+
+def check_before_start(args) -> None:
+    """`fabric serve` and `fabric train` check what they will read before starting anything (ConfigError, exit 2,
+    one line per problem); `fabric run` does it in its launcher, after preparing the task's model and data."""
+    from fabric.config import load_config
+    from fabric.config.check import check_or_raise
+
+    if args.command == "serve":
+        role = {"rollout": "rollout", "reward": "reward"}[args.server]
+        sections = {"rollout_section": args.role} if role == "rollout" else {"reward_section": args.role}
+        check_or_raise(load_config(args.config, args.overrides), role, **sections)
+    elif args.command == "train":
+        check_or_raise(load_config(args.config, args.overrides), "train")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     module_name, func_name = args.handler.split(":")
     try:
+        check_before_start(args)
         func = getattr(importlib.import_module(module_name), func_name)
         return int(func(args) or 0)
     except ConfigError as exc:

@@ -42,6 +42,14 @@ class FabricError(Exception):
         return rpc_status.to_status(status_pb2.Status(code=self.code.value[0], message=self.message, details=[detail]))
 
 
+def did_you_mean(name: str, known) -> str:
+    """' (did you mean 'x'?)' for the closest known name, or ''."""
+    import difflib
+
+    match = difflib.get_close_matches(str(name), [str(k) for k in known], n=1)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
 def invalid(field: str, message: str, reason: str = "INVALID_FIELD") -> FabricError:
     return FabricError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {message}", reason, field)
 

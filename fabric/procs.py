@@ -17,6 +17,8 @@ from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 
+from fabric.shm import release_orphaned_shm, shm_entries
+
 READY_RE = re.compile(r"fabric (\w+) server listening on (\S+)")
 
 
@@ -55,8 +57,10 @@ class ServerProcess:
         self.address: str | None = None
         self.tail: deque[str] = deque(maxlen=200)
         self._ready = threading.Event()
+        self.shm_before: set[str] = set()
 
     def start(self) -> ServerProcess:
+        self.shm_before = shm_entries()
         self.proc = subprocess.Popen(
             self.cmd,
             stdout=subprocess.PIPE,
@@ -113,20 +117,28 @@ class ServerProcess:
             os.killpg(self.proc.pid, sig)
 
     def stop(self, grace: float = 15.0) -> int | None:
-        """SIGTERM (the server drains), then SIGKILL of the whole group after `grace` seconds."""
+        """SIGTERM (the server drains and stops its engine), then SIGKILL of whatever of the group is left after
+        `grace` seconds; returns once every process of the group is gone and its shared memory released."""
         if self.proc is None:
             return None
+        deadline = time.monotonic() + grace
         if self.proc.poll() is None:
             self.signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=grace)
             except subprocess.TimeoutExpired:
                 pass
-        try:  # engine children may outlive the server process
+        # Engine children exit on their own once the server has stopped them (cleaning their shared memory):
+        # give them what is left of the grace, then kill the rest, and wait until the group is really gone.
+        _wait_group_gone(self.proc.pid, max(deadline - time.monotonic(), 1.0))
+        try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-        return self.proc.wait()
+        code = self.proc.wait()
+        _wait_group_gone(self.proc.pid, 10.0)
+        release_orphaned_shm(self.shm_before)
+        return code
 
     def __enter__(self) -> ServerProcess:
         self.start()
@@ -135,6 +147,20 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _wait_group_gone(pgid: int, timeout: float) -> bool:
+    """True once no process of the group is left (a killed process is gone when its parent or init reaped it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        time.sleep(0.05)
+    return False
 
 
 def start_all(servers: Sequence[ServerProcess], timeout: float = 300.0) -> list[str]:

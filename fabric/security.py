@@ -22,6 +22,7 @@ from pathlib import Path
 
 import grpc
 
+from fabric.channels import CHANNEL_OPTIONS
 from fabric.config.loader import ConfigError
 
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
@@ -189,8 +190,6 @@ def current() -> SecurityConfig:
 
 def channel(address: str, options=None, security: SecurityConfig | None = None) -> grpc.aio.Channel:
     """An asyncio channel to a fabric server, with TLS and the token as configured."""
-    from fabric.server import CHANNEL_OPTIONS
-
     sec = security or _current
     opts = sec.options(options if options is not None else CHANNEL_OPTIONS)
     interceptors = _token_interceptors(sec.metadata()) if sec.token else None
@@ -202,8 +201,6 @@ def channel(address: str, options=None, security: SecurityConfig | None = None) 
 
 def sync_channel(address: str, options=None, security: SecurityConfig | None = None) -> grpc.Channel:
     """A blocking channel (threads, tools), same security; the token rides as call metadata via an interceptor."""
-    from fabric.server import CHANNEL_OPTIONS
-
     sec = security or _current
     opts = sec.options(options if options is not None else CHANNEL_OPTIONS)
     credentials = sec.channel_credentials()

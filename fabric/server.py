@@ -1,5 +1,5 @@
-"""What every fabric server shares: an asyncio gRPC server with health, reflection, message limits and a
-graceful drain on SIGTERM / SIGINT."""
+"""What every fabric server shares: an asyncio gRPC server with health, reflection, message limits, one
+interceptor that maps errors to statuses, and a graceful drain on SIGTERM / SIGINT."""
 
 from __future__ import annotations
 
@@ -13,33 +13,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-log = logging.getLogger(__name__)
+from fabric import security
+from fabric.channels import MAX_CONCURRENT_RPCS, SERVER_OPTIONS
+from fabric.errors import FabricError, invalid
 
-# Weight chunks are a few MiB; leave headroom for big prompts too.
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-# Calls (streams included) one server runs at once; more are refused RESOURCE_EXHAUSTED.
-MAX_CONCURRENT_RPCS = 1024
-SERVER_OPTIONS = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    # Keepalive so that a dead peer on a long stream is noticed in seconds, not at TCP timeout.
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    # grpc-core times an unanswered ping out after this (60 s by default), not after keepalive_timeout_ms
-    ("grpc.http2.ping_timeout_ms", 5_000),
-    ("grpc.so_reuseport", 0),
-]
-CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.http2.ping_timeout_ms", 5_000),  # a silent peer is noticed in ~15 s, not ~70 s
-]
+log = logging.getLogger(__name__)
 
 
 class FabricServer:
@@ -56,15 +34,13 @@ class FabricServer:
         on_drain: Callable[[float], Awaitable[None]] | None = None,
         max_concurrent_rpcs: int | None = MAX_CONCURRENT_RPCS,
     ):
-        from fabric import security
-
         sec = security.current()  # the process's `security` section: token interceptor, TLS credentials
         if interceptors is None:
             interceptors = sec.server_interceptors()
         credentials = credentials or sec.server_credentials()
         self.service_names = list(service_names)
         self.server = grpc.aio.server(
-            interceptors=[*interceptors, DecodeGuard()],
+            interceptors=[*interceptors, ErrorInterceptor()],
             options=SERVER_OPTIONS,
             maximum_concurrent_rpcs=max_concurrent_rpcs,  # beyond it: RESOURCE_EXHAUSTED, not unbounded memory
         )
@@ -134,16 +110,16 @@ class _Unparseable:
         self.error = error
 
 
-async def _refuse(context, item: _Unparseable) -> None:
-    from fabric.errors import abort, invalid
-
+def _unparseable(item: _Unparseable) -> FabricError:
     message = f"bytes do not parse as this RPC's message ({type(item.error).__name__}): send a valid message"
-    await abort(context, invalid("request", message, "UNPARSEABLE_MESSAGE"))
+    return invalid("request", message, "UNPARSEABLE_MESSAGE")
 
 
-class DecodeGuard(grpc.aio.ServerInterceptor):
-    """Bytes that do not parse as the RPC's request type get INVALID_ARGUMENT (gRPC itself would answer UNKNOWN on a
-    unary call, or let a stream end silently)."""
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """The one place errors become statuses. Handlers and the domain code under them raise FabricError; this ends
+    the call with its status code and google.rpc.ErrorInfo details. It also answers bytes that do not parse as the
+    RPC's request type with INVALID_ARGUMENT (gRPC itself would answer UNKNOWN on a unary call, or let a stream end
+    silently)."""
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -160,7 +136,7 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
         kwargs = dict(request_deserializer=safe_decode, response_serializer=handler.response_serializer)
         if handler.request_streaming:
             inner = handler.stream_stream or handler.stream_unary
-            # Servicers may read their requests in a task of their own, where an abort would not end the call:
+            # Servicers may read their requests in a task of their own, where an error would not end the call:
             # the guard ends the request stream instead, and the call is refused once the handler has returned
             # (what arrived before the bad bytes is answered, nothing is lost).
             bad: list[_Unparseable] = []
@@ -172,44 +148,52 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
                         return
                     yield item
 
-            async def refuse_if_bad(context):
-                if bad:
-                    await _refuse(context, bad[0])
-
             if handler.response_streaming:
 
                 async def stream_stream(request_iterator, context):
-                    async for response in _responses(inner(guarded(request_iterator), context)):
-                        yield response
-                    await refuse_if_bad(context)
+                    try:
+                        async for response in _responses(inner(guarded(request_iterator), context)):
+                            yield response
+                        if bad:
+                            raise _unparseable(bad[0])
+                    except FabricError as err:
+                        await context.abort_with_status(err.to_status())
 
                 return grpc.stream_stream_rpc_method_handler(stream_stream, **kwargs)
 
             async def stream_unary(request_iterator, context):
-                response = await inner(guarded(request_iterator), context)
-                await refuse_if_bad(context)
-                return response
+                try:
+                    response = await inner(guarded(request_iterator), context)
+                    if bad:
+                        raise _unparseable(bad[0])
+                    return response
+                except FabricError as err:
+                    await context.abort_with_status(err.to_status())
 
             return grpc.stream_unary_rpc_method_handler(stream_unary, **kwargs)
 
         inner = handler.unary_stream or handler.unary_unary
 
-        async def check(request, context):
-            if isinstance(request, _Unparseable):
-                await _refuse(context, request)
-
         if handler.response_streaming:
 
             async def unary_stream(request, context):
-                await check(request, context)
-                async for response in _responses(inner(request, context)):
-                    yield response
+                try:
+                    if isinstance(request, _Unparseable):
+                        raise _unparseable(request)
+                    async for response in _responses(inner(request, context)):
+                        yield response
+                except FabricError as err:
+                    await context.abort_with_status(err.to_status())
 
             return grpc.unary_stream_rpc_method_handler(unary_stream, **kwargs)
 
         async def unary_unary(request, context):
-            await check(request, context)
-            return await inner(request, context)
+            try:
+                if isinstance(request, _Unparseable):
+                    raise _unparseable(request)
+                return await inner(request, context)
+            except FabricError as err:
+                await context.abort_with_status(err.to_status())
 
         return grpc.unary_unary_rpc_method_handler(unary_unary, **kwargs)
 

@@ -26,8 +26,7 @@ ALGORITHM_KEYS = {
     "dual_clip_loss", "loss_agg_mode", "use_kl_loss", "kl_loss_coef", "add_token_level_kl", "init_kl_coef",
     "target_kl", "kl_horizon", "kl_penalty", "max_len_mask", "difficulty_mask", "difficulty_low_threshold",
     "difficulty_high_threshold", "entropy_loss_coef", "value_clip", "error_max_len_clip", "difficulty_loss_weight",
-    "length_loss_weight", "importance_sampling", "rl_loss_coef", "use_reward_scaling", "use_reward_norm",
-    "add_len_reward", "critic_warmup",
+    "length_loss_weight", "rl_loss_coef",
 }  # fmt: skip
 ADV_ESTIMATORS = ("grpo", "reinforce")
 NORM_TYPES = ("batch", "group", None)
@@ -206,18 +205,16 @@ def algorithm_config(cfg: DictConfig) -> AlgorithmConfig:
     _refuse_unless_default(cfg, "error_max_len_clip", False, "not implemented")
     _refuse_unless_default(cfg, "difficulty_loss_weight", False, "not implemented")
     _refuse_unless_default(cfg, "length_loss_weight", False, "not implemented")
-    _refuse_unless_default(cfg, "importance_sampling", "token", "token-level ratios only")
     _refuse_unless_default(cfg, "rl_loss_coef", 1.0, "not implemented")
-    _refuse_unless_default(cfg, "use_reward_scaling", False, "not implemented")
-    _refuse_unless_default(cfg, "use_reward_norm", False, "not implemented")
-    _refuse_unless_default(cfg, "add_len_reward", False, "not implemented")
-    # value_clip, lambd, critic_warmup: the critic's (gae), which the fabric refuses; accepted without effect
+    # value_clip, lambd: the critic's (gae), which the fabric refuses; accepted without effect. importance_sampling
+    # and the keys ROLL's code never reads (use_reward_scaling, ...) are fabric/config/roll_keys.py's.
 
     a.learning_rate = _number(_select(cfg, f"{train}.learning_rate", 5e-5), f"{train}.learning_rate", above=0.0)
     a.weight_decay = _number(_select(cfg, f"{train}.weight_decay", 0.0), f"{train}.weight_decay", minimum=0.0)
     a.adam_beta1 = _number(_select(cfg, f"{train}.adam_beta1", 0.9), f"{train}.adam_beta1", minimum=0.0)
     a.adam_beta2 = _number(_select(cfg, f"{train}.adam_beta2", 0.999), f"{train}.adam_beta2", minimum=0.0)
-    a.max_grad_norm = _number(_select(cfg, f"{train}.max_grad_norm", 1.0), f"{train}.max_grad_norm", above=0.0)
+    max_grad_norm = _select(cfg, f"{train}.max_grad_norm", _select(cfg, "max_grad_norm", 1.0))  # or ROLL's top level
+    a.max_grad_norm = _number(max_grad_norm, f"{train}.max_grad_norm", above=0.0)
     a.per_device_train_batch_size = _number(
         _select(cfg, f"{train}.per_device_train_batch_size", 8), f"{train}.per_device_train_batch_size", int, above=0
     )

@@ -1,4 +1,5 @@
-"""Loading a ROLL-style YAML: OmegaConf with `${...}` interpolation and `key=value` overrides.
+"""Loading a ROLL-style YAML: Hydra `defaults:` composed as ROLL composes them, OmegaConf `${...}` interpolation
+resolved lazily (a process resolves only the sections it reads), and `key=value` overrides.
 
 Every problem is a ConfigError naming the key and the fix, so a CLI can print one line instead of a traceback.
 """
@@ -7,12 +8,23 @@ from __future__ import annotations
 
 import ast
 import re
+import warnings
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+# The resolvers ROLL's configs use: `oc.env` is OmegaConf's own; `now` is Hydra's (registered here too, so that a
+# config without a `defaults:` list, loaded without Hydra, resolves the same way).
+if not OmegaConf.has_resolver("now"):
+    OmegaConf.register_new_resolver("now", lambda pattern: datetime.now().strftime(pattern), use_cache=True)
+
+# Hydra's own settings (`hydra: {run: {dir: .}}`): they configure Hydra's app runner, which the fabric is not.
+HYDRA_KEYS = ("hydra", "defaults")
 
 
 class ConfigError(ValueError):
@@ -23,48 +35,109 @@ class ConfigError(ValueError):
         self.key = key
 
 
+def _error(exc: OmegaConfBaseException, key: str = "") -> ConfigError:
+    full_key = str(getattr(exc, "full_key", "") or key or "")
+    message = str(exc).splitlines()[0]
+    if "oc.env" in str(exc) or "environment variable" in message.lower():
+        message += " (set the variable, or override the key: key=value)"
+    return ConfigError(full_key, message)
+
+
+def _compose_hydra(path: Path) -> DictConfig:
+    """The file composed with Hydra's compose API, as ROLL's launch scripts do (`initialize(config_path=DIR)`,
+    `compose(config_name=STEM)`): the `defaults:` list merged in order, the file itself last unless `_self_`
+    says otherwise, `hydra` settings dropped."""
+    try:
+        from hydra import compose, initialize_config_dir
+        from hydra.errors import HydraException
+    except ImportError:  # pragma: no cover - hydra-core is a dependency
+        raise ConfigError(
+            "defaults", "composing a `defaults:` list needs hydra-core (pip install hydra-core)"
+        ) from None
+    if path.suffix != ".yaml":
+        raise ConfigError("defaults", f"Hydra composes only .yaml files: rename {path.name} to {path.stem}.yaml")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Defaults list is missing `_self_`": ROLL's files rely on that default
+            with initialize_config_dir(version_base=None, config_dir=str(path.parent.resolve()), job_name="fabric"):
+                cfg = compose(config_name=path.stem)
+    except (HydraException, OmegaConfBaseException, yaml.YAMLError) as exc:
+        message = " ".join(str(exc).split())
+        raise ConfigError("defaults", f"cannot compose {path}: {message}") from None
+    # A plain config again (compose returns a struct one, which would refuse new keys from overrides).
+    return OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), base: dict | None = None) -> DictConfig:
-    """Loads YAML (and/or a base dict), applies dotlist overrides, resolves every interpolation."""
+    """Loads YAML (and/or a base dict), composes its Hydra `defaults:`, applies dotlist overrides.
+
+    Interpolations are left for the reader: a section is resolved when a process reads it (`resolved`), so a
+    `${oc.env:VAR}` in a section this process never reads does not stop it. `check.check_config` resolves every
+    section a process needs, before anything starts."""
     parts = [OmegaConf.create(base or {})]
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError("", f"config file not found: {path}")
         try:
-            parts.append(OmegaConf.load(path))
-        except (OmegaConfBaseException, Exception) as exc:  # yaml.YAMLError and friends
-            raise ConfigError("", f"cannot parse {path}: {exc}") from None
+            raw = yaml.safe_load(path.read_text()) or {}
+        except (yaml.YAMLError, OSError) as exc:
+            raise ConfigError("", f"cannot parse {path}: {' '.join(str(exc).split())}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError("", f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
+        try:
+            parts.append(_compose_hydra(path) if raw.get("defaults") else OmegaConf.load(path))
+        except OmegaConfBaseException as exc:
+            raise ConfigError("", f"cannot parse {path}: {str(exc).splitlines()[0]}") from None
     for item in overrides:
         if "=" not in item:
             raise ConfigError(item, "an override must look like key=value (e.g. max_steps=3)")
     try:
         parts.append(OmegaConf.from_dotlist(list(overrides)))
         cfg = OmegaConf.merge(*parts)
-        OmegaConf.resolve(cfg)
     except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", "") or ""
-        raise ConfigError(str(key), str(exc).splitlines()[0]) from None
+        raise _error(exc) from None
+    for key in HYDRA_KEYS:
+        cfg.pop(key, None)
     return cfg
+
+
+def resolved(cfg: DictConfig, key: str) -> Any:
+    """The value at dotted `key`, interpolations resolved (a container for a section); None when absent.
+    A failing interpolation is a ConfigError naming the key that holds it."""
+    try:
+        node = OmegaConf.select(cfg, key, default=None, throw_on_missing=True)
+        if OmegaConf.is_config(node):
+            return OmegaConf.to_container(node, resolve=True)
+        return node
+    except OmegaConfBaseException as exc:
+        raise _error(exc, key) from None
 
 
 def role_section(cfg: DictConfig, role: str) -> DictConfig:
     if role not in cfg or cfg[role] is None:
-        present = [k for k in cfg.keys() if isinstance(cfg[k], DictConfig)]
+        present = [k for k in cfg.keys() if isinstance(cfg._get_node(k), DictConfig)]
         raise ConfigError(role, f"section missing (sections present: {', '.join(map(str, present)) or 'none'})")
     return cfg[role]
 
 
 _RANGE_RE = re.compile(r"^\s*list\s*\(\s*range\s*\((.*)\)\s*\)\s*$")
+_LIST_RE = re.compile(r"^\s*list\s*\(\s*(\[.*\])\s*\)\s*$")
 
 
 def parse_device_mapping(value: Any, key: str = "device_mapping") -> list[int]:
-    """ROLL writes `list(range(0,12))` as a string: parse it (never eval), or take a list / '0,1,2'."""
+    """ROLL writes a Python expression that it evals (`list(range(0,12))`, `list([4,5,12,13])`, `[0]`): parsed
+    here without evaluating code; a list or '0,1,2' also works."""
     if value is None:
         return []
+    if isinstance(value, bool):
+        raise ConfigError(key, f"expected a list of device ids, got {value!r}")
     if isinstance(value, int):
         return [value]
     if not isinstance(value, str):
         try:
+            if any(isinstance(v, bool) for v in value):
+                raise ValueError
             return [int(v) for v in value]
         except (TypeError, ValueError):
             raise ConfigError(key, f"expected a list of device ids, got {value!r}") from None
@@ -75,8 +148,18 @@ def parse_device_mapping(value: Any, key: str = "device_mapping") -> list[int]:
             args = [int(a) for a in match.group(1).split(",") if a.strip()]
             if not 1 <= len(args) <= 3:
                 raise ValueError
-            return list(range(*args))
-        parsed = ast.literal_eval(text if text.startswith("[") else f"[{text}]")
-        return [int(v) for v in parsed]
-    except (ValueError, SyntaxError):
-        raise ConfigError(key, f"cannot parse {value!r}: write list(range(0,8)), [0,1,2] or 0,1,2") from None
+            ids = list(range(*args))
+        else:
+            listed = _LIST_RE.match(text)
+            text = listed.group(1) if listed else text
+            parsed = ast.literal_eval(text if text.startswith("[") else f"[{text}]")
+            if not all(type(v) is int for v in parsed):
+                raise ValueError
+            ids = list(parsed)
+        if any(isinstance(v, bool) or v < 0 for v in ids):
+            raise ValueError
+        return ids
+    except (ValueError, SyntaxError, TypeError):
+        raise ConfigError(
+            key, f"cannot parse {value!r}: write list(range(0,8)), list([4,5,12,13]), [0,1,2] or 0,1,2"
+        ) from None

@@ -136,8 +136,23 @@ def _positive(value, key: str, kind=int):
     return value
 
 
+def _response_length(cfg: DictConfig):
+    """ROLL's rule: `sequence_length` (prompt + response) gives the response length when response_length is unset."""
+    if _get(cfg, "response_length") is None and _get(cfg, "sequence_length") is not None:
+        prompt = _positive(_get(cfg, "prompt_length", 64), "prompt_length")
+        response = _positive(_get(cfg, "sequence_length"), "sequence_length") - prompt
+        if response < 1:
+            raise ConfigError("sequence_length", f"must exceed prompt_length ({prompt}): it is prompt + response")
+        return response
+    return _get(cfg, "response_length", 32)
+
+
 def pipeline_config(cfg: DictConfig) -> PipelineConfig:
-    check_keys(cfg, TOP_LEVEL_KEYS, "")
+    from fabric.config.check import top_level  # ROLL's keys, used / ignored / refused: fabric/config/roll_keys.py
+
+    errors = top_level(cfg, TOP_LEVEL_KEYS)[1]
+    if errors:
+        raise errors[0]
     check_keys(cfg.get("cluster"), CLUSTER_KEYS, "cluster")
     check_keys(cfg.get("weight_sync"), WEIGHT_SYNC_KEYS, "weight_sync")
     check_keys(cfg.get("timeouts"), TIMEOUT_KEYS, "timeouts")
@@ -156,7 +171,9 @@ def pipeline_config(cfg: DictConfig) -> PipelineConfig:
         raise ConfigError("actor_train.pretrain", "no model: set actor_train.pretrain (an HF model directory)")
     dataset = _get(train, "data_args.file_name") or _get(cfg, "dataset")
     if isinstance(dataset, list | tuple) or (dataset is not None and not isinstance(dataset, str)):
-        dataset = list(dataset)[0]
+        if len(dataset) > 1:
+            raise ConfigError("actor_train.data_args.file_name", "the fabric reads one JSONL file: concatenate them")
+        dataset = list(dataset)[0] if len(dataset) else None
     if not dataset:
         raise ConfigError("actor_train.data_args.file_name", "no dataset: a JSONL file of {prompt, ground_truth}")
     pc = PipelineConfig(
@@ -166,7 +183,7 @@ def pipeline_config(cfg: DictConfig) -> PipelineConfig:
         rollout_batch_size=_positive(_get(cfg, "rollout_batch_size", 16), "rollout_batch_size"),
         group_size=_positive(_get(cfg, "num_return_sequences_in_group", 8), "num_return_sequences_in_group"),
         prompt_length=_positive(_get(cfg, "prompt_length", 64), "prompt_length"),
-        response_length=_positive(_get(cfg, "response_length", 32), "response_length"),
+        response_length=_positive(_response_length(cfg), "response_length"),
         save_steps=int(_get(cfg, "save_steps", 0) or 0),
         pretrain=str(pretrain),
         dataset=str(dataset),

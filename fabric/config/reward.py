@@ -3,7 +3,8 @@
 ```yaml
 rewards:
   math:
-    worker_cls: math_rule            # or answer_tag, hf_reward_model, or a dotted path to a Scorer subclass
+    worker_cls: math_rule            # or answer_tag, crossthinkqa_rule, hf_reward_model, a ROLL worker class with a
+                                     # counterpart here, or a dotted path to a Scorer subclass
     infer_batch_size: 16
     tag_included: [math]             # accepted as in ROLL and shown at start
     timeout_s: 5.0                   # scorer-specific keys sit beside the common ones
@@ -13,6 +14,10 @@ rewards:
     strategy_args: {strategy_name: hf_infer}
     device_mapping: list(range(0,1))
 ```
+
+Keys: the common ones below, the ones the scorer reads (RewardConfig.get_*), ROLL's other RewardConfig keys
+(accepted, listed in `ignored`), ROLL's reward filters (refused); anything else is a typo, refused by
+`unknown_options` once the scorer is built (fabric check and every command that starts a process run it).
 """
 
 from __future__ import annotations
@@ -20,23 +25,51 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from fabric.config.loader import ConfigError, parse_device_mapping, role_section
+from fabric.config import roll_keys
+from fabric.config.loader import ConfigError, parse_device_mapping, resolved, role_section
 
 # Short names of the built-in scorers -> "module:Class".
 SCORERS = {
     "math_rule": "fabric.reward.rules:MathRuleScorer",
     "answer_tag": "fabric.reward.rules:AnswerTagScorer",
+    "crossthinkqa_rule": "fabric.reward.rules:CrossThinkQAScorer",
     "hf_reward_model": "fabric.reward.hf:HFRewardModelScorer",
 }
 # ROLL's worker classes that have a counterpart here, so a ROLL `rewards` section loads unchanged.
-ROLL_WORKERS = {"MathRuleRewardWorker": "math_rule"}
+ROLL_WORKERS = {cls: name for cls, name in roll_keys.ROLL_REWARD_WORKERS.items() if name}
+SUPPORTED = (
+    "math_rule (ROLL's MathRuleRewardWorker), crossthinkqa_rule (CrossThinkQARuleRewardWorker), answer_tag, "
+    "hf_reward_model, or a dotted path to a fabric.reward.scorer.Scorer subclass"
+)
 # Keys every reward understands; a scorer reads its own extra keys through RewardConfig.get_*.
 COMMON_KEYS = {
     "worker_cls", "model_args", "pretrain", "strategy_args", "infer_batch_size", "batch_wait_ms", "max_input_chars",
-    "tag_included", "device_mapping",
+    "tag_included", "device_mapping", "weight",
 }  # fmt: skip
+# Every key ROLL's RewardConfig has: read where a scorer implements it, else accepted and listed as ignored.
+ROLL_REWARD_KEYS = roll_keys.REWARD_ROLL_IGNORED | {"reward_type", "response_length_penalty_coef"}
+
+
+class _Options(dict):
+    """A reward's keys; remembers which ones the scorer read, so that the rest can be reported."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.read: set[str] = set()
+
+    def get(self, key, default=None):
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key):
+        self.read.add(key)
+        return super().__contains__(key)
 
 
 @dataclass
@@ -56,6 +89,7 @@ class RewardConfig:
     device_mapping: list[int] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)
     role: str = "rewards"
+    ignored: list[str] = field(default_factory=list)  # ROLL keys set here that the fabric does not implement
 
     def key(self, name: str) -> str:
         """The dotted config key of one of this reward's settings, for error messages."""
@@ -82,6 +116,22 @@ class RewardConfig:
         return value
 
 
+def unknown_options(rc: RewardConfig) -> list[str]:
+    """After the scorer is built (it reads its keys then): ROLL keys it did not read join `rc.ignored`; a key that
+    is neither common, read, nor ROLL's raises ConfigError (a typo would otherwise leave the default in place)."""
+    read = rc.options.read if isinstance(rc.options, _Options) else set(rc.options)
+    for key, value in rc.options.items():
+        if key in COMMON_KEYS or key in read or key in roll_keys.REWARD_REFUSED:
+            continue
+        if key in ROLL_REWARD_KEYS:
+            if value is not None and rc.key(key) not in rc.ignored:
+                rc.ignored.append(rc.key(key))
+            continue
+        hint = roll_keys.did_you_mean(key, COMMON_KEYS | read)
+        raise ConfigError(rc.key(key), f"unknown key for {rc.worker_cls}; {hint or 'see the README, section rewards'}")
+    return rc.ignored
+
+
 def resolve_worker_cls(worker_cls: str, key: str) -> str:
     """A short name, a ROLL worker class with a counterpart here, or a dotted path -> "module:Class"."""
     if worker_cls in SCORERS:
@@ -89,14 +139,14 @@ def resolve_worker_cls(worker_cls: str, key: str) -> str:
     last = worker_cls.replace(":", ".").rsplit(".", 1)[-1]
     if last in ROLL_WORKERS:
         return SCORERS[ROLL_WORKERS[last]]
+    if last in roll_keys.ROLL_REWARD_WORKERS or worker_cls.startswith("roll."):
+        raise ConfigError(key, f"ROLL's {last} is not supported; supported: {SUPPORTED}")
     if ":" in worker_cls:
         return worker_cls
     if "." in worker_cls:
         module, _, cls = worker_cls.rpartition(".")
         return f"{module}:{cls}"
-    raise ConfigError(
-        key, f"unknown scorer {worker_cls!r}: use one of {', '.join(SCORERS)} or a dotted path module.Class"
-    )
+    raise ConfigError(key, f"unknown scorer {worker_cls!r}: use {SUPPORTED}")
 
 
 def load_reward_configs(cfg: DictConfig, role: str = "rewards") -> dict[str, RewardConfig]:
@@ -110,9 +160,13 @@ def load_reward_configs(cfg: DictConfig, role: str = "rewards") -> dict[str, Rew
         raw = section[name]
         if not isinstance(raw, DictConfig):
             raise ConfigError(f"{role}.{name}", f"expected a mapping with worker_cls, got {raw!r}")
-        options = OmegaConf.to_container(raw, resolve=True)
+        options = _Options(resolved(cfg, f"{role}.{name}"))
+        for key, rule in roll_keys.REWARD_REFUSED.items():
+            if key in options and not rule.allows(dict.get(options, key)):
+                raise ConfigError(f"{role}.{name}.{key}", rule.why)
+        options.read.clear()
         if not options.get("worker_cls"):
-            raise ConfigError(f"{role}.{name}.worker_cls", f"missing: use one of {', '.join(SCORERS)} or module.Class")
+            raise ConfigError(f"{role}.{name}.worker_cls", f"missing: use {SUPPORTED}")
         worker_cls = str(options["worker_cls"])
         model_args = options.get("model_args") or {}
         strategy_args = options.get("strategy_args") or {}
@@ -135,5 +189,9 @@ def load_reward_configs(cfg: DictConfig, role: str = "rewards") -> dict[str, Rew
         rc.infer_batch_size = rc.get_int("infer_batch_size", rc.infer_batch_size)
         rc.batch_wait_ms = rc.get_float("batch_wait_ms", rc.batch_wait_ms, minimum=0.0)
         rc.max_input_chars = rc.get_int("max_input_chars", rc.max_input_chars)
+        weight = options.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, int | float):
+            raise ConfigError(rc.key("weight"), f"expected a number, got {weight!r}")
+        options.read.clear()
         rewards[name] = rc
     return rewards

@@ -14,20 +14,22 @@ actor_infer:
   drain_grace_s: 30              # fabric: on SIGTERM, running requests get this long before they are aborted
 ```
 
-Only the rollout server's keys are read; every other key of a ROLL `actor_infer` section is accepted and ignored,
-so a ROLL config loads unchanged. Engine arguments (`strategy_config`) are checked against vLLM itself when the
-engine is built (fabric.rollout.vllm.engine), not here.
+The model is `model_args.model_name_or_path`, else the section's `pretrain`, else the top-level `pretrain` (ROLL
+writes the model once there and copies it into every role). Keys are sorted by fabric.config.roll_keys: ROLL's
+other WorkerConfig keys are accepted and listed in `ignored` (one warning line at start), ROLL keys whose loss
+would change the result are refused, and anything else is a typo, refused with the closest key. Engine arguments
+(`strategy_config`) are checked against vLLM itself (fabric.rollout.engine.check_engine_config), not here.
 """
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from fabric.config.loader import ConfigError, parse_device_mapping, role_section
+from fabric.config import roll_keys
+from fabric.config.loader import ConfigError, parse_device_mapping, resolved, role_section
 from fabric.rollout.engine import ENGINES, engine_names
 
 # generating_args keys -> fabric.v1.SamplingParams fields (ROLL's names; `stop_strings` is ROLL's name for `stop`).
@@ -45,6 +47,7 @@ GENERATING_KEYS = {
     "repetition_penalty": "repetition_penalty",
 }
 # ROLL GeneratingArguments keys that mean nothing to vLLM sampling: accepted so ROLL configs load, then ignored.
+# (ROLL's vllm strategy does not pass them to vLLM either.)
 IGNORED_GENERATING_KEYS = {"do_sample", "length_penalty", "early_stopping", "max_length", "min_new_tokens"}
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "bfloat16": "bfloat16", "float16": "float16",
           "float32": "float32", "auto": "auto"}  # fmt: skip
@@ -69,6 +72,8 @@ class RolloutConfig:
     drain_grace_s: float = DEFAULT_DRAIN_GRACE_S
     device_mapping: list[int] = field(default_factory=list)
     strategy_name: str = "vllm"  # the engine (fabric.rollout.engine.ENGINES)
+    include_stop_str_in_output: bool = False  # generating_args: a stop string ends the text (vLLM's default: not)
+    ignored: list[str] = field(default_factory=list)  # ROLL keys set here that the fabric does not implement
 
     def key(self, *parts: str) -> str:
         return ".".join([self.role, *parts])
@@ -100,14 +105,31 @@ def load_rollout_config(cfg: DictConfig, role: str = "actor_infer") -> RolloutCo
     section_cfg = role_section(cfg, role)
     if not isinstance(section_cfg, DictConfig):
         raise ConfigError(role, "expected a mapping with model_args, strategy_args, generating_args")
-    section = OmegaConf.to_container(section_cfg, resolve=True)
+    section = resolved(cfg, role)
+    ignored = roll_keys.sort_keys(
+        section,
+        role,
+        roll_keys.INFER_USED | roll_keys.INFER_FABRIC,
+        roll_keys.INFER_IGNORED,
+        roll_keys.INFER_REFUSED,
+    )
 
     model_args = _mapping(section.get("model_args"), f"{role}.model_args")
+    ignored += roll_keys.sort_keys(
+        model_args,
+        f"{role}.model_args",
+        roll_keys.MODEL_ARGS_USED | roll_keys.MODEL_ARGS_QUIET,
+        refused=roll_keys.MODEL_ARGS_REFUSED,
+    )
     model, model_key = model_args.get("model_name_or_path"), f"{role}.model_args.model_name_or_path"
     if not model:
         model, model_key = section.get("pretrain"), f"{role}.pretrain"
     if not model:
-        raise ConfigError(f"{role}.model_args.model_name_or_path", "missing: set it (or `pretrain`) to a model dir")
+        model, model_key = resolved(cfg, "pretrain"), "pretrain"
+    if not model:
+        raise ConfigError(
+            f"{role}.model_args.model_name_or_path", "missing: set it, or the top-level `pretrain`, to a model dir"
+        )
 
     dtype = model_args.get("dtype")
     if dtype is not None:
@@ -116,6 +138,7 @@ def load_rollout_config(cfg: DictConfig, role: str = "actor_infer") -> RolloutCo
         dtype = DTYPES[str(dtype)]
 
     strategy_args = _mapping(section.get("strategy_args"), f"{role}.strategy_args")
+    roll_keys.sort_keys(strategy_args, f"{role}.strategy_args", {"strategy_name", "strategy_config"})
     name = strategy_args.get("strategy_name")
     if name not in ENGINES:
         raise ConfigError(
@@ -123,10 +146,25 @@ def load_rollout_config(cfg: DictConfig, role: str = "actor_infer") -> RolloutCo
             f"no rollout engine named {name!r}: use one of {', '.join(engine_names())}",
         )
     strategy_config = dict(_mapping(strategy_args.get("strategy_config"), f"{role}.strategy_args.strategy_config"))
-    sleep_level = strategy_config.pop("sleep_level", 1)  # ROLL pops it too: it is not a vLLM engine argument
+    for key, rule in roll_keys.STRATEGY_CONFIG_REFUSED.items():
+        if key in strategy_config and not rule.allows(strategy_config[key]):
+            raise ConfigError(f"{role}.strategy_args.strategy_config.{key}", rule.why)
+    # ROLL pops these too: they are ROLL's settings, not vLLM engine arguments (VLLM_USE_V1: vLLM 0.32 is V1 only).
+    sleep_level = strategy_config.pop("sleep_level", 1)
     if sleep_level not in (1, 2):
         raise ConfigError(f"{role}.strategy_args.strategy_config.sleep_level", f"must be 1 or 2, got {sleep_level!r}")
+    use_v1 = strategy_config.pop("VLLM_USE_V1", 1)
+    if str(use_v1) not in ("1", "True", "true"):
+        raise ConfigError(
+            f"{role}.strategy_args.strategy_config.VLLM_USE_V1", "vLLM's V0 engine is gone: remove it (or set 1)"
+        )
 
+    generating_raw = dict(_mapping(section.get("generating_args"), f"{role}.generating_args"))
+    include_stop = generating_raw.pop("include_stop_str_in_output", None)
+    if include_stop is not None and not isinstance(include_stop, bool):
+        raise ConfigError(
+            f"{role}.generating_args.include_stop_str_in_output", f"expected true or false, got {include_stop!r}"
+        )
     rc = RolloutConfig(
         role=role,
         model=str(model),
@@ -134,11 +172,13 @@ def load_rollout_config(cfg: DictConfig, role: str = "actor_infer") -> RolloutCo
         dtype=dtype,
         strategy_config=strategy_config,
         sleep_level=sleep_level,
-        generating_args=_generating_args(_mapping(section.get("generating_args"), f"{role}.generating_args"), role),
+        generating_args=_generating_args(generating_raw, role),
         infer_batch_size=_positive_int(section, "infer_batch_size", DEFAULT_INFER_BATCH_SIZE, role),
         max_queue_length=_positive_int(section, "max_queue_length", DEFAULT_MAX_QUEUE_LENGTH, role),
         device_mapping=parse_device_mapping(section.get("device_mapping"), f"{role}.device_mapping"),
         strategy_name=name,
+        include_stop_str_in_output=bool(include_stop),
+        ignored=ignored,
     )
     grace = section.get("drain_grace_s", DEFAULT_DRAIN_GRACE_S)
     if isinstance(grace, bool) or not isinstance(grace, int | float) or grace < 0:
@@ -155,9 +195,8 @@ def _generating_args(raw: dict, role: str) -> dict[str, Any]:
         if name in IGNORED_GENERATING_KEYS or value is None:
             continue
         if name not in GENERATING_KEYS:
-            known = sorted(GENERATING_KEYS) + sorted(IGNORED_GENERATING_KEYS)
-            close = difflib.get_close_matches(name, known, n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(sorted(GENERATING_KEYS))}"
+            known = set(GENERATING_KEYS) | IGNORED_GENERATING_KEYS | {"include_stop_str_in_output"}
+            hint = roll_keys.did_you_mean(name, known) or f"known keys: {', '.join(sorted(known))}"
             raise ConfigError(f"{role}.generating_args.{name}", f"unknown generating argument; {hint}")
         target = GENERATING_KEYS[name]
         if target == "stop":

@@ -1,4 +1,5 @@
-"""Rule rewards: `math_rule` (math-verify against the ground truth) and `answer_tag` (the toy task's format rule)."""
+"""Rule rewards: `math_rule` (math-verify against the ground truth), `answer_tag` (the toy task's format rule) and
+`crossthinkqa_rule` (ROLL's CrossThinkQA multiple-choice rule)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,12 @@ import asyncio
 import logging
 import multiprocessing
 import os
+import re
 import signal
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
+from fabric.config import ConfigError
 from fabric.errors import invalid
 from fabric.reward.scorer import RuleScorer, ScoreItem, Scorer, ScoreResult
 from fabric.tasks.arithmetic import extract_answer
@@ -151,3 +154,76 @@ class AnswerTagScorer(RuleScorer):
         if answer == item.ground_truth.strip():
             return ScoreResult(self.correct_score)
         return ScoreResult(self.format_score, "tag present, answer wrong")
+
+
+# ---- crossthinkqa_rule: ROLL's CrossThinkQARuleRewardWorker -------------------------------------------------------
+
+CROSSTHINKQA_REWARDS = {  # (correct, boxed) -> reward, per reward_type, as ROLL's worker scores them
+    "loose": {(True, True): 1.0, (True, False): 1.0, (False, True): -1.0, (False, False): -1.0},
+    "soft": {(True, True): 1.0, (True, False): 0.5, (False, True): -0.5, (False, False): -1.0},
+    "strict": {(True, True): 1.0, (True, False): -1.0, (False, True): -1.0, (False, False): -1.0},
+}
+_BOXED = re.compile(r"\\boxed\{([^}]+)\}")
+_SPECIAL_TOKENS = ("<|endoftext|>", "<pad>", "<|im_end|>")
+
+
+def _repetition_penalty(text: str, ngram_size: int = 3, max_penalty: float = -0.5) -> float:
+    """ROLL's n-gram repetition penalty: max_penalty times the share of repeated word 3-grams."""
+    words = text.lower().split()
+    if len(words) < ngram_size:
+        return 0.0
+    grams = list(zip(*[words[i:] for i in range(ngram_size)], strict=False))
+    return (1 - len(set(grams)) / len(grams)) * max_penalty
+
+
+def _length_reward(length: int, min_len: int = 100, max_len: int = 400) -> float:
+    if length < min_len:
+        return -0.5
+    if length > max_len:
+        return 0.0
+    return -0.5 * (max_len - length) / (max_len - min_len)
+
+
+def crossthinkqa_reward(response: str, ground_truth: str, reward_type: str) -> tuple[float, bool, bool]:
+    """The multiple-choice rule of ROLL's CrossThinkQA worker: the answer is the last \\boxed{...} after the last
+    </think> (else the text after the last "answer is"); it is correct when its first capital letter is the ground
+    truth's first character. Returns (reward, correct, boxed)."""
+    end = response.rfind("</think>")
+    text = response if end == -1 else response[end + len("</think>") :].lstrip("\n")
+    boxed = _BOXED.findall(text)
+    if boxed:
+        answer = boxed[-1]
+    else:
+        at = text.lower().rfind("answer is")
+        answer = text if at == -1 else text[at + len("answer is") :]
+    first_capital = next((c for c in answer if c.isupper()), None)
+    correct = bool(ground_truth) and first_capital == ground_truth[0]
+    return CROSSTHINKQA_REWARDS[reward_type][(correct, bool(boxed))], correct, bool(boxed)
+
+
+class CrossThinkQAScorer(RuleScorer):
+    """ROLL's CrossThinkQARuleRewardWorker: the multiple-choice reward (`reward_type`: loose, soft or strict) plus
+    ROLL's 3-gram repetition penalty (down to -0.5) plus `response_length_penalty_coef` times a length reward
+    (-0.5 under 100 response tokens, rising to 0 at 400). ROLL measures the padded response row; this measures the
+    response's own tokens (`response_token_ids`, else its characters)."""
+
+    needs_ground_truth = True
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.reward_type = config.get_str("reward_type", "")
+        if self.reward_type not in CROSSTHINKQA_REWARDS:
+            raise ConfigError(
+                config.key("reward_type"), f"{self.reward_type or 'missing'}: use loose, soft or strict (ROLL's names)"
+            )
+        self.length_coef = config.get_float("response_length_penalty_coef", 0.0)
+        self.model = f"CrossThinkQA rule ({self.reward_type})"
+
+    def score_one(self, item: ScoreItem) -> ScoreResult:
+        text = item.response
+        for token in _SPECIAL_TOKENS:
+            text = text.replace(token, "")
+        reward, correct, boxed = crossthinkqa_reward(text, item.ground_truth.strip(), self.reward_type)
+        length = len(item.response_token_ids) or len(item.response)
+        total = reward + _repetition_penalty(text) + self.length_coef * _length_reward(length)
+        return ScoreResult(total, f"correct={correct} boxed={boxed}")

@@ -11,7 +11,7 @@ import os
 
 import grpc
 
-from fabric.errors import FabricError, abort, internal, invalid
+from fabric.errors import FabricError, internal, invalid
 from fabric.reward.batcher import Batcher
 from fabric.reward.scorer import ScoreItem, Scorer, ScoreResult
 from fabric.v1 import reward_pb2, reward_pb2_grpc
@@ -139,7 +139,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             if reader.done() and not reader.cancelled() and reader.exception() is not None:
                 exc = reader.exception()
                 log.error("Score stream failed: %r", exc)
-                await abort(context, internal(f"Score stream failed: {type(exc).__name__}: {exc}"))
+                raise internal(f"Score stream failed: {type(exc).__name__}: {exc}") from exc
         finally:
             reader.cancel()
             for future in list(live.values()):

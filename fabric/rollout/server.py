@@ -18,6 +18,7 @@ from fabric.rollout.engine import create_engine
 from fabric.rollout.servicer import RolloutServicer
 from fabric.rollout.validation import check_generating_args
 from fabric.server import FabricServer, print_ready
+from fabric.shm import release_orphaned_shm, shm_entries
 from fabric.v1 import rollout_pb2, rollout_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ async def serve(
     config: RolloutConfig, host: str = "127.0.0.1", port: int = 0, ready: Callable[[str], None] | None = None
 ) -> None:
     engine = create_engine(config)  # checks the engine arguments: ConfigError before the slow start
+    shm_before = shm_entries()
     servicer = RolloutServicer(engine, config)
     server = FabricServer(
         [SERVICE_NAME],
@@ -46,11 +48,17 @@ async def serve(
         try:
             await engine.start()
         except Exception as exc:
-            raise EngineStartError(f"vLLM engine failed to start ({exc}); its log above says why") from exc
+            raise EngineStartError(
+                f"{config.strategy_name} engine failed to start ({exc}); its log above says why"
+            ) from exc
         await server.serve_forever(grace=config.drain_grace_s, ready=ready)
         log.info("stopped")
     finally:
+        servicer.close()  # staging files first: they are RAM-backed shared memory
         engine.shutdown()
+        leftovers = release_orphaned_shm(shm_before)  # what the engine's processes did not clean up themselves
+        if leftovers:
+            log.info("released %d shared-memory segments the engine left: %s", len(leftovers), ", ".join(leftovers))
 
 
 def cli_main(args) -> int:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from fabric.config.rollout import RolloutConfig
-from fabric.errors import FabricError, abort, invalid, precondition, unavailable
+from fabric.errors import FabricError, invalid, precondition, unavailable
 from fabric.rollout.engine import WAKE_TAGS, FinishReason, RolloutEngine, Sample, Sampling, SleepState
 from fabric.rollout.validation import resolve_request
 from fabric.v1 import rollout_pb2, rollout_pb2_grpc
@@ -100,7 +100,7 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
                 await asyncio.wait_for(request_iterator.__anext__(), timeout=1.0)
             except Exception:  # end of stream, no request within the second, a broken stream: refuse all the same
                 pass
-            await abort(context, refusal)
+            raise refusal
         stream = _Stream(next(self._stream_ids))
         self.streams.add(stream)
         reader = asyncio.create_task(self._read(stream, request_iterator))
@@ -110,7 +110,7 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
                 if item is _END:
                     return
                 if isinstance(item, FabricError):
-                    await abort(context, item)
+                    raise item
                 yield item
         finally:
             # Normal end, stream-level error or a client that went away: nothing of this stream stays in the engine.
@@ -253,7 +253,7 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
 
     async def Abort(self, request, context):
         if not request.request_ids:
-            await abort(context, invalid("request_ids", "empty: name at least one request id to abort"))
+            raise invalid("request_ids", "empty: name at least one request id to abort")
         aborted = []
         for request_id in dict.fromkeys(request.request_ids):
             live = list(self.by_id.get(request_id, ()))
@@ -268,7 +268,7 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
     async def Sleep(self, request, context):
         level = request.level or self.config.sleep_level
         if level not in (1, 2):
-            await abort(context, invalid("level", f"must be 1 or 2 (0: the server's sleep_level), got {request.level}"))
+            raise invalid("level", f"must be 1 or 2 (0: the server's sleep_level), got {request.level}")
         if self.engine.sleep_state == SleepState.AWAKE and not self.going_to_sleep:
             self.going_to_sleep = True  # refuse new requests from here on
             try:
@@ -283,13 +283,13 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         tags = list(dict.fromkeys(request.tags))
         for i, tag in enumerate(tags):
             if tag not in WAKE_TAGS:
-                await abort(context, invalid(f"tags[{i}]", f"unknown tag {tag!r}: use {' or '.join(WAKE_TAGS)}"))
+                raise invalid(f"tags[{i}]", f"unknown tag {tag!r}: use {' or '.join(WAKE_TAGS)}")
         if self.engine.sleep_state == SleepState.ASLEEP and tags == ["kv_cache"]:
-            await abort(
-                context,
-                precondition("wake up in two steps: tags [weights] first, then [kv_cache] (or empty tags for both)",
-                             "WAKE_ORDER", "tags"),
-            )  # fmt: skip
+            raise precondition(
+                "wake up in two steps: tags [weights] first, then [kv_cache] (or empty tags for both)",
+                "WAKE_ORDER",
+                "tags",
+            )
         await self.engine.wake_up(tags)
         log.info("wake-up %s -> %s", tags or "all", self.engine.sleep_state)
         return rollout_pb2.WakeUpResponse(state=_SLEEP_STATES[self.engine.sleep_state])
@@ -300,6 +300,8 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         import json
 
         engine = self.engine
+        # issue 13 (GPU): accelerator memory as the engine reads it, so a client sees what sleep freed
+        free, total = engine.device_memory() if hasattr(engine, "device_memory") else (0, 0)
         return rollout_pb2.RolloutServiceGetServerInfoResponse(
             model=engine.model_dir,
             engine_config_json=engine.engine_config_json(),
@@ -314,30 +316,30 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
             generating_args_json=json.dumps(self.config.generating_args, sort_keys=True),
             server=self.server_name,
             engine_version=engine.engine_version,
+            device_memory_free_bytes=free,
+            device_memory_total_bytes=total,
         )
 
-    # ---- Weights: the lead's WeightReceiver does the work ----
+    # ---- Weights: fabric.weights.receiver does the work ----
 
-    async def _weight_receiver(self, context):
+    @property
+    def receiver(self):
         if self._receiver is None:
-            try:
-                from fabric.weights.receiver import WeightReceiver
-            except ImportError:
-                await abort(
-                    context,
-                    FabricError(grpc.StatusCode.UNIMPLEMENTED, "weight updates are not available in this build",
-                                "WEIGHTS_UNIMPLEMENTED"),
-                )  # fmt: skip
+            from fabric.weights.receiver import WeightReceiver
+
             self._receiver = WeightReceiver(self.engine, self.server_name)
         return self._receiver
 
     async def UpdateWeights(self, request_iterator, context):
-        receiver = await self._weight_receiver(context)
-        return await receiver.update_weights(request_iterator, context)
+        return await self.receiver.update_weights(request_iterator, context.time_remaining())
 
     async def GetWeightsStatus(self, request, context):
-        receiver = await self._weight_receiver(context)
-        return receiver.status()
+        return self.receiver.status()
+
+    def close(self) -> None:
+        """The server has stopped: delete the weight staging files (RAM-backed shared memory)."""
+        if self._receiver is not None:
+            self._receiver.close()
 
     # ---- Shutdown ----
 

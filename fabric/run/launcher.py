@@ -8,8 +8,6 @@ no reward server is left does the run end. Everything a run writes goes under `o
 from __future__ import annotations
 
 import asyncio
-import logging
-import os
 import signal
 import time
 from pathlib import Path
@@ -21,6 +19,7 @@ from rich.live import Live
 
 from fabric import security
 from fabric.config import ConfigError, load_config
+from fabric.config.check import resolved_for_processes
 from fabric.config.pipeline import pipeline_config
 from fabric.procs import ServerProcess, start_all
 from fabric.trainer import report
@@ -51,7 +50,7 @@ class Launcher:
         prepare_task(cfg, log=lambda line: console.print(f"[dim]{line}"))
         check_before_start(cfg, self.pc)
         self.config_file = self.out / "config.yaml"
-        OmegaConf.save(cfg, self.config_file, resolve=True)
+        OmegaConf.save(resolved_for_processes(cfg), self.config_file)
         self.servers: list[ServerProcess] = []
         self.trainer: ServerProcess | None = None
         self.lost: set[str] = set()
@@ -161,30 +160,11 @@ class Launcher:
 
 
 def check_before_start(cfg, pc) -> None:
-    """Every process's config, checked here, so a mistake is one line before anything starts (the servers would
-    refuse it too, but only after a long start, and in a log file)."""
-    from fabric.config.reward import load_reward_configs
-    from fabric.config.rollout import load_rollout_config
+    """Every process's config, checked here (fabric check's checks), so a mistake is one line per problem before
+    anything starts (the servers would refuse it too, but only after a long start, and in a log file)."""
+    from fabric.config.check import check_or_raise
 
-    previous = os.environ.get("VLLM_LOGGING_LEVEL")
-    os.environ["VLLM_LOGGING_LEVEL"] = "ERROR"  # vLLM's import chatter would bury the one line that matters
-    try:
-        from fabric.rollout.engine import check_engine_config
-    finally:
-        if previous is None:
-            os.environ.pop("VLLM_LOGGING_LEVEL")
-        else:
-            os.environ["VLLM_LOGGING_LEVEL"] = previous
-    for name in [n for n in logging.root.manager.loggerDict if n.startswith("vllm")]:
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-    if not Path(pc.pretrain, "config.json").is_file():
-        raise ConfigError("actor_train.pretrain", f"not an HF model directory (no config.json): {pc.pretrain}")
-    if not Path(pc.dataset).is_file():
-        raise ConfigError("actor_train.data_args.file_name", f"dataset not found: {pc.dataset}")
-    rollout = load_rollout_config(cfg, "actor_infer")
-    check_engine_config(rollout)
-    load_reward_configs(cfg, "rewards")
+    check_or_raise(cfg, "all")
     if pc.num_rollout_servers < 1 or pc.num_reward_servers < 1:
         raise ConfigError("cluster.num_rollout_servers", "fabric run needs at least one rollout and one reward server")
 

@@ -1,11 +1,12 @@
-"""fabric.v1.TrainerService: a thin servicer over the running Trainer (status, metrics stream, control)."""
+"""fabric.v1.TrainerService: a thin servicer over the running Trainer (status, metrics stream, control). Errors are
+raised as FabricError (the Trainer's too); the server's ErrorInterceptor turns them into statuses."""
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
 
-from fabric.errors import FabricError, abort, invalid
+from fabric.errors import invalid
 from fabric.trainer.loop import FINAL_STATES, Trainer
 from fabric.trainer.report import to_proto
 from fabric.v1 import trainer_pb2, trainer_pb2_grpc
@@ -26,7 +27,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
     async def WatchMetrics(self, request, context):
         if request.since_step < 0:
-            await abort(context, invalid("since_step", f"must be >= 0, got {request.since_step}"))
+            raise invalid("since_step", f"must be >= 0, got {request.since_step}")
         queue: asyncio.Queue = asyncio.Queue()
         self.trainer.subscribers.add(queue)
         try:
@@ -42,22 +43,16 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             self.trainer.subscribers.discard(queue)
 
     async def Pause(self, request, context):
-        try:
-            return trainer_pb2.PauseResponse(state=self.trainer.pause())
-        except FabricError as err:
-            await abort(context, err)
+        return trainer_pb2.PauseResponse(state=self.trainer.pause())
 
     async def Resume(self, request, context):
-        try:
-            return trainer_pb2.ResumeResponse(state=self.trainer.resume())
-        except FabricError as err:
-            await abort(context, err)
+        return trainer_pb2.ResumeResponse(state=self.trainer.resume())
 
     async def SaveCheckpoint(self, request, context):
         t = self.trainer
         path = Path(request.path) if request.path else t.pc.out / "checkpoints" / f"step_{t.step}"
         if path.exists() and any(path.iterdir()) and not (path / "config.json").exists():
-            await abort(context, invalid("path", f"{path} exists and is not a checkpoint: pick an empty directory"))
+            raise invalid("path", f"{path} exists and is not a checkpoint: pick an empty directory")
         async with t.lock:  # between steps: never a half-updated model
             saved = await t.save_checkpoint(path)
         return trainer_pb2.SaveCheckpointResponse(path=str(saved), step=t.step, weight_version=t.version)

@@ -26,17 +26,19 @@ from fabric.v1 import common_pb2 as fabric_dot_v1_dot_common__pb2
 from fabric.v1 import weights_pb2 as fabric_dot_v1_dot_weights__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x66\x61\x62ric/v1/rollout.proto\x12\tfabric.v1\x1a\x16\x66\x61\x62ric/v1/common.proto\x1a\x17\x66\x61\x62ric/v1/weights.proto\"\x8e\x03\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x16\n\tnum_beams\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12!\n\x14num_return_sequences\x18\x06 \x01(\x05H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x06\x88\x01\x01\x12\x15\n\x08logprobs\x18\x08 \x01(\x08H\x07\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x1f\n\x12repetition_penalty\x18\n \x01(\x02H\x08\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x0c\n\n_num_beamsB\x17\n\x15_num_return_sequencesB\x07\n\x05_seedB\x0b\n\t_logprobsB\x15\n\x13_repetition_penalty\"\x91\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.fabric.v1.SamplingParams\x12\x13\n\x0bsession_key\x18\x05 \x01(\t\"\x82\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x14\n\x0csample_index\x18\x02 \x01(\x05\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x10\n\x08logprobs\x18\x05 \x03(\x02\x12.\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x17.fabric.v1.FinishReason\x12\x16\n\x0eweight_version\x18\x07 \x01(\x03\x12\x18\n\x10prompt_token_ids\x18\x08 \x03(\x05\x12\x1f\n\x05\x65rror\x18\t \x01(\x0b\x32\x10.fabric.v1.Error\x12\x0e\n\x06server\x18\n \x01(\t\"#\n\x0c\x41\x62ortRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\",\n\rAbortResponse\x12\x1b\n\x13\x61\x62orted_request_ids\x18\x01 \x03(\t\"m\n\x14UpdateWeightsRequest\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1e.fabric.v1.UpdateWeightsHeader\x12%\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.fabric.v1.WeightChunk\"\x88\x01\n\x13UpdateWeightsHeader\x12\x16\n\x0eweight_version\x18\x01 \x01(\x03\x12+\n\x08manifest\x18\x02 \x01(\x0b\x32\x19.fabric.v1.WeightManifest\x12\x15\n\rrelay_targets\x18\x03 \x03(\t\x12\x15\n\rchunk_indices\x18\x04 \x03(\x05\"G\n\x15UpdateWeightsResponse\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.fabric.v1.WeightUpdateResult\"\xcc\x01\n\x12WeightUpdateResult\x12\x0e\n\x06server\x18\x01 \x01(\t\x12\x16\n\x0eweight_version\x18\x02 \x01(\x03\x12\x11\n\tcommitted\x18\x03 \x01(\x08\x12\x19\n\x11\x61lready_committed\x18\x04 \x01(\x08\x12\x16\n\x0e\x62ytes_received\x18\x05 \x01(\x03\x12\x0f\n\x07seconds\x18\x06 \x01(\x01\x12\x16\n\x0e\x63ommit_seconds\x18\x07 \x01(\x01\x12\x1f\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x10.fabric.v1.Error\"\x19\n\x17GetWeightsStatusRequest\"\xe6\x01\n\x18GetWeightsStatusResponse\x12\x17\n\x0fserving_version\x18\x01 \x01(\x03\x12\x16\n\x0estaged_version\x18\x02 \x01(\x03\x12\x1e\n\x16staged_manifest_digest\x18\x03 \x01(\t\x12\x1c\n\x14staged_chunk_indices\x18\x04 \x03(\x05\x12\x14\n\x0ctotal_chunks\x18\x05 \x01(\x05\x12\x15\n\rtcp_data_port\x18\x06 \x01(\x05\x12\x1f\n\x17serving_manifest_digest\x18\x07 \x01(\t\x12\r\n\x05\x64type\x18\x08 \x01(\t\"\x1d\n\x0cSleepRequest\x12\r\n\x05level\x18\x01 \x01(\x05\"D\n\rSleepResponse\x12$\n\x05state\x18\x01 \x01(\x0e\x32\x15.fabric.v1.SleepState\x12\r\n\x05level\x18\x02 \x01(\x05\"\x1d\n\rWakeUpRequest\x12\x0c\n\x04tags\x18\x01 \x03(\t\"6\n\x0eWakeUpResponse\x12$\n\x05state\x18\x01 \x01(\x0e\x32\x15.fabric.v1.SleepState\"$\n\"RolloutServiceGetServerInfoRequest\"\xe3\x02\n#RolloutServiceGetServerInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1a\n\x12\x65ngine_config_json\x18\x02 \x01(\t\x12\x16\n\x0eweight_version\x18\x03 \x01(\x03\x12\x13\n\x0bqueue_depth\x18\x04 \x01(\x05\x12\x18\n\x10running_requests\x18\x05 \x01(\x05\x12*\n\x0bsleep_state\x18\x06 \x01(\x0e\x32\x15.fabric.v1.SleepState\x12\x13\n\x0bsleep_level\x18\x07 \x01(\x05\x12\x15\n\rmax_model_len\x18\x08 \x01(\x05\x12\x12\n\nvocab_size\x18\t \x01(\x05\x12\x18\n\x10infer_batch_size\x18\n \x01(\x05\x12\x1c\n\x14generating_args_json\x18\x0b \x01(\t\x12\x0e\n\x06server\x18\x0c \x01(\t\x12\x16\n\x0e\x65ngine_version\x18\r \x01(\t*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03*v\n\nSleepState\x12\x1b\n\x17SLEEP_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11SLEEP_STATE_AWAKE\x10\x01\x12\x16\n\x12SLEEP_STATE_ASLEEP\x10\x02\x12\x1c\n\x18SLEEP_STATE_WEIGHTS_ONLY\x10\x03\x32\xb3\x04\n\x0eRolloutService\x12G\n\x08Generate\x12\x1a.fabric.v1.GenerateRequest\x1a\x1b.fabric.v1.GenerateResponse(\x01\x30\x01\x12:\n\x05\x41\x62ort\x12\x17.fabric.v1.AbortRequest\x1a\x18.fabric.v1.AbortResponse\x12T\n\rUpdateWeights\x12\x1f.fabric.v1.UpdateWeightsRequest\x1a .fabric.v1.UpdateWeightsResponse(\x01\x12[\n\x10GetWeightsStatus\x12\".fabric.v1.GetWeightsStatusRequest\x1a#.fabric.v1.GetWeightsStatusResponse\x12:\n\x05Sleep\x12\x17.fabric.v1.SleepRequest\x1a\x18.fabric.v1.SleepResponse\x12=\n\x06WakeUp\x12\x18.fabric.v1.WakeUpRequest\x1a\x19.fabric.v1.WakeUpResponse\x12n\n\rGetServerInfo\x12-.fabric.v1.RolloutServiceGetServerInfoRequest\x1a..fabric.v1.RolloutServiceGetServerInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x66\x61\x62ric/v1/rollout.proto\x12\tfabric.v1\x1a\x16\x66\x61\x62ric/v1/common.proto\x1a\x17\x66\x61\x62ric/v1/weights.proto\"\x8e\x03\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x16\n\tnum_beams\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12!\n\x14num_return_sequences\x18\x06 \x01(\x05H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x06\x88\x01\x01\x12\x15\n\x08logprobs\x18\x08 \x01(\x08H\x07\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x1f\n\x12repetition_penalty\x18\n \x01(\x02H\x08\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x0c\n\n_num_beamsB\x17\n\x15_num_return_sequencesB\x07\n\x05_seedB\x0b\n\t_logprobsB\x15\n\x13_repetition_penalty\"\x91\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.fabric.v1.SamplingParams\x12\x13\n\x0bsession_key\x18\x05 \x01(\t\"\x82\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x14\n\x0csample_index\x18\x02 \x01(\x05\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x10\n\x08logprobs\x18\x05 \x03(\x02\x12.\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x17.fabric.v1.FinishReason\x12\x16\n\x0eweight_version\x18\x07 \x01(\x03\x12\x18\n\x10prompt_token_ids\x18\x08 \x03(\x05\x12\x1f\n\x05\x65rror\x18\t \x01(\x0b\x32\x10.fabric.v1.Error\x12\x0e\n\x06server\x18\n \x01(\t\"#\n\x0c\x41\x62ortRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\",\n\rAbortResponse\x12\x1b\n\x13\x61\x62orted_request_ids\x18\x01 \x03(\t\"m\n\x14UpdateWeightsRequest\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1e.fabric.v1.UpdateWeightsHeader\x12%\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.fabric.v1.WeightChunk\"\xf4\x01\n\x13UpdateWeightsHeader\x12\x16\n\x0eweight_version\x18\x01 \x01(\x03\x12+\n\x08manifest\x18\x02 \x01(\x0b\x32\x19.fabric.v1.WeightManifest\x12\x15\n\rrelay_targets\x18\x03 \x03(\t\x12\x15\n\rchunk_indices\x18\x04 \x03(\x05\x12\x11\n\ttransport\x18\x05 \x01(\t\x12\x33\n\ncollective\x18\x06 \x01(\x0b\x32\x1f.fabric.v1.CollectiveRendezvous\x12\"\n\x03ipc\x18\x07 \x01(\x0b\x32\x15.fabric.v1.IpcHandles\"/\n\nIpcHandles\x12\x10\n\x08gpu_uuid\x18\x01 \x01(\t\x12\x0f\n\x07tensors\x18\x02 \x01(\x0c\"\x9b\x01\n\x14\x43ollectiveRendezvous\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x15\n\rstore_address\x18\x02 \x01(\t\x12\x12\n\nworld_size\x18\x03 \x01(\x05\x12\x0c\n\x04rank\x18\x04 \x01(\x05\x12\x14\n\x0c\x62ucket_bytes\x18\x05 \x01(\x03\x12\x11\n\ttimeout_s\x18\x06 \x01(\x01\x12\x10\n\x08group_id\x18\x07 \x01(\t\"G\n\x15UpdateWeightsResponse\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.fabric.v1.WeightUpdateResult\"\xf9\x01\n\x12WeightUpdateResult\x12\x0e\n\x06server\x18\x01 \x01(\t\x12\x16\n\x0eweight_version\x18\x02 \x01(\x03\x12\x11\n\tcommitted\x18\x03 \x01(\x08\x12\x19\n\x11\x61lready_committed\x18\x04 \x01(\x08\x12\x16\n\x0e\x62ytes_received\x18\x05 \x01(\x03\x12\x0f\n\x07seconds\x18\x06 \x01(\x01\x12\x16\n\x0e\x63ommit_seconds\x18\x07 \x01(\x01\x12\x1f\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x10.fabric.v1.Error\x12\x11\n\ttransport\x18\t \x01(\t\x12\x18\n\x10transport_reason\x18\n \x01(\t\"\x19\n\x17GetWeightsStatusRequest\"\x9b\x02\n\x18GetWeightsStatusResponse\x12\x17\n\x0fserving_version\x18\x01 \x01(\x03\x12\x16\n\x0estaged_version\x18\x02 \x01(\x03\x12\x1e\n\x16staged_manifest_digest\x18\x03 \x01(\t\x12\x1c\n\x14staged_chunk_indices\x18\x04 \x03(\x05\x12\x14\n\x0ctotal_chunks\x18\x05 \x01(\x05\x12\x15\n\rtcp_data_port\x18\x06 \x01(\x05\x12\x1f\n\x17serving_manifest_digest\x18\x07 \x01(\t\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x33\n\ntransports\x18\t \x03(\x0b\x32\x1f.fabric.v1.WeightTransportOffer\"\x9e\x01\n\x14WeightTransportOffer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\x05\x12;\n\x06params\x18\x03 \x03(\x0b\x32+.fabric.v1.WeightTransportOffer.ParamsEntry\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x1d\n\x0cSleepRequest\x12\r\n\x05level\x18\x01 \x01(\x05\"D\n\rSleepResponse\x12$\n\x05state\x18\x01 \x01(\x0e\x32\x15.fabric.v1.SleepState\x12\r\n\x05level\x18\x02 \x01(\x05\"\x1d\n\rWakeUpRequest\x12\x0c\n\x04tags\x18\x01 \x03(\t\"6\n\x0eWakeUpResponse\x12$\n\x05state\x18\x01 \x01(\x0e\x32\x15.fabric.v1.SleepState\"$\n\"RolloutServiceGetServerInfoRequest\"\xa8\x03\n#RolloutServiceGetServerInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1a\n\x12\x65ngine_config_json\x18\x02 \x01(\t\x12\x16\n\x0eweight_version\x18\x03 \x01(\x03\x12\x13\n\x0bqueue_depth\x18\x04 \x01(\x05\x12\x18\n\x10running_requests\x18\x05 \x01(\x05\x12*\n\x0bsleep_state\x18\x06 \x01(\x0e\x32\x15.fabric.v1.SleepState\x12\x13\n\x0bsleep_level\x18\x07 \x01(\x05\x12\x15\n\rmax_model_len\x18\x08 \x01(\x05\x12\x12\n\nvocab_size\x18\t \x01(\x05\x12\x18\n\x10infer_batch_size\x18\n \x01(\x05\x12\x1c\n\x14generating_args_json\x18\x0b \x01(\t\x12\x0e\n\x06server\x18\x0c \x01(\t\x12\x16\n\x0e\x65ngine_version\x18\r \x01(\t\x12 \n\x18\x64\x65vice_memory_free_bytes\x18\x0e \x01(\x03\x12!\n\x19\x64\x65vice_memory_total_bytes\x18\x0f \x01(\x03*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03*v\n\nSleepState\x12\x1b\n\x17SLEEP_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11SLEEP_STATE_AWAKE\x10\x01\x12\x16\n\x12SLEEP_STATE_ASLEEP\x10\x02\x12\x1c\n\x18SLEEP_STATE_WEIGHTS_ONLY\x10\x03\x32\xb3\x04\n\x0eRolloutService\x12G\n\x08Generate\x12\x1a.fabric.v1.GenerateRequest\x1a\x1b.fabric.v1.GenerateResponse(\x01\x30\x01\x12:\n\x05\x41\x62ort\x12\x17.fabric.v1.AbortRequest\x1a\x18.fabric.v1.AbortResponse\x12T\n\rUpdateWeights\x12\x1f.fabric.v1.UpdateWeightsRequest\x1a .fabric.v1.UpdateWeightsResponse(\x01\x12[\n\x10GetWeightsStatus\x12\".fabric.v1.GetWeightsStatusRequest\x1a#.fabric.v1.GetWeightsStatusResponse\x12:\n\x05Sleep\x12\x17.fabric.v1.SleepRequest\x1a\x18.fabric.v1.SleepResponse\x12=\n\x06WakeUp\x12\x18.fabric.v1.WakeUpRequest\x1a\x19.fabric.v1.WakeUpResponse\x12n\n\rGetServerInfo\x12-.fabric.v1.RolloutServiceGetServerInfoRequest\x1a..fabric.v1.RolloutServiceGetServerInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fabric.v1.rollout_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2354
-  _globals['_FINISHREASON']._serialized_end=2474
-  _globals['_SLEEPSTATE']._serialized_start=2476
-  _globals['_SLEEPSTATE']._serialized_end=2594
+  _globals['_WEIGHTTRANSPORTOFFER_PARAMSENTRY']._loaded_options = None
+  _globals['_WEIGHTTRANSPORTOFFER_PARAMSENTRY']._serialized_options = b'8\001'
+  _globals['_FINISHREASON']._serialized_start=2997
+  _globals['_FINISHREASON']._serialized_end=3117
+  _globals['_SLEEPSTATE']._serialized_start=3119
+  _globals['_SLEEPSTATE']._serialized_end=3237
   _globals['_SAMPLINGPARAMS']._serialized_start=88
   _globals['_SAMPLINGPARAMS']._serialized_end=486
   _globals['_GENERATEREQUEST']._serialized_start=489
@@ -50,27 +52,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPDATEWEIGHTSREQUEST']._serialized_start=980
   _globals['_UPDATEWEIGHTSREQUEST']._serialized_end=1089
   _globals['_UPDATEWEIGHTSHEADER']._serialized_start=1092
-  _globals['_UPDATEWEIGHTSHEADER']._serialized_end=1228
-  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_start=1230
-  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_end=1301
-  _globals['_WEIGHTUPDATERESULT']._serialized_start=1304
-  _globals['_WEIGHTUPDATERESULT']._serialized_end=1508
-  _globals['_GETWEIGHTSSTATUSREQUEST']._serialized_start=1510
-  _globals['_GETWEIGHTSSTATUSREQUEST']._serialized_end=1535
-  _globals['_GETWEIGHTSSTATUSRESPONSE']._serialized_start=1538
-  _globals['_GETWEIGHTSSTATUSRESPONSE']._serialized_end=1768
-  _globals['_SLEEPREQUEST']._serialized_start=1770
-  _globals['_SLEEPREQUEST']._serialized_end=1799
-  _globals['_SLEEPRESPONSE']._serialized_start=1801
-  _globals['_SLEEPRESPONSE']._serialized_end=1869
-  _globals['_WAKEUPREQUEST']._serialized_start=1871
-  _globals['_WAKEUPREQUEST']._serialized_end=1900
-  _globals['_WAKEUPRESPONSE']._serialized_start=1902
-  _globals['_WAKEUPRESPONSE']._serialized_end=1956
-  _globals['_ROLLOUTSERVICEGETSERVERINFOREQUEST']._serialized_start=1958
-  _globals['_ROLLOUTSERVICEGETSERVERINFOREQUEST']._serialized_end=1994
-  _globals['_ROLLOUTSERVICEGETSERVERINFORESPONSE']._serialized_start=1997
-  _globals['_ROLLOUTSERVICEGETSERVERINFORESPONSE']._serialized_end=2352
-  _globals['_ROLLOUTSERVICE']._serialized_start=2597
-  _globals['_ROLLOUTSERVICE']._serialized_end=3160
+  _globals['_UPDATEWEIGHTSHEADER']._serialized_end=1336
+  _globals['_IPCHANDLES']._serialized_start=1338
+  _globals['_IPCHANDLES']._serialized_end=1385
+  _globals['_COLLECTIVERENDEZVOUS']._serialized_start=1388
+  _globals['_COLLECTIVERENDEZVOUS']._serialized_end=1543
+  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_start=1545
+  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_end=1616
+  _globals['_WEIGHTUPDATERESULT']._serialized_start=1619
+  _globals['_WEIGHTUPDATERESULT']._serialized_end=1868
+  _globals['_GETWEIGHTSSTATUSREQUEST']._serialized_start=1870
+  _globals['_GETWEIGHTSSTATUSREQUEST']._serialized_end=1895
+  _globals['_GETWEIGHTSSTATUSRESPONSE']._serialized_start=1898
+  _globals['_GETWEIGHTSSTATUSRESPONSE']._serialized_end=2181
+  _globals['_WEIGHTTRANSPORTOFFER']._serialized_start=2184
+  _globals['_WEIGHTTRANSPORTOFFER']._serialized_end=2342
+  _globals['_WEIGHTTRANSPORTOFFER_PARAMSENTRY']._serialized_start=2297
+  _globals['_WEIGHTTRANSPORTOFFER_PARAMSENTRY']._serialized_end=2342
+  _globals['_SLEEPREQUEST']._serialized_start=2344
+  _globals['_SLEEPREQUEST']._serialized_end=2373
+  _globals['_SLEEPRESPONSE']._serialized_start=2375
+  _globals['_SLEEPRESPONSE']._serialized_end=2443
+  _globals['_WAKEUPREQUEST']._serialized_start=2445
+  _globals['_WAKEUPREQUEST']._serialized_end=2474
+  _globals['_WAKEUPRESPONSE']._serialized_start=2476
+  _globals['_WAKEUPRESPONSE']._serialized_end=2530
+  _globals['_ROLLOUTSERVICEGETSERVERINFOREQUEST']._serialized_start=2532
+  _globals['_ROLLOUTSERVICEGETSERVERINFOREQUEST']._serialized_end=2568
+  _globals['_ROLLOUTSERVICEGETSERVERINFORESPONSE']._serialized_start=2571
+  _globals['_ROLLOUTSERVICEGETSERVERINFORESPONSE']._serialized_end=2995
+  _globals['_ROLLOUTSERVICE']._serialized_start=3240
+  _globals['_ROLLOUTSERVICE']._serialized_end=3803
 # @@protoc_insertion_point(module_scope)

@@ -114,16 +114,48 @@ class UpdateWeightsRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[UpdateWeightsHeader, _Mapping]] = ..., chunk: _Optional[_Union[_weights_pb2.WeightChunk, _Mapping]] = ...) -> None: ...
 
 class UpdateWeightsHeader(_message.Message):
-    __slots__ = ("weight_version", "manifest", "relay_targets", "chunk_indices")
+    __slots__ = ("weight_version", "manifest", "relay_targets", "chunk_indices", "transport", "collective", "ipc")
     WEIGHT_VERSION_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     RELAY_TARGETS_FIELD_NUMBER: _ClassVar[int]
     CHUNK_INDICES_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    COLLECTIVE_FIELD_NUMBER: _ClassVar[int]
+    IPC_FIELD_NUMBER: _ClassVar[int]
     weight_version: int
     manifest: _weights_pb2.WeightManifest
     relay_targets: _containers.RepeatedScalarFieldContainer[str]
     chunk_indices: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, weight_version: _Optional[int] = ..., manifest: _Optional[_Union[_weights_pb2.WeightManifest, _Mapping]] = ..., relay_targets: _Optional[_Iterable[str]] = ..., chunk_indices: _Optional[_Iterable[int]] = ...) -> None: ...
+    transport: str
+    collective: CollectiveRendezvous
+    ipc: IpcHandles
+    def __init__(self, weight_version: _Optional[int] = ..., manifest: _Optional[_Union[_weights_pb2.WeightManifest, _Mapping]] = ..., relay_targets: _Optional[_Iterable[str]] = ..., chunk_indices: _Optional[_Iterable[int]] = ..., transport: _Optional[str] = ..., collective: _Optional[_Union[CollectiveRendezvous, _Mapping]] = ..., ipc: _Optional[_Union[IpcHandles, _Mapping]] = ...) -> None: ...
+
+class IpcHandles(_message.Message):
+    __slots__ = ("gpu_uuid", "tensors")
+    GPU_UUID_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    gpu_uuid: str
+    tensors: bytes
+    def __init__(self, gpu_uuid: _Optional[str] = ..., tensors: _Optional[bytes] = ...) -> None: ...
+
+class CollectiveRendezvous(_message.Message):
+    __slots__ = ("backend", "store_address", "world_size", "rank", "bucket_bytes", "timeout_s", "group_id")
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    STORE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    BUCKET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    backend: str
+    store_address: str
+    world_size: int
+    rank: int
+    bucket_bytes: int
+    timeout_s: float
+    group_id: str
+    def __init__(self, backend: _Optional[str] = ..., store_address: _Optional[str] = ..., world_size: _Optional[int] = ..., rank: _Optional[int] = ..., bucket_bytes: _Optional[int] = ..., timeout_s: _Optional[float] = ..., group_id: _Optional[str] = ...) -> None: ...
 
 class UpdateWeightsResponse(_message.Message):
     __slots__ = ("results",)
@@ -132,7 +164,7 @@ class UpdateWeightsResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[WeightUpdateResult, _Mapping]]] = ...) -> None: ...
 
 class WeightUpdateResult(_message.Message):
-    __slots__ = ("server", "weight_version", "committed", "already_committed", "bytes_received", "seconds", "commit_seconds", "error")
+    __slots__ = ("server", "weight_version", "committed", "already_committed", "bytes_received", "seconds", "commit_seconds", "error", "transport", "transport_reason")
     SERVER_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_VERSION_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +173,8 @@ class WeightUpdateResult(_message.Message):
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     COMMIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_REASON_FIELD_NUMBER: _ClassVar[int]
     server: str
     weight_version: int
     committed: bool
@@ -149,14 +183,16 @@ class WeightUpdateResult(_message.Message):
     seconds: float
     commit_seconds: float
     error: _common_pb2.Error
-    def __init__(self, server: _Optional[str] = ..., weight_version: _Optional[int] = ..., committed: _Optional[bool] = ..., already_committed: _Optional[bool] = ..., bytes_received: _Optional[int] = ..., seconds: _Optional[float] = ..., commit_seconds: _Optional[float] = ..., error: _Optional[_Union[_common_pb2.Error, _Mapping]] = ...) -> None: ...
+    transport: str
+    transport_reason: str
+    def __init__(self, server: _Optional[str] = ..., weight_version: _Optional[int] = ..., committed: _Optional[bool] = ..., already_committed: _Optional[bool] = ..., bytes_received: _Optional[int] = ..., seconds: _Optional[float] = ..., commit_seconds: _Optional[float] = ..., error: _Optional[_Union[_common_pb2.Error, _Mapping]] = ..., transport: _Optional[str] = ..., transport_reason: _Optional[str] = ...) -> None: ...
 
 class GetWeightsStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class GetWeightsStatusResponse(_message.Message):
-    __slots__ = ("serving_version", "staged_version", "staged_manifest_digest", "staged_chunk_indices", "total_chunks", "tcp_data_port", "serving_manifest_digest", "dtype")
+    __slots__ = ("serving_version", "staged_version", "staged_manifest_digest", "staged_chunk_indices", "total_chunks", "tcp_data_port", "serving_manifest_digest", "dtype", "transports")
     SERVING_VERSION_FIELD_NUMBER: _ClassVar[int]
     STAGED_VERSION_FIELD_NUMBER: _ClassVar[int]
     STAGED_MANIFEST_DIGEST_FIELD_NUMBER: _ClassVar[int]
@@ -165,6 +201,7 @@ class GetWeightsStatusResponse(_message.Message):
     TCP_DATA_PORT_FIELD_NUMBER: _ClassVar[int]
     SERVING_MANIFEST_DIGEST_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORTS_FIELD_NUMBER: _ClassVar[int]
     serving_version: int
     staged_version: int
     staged_manifest_digest: str
@@ -173,7 +210,25 @@ class GetWeightsStatusResponse(_message.Message):
     tcp_data_port: int
     serving_manifest_digest: str
     dtype: str
-    def __init__(self, serving_version: _Optional[int] = ..., staged_version: _Optional[int] = ..., staged_manifest_digest: _Optional[str] = ..., staged_chunk_indices: _Optional[_Iterable[int]] = ..., total_chunks: _Optional[int] = ..., tcp_data_port: _Optional[int] = ..., serving_manifest_digest: _Optional[str] = ..., dtype: _Optional[str] = ...) -> None: ...
+    transports: _containers.RepeatedCompositeFieldContainer[WeightTransportOffer]
+    def __init__(self, serving_version: _Optional[int] = ..., staged_version: _Optional[int] = ..., staged_manifest_digest: _Optional[str] = ..., staged_chunk_indices: _Optional[_Iterable[int]] = ..., total_chunks: _Optional[int] = ..., tcp_data_port: _Optional[int] = ..., serving_manifest_digest: _Optional[str] = ..., dtype: _Optional[str] = ..., transports: _Optional[_Iterable[_Union[WeightTransportOffer, _Mapping]]] = ...) -> None: ...
+
+class WeightTransportOffer(_message.Message):
+    __slots__ = ("name", "port", "params")
+    class ParamsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    port: int
+    params: _containers.ScalarMap[str, str]
+    def __init__(self, name: _Optional[str] = ..., port: _Optional[int] = ..., params: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class SleepRequest(_message.Message):
     __slots__ = ("level",)
@@ -206,7 +261,7 @@ class RolloutServiceGetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class RolloutServiceGetServerInfoResponse(_message.Message):
-    __slots__ = ("model", "engine_config_json", "weight_version", "queue_depth", "running_requests", "sleep_state", "sleep_level", "max_model_len", "vocab_size", "infer_batch_size", "generating_args_json", "server", "engine_version")
+    __slots__ = ("model", "engine_config_json", "weight_version", "queue_depth", "running_requests", "sleep_state", "sleep_level", "max_model_len", "vocab_size", "infer_batch_size", "generating_args_json", "server", "engine_version", "device_memory_free_bytes", "device_memory_total_bytes")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ENGINE_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -220,6 +275,8 @@ class RolloutServiceGetServerInfoResponse(_message.Message):
     GENERATING_ARGS_JSON_FIELD_NUMBER: _ClassVar[int]
     SERVER_FIELD_NUMBER: _ClassVar[int]
     ENGINE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_MEMORY_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_MEMORY_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     model: str
     engine_config_json: str
     weight_version: int
@@ -233,4 +290,6 @@ class RolloutServiceGetServerInfoResponse(_message.Message):
     generating_args_json: str
     server: str
     engine_version: str
-    def __init__(self, model: _Optional[str] = ..., engine_config_json: _Optional[str] = ..., weight_version: _Optional[int] = ..., queue_depth: _Optional[int] = ..., running_requests: _Optional[int] = ..., sleep_state: _Optional[_Union[SleepState, str]] = ..., sleep_level: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., infer_batch_size: _Optional[int] = ..., generating_args_json: _Optional[str] = ..., server: _Optional[str] = ..., engine_version: _Optional[str] = ...) -> None: ...
+    device_memory_free_bytes: int
+    device_memory_total_bytes: int
+    def __init__(self, model: _Optional[str] = ..., engine_config_json: _Optional[str] = ..., weight_version: _Optional[int] = ..., queue_depth: _Optional[int] = ..., running_requests: _Optional[int] = ..., sleep_state: _Optional[_Union[SleepState, str]] = ..., sleep_level: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., infer_batch_size: _Optional[int] = ..., generating_args_json: _Optional[str] = ..., server: _Optional[str] = ..., engine_version: _Optional[str] = ..., device_memory_free_bytes: _Optional[int] = ..., device_memory_total_bytes: _Optional[int] = ...) -> None: ...

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 import crc32c as _crc32c
 import torch
 
-from fabric.errors import invalid
+from fabric.errors import did_you_mean, invalid
 from fabric.v1 import weights_pb2
 
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
@@ -93,7 +93,7 @@ def check_manifest(
             raise invalid(field, f"tensor {spec.name!r} appears twice", "DUPLICATE_TENSOR")
         seen.add(spec.name)
         if spec.name not in expected:
-            near = _closest(spec.name, expected)
+            near = did_you_mean(spec.name, expected)
             raise invalid(
                 field, f"tensor {spec.name!r} is not a parameter of the serving model{near}", "UNKNOWN_TENSOR"
             )
@@ -146,13 +146,6 @@ def check_manifest(
     for spec, n in zip(manifest.tensors, covered, strict=True):
         if n != spec.nbytes:
             raise invalid("header.manifest.chunks", f"chunks cover {n} of the {spec.nbytes} bytes of {spec.name!r}")
-
-
-def _closest(name: str, expected: Iterable[str]) -> str:
-    import difflib
-
-    match = difflib.get_close_matches(name, list(expected), n=1)
-    return f" (did you mean {match[0]!r}?)" if match else ""
 
 
 def expected_from_hf_config(hf_config, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

@@ -23,6 +23,7 @@ async def _push(args) -> int:
     dtype = serving_dtype([s for s in found if not isinstance(s, BaseException)])  # the unreachable get a row below
     with console.status(f"loading {args.checkpoint}"):
         source = WeightSource.from_hf_checkpoint(args.checkpoint, int(args.chunk_mib * 1024 * 1024), dtype)
+        source = _on_gpu_for(args.transport, source)
     with console.status(f"pushing {source.total_bytes / 1e6:.1f} MB to {len(args.target)} server(s)"):
         report = await push_weights(
             source,
@@ -32,7 +33,7 @@ async def _push(args) -> int:
             transport=args.transport,
         )
     table = Table(title=f"weight version {report.version}: {report.mode} over {report.transport}")
-    for column in ("server", "committed", "received MB", "seconds", "commit s", "error"):
+    for column in ("server", "committed", "received MB", "seconds", "commit s", "transport", "error"):
         table.add_column(column)
     for r in report.results:
         table.add_row(
@@ -41,6 +42,7 @@ async def _push(args) -> int:
             f"{r.bytes_received / 1e6:.1f}",
             f"{r.seconds:.2f}",
             f"{r.commit_seconds:.3f}",
+            f"{r.transport} ({r.transport_reason})" if r.transport_reason else r.transport,
             r.error.message,
         )
     console.print(table)
@@ -53,6 +55,16 @@ async def _push(args) -> int:
     ]
     print(f"results={json.dumps(per_server)}")  # for scripts: per server, receive + commit and commit alone
     return 0 if report.ok else 1
+
+
+def _on_gpu_for(transport: str, source: WeightSource) -> WeightSource:
+    """The GPU paths send from GPU memory (as a trainer does): the checkpoint goes to this host's GPU first."""
+    import torch
+
+    if transport not in ("nccl", "ipc") or not torch.cuda.is_available():
+        return source  # the sender then falls back to a host path and says why
+    named = ((n, t.to("cuda")) for n, t in zip(source.names, source.tensors, strict=True))
+    return WeightSource(named, source.manifest.chunks[0].length if source.manifest.chunks else 4 << 20)
 
 
 def cli_main(args) -> int:

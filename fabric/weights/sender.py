@@ -5,18 +5,22 @@
 - relay (default for 2+ targets): one stream to the first server, which forwards every chunk to the next as it
   arrives, so the sender's egress is one copy of the model whatever the number of servers;
 - direct: one stream per server, in parallel (egress N copies).
-Transport: the gRPC UpdateWeights stream, or the raw-TCP data plane the servers advertise (same framing and checks,
-fewer copies; `auto` takes it when every target has one). Before sending, every target's GetWeightsStatus is read:
-servers already serving the version are skipped, and a partial version staged from a broken stream is resumed by
-sending only its missing chunks.
+Transport (fabric.weights.transports): every target's GetWeightsStatus says which paths it offers; each target gets
+the requested one if both ends can use it, else the best both can (`auto`: the best), and its result says which
+and why. Targets are grouped by path: a chain or direct streams for host paths (gRPC, raw TCP), one group for a
+collective. The status also says what each target has: servers already serving the version are skipped, and a
+partial version staged from a broken stream is resumed by sending only its missing chunks.
+
+Tensors stay where they live. A host path reads CPU tensors in place and stages GPU tensors through two reused
+pinned buffers, copying the next batch while the current one is sent; a GPU path takes them as they are.
 """
 
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
-from collections.abc import Iterable
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,14 +31,15 @@ from fabric import security
 from fabric.errors import FabricError
 from fabric.v1 import rollout_pb2, rollout_pb2_grpc, weights_pb2
 from fabric.weights import manifest as mf
-from fabric.weights import tcp
+from fabric.weights import transports
 from fabric.weights.staging import DTYPES_BY_NAME
 
 DEFAULT_TIMEOUT_S = 600.0
+HOST_STAGE_BYTES = 64 * 1024 * 1024  # one of the two pinned buffers a GPU tensor is staged through
 
 
 class WeightSource:
-    """Tensors of one version, laid out as a manifest; chunk i is a zero-copy view of its tensor's bytes."""
+    """Tensors of one version, laid out as a manifest, kept on the device they live on (cast to `dtype`)."""
 
     def __init__(
         self,
@@ -49,27 +54,123 @@ class WeightSource:
             if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
                 tensor = tensor.to(dtype)
             self.names.append(name)
-            self.tensors.append(tensor.cpu().contiguous())
+            self.tensors.append(tensor.contiguous())
         self.manifest = mf.build_manifest(
             ((n, t.dtype, tuple(t.shape)) for n, t in zip(self.names, self.tensors, strict=True)), chunk_bytes
         )
         self.digest = mf.digest(self.manifest)
-        self._bytes = [t.view(torch.uint8).reshape(-1).numpy() if t.numel() else None for t in self.tensors]
         self._crcs: list[int | None] = [None] * len(self.manifest.chunks)
+        self._pinned: list[torch.Tensor] = []  # staging buffers, reused across pushes and streams
 
     @property
     def total_bytes(self) -> int:
         return self.manifest.total_bytes
 
+    @property
+    def device(self) -> torch.device:
+        return self.tensors[0].device if self.tensors else torch.device("cpu")
+
+    def _raw(self, tensor_index: int) -> torch.Tensor:
+        tensor = self.tensors[tensor_index]
+        return tensor.view(torch.uint8).reshape(-1) if tensor.numel() else torch.empty(0, dtype=torch.uint8)
+
+    def host_chunks(
+        self, indices: Iterable[int], stage_bytes: int = HOST_STAGE_BYTES
+    ) -> Iterator[tuple[int, memoryview]]:
+        """(chunk index, its bytes in host memory) in order. A CPU tensor's chunk is a view of the tensor itself;
+        other chunks are copied in batches of up to `stage_bytes` into one of two reused (pinned, with CUDA)
+        buffers, the next batch copying while the caller sends the current one. A view is valid until the caller
+        asks for the chunk after the next batch; the crc32c of each chunk is computed once, when first seen."""
+        chunks = self.manifest.chunks
+        stage_bytes = max(stage_bytes, max((c.length for c in chunks), default=0))
+        batch: list[int] = []
+        size = 0
+        pending = None  # (batch, buffer, event): copied or copying
+        buffers = self._take_buffers(stage_bytes)
+        try:
+            for i in indices:
+                spec = chunks[i]
+                raw = self._raw(spec.tensor_index)
+                if not self._off_host(raw):
+                    if pending is not None:
+                        yield from self._drain(*pending)
+                        pending = None
+                    yield i, self._checked(i, memoryview(raw[spec.offset : spec.offset + spec.length].numpy()))
+                    continue
+                if size + spec.length > stage_bytes and batch:
+                    copying = self._copy(batch, buffers[0])
+                    if pending is not None:
+                        yield from self._drain(*pending)
+                    pending, batch, size = copying, [], 0
+                    buffers.reverse()
+                batch.append(i)
+                size += spec.length
+            if batch:
+                copying = self._copy(batch, buffers[0])
+                if pending is not None:
+                    yield from self._drain(*pending)
+                pending = copying
+            if pending is not None:
+                yield from self._drain(*pending)
+        finally:
+            self._pinned.extend(buffers)
+
+    @staticmethod
+    def _off_host(tensor: torch.Tensor) -> bool:
+        return tensor.device.type != "cpu"
+
+    def _take_buffers(self, stage_bytes: int) -> list[torch.Tensor]:
+        if not any(self._off_host(t) for t in self.tensors):
+            return []
+        self._pinned = [b for b in self._pinned if b.numel() >= stage_bytes]
+        while len(self._pinned) < 2:
+            self._pinned.append(torch.empty(stage_bytes, dtype=torch.uint8, pin_memory=torch.cuda.is_available()))
+        return [self._pinned.pop(), self._pinned.pop()]
+
+    def _copy(self, batch: list[int], buffer: torch.Tensor):
+        """Starts copying the batch's chunks into `buffer` (asynchronously from a GPU, into pinned memory)."""
+        cursor = 0
+        for i in batch:
+            spec = self.manifest.chunks[i]
+            src = self._raw(spec.tensor_index)[spec.offset : spec.offset + spec.length]
+            buffer[cursor : cursor + spec.length].copy_(src, non_blocking=True)
+            cursor += spec.length
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        return batch, buffer, event
+
+    def _drain(self, batch: list[int], buffer: torch.Tensor, event) -> Iterator[tuple[int, memoryview]]:
+        if event is not None:
+            event.synchronize()
+        host = buffer.numpy()
+        cursor = 0
+        for i in batch:
+            length = self.manifest.chunks[i].length
+            yield i, self._checked(i, memoryview(host[cursor : cursor + length]))
+            cursor += length
+
+    def _checked(self, index: int, view: memoryview) -> memoryview:
+        if self._crcs[index] is None:
+            self._crcs[index] = mf.crc32c(view)
+        return view
+
     def chunk_view(self, index: int) -> memoryview:
-        spec = self.manifest.chunks[index]
-        raw = self._bytes[spec.tensor_index]
-        return memoryview(raw[spec.offset : spec.offset + spec.length]) if raw is not None else memoryview(b"")
+        """One chunk's bytes in host memory: a view of a CPU tensor, a copy of any other."""
+        chunks = self.host_chunks([index])
+        _, view = next(chunks)
+        if self._off_host(self.tensors[self.manifest.chunks[index].tensor_index]):
+            view = memoryview(bytes(view))  # the staging buffer is reused
+        chunks.close()
+        return view
 
     def chunk_meta(self, index: int) -> weights_pb2.WeightChunk:
+        """The chunk's header; its crc32c is known once host_chunks has yielded it."""
         spec = self.manifest.chunks[index]
         if self._crcs[index] is None:
-            self._crcs[index] = mf.crc32c(self.chunk_view(index))
+            for _ in self.host_chunks([index]):
+                pass
         return weights_pb2.WeightChunk(
             chunk_index=index, tensor_index=spec.tensor_index, offset=spec.offset, crc32c=self._crcs[index]
         )
@@ -207,116 +308,98 @@ async def push_weights(
         raise ValueError("no targets")
     if mode not in (None, "relay", "direct"):
         raise ValueError(f"mode must be relay or direct, got {mode!r}")
+    if transport not in transports.CHOICES:
+        raise ValueError(f"transport must be one of {', '.join(transports.CHOICES)}, got {transport!r}")
     found = await asyncio.gather(*(_status_or_error(t) for t in targets))
     if version is None:
         version = max((s.serving_version for s in found if not isinstance(s, Exception)), default=0) + 1
     report = PushReport(version, "", "", list(targets))
     pending = _triage(targets, found, version, report, already_committed=True)
-    if transport == "auto":
-        transport = "tcp" if pending and all(s.tcp_data_port for _, s in pending) else "grpc"
-    report.transport = transport
+    groups: dict[str, list[tuple[str, rollout_pb2.GetWeightsStatusResponse]]] = defaultdict(list)
+    reasons: dict[str, str] = {}
+    for target, status in pending:
+        choice = transports.choose(transport, status, source)
+        groups[choice.name].append((target, status))
+        reasons[target] = choice.reason
+    report.transport = "+".join(sorted(groups)) or transport
     report.mode = mode = mode or ("relay" if len(pending) >= 2 else "direct")
     if not pending:
         return report
     start = time.perf_counter()
-    if mode == "relay":
-        await _relay(source, version, pending, transport, timeout, report)
-    else:
-
-        async def direct(target, status):
-            chunks = needed_chunks(source, version, [status])
-            try:
-                return await _send_parallel(
-                    source, version, target, chunks, status, transport, timeout, report, streams
-                )
-            except (grpc.aio.AioRpcError, OSError) as exc:
-                return [_failure(target, version, exc, "PUSH_FAILED")]
-
-        for results in await asyncio.gather(*(direct(t, s) for t, s in pending)):
-            report.results.extend(results)
+    sends = [
+        _send_group(name, group, source, version, mode, streams, timeout, report) for name, group in groups.items()
+    ]
+    for name, results in zip(groups, await asyncio.gather(*sends), strict=True):
+        for result in results:
+            result.transport = result.transport or name
+            result.transport_reason = result.transport_reason or reasons.get(result.server, "")
+        report.results.extend(results)
     report.seconds = time.perf_counter() - start
     return report
 
 
-async def _relay(source, version, pending, transport, timeout, report) -> None:
+async def _send_group(name, group, source, version, mode, streams, timeout, report) -> list:
+    """The targets that take one path: a collective sends to all at once; a host path relays down a chain or
+    sends to each directly."""
+    module = transports.sender(name)
+    if hasattr(module, "send_group"):
+        return await module.send_group(source, version, group, timeout, report)
+    if mode == "relay" and len(group) > 1:
+        return await _relay(module, source, version, group, timeout, report)
+
+    async def direct(target, status):
+        chunks = needed_chunks(source, version, [status])
+        try:
+            return await _send_parallel(module, source, version, target, chunks, status, timeout, report, streams)
+        except (grpc.aio.AioRpcError, OSError) as exc:
+            return [_failure(target, version, exc, "PUSH_FAILED")]
+
+    return [r for results in await asyncio.gather(*(direct(t, s) for t, s in group)) for r in results]
+
+
+def _job(source, version, target, relay_targets, chunks, status, name, timeout, report) -> transports.SendJob:
+    offer = transports.offers_of(status)[name]
+    return transports.SendJob(source, version, target, relay_targets, chunks, offer, timeout, report)
+
+
+async def _relay(module, source, version, pending, timeout, report) -> list:
     """One stream down the chain of pending servers. When the head itself fails (dead, unreachable) the rest of the
     chain is asked again where it stands and the next server becomes the head; chunks already staged there are not
     sent again."""
+    results: list = []
     while pending:
         chunks = needed_chunks(source, version, [s for _, s in pending])
         names = [t for t, _ in pending]
+        job = _job(source, version, names[0], names[1:], chunks, pending[0][1], module.NAME, timeout, report)
         try:
-            report.results.extend(
-                await _send(source, version, names[0], names[1:], chunks, pending[0][1], transport, timeout, report)
-            )
-            return
+            return results + await module.send(job)
         except (grpc.aio.AioRpcError, OSError) as exc:
-            report.results.append(_failure(names[0], version, exc, "PUSH_FAILED"))
+            results.append(_failure(names[0], version, exc, "PUSH_FAILED"))
             if not _is_transient(exc):  # the head refused the update itself: the next one would refuse it too
-                report.results.extend(_failure(t, version, exc, "NOT_SENT") for t in names[1:])
-                return
+                return results + [_failure(t, version, exc, "NOT_SENT") for t in names[1:]]
         rest = names[1:]
         found = await asyncio.gather(*(_status_or_error(t) for t in rest))
-        pending = _triage(rest, found, version, report, already_committed=False)  # committed: before the break
+        skipped = PushReport(version, "", "", rest)
+        pending = _triage(rest, found, version, skipped, already_committed=False)  # committed: before the break
+        results.extend(skipped.results)
+    return results
 
 
-async def _send_parallel(source, version, target, chunks, status, transport, timeout, report, streams):
+async def _send_parallel(module, source, version, target, chunks, status, timeout, report, streams):
     """Several streams to one target, each a share of the chunks; the last to finish commits on the server."""
     indices = chunks if chunks is not None else list(range(len(source.manifest.chunks)))
     if streams <= 1 or len(indices) < 2:
-        return await _send(source, version, target, [], chunks, status, transport, timeout, report)
+        return await module.send(_job(source, version, target, [], chunks, status, module.NAME, timeout, report))
     shares = [indices[i::streams] for i in range(streams)]
     results = await asyncio.gather(
-        *(_send(source, version, target, [], share, status, transport, timeout, report) for share in shares if share)
+        *(
+            module.send(_job(source, version, target, [], share, status, module.NAME, timeout, report))
+            for share in shares
+            if share
+        )
     )
     committed = [r for rs in results for r in rs if r.committed]
     return [committed[0] if committed else results[0][0]]
-
-
-def _header(source, version, relay_targets, chunks) -> rollout_pb2.UpdateWeightsHeader:
-    return rollout_pb2.UpdateWeightsHeader(
-        weight_version=version, manifest=source.manifest, relay_targets=relay_targets, chunk_indices=chunks or []
-    )
-
-
-async def _send(source, version, target, relay_targets, chunks, status, transport, timeout, report):
-    indices = chunks if chunks is not None else range(len(source.manifest.chunks))
-    header = _header(source, version, relay_targets, chunks)
-    if transport == "tcp":
-        return await asyncio.to_thread(
-            _send_tcp, source, header, target, status.tcp_data_port, indices, timeout, report
-        )
-
-    async def requests():
-        yield rollout_pb2.UpdateWeightsRequest(header=header)
-        for i in indices:
-            chunk = source.chunk_meta(i)
-            chunk.data = source.chunk_view(i).tobytes()
-            report.bytes_sent += len(chunk.data)
-            yield rollout_pb2.UpdateWeightsRequest(chunk=chunk)
-
-    async with security.channel(target) as channel:
-        response = await rollout_pb2_grpc.RolloutServiceStub(channel).UpdateWeights(requests(), timeout=timeout)
-    return list(response.results)
-
-
-def _send_tcp(source, header, target, port, indices, timeout, report):
-    host = target.rsplit(":", 1)[0].strip("[]")
-    with socket.create_connection((host, port), timeout=timeout) as sock:
-        tcp.tune(sock)
-        sock.sendall(tcp.MAGIC)
-        tcp.send_frame(sock, (security.current().token or "").encode())
-        try:
-            tcp.send_frame(sock, rollout_pb2.UpdateWeightsRequest(header=header).SerializeToString())
-            for i in indices:
-                view = source.chunk_view(i)
-                tcp.send_frame(sock, source.chunk_meta(i).SerializeToString())
-                sock.sendall(view)
-                report.bytes_sent += len(view)
-            tcp.send_frame(sock, b"")
-        except OSError:
-            pass  # the server refused mid-stream (bad header or chunk): its answer is waiting to be read
-        return list(rollout_pb2.UpdateWeightsResponse.FromString(tcp.recv_frame(sock)).results)
 
 
 def serving_dtype(statuses: list[rollout_pb2.GetWeightsStatusResponse]) -> torch.dtype | None:

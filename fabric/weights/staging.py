@@ -16,22 +16,11 @@ from pathlib import Path
 
 import torch
 
+from fabric.weights.manifest import TORCH_TO_PROTO
+
 ALIGN = 64  # tensor start alignment inside the file: views stay aligned for every dtype
 
-DTYPE_NAMES: dict[torch.dtype, str] = {
-    torch.float32: "float32",
-    torch.float16: "float16",
-    torch.bfloat16: "bfloat16",
-    torch.float64: "float64",
-    torch.int64: "int64",
-    torch.int32: "int32",
-    torch.int16: "int16",
-    torch.int8: "int8",
-    torch.uint8: "uint8",
-    torch.bool: "bool",
-    torch.float8_e4m3fn: "float8_e4m3fn",
-    torch.float8_e5m2: "float8_e5m2",
-}
+DTYPE_NAMES: dict[torch.dtype, str] = {dtype: str(dtype).removeprefix("torch.") for dtype in TORCH_TO_PROTO}
 DTYPES_BY_NAME = {v: k for k, v in DTYPE_NAMES.items()}
 
 

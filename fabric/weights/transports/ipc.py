@@ -1,0 +1,249 @@
+"""CUDA IPC: a trainer and a rollout server on the same GPU hand a version over by memory handle, no copy through
+the host. Also the helpers every GPU path shares: a version staged in GPU memory (`DeviceStaging`, filled by NCCL or
+IPC in the rollout server's process) reaches the vLLM worker by CUDA IPC handle (`share` / `open_shared`).
+
+    sender      packs nothing: it shares each tensor's CUDA memory (torch's IPC reductions) in the UpdateWeights
+                header (`ipc`), keeps the stream open until the server answers, so the memory stays valid
+    receiver    opens the handles, copies the tensors into its device staging buffer (the layout of
+                fabric.weights.staging, so a commit names it like a staging file), marks every chunk and lets the
+                version store commit as usual: the whole version is staged before vLLM loads it, a failure leaves
+                the previous one serving, and the serving version's buffer stays for a rollback
+    offer       params host_id (boot id) and gpu_uuid: a sender uses it only from a tensor on that very GPU
+
+Handles travel as a pickle of plain values only (tuples, ints, bytes, strings): the unpickler refuses every global,
+so a header cannot make the server run code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import pickle
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from fabric.errors import FabricError, invalid
+from fabric.v1 import rollout_pb2
+from fabric.weights.staging import DTYPE_NAMES, DTYPES_BY_NAME, layout
+
+log = logging.getLogger(__name__)
+
+NAME = "ipc"
+
+
+# ---- plain-value CUDA IPC handles ------------------------------------------------------------------------------
+
+
+def host_id() -> str:
+    """Identifies this machine's boot: CUDA IPC works only between processes of one host."""
+    for path in ("/proc/sys/kernel/random/boot_id", "/etc/machine-id"):
+        try:
+            return Path(path).read_text().strip()
+        except OSError:
+            continue
+    return ""
+
+
+def gpu_uuid(device) -> str:
+    return str(torch.cuda.get_device_properties(torch.device(device)).uuid)
+
+
+def share(tensor: torch.Tensor) -> dict:
+    """A CUDA tensor's IPC handle as plain values ({gpu uuid: rebuild args}), for another process on that GPU."""
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    _, args = reduce_tensor(tensor)
+    (_, size, stride, offset, storage_cls, dtype, _device, *rest) = args
+    plain = (tuple(size), tuple(stride), int(offset), storage_cls.__name__, DTYPE_NAMES[dtype], *rest)
+    return {gpu_uuid(tensor.device): plain}
+
+
+def open_shared(shared: dict, device=None) -> torch.Tensor:
+    """The tensor another process shared with `share`, mapped on this process's device for that GPU."""
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+    device = torch.device(device if device is not None else "cuda")
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    uuid = gpu_uuid(device)
+    if uuid not in shared:
+        raise ValueError(f"IPC handle is for GPU {list(shared)}, this process's device {device} is {uuid}")
+    size, stride, offset, storage_name, dtype_name, *rest = shared[uuid]
+    storage_cls = {"TypedStorage": torch.storage.TypedStorage, "UntypedStorage": torch.UntypedStorage}[storage_name]
+    return rebuild_cuda_tensor(
+        torch.Tensor, torch.Size(size), stride, offset, storage_cls, DTYPES_BY_NAME[dtype_name], device.index, *rest
+    )
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"global {module}.{name} refused: IPC handles are plain values only")
+
+
+def dumps(value) -> bytes:
+    return pickle.dumps(value, protocol=4)
+
+
+def loads(data: bytes):
+    return _PlainUnpickler(io.BytesIO(data)).load()
+
+
+# ---- a version staged in GPU memory ----------------------------------------------------------------------------
+
+
+class DeviceStaging:
+    """Flat GPU buffers (staging layout) by version, in the rollout server's process: the one being received and
+    the serving one (kept for a rollback). `release()` frees them (sleep)."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self._lock = threading.Lock()
+        self._buffers: dict[int, tuple[list, torch.Tensor]] = {}  # version -> (tensors spec, flat buffer)
+        self._serving: int | None = None
+        self._spare: torch.Tensor | None = None
+
+    def allocate(self, version: int, specs) -> torch.Tensor:
+        slots, size = layout(specs)
+        tensors = [[s.name, DTYPE_NAMES[s.dtype], list(s.shape), s.offset] for s in slots]
+        with self._lock:
+            old = self._buffers.pop(version, None)
+            spare = old[1] if old is not None else self._spare
+            if spare is not None and spare.numel() == size:
+                flat = spare
+                if spare is self._spare:
+                    self._spare = None
+            else:
+                flat = torch.empty(max(size, 1), dtype=torch.uint8, device=self.device)
+            self._buffers[version] = (tensors, flat)
+            return flat
+
+    def drop(self, version: int) -> None:
+        with self._lock:
+            if version != self._serving:
+                entry = self._buffers.pop(version, None)
+                if entry is not None and self._spare is None:
+                    self._spare = entry[1]
+
+    def info(self, version: int) -> dict | None:
+        """The update_info fields that point the vLLM worker at the version's GPU buffer (None: not staged here)."""
+        with self._lock:
+            entry = self._buffers.get(version)
+        if entry is None:
+            return None
+        tensors, flat = entry
+        torch.cuda.synchronize(self.device)
+        return {"ipc": share(flat), "tensors": tensors, "size": flat.numel()}
+
+    def committed(self, version: int) -> None:
+        """`version` serves now: its buffer stays (rollback), an older one becomes the spare."""
+        with self._lock:
+            self._serving = version if version in self._buffers else None
+            for other in [v for v in self._buffers if v != version]:
+                _, flat = self._buffers.pop(other)
+                if self._spare is None or self._spare.numel() < flat.numel():
+                    self._spare = flat
+
+    def release(self) -> None:
+        with self._lock:
+            self._buffers.clear()
+            self._serving = self._spare = None
+        torch.cuda.empty_cache()
+
+
+# ---- receiver --------------------------------------------------------------------------------------------------
+
+
+class IpcReceiver:
+    name = NAME
+
+    def __init__(self, staging: DeviceStaging):
+        self.staging = staging
+        self._offer = rollout_pb2.WeightTransportOffer(
+            name=NAME, params={"host_id": host_id(), "gpu_uuid": gpu_uuid(staging.device)}
+        )
+
+    def offer(self) -> rollout_pb2.WeightTransportOffer:
+        return self._offer
+
+    def close(self) -> None:
+        pass
+
+    async def receive(self, store, header, staged, request_iterator, time_remaining):
+        started = time.perf_counter()
+        if not header.ipc.tensors:
+            raise invalid("header.ipc", "the ipc transport needs the tensors' handles in header.ipc", "MISSING_IPC")
+        manifest = staged.manifest
+        specs = [(t.name, DTYPES_BY_NAME[_dtype_name(t.dtype)], tuple(t.shape)) for t in manifest.tensors]
+        try:
+            shared = loads(header.ipc.tensors)
+            if len(shared) != len(specs):
+                raise ValueError(f"{len(shared)} handles for {len(specs)} tensors")
+            await asyncio.to_thread(self._copy_in, staged.version, specs, shared)
+        except Exception as exc:  # a bad or stale handle: this version fails, the serving one stays
+            self.staging.drop(staged.version)
+            err = exc if isinstance(exc, FabricError) else invalid("header.ipc", f"CUDA IPC: {exc}", "IPC_FAILED")
+            store.fail(staged, err)
+            raise err from None
+        for i, chunk in enumerate(manifest.chunks):
+            store.mark(staged, i, chunk.length)
+        result = await store.finish(staged, started)
+        if not result.committed:
+            self.staging.drop(staged.version)
+        return rollout_pb2.UpdateWeightsResponse(results=[result])
+
+    def _copy_in(self, version: int, specs, shared) -> None:
+        device = self.staging.device
+        with torch.cuda.device(device):
+            flat = self.staging.allocate(version, specs)
+            slots, _ = layout(specs)
+            for slot, handle in zip(slots, shared, strict=True):
+                if not slot.nbytes:
+                    continue
+                src = open_shared(handle, device)
+                flat[slot.offset : slot.offset + slot.nbytes].copy_(src.reshape(-1).view(torch.uint8))
+                del src
+            torch.cuda.synchronize(device)
+
+
+def _dtype_name(proto_dtype) -> str:
+    from fabric.weights.manifest import PROTO_TO_TORCH
+
+    return DTYPE_NAMES[PROTO_TO_TORCH[proto_dtype]]
+
+
+# ---- sender ----------------------------------------------------------------------------------------------------
+
+
+def unusable(offer, source) -> str | None:
+    device = source.device
+    if device.type != "cuda":
+        return f"the source tensors are on {device.type}: CUDA IPC needs them on a GPU"
+    if offer.params.get("host_id") != host_id():
+        return "the server runs on another host"
+    mine = gpu_uuid(device)
+    if offer.params.get("gpu_uuid") != mine:
+        return f"the server's GPU ({offer.params.get('gpu_uuid')}) is not the source's ({mine})"
+    return None
+
+
+async def send(job) -> list[rollout_pb2.WeightUpdateResult]:
+    from fabric import security
+    from fabric.v1 import rollout_pb2_grpc
+
+    source = job.source
+    torch.cuda.synchronize(source.device)
+    handles = dumps([share(t) if t.numel() else None for t in source.tensors])
+    header = job.header(NAME)
+    header.ipc.CopyFrom(rollout_pb2.IpcHandles(gpu_uuid=gpu_uuid(source.device), tensors=handles))
+
+    async def requests():
+        yield rollout_pb2.UpdateWeightsRequest(header=header)
+
+    async with security.channel(job.target) as channel:
+        response = await rollout_pb2_grpc.RolloutServiceStub(channel).UpdateWeights(requests(), timeout=job.timeout)
+    job.report.bytes_sent += 0  # nothing crossed a wire: the server read the sender's GPU memory
+    return list(response.results)

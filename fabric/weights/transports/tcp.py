@@ -1,0 +1,217 @@
+"""The raw-TCP transport (the data plane): the same messages as the UpdateWeights stream, fewer copies.
+
+A Python gRPC stream moves about a third of what a raw socket does, so the bulk bytes may travel on a plain TCP
+connection that the receiver advertises (GetWeightsStatus.transports, and tcp_data_port). Off under TLS: the data
+plane has no encryption. Framing:
+
+    client: MAGIC, frame(auth token), frame(UpdateWeightsRequest with header),
+            then per chunk: frame(WeightChunk without data) + the chunk's raw bytes, and frame(b"") to end
+    server: frame(UpdateWeightsResponse)
+
+frame(x) is a 4-byte little-endian length then x. The receiver reads chunk bytes straight into its staging buffer
+(recv_into), checks the crc32c and forwards the same memory to the next server of a relay chain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import socket
+import struct
+import threading
+import time
+
+import grpc
+
+from fabric import security
+from fabric.addresses import host_of
+from fabric.errors import FabricError, invalid
+from fabric.v1 import rollout_pb2, weights_pb2
+from fabric.weights.transports import SendJob
+
+log = logging.getLogger(__name__)
+
+NAME = "tcp"
+
+MAGIC = b"FWT1"
+_LEN = struct.Struct("<I")
+MAX_FRAME = 64 * 1024 * 1024
+
+
+def send_frame(sock: socket.socket, payload: bytes) -> None:
+    sock.sendall(_LEN.pack(len(payload)) + payload if len(payload) < 65536 else _LEN.pack(len(payload)))
+    if len(payload) >= 65536:
+        sock.sendall(payload)
+
+
+def recv_exact_into(sock: socket.socket, view: memoryview) -> None:
+    got, n = 0, len(view)
+    while got < n:
+        r = sock.recv_into(view[got:], n - got)
+        if r == 0:
+            raise ConnectionError("peer closed the weight data connection mid-frame")
+        got += r
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    recv_exact_into(sock, memoryview(buf))
+    return bytes(buf)
+
+
+def recv_frame(sock: socket.socket) -> bytes:
+    (n,) = _LEN.unpack(recv_exact(sock, 4))
+    if n > MAX_FRAME:
+        raise ConnectionError(f"frame of {n} bytes exceeds the {MAX_FRAME} limit")
+    return recv_exact(sock, n)
+
+
+def tune(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, 8 * 1024 * 1024)
+        except OSError:
+            pass
+
+
+# ---- receiver: a listener thread, one thread per update; state changes and the commit run on the event loop ----
+
+
+class TcpDataPlane:
+    name = NAME
+
+    def __init__(self, store, host: str, loop: asyncio.AbstractEventLoop):
+        self.store = store
+        self.loop = loop
+        self.token = security.current().token
+        self.listener = socket.create_server((host, 0), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+        self.listener.listen(16)
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept_loop, name="weights-tcp", daemon=True).start()
+
+    def offer(self) -> rollout_pb2.WeightTransportOffer:
+        return rollout_pb2.WeightTransportOffer(name=NAME, port=self.port)
+
+    def close(self) -> None:
+        self.listener.close()
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), name="weights-tcp-conn", daemon=True).start()
+
+    def _call(self, make_coro):
+        return asyncio.run_coroutine_threadsafe(make_coro(), self.loop).result()
+
+    def _serve(self, conn: socket.socket) -> None:
+        from fabric.weights.relay import TcpRelay
+
+        tune(conn)
+        started = time.perf_counter()
+        staged = relay = None
+        try:
+            with conn:
+                if recv_exact(conn, 4) != MAGIC:
+                    return
+                token = recv_frame(conn).decode()
+                request = rollout_pb2.UpdateWeightsRequest.FromString(recv_frame(conn))
+                header = request.header
+                try:
+                    if self.token and not hmac.compare_digest(token, self.token):
+                        raise FabricError(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token", "UNAUTHENTICATED")
+                    if not request.HasField("header"):
+                        raise invalid("header", "the first frame must carry the header", "MISSING_HEADER")
+                    staged = self._call(lambda: _begin(self.store, header))
+                except FabricError as err:
+                    self._reply(conn, header.weight_version, err)
+                    return
+                if staged is None:
+                    response = rollout_pb2.UpdateWeightsResponse(results=[self.store.already(header.weight_version)])
+                    send_frame(conn, response.SerializeToString())
+                    return
+                if header.relay_targets:
+                    relay = TcpRelay(header, token)
+                result = self._receive_chunks(conn, staged, relay, started, bool(header.chunk_indices))
+                results = [result] + (relay.close() if relay else [])
+                send_frame(conn, rollout_pb2.UpdateWeightsResponse(results=results).SerializeToString())
+        except (ConnectionError, OSError) as exc:
+            log.warning("weight data connection broke: %s (the partial version stays staged)", exc)
+            if relay is not None:
+                relay.abort()
+        finally:
+            self.store.release(staged)
+
+    def _receive_chunks(self, conn, staged, relay, started, wait_for_others):
+        store = self.store
+        chunks = staged.manifest.chunks
+        while True:
+            frame = recv_frame(conn)
+            if not frame:
+                break
+            chunk = weights_pb2.WeightChunk.FromString(frame)
+            try:
+                length = chunks[chunk.chunk_index].length if 0 <= chunk.chunk_index < len(chunks) else -1
+                spec = store.chunk_spec(staged, chunk, length)
+                view = staged.buffer.read(spec.tensor_index, spec.offset, spec.length)
+                recv_exact_into(conn, view)  # straight into the staging file
+                store.verify(staged, chunk, view)
+            except FabricError as err:
+                store.fail(staged, err)
+                if relay is not None:
+                    relay.abort()
+                self._reply(conn, staged.version, err)
+                raise ConnectionError("update refused") from None
+            store.mark(staged, chunk.chunk_index, spec.length)
+            if relay is not None:
+                relay.forward(frame, view)
+        if relay is not None:
+            relay.finish_sending()
+        return self._call(lambda: store.finish(staged, started, wait_for_others))
+
+    def _reply(self, conn, version: int, err: FabricError) -> None:
+        result = rollout_pb2.WeightUpdateResult(
+            server=self.store.server_name, weight_version=version, error=err.to_proto()
+        )
+        try:
+            send_frame(conn, rollout_pb2.UpdateWeightsResponse(results=[result]).SerializeToString())
+        except OSError:
+            pass
+
+
+async def _begin(store, header):
+    return store.begin(header)
+
+
+# ---- sender ----------------------------------------------------------------------------------------------------
+
+
+def unusable(offer, source) -> str | None:
+    return None if offer.port else "the server's data plane has no port"
+
+
+async def send(job: SendJob) -> list[rollout_pb2.WeightUpdateResult]:
+    return await asyncio.to_thread(_send, job)
+
+
+def _send(job: SendJob) -> list[rollout_pb2.WeightUpdateResult]:
+    source, report = job.source, job.report
+    host = host_of(job.target)
+    with socket.create_connection((host, job.offer.port), timeout=job.timeout) as sock:
+        tune(sock)
+        sock.sendall(MAGIC)
+        send_frame(sock, (security.current().token or "").encode())
+        try:
+            send_frame(sock, rollout_pb2.UpdateWeightsRequest(header=job.header(NAME)).SerializeToString())
+            for i, view in source.host_chunks(job.indices):
+                send_frame(sock, source.chunk_meta(i).SerializeToString())
+                sock.sendall(view)
+                report.bytes_sent += len(view)
+            send_frame(sock, b"")
+        except OSError:
+            pass  # the server refused mid-stream (bad header or chunk): its answer is waiting to be read
+        return list(rollout_pb2.UpdateWeightsResponse.FromString(recv_frame(sock)).results)

