@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reward", action="append", help="reward server HOST:PORT (repeatable; else cluster.reward)")
     p.add_argument("--port", type=int, default=None, help="TrainerService port (default cluster.trainer_port or 0)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (OmegaConf dotlist)")
-    p.set_defaults(handler="fabric.trainer.loop:cli_main")
+    p.set_defaults(handler="fabric.trainer.server:cli_main")
 
     p = sub.add_parser("check", help="check a config for the named processes without starting anything")
     p.add_argument("--config", required=True, help="ROLL-style YAML file")

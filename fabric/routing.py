@@ -153,7 +153,7 @@ class RolloutPool:
                         self.mark_dead(server.address, "it aborted in-flight samples (shutting down or asleep)")
                         if original in pending.missing:
                             pending.missing.remove(original)
-                            one = _Pending(pending.request, [original], caller_id=pending.caller_id)
+                            one = _Pending(pending.request, [original], pending.index_map, pending.caller_id)
                             out.put_nowait(("failover", server.address, [one]))
                         if not pending.missing:
                             server.pending.pop(wire_id, None)
@@ -183,15 +183,24 @@ class RolloutPool:
                     for orphan in extra:
                         if not orphan.missing:
                             continue
-                        retry = rollout_pb2.GenerateRequest()
-                        retry.CopyFrom(orphan.request)
-                        retry.sampling.num_return_sequences = len(orphan.missing)
-                        # Its own id: the target may still hold a live part of the same request (unique per stream).
-                        retry.request_id = f"{orphan.caller_id}#retry{next(retries)}"
                         self.events.append(
                             f"resubmitted {orphan.caller_id} ({len(orphan.missing)} samples) after losing {payload}"
                         )
-                        submit(_Pending(retry, list(orphan.missing), list(orphan.missing), orphan.caller_id))
+                        # A server numbers a request's samples from 0 and seeds sample k with seed + k. With a seed,
+                        # each missing sample goes alone with the seed it had: it is the sample it would have been,
+                        # never a copy of another sample of its request.
+                        seeded = orphan.request.sampling.HasField("seed")
+                        parts = [[i] for i in orphan.missing] if seeded else [list(orphan.missing)]
+                        for indices in parts:
+                            retry = rollout_pb2.GenerateRequest()
+                            retry.CopyFrom(orphan.request)
+                            retry.sampling.num_return_sequences = len(indices)
+                            if seeded:  # the orphan's request seeded its k-th sample with its seed + k
+                                k = orphan.index_map.index(indices[0]) if orphan.index_map else indices[0]
+                                retry.sampling.seed = orphan.request.sampling.seed + k
+                            # Its own id: the target may still hold a live part of the same request.
+                            retry.request_id = f"{orphan.caller_id}#retry{next(retries)}"
+                            submit(_Pending(retry, list(indices), list(indices), orphan.caller_id))
                     continue
                 if kind == "error":
                     pending = extra

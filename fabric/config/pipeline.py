@@ -13,7 +13,8 @@ prompt_length: 64
 response_length: 16
 ppo_epochs: 1
 pg_clip: 0.2
-init_kl_coef: 0.0                   # KL to the frozen reference in the loss (0: reference only for the metric)
+adv_estimator: grpo                 # the algorithm keys: ROLL's (fabric/config/algorithm.py, the README's table)
+use_kl_loss: false                  # KL to the frozen reference in the loss: kl_loss_coef x k3 (ROLL's)
 actor_train:
   pretrain: /models/tiny
   data_args: {file_name: data/train.jsonl}      # JSONL rows: prompt, ground_truth (and optional tag)
@@ -37,6 +38,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from fabric.config.algorithm import ALGORITHM_KEYS, AlgorithmConfig, algorithm_config, check_batch_sizes
 from fabric.config.loader import ConfigError
 
 TOP_LEVEL_KEYS = {
@@ -59,6 +61,9 @@ CLUSTER_KEYS = {"rollout", "reward", "num_rollout_servers", "num_reward_servers"
 WEIGHT_SYNC_KEYS = {"mode", "transport", "chunk_mib"}
 TIMEOUT_KEYS = {"generate_s", "score_s", "push_s", "rpc_s", "server_start_s"}
 SFT_KEYS = {"steps", "learning_rate", "batch_size", "skip"}
+
+# ---- the trainer's algorithm keys: read by fabric/config/algorithm.py (ROLL's meaning and defaults) ----
+TOP_LEVEL_KEYS = TOP_LEVEL_KEYS | ALGORITHM_KEYS
 
 
 def check_keys(section: Any, allowed: set[str], where: str) -> None:
@@ -85,18 +90,10 @@ class PipelineConfig:
     group_size: int = 8
     prompt_length: int = 64
     response_length: int = 32
-    ppo_epochs: int = 1
-    pg_clip: float = 0.2
-    kl_coef: float = 0.0
-    loss_agg_mode: str = "token-mean"
     save_steps: int = 0
     pretrain: str = ""
     dataset: str = ""
     dtype: str = "float32"
-    learning_rate: float = 1e-5
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    micro_batch_size: int | None = None
     sampling: dict[str, Any] = field(default_factory=dict)  # generating_args for rollouts
     rewards: dict[str, dict[str, Any]] = field(default_factory=dict)
     rollout_addresses: list[str] = field(default_factory=list)
@@ -117,6 +114,7 @@ class PipelineConfig:
     sft_steps: int = 0
     sft_learning_rate: float | None = None
     sft_batch_size: int = 64
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)  # ROLL's algorithm keys
 
     @property
     def out(self) -> Path:
@@ -186,28 +184,14 @@ def pipeline_config(cfg: DictConfig) -> PipelineConfig:
         group_size=_positive(_get(cfg, "num_return_sequences_in_group", 8), "num_return_sequences_in_group"),
         prompt_length=_positive(_get(cfg, "prompt_length", 64), "prompt_length"),
         response_length=_positive(_response_length(cfg), "response_length"),
-        ppo_epochs=_positive(_get(cfg, "ppo_epochs", 1), "ppo_epochs"),
-        pg_clip=_positive(_get(cfg, "pg_clip", 0.2), "pg_clip", float),
-        kl_coef=float(_get(cfg, "init_kl_coef", 0.0) or _get(cfg, "kl_loss_coef", 0.0)),
-        loss_agg_mode=str(_get(cfg, "loss_agg_mode", "token-mean")),
         save_steps=int(_get(cfg, "save_steps", 0) or 0),
         pretrain=str(pretrain),
         dataset=str(dataset),
         dtype={"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(
             str(_get(train, "model_args.dtype", "fp32")), str(_get(train, "model_args.dtype", "float32"))
         ),
-        learning_rate=_positive(
-            _get(train, "training_args.learning_rate", 1e-5), "actor_train.training_args.learning_rate", float
-        ),
-        weight_decay=float(_get(train, "training_args.weight_decay", 0.0)),
-        max_grad_norm=float(_get(train, "training_args.max_grad_norm", _get(cfg, "max_grad_norm", 1.0))),
-        micro_batch_size=_get(train, "training_args.per_device_train_batch_size"),
         output_dir=str(_get(cfg, "output_dir", f"./runs/{_get(cfg, 'exp_name', 'fabric')}")),
     )
-    if float(_get(cfg, "init_kl_coef", 0.0) or 0) < 0:
-        raise ConfigError("init_kl_coef", "must be >= 0")
-    if bool(_get(cfg, "add_token_level_kl", False)) and pc.kl_coef == 0:
-        raise ConfigError("add_token_level_kl", "needs init_kl_coef > 0 (the KL coefficient)")
     infer = cfg.get("actor_infer") or {}
     generating = dict(OmegaConf.to_container(infer.get("generating_args") or OmegaConf.create({}), resolve=True))
     generating.setdefault("max_new_tokens", pc.response_length)
@@ -260,4 +244,7 @@ def pipeline_config(cfg: DictConfig) -> PipelineConfig:
     pc.sft_steps = 0 if sft.get("skip") else int(sft.get("steps", 0))
     pc.sft_learning_rate = sft.get("learning_rate")
     pc.sft_batch_size = int(sft.get("batch_size", 64))
+    # ---- the trainer's algorithm keys (fabric/config/algorithm.py) ----
+    pc.algorithm = algorithm_config(cfg)
+    check_batch_sizes(pc.algorithm, pc.rollout_batch_size * pc.group_size, pc.max_steps)
     return pc

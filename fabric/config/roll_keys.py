@@ -50,7 +50,9 @@ TOP_LEVEL_TRAINER = {
     "adv_estimator", "whiten_advantages", "whiten_rewards", "norm_mean_type", "norm_std_type", "reward_clip",
     "advantage_clip", "value_clip", "dual_clip_loss", "pg_clip", "pg_clip_low", "pg_clip_high", "use_pg_clip_range",
     "kl_penalty", "target_kl", "init_kl_coef", "kl_horizon", "use_kl_loss", "kl_loss_coef", "add_token_level_kl",
-    "loss_agg_mode", "lambd", "gamma",
+    "loss_agg_mode", "lambd", "gamma", "difficulty_mask", "difficulty_low_threshold", "difficulty_high_threshold",
+    "max_len_mask", "entropy_loss_coef", "error_max_len_clip", "difficulty_loss_weight", "length_loss_weight",
+    "rl_loss_coef",
 }  # fmt: skip
 
 # Accepted; listed in one warning line.
@@ -74,13 +76,12 @@ TOP_LEVEL_IGNORED = {
     "generate_opt_level": "", "max_additional_running_prompts": "", "router_args": "",
     "minibatch_data_iter_num": "",
     # training knobs the fabric's trainer does not have
-    "entropy_loss_coef": "", "l2": "", "use_reward_scaling": "", "use_reward_norm": "", "add_len_reward": "",
+    "l2": "", "use_reward_scaling": "", "use_reward_norm": "", "add_len_reward": "",
     "critic_warmup": "", "enable_reference": "the reference is used when a KL needs it",
     "enable_old_logprobs_recompute": "", "force_disable_old_logprobs_recompute": "", "train_infer_correction": "",
-    "difficulty_mask": "", "difficulty_low_threshold": "", "difficulty_high_threshold": "", "max_len_mask": "",
-    "mask_type": "", "balance_length": "", "error_max_len_clip": "", "error_max_len_threshold": "",
-    "difficulty_loss_weight": "", "length_loss_weight": "", "postive_loss_coef": "", "positive_loss_coef": "",
-    "rl_loss_coef": "", "use_topr_neg_loss_coef": "", "response_length_penalty_coef": "",
+    "mask_type": "", "balance_length": "", "error_max_len_threshold": "",
+    "postive_loss_coef": "", "positive_loss_coef": "",
+    "use_topr_neg_loss_coef": "", "response_length_penalty_coef": "",
     "global_template": "prompts are used as the dataset writes them", "tag_to_template": "",
     # keys of older ROLL configs that ROLL's own loader drops
     "reward_normalization": "", "reward_norm": "", "reward_shift": "", "reward_scale": "",

@@ -3,59 +3,44 @@
 One step:
     prompts --Generate--> rollout servers (RolloutPool: least-loaded, failover)  -> samples with weight_version
     samples --Score-----> reward servers (RewardPool: retries elsewhere)          -> rewards
-    GRPO advantages (group-normalized) -> clipped policy loss + KL to the frozen reference -> AdamW step
+    advantages as ROLL's keys say (algorithm.py: grpo / reinforce, masks, clips, whitening, in-reward KL)
+    -> mini-batches: clipped policy loss (+ ROLL's KL loss) -> AdamW steps on fp32 main params, LR schedule
     policy weights --UpdateWeights (relay chain)--> every live rollout server      -> version + 1
 Samples produced by a version other than the one current at the step ("stale": e.g. from a server that missed an
-update) are counted and, by default, left out of the loss (`stale_samples: drop`); `use` keeps them, unweighted.
+update) are counted and, by default, left out of the loss and of their group's statistics (`stale_samples: drop`);
+`use` keeps them, unweighted. An empty response (EOS at once) is never sent to the reward servers (they refuse it)
+and scores each reward's lowest score of the step, or 0 if that is lower: it never beats a wrong answer.
 The rollout servers may start with `load_format: dummy`: the first push (version 1) happens before any rollout.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from fabric import security
-from fabric.config import ConfigError, load_config
-from fabric.config.pipeline import PipelineConfig, pipeline_config
+from fabric.config.pipeline import PipelineConfig
+from fabric.errors import precondition
 from fabric.routing import RewardPool, RolloutPool
 from fabric.trainer import report
+from fabric.trainer.algorithm import KLController
 from fabric.v1 import rollout_pb2, trainer_pb2
 
 log = logging.getLogger(__name__)
 
+FINAL_STATES = (trainer_pb2.TRAINER_STATE_FINISHED, trainer_pb2.TRAINER_STATE_FAILED)
+SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": -1}  # what the trainer's logprobs assume
 
-def load_dataset(path: str, tokenizer, prompt_length: int) -> list[dict]:
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError("actor_train.data_args.file_name", f"dataset not found: {file}")
-    rows, skipped = [], 0
-    for number, line in enumerate(file.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConfigError("actor_train.data_args.file_name", f"{file}:{number}: not JSON ({exc})") from None
-        if "prompt" not in row or "ground_truth" not in row:
-            raise ConfigError("actor_train.data_args.file_name", f"{file}:{number}: needs prompt and ground_truth")
-        if len(tokenizer.encode(row["prompt"], add_special_tokens=False)) > prompt_length:
-            skipped += 1
-            continue
-        rows.append(row)
-    if skipped:
-        log.warning("%d prompts longer than prompt_length=%d left out", skipped, prompt_length)
-    if not rows:
-        raise ConfigError("actor_train.data_args.file_name", f"{file}: no usable rows")
-    return rows
+
+def sampling_settings(generating: dict) -> dict:
+    """The config's sampling settings with the ones the trainer's logprobs depend on made explicit, so that every
+    request carries them and no server default can differ from what the trainer computes with."""
+    return {**SAMPLING_DEFAULTS, **generating}
 
 
 @dataclass
@@ -91,6 +76,36 @@ class Trainer:
         self.rewards: RewardPool | None = None
         self.metrics_path = pc.out / "metrics.jsonl"
         self.serving_dtype = None
+        a = pc.algorithm
+        self.kl_ctrl = KLController(a.init_kl_coef, a.target_kl, a.kl_horizon)
+        self.sampling = sampling_settings(pc.sampling)
+
+    # ---- control (the TrainerService calls these) --------------------------------------------------------------
+
+    def pause(self) -> int:
+        """Holds the loop before its next step (the current one finishes). Returns the state."""
+        if self.state in FINAL_STATES:
+            raise precondition("the run has ended; nothing to pause", "RUN_ENDED")
+        self.resume_event.clear()
+        if self.state == trainer_pb2.TRAINER_STATE_RUNNING:
+            self.state = trainer_pb2.TRAINER_STATE_PAUSED
+        return self.state
+
+    def resume(self) -> int:
+        if self.state in FINAL_STATES:
+            raise precondition("the run has ended; nothing to resume", "RUN_ENDED")
+        if self.state == trainer_pb2.TRAINER_STATE_PAUSED:
+            self.state = trainer_pb2.TRAINER_STATE_RUNNING
+        self.resume_event.set()
+        return self.state
+
+    def stop(self) -> int:
+        """Ends the run after the current step (with the final checkpoint). Returns the state."""
+        self.stop_requested = True
+        self.resume_event.set()
+        if self.state not in FINAL_STATES:
+            self.state = trainer_pb2.TRAINER_STATE_STOPPING
+        return self.state
 
     # ---- the loop ----------------------------------------------------------------------------------------------
 
@@ -140,7 +155,7 @@ class Trainer:
         t_start = time.perf_counter()
         await self.readmit_servers()
         prompts = self.next_prompts()
-        sampling = rollout_pb2.SamplingParams(**self.pc.sampling, logprobs=True)
+        sampling = rollout_pb2.SamplingParams(**self.sampling, logprobs=True)
         requests = [
             rollout_pb2.GenerateRequest(request_id=f"s{step}-p{k}", prompt=self.dataset[i]["prompt"], sampling=sampling)
             for k, i in enumerate(prompts)
@@ -176,14 +191,16 @@ class Trainer:
         return metrics
 
     async def score(self, samples: list[Sample], step: int) -> None:
-        items, owners = [], []
+        items, owners, empty = [], [], []
         for n, sample in enumerate(samples):
             row = self.dataset[sample.prompt_index]
+            names = [
+                name for name, spec in self.pc.rewards.items() if not spec["tags"] or row.get("tag") in spec["tags"]
+            ]
             if not sample.response.text.strip():
-                continue  # an empty generation (EOS at once) scores 0; reward servers refuse empty responses
-            for name, spec in self.pc.rewards.items():
-                if spec["tags"] and row.get("tag") not in spec["tags"]:
-                    continue
+                empty.append((sample, names))  # reward servers refuse empty responses: scored below
+                continue
+            for name in names:
                 items.append(
                     dict(
                         request_id=f"s{step}-{n}-{name}",
@@ -194,53 +211,85 @@ class Trainer:
                         response_token_ids=list(sample.response.token_ids),
                     )
                 )
-                owners.append((sample, spec["weight"]))
-        responses = await self.rewards.score(items)
-        for (sample, weight), response in zip(owners, responses, strict=True):
-            sample.reward += weight * response.score
+                owners.append((sample, name))
+        responses = await self.rewards.score(items) if items else []
+        lowest: dict[str, float] = {}
+        for (sample, name), response in zip(owners, responses, strict=True):
+            sample.reward += self.pc.rewards[name]["weight"] * response.score
+            lowest[name] = min(lowest.get(name, 0.0), response.score)
+        for sample, names in empty:  # never above a wrong answer: the step's lowest score, 0 at most
+            sample.reward += sum(self.pc.rewards[name]["weight"] * lowest.get(name, 0.0) for name in names)
 
     def train(self, samples: list[Sample]) -> dict:
         from fabric.trainer import losses
+        from fabric.trainer.algorithm import compute_advantages
         from fabric.trainer.policy import TrainBatch
 
+        a = self.pc.algorithm
         pad = self.tokenizer.pad_token_id
         batch = TrainBatch.from_token_lists(
             [list(s.response.prompt_token_ids) for s in samples],
             [list(s.response.token_ids) for s in samples],
             pad_id=pad,
         )
-        stale = [s.response.weight_version != self.version for s in samples]
-        if self.pc.stale_policy == "drop" and any(stale):
-            keep = torch.tensor([not x for x in stale], dtype=batch.response_mask.dtype).unsqueeze(1)
-            batch.response_mask = batch.response_mask * keep
+        stale = torch.tensor([s.response.weight_version != self.version for s in samples])
+        valid = ~stale if self.pc.stale_policy == "drop" else torch.ones_like(stale)
+        truncated = torch.tensor([s.response.finish_reason == rollout_pb2.FINISH_REASON_LENGTH for s in samples])
         rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)
-        batch.advantages = losses.grpo_advantages(rewards, self.pc.group_size)
         batch.old_logprobs = self.policy.logprobs(batch)
         batch.ref_logprobs = self.reference.logprobs(batch)
-        # training-inference mismatch: the rollout's logprobs against the trainer's for the same tokens
+        # training-inference mismatch: the rollout's logprobs against the trainer's for the same tokens (fresh ones)
         rollout_lp = torch.zeros_like(batch.old_logprobs)
         for row, sample in enumerate(samples):
             start = len(sample.response.prompt_token_ids)
             lp = list(sample.response.logprobs)
             rollout_lp[row, start : start + len(lp)] = torch.tensor(lp)
-        mask = batch.response_mask.bool()
-        mismatch = float((rollout_lp - batch.old_logprobs).abs()[mask].mean()) if mask.any() else 0.0
+        fresh = batch.response_mask.bool() & ~stale[:, None]
+        gap = (rollout_lp - batch.old_logprobs)[fresh]
         kl = float(losses.masked_mean(losses.kl_penalty(batch.old_logprobs, batch.ref_logprobs), batch.response_mask))
-        step_metrics = {}
-        for _ in range(self.pc.ppo_epochs):
-            step_metrics = self.policy.train_step(batch)
+        adv = compute_advantages(
+            a,
+            rewards,
+            batch.response_mask,
+            self.pc.group_size,
+            valid=valid,
+            truncated=truncated,
+            old_logprobs=batch.old_logprobs,
+            ref_logprobs=batch.ref_logprobs,
+            kl_ctrl=self.kl_ctrl,
+        )
+        batch.advantages, batch.response_mask = adv.advantages, adv.mask
+        steps = []
+        if adv.mask.any():  # else nothing to learn from (ROLL skips such a step too)
+            generator = torch.Generator().manual_seed(self.pc.seed + self.step)
+            for _ in range(a.ppo_epochs):
+                order = torch.randperm(len(batch), generator=generator)
+                if len(batch) <= a.mini_batch_size:
+                    order = torch.arange(len(batch))
+                for start in range(0, len(batch), a.mini_batch_size):
+                    steps.append(self.policy.train_step(batch.rows(order[start : start + a.mini_batch_size])))
+
+        def mean(key: str) -> float:
+            return sum(float(m.get(key, 0.0)) for m in steps) / len(steps) if steps else 0.0
+
         weights = sum(spec["weight"] for spec in self.pc.rewards.values())
         return {
             "reward_mean": float(rewards.mean()),
             "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
-            "loss": float(step_metrics.get("loss", 0.0)),
+            "loss": mean("loss"),
             "kl": kl,
-            "logprob_mismatch": mismatch,
-            "stale_samples": int(sum(stale)),
+            "logprob_mismatch": float(gap.abs().mean()) if gap.numel() else 0.0,
+            "stale_samples": int(stale.sum()),
             "extra": {
                 "accuracy": float((rewards >= 0.999 * weights).float().mean()),
-                "grad_norm": float(step_metrics.get("grad_norm", 0.0)),
-                **{k: float(v) for k, v in step_metrics.items() if k.startswith("clip")},
+                "grad_norm": mean("grad_norm"),
+                "lr": float(steps[-1]["lr"]) if steps else 0.0,
+                "optimizer_steps": float(len(steps)),
+                # rollout minus trainer logprob: > 0 is top-p / top-k truncation (vLLM renormalizes over the kept
+                # tokens; the trainer's logprobs are over the whole vocabulary)
+                "logprob_gap_mean": float(gap.mean()) if gap.numel() else 0.0,
+                "clip_frac": mean("clip_frac"),
+                **{k: float(v) for k, v in adv.metrics.items()},
             },
         }
 
@@ -306,7 +355,7 @@ class Trainer:
     def record(self, metrics: dict) -> None:
         self.history.append(metrics)
         report.append_jsonl(self.metrics_path, metrics)
-        message = to_proto(metrics)
+        message = report.to_proto(metrics)
         for queue in self.subscribers:
             queue.put_nowait(message)
         log.info(
@@ -325,98 +374,3 @@ class Trainer:
         saved = await asyncio.to_thread(self.policy.save, path)
         log.info("checkpoint saved to %s", saved)
         return Path(saved)
-
-
-def to_proto(metrics: dict) -> trainer_pb2.StepMetrics:
-    fields = set(trainer_pb2.StepMetrics.DESCRIPTOR.fields_by_name) - {"extra"}
-    message = trainer_pb2.StepMetrics(**{k: v for k, v in metrics.items() if k in fields})
-    message.extra.update(metrics.get("extra", {}))
-    return message
-
-
-async def train_main(pc: PipelineConfig, ready=print) -> Trainer:
-    from transformers import AutoTokenizer
-
-    from fabric.server import FabricServer
-    from fabric.trainer.policy import LossConfig, OptimConfig, Policy
-    from fabric.trainer.service import TrainerServicer
-    from fabric.v1 import trainer_pb2_grpc
-
-    if not pc.rollout_addresses:
-        raise ConfigError("cluster.rollout", "no rollout server addresses (fabric run fills them in)")
-    if not pc.reward_addresses:
-        raise ConfigError("cluster.reward", "no reward server addresses (fabric run fills them in)")
-    if not Path(pc.pretrain, "config.json").is_file():
-        raise ConfigError("actor_train.pretrain", f"not an HF model directory (no config.json): {pc.pretrain}")
-    tokenizer = AutoTokenizer.from_pretrained(pc.pretrain)
-    dataset = load_dataset(pc.dataset, tokenizer, pc.prompt_length)
-    torch.manual_seed(pc.seed)
-    optim = OptimConfig(
-        lr=pc.learning_rate,
-        weight_decay=pc.weight_decay,
-        grad_clip=pc.max_grad_norm,
-        micro_batch_size=pc.micro_batch_size,
-    )
-    loss = LossConfig(
-        pg_clip=pc.pg_clip,
-        kl_coef=pc.kl_coef,
-        loss_agg_mode=pc.loss_agg_mode,
-        temperature=float(pc.sampling.get("temperature", 1.0)) or 1.0,
-    )
-    dtype = getattr(torch, pc.dtype)
-    policy = await asyncio.to_thread(Policy.from_hf, pc.pretrain, optim, loss, dtype, None, pc.seed)
-    if pc.sft_steps:
-        await asyncio.to_thread(sft_warmup_from_dataset, policy, dataset, pc)
-    reference = policy.frozen_copy()
-    trainer = Trainer(pc, policy, reference, tokenizer, dataset)
-    servicer = TrainerServicer(trainer)
-    server = FabricServer(
-        ["fabric.v1.TrainerService"],
-        lambda s: trainer_pb2_grpc.add_TrainerServiceServicer_to_server(servicer, s),
-        host=pc.host,
-        port=pc.trainer_port,
-    )
-    await server.start()
-    ready(f"fabric trainer server listening on {server.address}")
-    try:
-        await trainer.run(pc.rollout_addresses, pc.reward_addresses)
-    finally:
-        await server.stop(grace=2)
-    return trainer
-
-
-def sft_warmup_from_dataset(policy, dataset: list[dict], pc: PipelineConfig) -> None:
-    from fabric.trainer.sft import sft_warmup
-
-    pairs = [(row["prompt"], row["response"]) for row in dataset if row.get("response")]
-    if not pairs:
-        raise ConfigError("sft_warmup.steps", "the dataset has no `response` column to warm up on")
-    log.info("supervised warm-up: %d steps on %d pairs", pc.sft_steps, len(pairs))
-    sft_warmup(policy, pairs, pc.sft_steps, batch_size=pc.sft_batch_size, lr=pc.sft_learning_rate, seed=pc.seed)
-
-
-def cli_main(args) -> int:
-    cfg = load_config(args.config, args.overrides)
-    pc = pipeline_config(cfg)
-    security.configure(security.SecurityConfig.from_cfg(cfg))
-    for key in ("rollout", "reward"):
-        given = getattr(args, key, None)
-        if given:
-            setattr(pc, f"{key}_addresses", list(given))
-    if getattr(args, "port", None) is not None:
-        pc.trainer_port = args.port
-    try:
-        trainer = asyncio.run(train_main(pc, ready=lambda line: print(line, flush=True)))
-    except KeyboardInterrupt:
-        return 130
-    from rich.console import Console
-
-    console = Console()
-    console.print(report.summary_table(trainer.history))
-    first, last = report.first_last(trainer.history)
-    console.print(f"reward: first 5 steps {first:.3f} -> last 5 steps {last:.3f}; metrics in {trainer.metrics_path}")
-    return 0 if trainer.state == trainer_pb2.TRAINER_STATE_FINISHED else 1
-
-
-if __name__ == "__main__":
-    sys.exit(cli_main(None))

@@ -9,11 +9,12 @@
     for name, tensor in policy.hf_weights(): ...          # stream to rollout servers
     policy.save(out_dir)                                  # HF checkpoint for transformers / vLLM
 
-The optimizer is plain `torch.optim.AdamW` over the megatron model's parameters, not megatron's
-DistributedOptimizer: that one needs megatron's DDP wrapper with CUDA grad buffers and fused Adam from apex or
-Transformer Engine, none of which runs on the CPU-only hosts here, while AdamW runs unchanged on CPU and CUDA
-(fused on CUDA). At data-parallel size 1 and TP 1 the two compute the same update; for DP > 1 the next step is
-megatron's DDP wrapper (gradient all-reduce) and for TP > 1 a TP-aware grad norm (megatron's optimizer has both).
+The optimizer is `MainParamsAdamW`: torch's AdamW over fp32 main parameters, with the model's bf16 / fp16 weights
+copied from them after every step (what megatron's Float16OptimizerWithFloat16Params does; that one, like the
+DistributedOptimizer, insists on CUDA tensors, so it cannot serve on the CPU-only hosts here). Biases and norms get
+no weight decay (megatron's rule: 1-D parameters). The learning rate follows megatron's OptimizerParamScheduler
+when a schedule is attached (`Policy.set_schedule`). For DP > 1 the next step is megatron's DDP wrapper (gradient
+all-reduce); the grad norm is already TP-aware.
 """
 
 from __future__ import annotations
@@ -86,6 +87,10 @@ class TrainBatch:
         if (self.response_mask.bool() & ~self.attention_mask.bool()).any():
             raise ValueError("response_mask marks padding as response; it must lie inside attention_mask")
 
+    def rows(self, index: torch.Tensor) -> TrainBatch:
+        """The rows at `index` (a mini-batch)."""
+        return TrainBatch(**{f.name: _pick(getattr(self, f.name), index) for f in fields(self)})
+
     def slice(self, start: int, stop: int) -> TrainBatch:
         return TrainBatch(**{f.name: _rows(getattr(self, f.name), start, stop) for f in fields(self)})
 
@@ -95,21 +100,27 @@ class TrainBatch:
         )
 
 
+def _pick(value: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | None:
+    return None if value is None else value[index]
+
+
 def _rows(value: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
     return None if value is None else value[start:stop]
 
 
-def clip_grad_norm(model, max_norm: float | None) -> float:
+def clip_grad_norm(model_or_params, max_norm: float | None) -> float:
     """The global L2 norm of the gradients over all tensor-parallel ranks; scales them down to max_norm if above.
 
     Like torch's clip_grad_norm_, but each TP-sharded gradient counts once per shard and each replicated one
     (norms, biases of row-parallel layers) once in all, so every TP rank computes the same norm and clips alike.
-    (megatron's own clip_grads asserts CUDA tensors, so it cannot serve on CPU.)
+    (megatron's own clip_grads asserts CUDA tensors, so it cannot serve on CPU.) Takes a model or its parameters
+    (main parameters carry the model parameters' TP attributes).
     """
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
-    params = [p for p in model.parameters() if p.grad is not None]
+    params = model_or_params.parameters() if isinstance(model_or_params, torch.nn.Module) else model_or_params
+    params = [p for p in params if p.grad is not None]
     if not params:
         return 0.0
     squares = torch.zeros((), dtype=torch.float32, device=params[0].grad.device)
@@ -130,7 +141,7 @@ def clip_grad_norm(model, max_norm: float | None) -> float:
 @dataclass
 class OptimConfig:
     lr: float = 1e-5
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # not on biases and norms (1-D parameters), as megatron
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     grad_clip: float | None = 1.0  # max global grad norm; None: no clipping (the norm is still reported)
@@ -139,12 +150,85 @@ class OptimConfig:
 
 @dataclass
 class LossConfig:
-    pg_clip: float = 0.2
-    pg_clip_high: float | None = None
-    kl_coef: float = 0.0
+    pg_clip: float = 0.2  # ROLL's pg_clip, or pg_clip_low with use_pg_clip_range
+    pg_clip_high: float | None = None  # None: pg_clip
+    dual_clip: float | None = None  # the dual-clip bound c (ROLL's dual_clip_loss: 1 + 2 pg_clip); None: off
+    kl_coef: float = 0.0  # ROLL's use_kl_loss x kl_loss_coef
     kl_estimator: str = "k3"
-    loss_agg_mode: str = "token-mean"
+    loss_agg_mode: str = "seq-mean-token-mean"
+    norm_length: float | None = None  # seq-mean-token-sum-norm's constant divisor (the response length)
     temperature: float = 1.0  # the sampler's; logprobs are taken from logits / temperature
+
+
+def no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
+    """megatron's rule (_get_param_groups): biases and 1-D parameters (norms) are not decayed."""
+    return name.endswith(".bias") or param.ndim == 1
+
+
+class MainParamsAdamW:
+    """AdamW on fp32 main parameters for a model of any dtype (megatron's Float16OptimizerWithFloat16Params on one
+    data-parallel rank): the model's gradients are copied to fp32 main gradients, clipped by the TP-aware global
+    norm, AdamW updates the main parameters, and the model's weights are copied back from them (rounded to the
+    model's dtype). An fp32 model is its own main copy. Two param groups: decayed, and not (wd_mult 0)."""
+
+    def __init__(self, model: torch.nn.Module, optim: OptimConfig):
+        from megatron.core.tensor_parallel import copy_tensor_model_parallel_attributes
+
+        self.optim = optim
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.model_params = [p for _, p in named]
+        self.main_params = []
+        for param in self.model_params:
+            if param.dtype == torch.float32:
+                self.main_params.append(param)
+            else:
+                main = torch.nn.Parameter(param.detach().clone().float())
+                copy_tensor_model_parallel_attributes(main, param)
+                self.main_params.append(main)
+        decay, plain = [], []
+        for (name, param), main in zip(named, self.main_params, strict=True):
+            (plain if no_weight_decay(name, param) else decay).append(main)
+        groups = [
+            {"params": decay, "wd_mult": 1.0, "weight_decay": optim.weight_decay},
+            {"params": plain, "wd_mult": 0.0, "weight_decay": 0.0},
+        ]
+        self.adamw = torch.optim.AdamW(
+            [g for g in groups if g["params"]],
+            lr=optim.lr,
+            betas=optim.betas,
+            eps=optim.eps,
+            fused=self.model_params[0].is_cuda or None,
+        )
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.adamw.param_groups
+
+    @property
+    def state(self):
+        return self.adamw.state
+
+    def zero_grad(self) -> None:
+        for param in self.model_params:
+            param.grad = None
+        for main in self.main_params:
+            main.grad = None
+
+    def step(self) -> tuple[float, bool]:
+        """Clips and applies the model's gradients. Returns (grad norm before clipping, skipped: not finite)."""
+        for param, main in zip(self.model_params, self.main_params, strict=True):
+            if main is not param:
+                main.grad = None if param.grad is None else param.grad.detach().float()
+        grad_norm = clip_grad_norm(self.main_params, self.optim.grad_clip)
+        if not math.isfinite(grad_norm):  # a non-finite gradient would poison the weights: keep the old ones
+            self.zero_grad()
+            return grad_norm, True
+        self.adamw.step()
+        with torch.no_grad():
+            for param, main in zip(self.model_params, self.main_params, strict=True):
+                if main is not param:
+                    param.copy_(main)
+        return grad_norm, False
 
 
 class Policy:
@@ -156,16 +240,26 @@ class Policy:
         self.loss = loss or LossConfig()
         self.optim = optim
         self.weight_version = 0  # optimizer steps taken
-        self.optimizer = None
+        self.optimizer: MainParamsAdamW | None = None
+        self.scheduler = None  # megatron's OptimizerParamScheduler, stepped after every RL optimizer step
+        self._schedule = None
         if optim is not None:
-            self.optimizer = torch.optim.AdamW(
-                [p for p in model.parameters() if p.requires_grad],
-                lr=optim.lr,
-                betas=optim.betas,
-                eps=optim.eps,
-                weight_decay=optim.weight_decay,
-                fused=next(model.parameters()).is_cuda or None,
-            )
+            self.optimizer = MainParamsAdamW(model, optim)
+
+    def reset_optimizer(self) -> None:
+        """A fresh optimizer (no moments; fp32 main params copied from the current weights), e.g. after the
+        supervised warm-up, whose AdamW state must not carry into RL. A schedule attached is re-attached."""
+        if self.optimizer is None:
+            raise RuntimeError("this Policy is frozen (no optimizer)")
+        self.optimizer = MainParamsAdamW(self.model, self.optim)
+        if self.scheduler is not None:
+            self.set_schedule(self._schedule)
+
+    def set_schedule(self, schedule) -> None:
+        """schedule(optimizer) -> a scheduler with step(increment) setting each param group's lr (megatron's
+        OptimizerParamScheduler: `fabric.trainer.algorithm.lr_scheduler`); it takes effect at once."""
+        self._schedule = schedule
+        self.scheduler = schedule(self.optimizer)
 
     @classmethod
     def from_hf(
@@ -215,15 +309,17 @@ class Policy:
         return torch.cat(parts).to(batch_device)
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
-        """One optimizer step of the clipped policy-gradient loss (+ KL) over the whole batch."""
+        """One optimizer step of the clipped policy-gradient loss (+ KL) over the whole batch (a mini-batch), in
+        micro-batches of optim.micro_batch_size whose gradients add up to the whole batch's (gradient accumulation:
+        each micro-batch's loss is aggregated with the whole batch's token and sequence counts)."""
         if batch.advantages is None:
             raise ValueError("batch.advantages is None; compute them (e.g. losses.grpo_advantages) before train_step")
         if self.loss.kl_coef and batch.ref_logprobs is None:
             raise ValueError("kl_coef is set but batch.ref_logprobs is None; fill it from the reference policy")
+        cfg = self.loss
 
-        def micro_loss(mb: TrainBatch, logprobs: torch.Tensor):
+        def micro_loss(mb: TrainBatch, logprobs: torch.Tensor, counts: dict):
             old = mb.old_logprobs if mb.old_logprobs is not None else logprobs.detach()
-            cfg = self.loss
             return losses.policy_loss(
                 logprobs,
                 old,
@@ -235,53 +331,53 @@ class Policy:
                 kl_coef=cfg.kl_coef,
                 kl_estimator=cfg.kl_estimator,
                 loss_agg=cfg.loss_agg_mode,
+                dual_clip=cfg.dual_clip,
+                norm_length=cfg.norm_length,
+                **counts,
             )
 
-        return self._step(batch, micro_loss, self.loss.loss_agg_mode)
+        metrics = self._step(batch, micro_loss, cfg.temperature)
+        if self.scheduler is not None:
+            self.scheduler.step(1)
+        return metrics
 
     def sft_step(self, batch: TrainBatch, loss_agg_mode: str = "token-mean") -> dict[str, float]:
-        """One optimizer step of teacher-forced cross entropy on the response tokens."""
+        """One optimizer step of teacher-forced cross entropy on the response tokens, at temperature 1 (the data's
+        distribution, not the sampler's)."""
         return self._step(
-            batch, lambda mb, lp: (losses.sft_loss(lp, mb.response_mask, loss_agg_mode), {}), loss_agg_mode
+            batch,
+            lambda mb, lp, counts: (losses.sft_loss(lp, mb.response_mask, loss_agg_mode, **counts), {}),
+            temperature=1.0,
         )
 
-    def _step(self, batch: TrainBatch, micro_loss, loss_agg_mode: str) -> dict[str, float]:
+    def _step(self, batch: TrainBatch, micro_loss, temperature: float) -> dict[str, float]:
         if self.optimizer is None:
             raise RuntimeError("this Policy is frozen (no optimizer); train the policy it was copied from")
         batch.validate()
         started = time.perf_counter()
         self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad()
         batch = batch.to(self.device)
         step = self._micro_batch_size(batch)
-        total_tokens = batch.response_mask.sum().clamp(min=1)
+        mask = batch.response_mask
+        counts = {"num_tokens": mask.sum().float(), "num_seqs": (mask.sum(-1) > 0).sum().float()}
         totals: dict[str, float] = {}
         for start in range(0, len(batch), step):
             mb = batch.slice(start, start + step)
-            logprobs = losses.token_logprobs(
-                self.model, mb.input_ids, mb.attention_mask, temperature=self.loss.temperature
-            )
-            loss, metrics = micro_loss(mb, logprobs)
-            # Weight each micro-batch by its share so the sum equals the loss over the whole batch.
-            if loss_agg_mode == "token-mean":
-                weight = float(mb.response_mask.sum() / total_tokens)
-            else:
-                weight = len(mb) / len(batch)
-            (loss * weight).backward()
+            logprobs = losses.token_logprobs(self.model, mb.input_ids, mb.attention_mask, temperature=temperature)
+            loss, metrics = micro_loss(mb, logprobs, counts)
+            loss.backward()  # each micro-batch's share: the sum is the whole batch's loss
             for name, value in {"loss": loss.detach(), **metrics}.items():
-                totals[name] = totals.get(name, 0.0) + weight * float(value)
-        grad_norm = clip_grad_norm(self.model, self.optim.grad_clip)
-        skipped = not math.isfinite(grad_norm)
-        if skipped:  # a non-finite gradient would poison the weights: keep the old ones
-            self.optimizer.zero_grad(set_to_none=True)
-        else:
-            self.optimizer.step()
+                totals[name] = totals.get(name, 0.0) + float(value)
+        lr = self.optimizer.param_groups[0]["lr"]
+        grad_norm, skipped = self.optimizer.step()
+        if not skipped:
             self.weight_version += 1
         return {
             **totals,
             "grad_norm": grad_norm,
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "response_tokens": float(total_tokens),
+            "lr": lr,
+            "response_tokens": float(counts["num_tokens"]),
             "skipped": float(skipped),
             "weight_version": float(self.weight_version),
             "seconds": time.perf_counter() - started,

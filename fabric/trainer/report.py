@@ -88,3 +88,13 @@ def first_last(rows: Sequence[dict], k: int = 5) -> tuple[float, float]:
         return 0.0, 0.0
     head, tail = rows[:k], rows[-k:]
     return sum(r["reward_mean"] for r in head) / len(head), sum(r["reward_mean"] for r in tail) / len(tail)
+
+
+def to_proto(metrics: dict):
+    """A step's metrics dict as fabric.v1.StepMetrics (keys without a field of their own go under `extra`)."""
+    from fabric.v1 import trainer_pb2
+
+    fields = set(trainer_pb2.StepMetrics.DESCRIPTOR.fields_by_name) - {"extra"}
+    message = trainer_pb2.StepMetrics(**{k: v for k, v in metrics.items() if k in fields})
+    message.extra.update(metrics.get("extra", {}))
+    return message

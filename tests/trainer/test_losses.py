@@ -50,7 +50,7 @@ def test_kl_estimators_by_hand():
     assert losses.kl_penalty(logprobs, ref, "k2").item() == pytest.approx(0.5 * math.log(2) ** 2)
     assert losses.kl_penalty(logprobs, ref, "k3").item() == pytest.approx(0.5 - 1 + math.log(2))
     assert losses.kl_penalty(ref, ref, "k3").item() == 0.0
-    with pytest.raises(ValueError, match="use one of k1, k2, k3"):
+    with pytest.raises(ValueError, match="use one of kl, abs, mse, k3"):
         losses.kl_penalty(logprobs, ref, "k4")
 
 

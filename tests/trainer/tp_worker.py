@@ -7,6 +7,22 @@ import os
 import torch
 
 
+def hf_grads(model) -> dict[str, torch.Tensor]:
+    """The gradients in HF layout, all-gathered over TP ranks like the weights (each parameter's data is swapped
+    for its grad while the export reads it)."""
+    from fabric.trainer.model import export_hf_state_dict
+
+    params = [p for p in model.parameters() if p.grad is not None]
+    saved = [p.data for p in params]
+    try:
+        for param in params:
+            param.data = param.grad
+        return export_hf_state_dict(model)
+    finally:
+        for param, data in zip(params, saved, strict=True):
+            param.data = data
+
+
 def run_rank(rank: int, world_size: int, port: int, model_dir: str, out_dir: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -31,6 +47,7 @@ def run_rank(rank: int, world_size: int, port: int, model_dir: str, out_dir: str
         "loaded": loaded,
         "old_logprobs": batch.old_logprobs,
         "metrics": metrics,
+        "grads": hf_grads(policy.model),  # after clipping, as the optimizer used them
         "trained": export_hf_state_dict(policy.model),
     }
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))

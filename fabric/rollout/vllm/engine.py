@@ -28,8 +28,8 @@ FINISH_REASONS = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abo
 
 
 def build_engine_args(config: RolloutConfig) -> dict[str, Any]:
-    """strategy_config as written (minus sleep_level, already popped), plus the model, dtype, sleep mode and the
-    fabric's weight-transfer backend."""
+    """strategy_config as written (minus sleep_level, already popped), plus the model, dtype, sleep mode, processed
+    logprobs and the fabric's weight-transfer backend."""
     from vllm.platforms import current_platform
 
     from fabric.rollout.vllm import transfer
@@ -38,6 +38,9 @@ def build_engine_args(config: RolloutConfig) -> dict[str, Any]:
     args["model"] = config.model
     if config.dtype and "dtype" not in args:
         args["dtype"] = config.dtype
+    # Logprobs of the distribution sampled from (after temperature, top-k and top-p), not vLLM's default raw ones
+    # (before them): what the trainer compares with its own logprobs at the sampling temperature.
+    args.setdefault("logprobs_mode", "processed_logprobs")
     if current_platform.is_sleep_mode_available():  # CPU: vLLM refuses enable_sleep_mode (sleep is a no-op there)
         args.setdefault("enable_sleep_mode", True)
     args.update(transfer.engine_args())

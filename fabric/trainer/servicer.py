@@ -1,18 +1,19 @@
-"""fabric.v1.TrainerService: a thin servicer over the running Trainer (status, metrics stream, control)."""
+"""fabric.v1.TrainerService: a thin servicer over the running Trainer (status, metrics stream, control). Errors are
+raised as FabricError (the Trainer's too); the server's ErrorInterceptor turns them into statuses."""
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
 
-from fabric.errors import abort, invalid, precondition
+from fabric.errors import invalid
+from fabric.trainer.loop import FINAL_STATES, Trainer
+from fabric.trainer.report import to_proto
 from fabric.v1 import trainer_pb2, trainer_pb2_grpc
-
-FINAL_STATES = (trainer_pb2.TRAINER_STATE_FINISHED, trainer_pb2.TRAINER_STATE_FAILED)
 
 
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
-    def __init__(self, trainer):
+    def __init__(self, trainer: Trainer):
         self.trainer = trainer
 
     async def GetStatus(self, request, context):
@@ -21,16 +22,12 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             state=t.state, step=t.step, max_steps=t.pc.max_steps, weight_version=t.version, message=t.message
         )
         if t.history:
-            from fabric.trainer.loop import to_proto
-
             response.last_metrics.CopyFrom(to_proto(t.history[-1]))
         return response
 
     async def WatchMetrics(self, request, context):
-        from fabric.trainer.loop import to_proto
-
         if request.since_step < 0:
-            await abort(context, invalid("since_step", f"must be >= 0, got {request.since_step}"))
+            raise invalid("since_step", f"must be >= 0, got {request.since_step}")
         queue: asyncio.Queue = asyncio.Queue()
         self.trainer.subscribers.add(queue)
         try:
@@ -46,36 +43,19 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             self.trainer.subscribers.discard(queue)
 
     async def Pause(self, request, context):
-        t = self.trainer
-        if t.state in FINAL_STATES:
-            await abort(context, precondition("the run has ended; nothing to pause", "RUN_ENDED"))
-        t.resume_event.clear()
-        if t.state == trainer_pb2.TRAINER_STATE_RUNNING:
-            t.state = trainer_pb2.TRAINER_STATE_PAUSED
-        return trainer_pb2.PauseResponse(state=t.state)
+        return trainer_pb2.PauseResponse(state=self.trainer.pause())
 
     async def Resume(self, request, context):
-        t = self.trainer
-        if t.state in FINAL_STATES:
-            await abort(context, precondition("the run has ended; nothing to resume", "RUN_ENDED"))
-        if t.state == trainer_pb2.TRAINER_STATE_PAUSED:
-            t.state = trainer_pb2.TRAINER_STATE_RUNNING
-        t.resume_event.set()
-        return trainer_pb2.ResumeResponse(state=t.state)
+        return trainer_pb2.ResumeResponse(state=self.trainer.resume())
 
     async def SaveCheckpoint(self, request, context):
         t = self.trainer
         path = Path(request.path) if request.path else t.pc.out / "checkpoints" / f"step_{t.step}"
         if path.exists() and any(path.iterdir()) and not (path / "config.json").exists():
-            await abort(context, invalid("path", f"{path} exists and is not a checkpoint: pick an empty directory"))
+            raise invalid("path", f"{path} exists and is not a checkpoint: pick an empty directory")
         async with t.lock:  # between steps: never a half-updated model
             saved = await t.save_checkpoint(path)
         return trainer_pb2.SaveCheckpointResponse(path=str(saved), step=t.step, weight_version=t.version)
 
     async def Stop(self, request, context):
-        t = self.trainer
-        t.stop_requested = True
-        t.resume_event.set()
-        if t.state not in FINAL_STATES:
-            t.state = trainer_pb2.TRAINER_STATE_STOPPING
-        return trainer_pb2.StopResponse(state=t.state)
+        return trainer_pb2.StopResponse(state=self.trainer.stop())

@@ -1,0 +1,133 @@
+"""`fabric train --config FILE`: the trainer's composition root. Loads the tokenizer, dataset and policy (and runs the
+supervised warm-up, if configured), builds the Trainer and serves fabric.v1.TrainerService while it runs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import torch
+
+from fabric import security
+from fabric.config import ConfigError, load_config
+from fabric.config.pipeline import PipelineConfig, pipeline_config
+from fabric.trainer import report
+from fabric.trainer.data import load_dataset
+from fabric.trainer.loop import Trainer, sampling_settings
+from fabric.v1 import trainer_pb2
+
+log = logging.getLogger(__name__)
+
+
+async def train_main(pc: PipelineConfig, ready=print) -> Trainer:
+    from transformers import AutoTokenizer
+
+    from fabric.server import FabricServer
+    from fabric.trainer.algorithm import lr_scheduler
+    from fabric.trainer.servicer import TrainerServicer
+    from fabric.v1 import trainer_pb2_grpc
+
+    if not pc.rollout_addresses:
+        raise ConfigError("cluster.rollout", "no rollout server addresses (fabric run fills them in)")
+    if not pc.reward_addresses:
+        raise ConfigError("cluster.reward", "no reward server addresses (fabric run fills them in)")
+    if not Path(pc.pretrain, "config.json").is_file():
+        raise ConfigError("actor_train.pretrain", f"not an HF model directory (no config.json): {pc.pretrain}")
+    tokenizer = AutoTokenizer.from_pretrained(pc.pretrain)
+    dataset = load_dataset(pc.dataset, tokenizer, pc.prompt_length)
+    torch.manual_seed(pc.seed)
+    policy = await asyncio.to_thread(build_policy, pc)
+    if pc.sft_steps:
+        await asyncio.to_thread(sft_warmup_from_dataset, policy, dataset, pc)
+        policy.reset_optimizer()  # RL starts with fresh AdamW moments, not the warm-up's
+    a = pc.algorithm
+    total = a.optimizer_steps(pc.rollout_batch_size * pc.group_size, pc.max_steps)
+    policy.set_schedule(lambda optimizer: lr_scheduler(optimizer, a, total))
+    reference = policy.frozen_copy()
+    trainer = Trainer(pc, policy, reference, tokenizer, dataset)
+    servicer = TrainerServicer(trainer)
+    server = FabricServer(
+        ["fabric.v1.TrainerService"],
+        lambda s: trainer_pb2_grpc.add_TrainerServiceServicer_to_server(servicer, s),
+        host=pc.host,
+        port=pc.trainer_port,
+    )
+    await server.start()
+    ready(f"fabric trainer server listening on {server.address}")
+    try:
+        await trainer.run(pc.rollout_addresses, pc.reward_addresses)
+    finally:
+        await server.stop(grace=2)
+    return trainer
+
+
+def optim_config(pc: PipelineConfig):
+    """actor_train.training_args as the policy's optimizer settings (per_device_train_batch_size: the micro-batch)."""
+    from fabric.trainer.policy import OptimConfig
+
+    a = pc.algorithm
+    return OptimConfig(
+        lr=a.learning_rate,
+        weight_decay=a.weight_decay,
+        betas=(a.adam_beta1, a.adam_beta2),
+        grad_clip=a.max_grad_norm,
+        micro_batch_size=a.per_device_train_batch_size,
+    )
+
+
+def loss_config(pc: PipelineConfig):
+    """The loss as ROLL's keys say: clip range (use_pg_clip_range), dual clip (1 + 2 pg_clip), the KL loss only with
+    use_kl_loss (kl_loss_coef x k3; init_kl_coef is the in-reward KL's, see algorithm.py), the aggregation."""
+    from fabric.trainer.policy import LossConfig
+
+    a = pc.algorithm
+    return LossConfig(
+        pg_clip=a.clip_low,
+        pg_clip_high=a.clip_high,
+        dual_clip=1.0 + 2.0 * a.pg_clip if a.dual_clip_loss else None,
+        kl_coef=a.kl_loss_coef_in_use,
+        kl_estimator="k3",
+        loss_agg_mode=a.loss_agg_mode,
+        norm_length=float(pc.response_length),
+        temperature=float(sampling_settings(pc.sampling)["temperature"]) or 1.0,
+    )
+
+
+def build_policy(pc: PipelineConfig):
+    from fabric.trainer.policy import Policy
+
+    return Policy.from_hf(pc.pretrain, optim_config(pc), loss_config(pc), getattr(torch, pc.dtype), None, pc.seed)
+
+
+def sft_warmup_from_dataset(policy, dataset: list[dict], pc: PipelineConfig) -> None:
+    from fabric.trainer.sft import sft_warmup
+
+    pairs = [(row["prompt"], row["response"]) for row in dataset if row.get("response")]
+    if not pairs:
+        raise ConfigError("sft_warmup.steps", "the dataset has no `response` column to warm up on")
+    log.info("supervised warm-up: %d steps on %d pairs", pc.sft_steps, len(pairs))
+    sft_warmup(policy, pairs, pc.sft_steps, batch_size=pc.sft_batch_size, lr=pc.sft_learning_rate, seed=pc.seed)
+
+
+def cli_main(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    pc = pipeline_config(cfg)
+    security.configure(security.SecurityConfig.from_cfg(cfg))
+    for key in ("rollout", "reward"):
+        given = getattr(args, key, None)
+        if given:
+            setattr(pc, f"{key}_addresses", list(given))
+    if getattr(args, "port", None) is not None:
+        pc.trainer_port = args.port
+    try:
+        trainer = asyncio.run(train_main(pc, ready=lambda line: print(line, flush=True)))
+    except KeyboardInterrupt:
+        return 130
+    from rich.console import Console
+
+    console = Console()
+    console.print(report.summary_table(trainer.history))
+    first, last = report.first_last(trainer.history)
+    console.print(f"reward: first 5 steps {first:.3f} -> last 5 steps {last:.3f}; metrics in {trainer.metrics_path}")
+    return 0 if trainer.state == trainer_pb2.TRAINER_STATE_FINISHED else 1

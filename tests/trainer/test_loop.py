@@ -1,0 +1,144 @@
+"""The Trainer's step without servers or a model (fakes for the pools and the policy): empty responses never beat a
+wrong answer, stale samples are left out of the loss and of their group's statistics, the samples split into ROLL's
+mini-batches, every request carries the sampling settings the trainer's logprobs assume, and the config's KL keys
+reach the loss as ROLL routes them."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from fabric.config import load_config
+from fabric.config.algorithm import AlgorithmConfig
+from fabric.config.pipeline import PipelineConfig, pipeline_config
+from fabric.trainer.loop import Sample, Trainer, sampling_settings
+from fabric.v1 import rollout_pb2
+from tests.test_examples import EXAMPLES
+
+
+class FakeRewards:
+    """Scores "right" 1.0 and anything else -1.0 (a reward that can be negative)."""
+
+    def __init__(self):
+        self.items = []
+
+    async def score(self, items):
+        self.items += items
+        return [SimpleNamespace(score=1.0 if item["response"] == "right" else -1.0) for item in items]
+
+
+class FakePolicy:
+    def __init__(self):
+        self.batches = []
+
+    def logprobs(self, batch):
+        return torch.zeros(batch.input_ids.shape)
+
+    def train_step(self, batch):
+        self.batches.append(batch)
+        return {"loss": 0.0, "grad_norm": 1.0, "lr": 1e-3, "clip_frac": 0.0}
+
+
+def sample(prompt_index: int, text: str, version: int = 1, tokens=(5, 6)) -> Sample:
+    response = rollout_pb2.GenerateResponse(
+        text=text,
+        token_ids=list(tokens) if text else [],
+        logprobs=[0.0] * (len(tokens) if text else 0),
+        prompt_token_ids=[1, 2],
+        weight_version=version,
+        finish_reason=rollout_pb2.FINISH_REASON_STOP,
+    )
+    return Sample(prompt_index, response)
+
+
+def make_trainer(tmp_path, **algorithm) -> Trainer:
+    pc = PipelineConfig(output_dir=str(tmp_path), group_size=4, rollout_batch_size=2)
+    pc.rewards = {"rule": {"weight": 1.0, "tags": []}}
+    pc.algorithm = AlgorithmConfig(**algorithm)
+    dataset = [{"prompt": "p0", "ground_truth": "1"}, {"prompt": "p1", "ground_truth": "2"}]
+    policy = FakePolicy()
+    trainer = Trainer(pc, policy, FakePolicy(), SimpleNamespace(pad_token_id=0), dataset)
+    trainer.rewards = FakeRewards()
+    trainer.version = 1
+    return trainer
+
+
+def test_an_empty_response_never_scores_above_a_wrong_one(tmp_path):
+    trainer = make_trainer(tmp_path)
+    samples = [sample(0, "right"), sample(0, "wrong"), sample(0, ""), sample(0, "  ")]
+    asyncio.run(trainer.score(samples, step=1))
+    assert [s.reward for s in samples] == [1.0, -1.0, -1.0, -1.0]
+    assert [item["response"] for item in trainer.rewards.items] == ["right", "wrong"]  # empty ones never sent
+
+
+def test_stale_samples_leave_the_loss_and_their_groups_statistics(tmp_path):
+    trainer = make_trainer(tmp_path, per_device_train_batch_size=8)
+    samples = [sample(0, "a"), sample(0, "b"), sample(0, "c"), sample(0, "d", version=0)]
+    samples += [sample(1, "e"), sample(1, "f"), sample(1, "g"), sample(1, "h")]
+    for s, reward in zip(samples, [1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5], strict=True):
+        s.reward = reward
+    metrics = trainer.train(samples)
+    (batch,) = trainer.policy.batches
+    assert batch.response_mask[3].sum() == 0 and metrics["stale_samples"] == 1
+    adv = batch.advantages[:, 2]  # the first response token
+    std = (1 / 3) ** 0.5  # of 1, 0, 0 (the stale 1 left out)
+    assert adv[:3].tolist() == pytest.approx([2 / 3 / std, -1 / 3 / std, -1 / 3 / std], rel=1e-5)
+    assert adv[3:].abs().sum() == 0  # the stale sample, and the group of equal rewards: exactly 0
+
+
+def test_samples_split_into_mini_batches_per_epoch(tmp_path):
+    trainer = make_trainer(tmp_path, per_device_train_batch_size=1, gradient_accumulation_steps=2, ppo_epochs=3)
+    samples = [sample(k // 4, "x") for k in range(8)]
+    for k, s in enumerate(samples):
+        s.reward = float(k % 2)
+    metrics = trainer.train(samples)
+    assert [len(b) for b in trainer.policy.batches] == [2] * 12  # 8 / (1 x 2) mini-batches x 3 epochs
+    assert metrics["extra"]["optimizer_steps"] == 12.0
+    seen = torch.cat([b.input_ids[:, 0] for b in trainer.policy.batches[:4]])
+    assert len(seen) == 8  # an epoch covers every sample once
+
+
+def test_every_request_carries_the_sampling_settings_the_trainer_assumes():
+    assert sampling_settings({"max_new_tokens": 8}) == {
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "top_k": -1,
+        "max_new_tokens": 8,
+    }
+    assert sampling_settings({"temperature": 0.7})["temperature"] == 0.7
+
+
+@pytest.mark.parametrize(
+    "overrides, kl_loss, in_reward",
+    [
+        ([], 0.0, False),  # ROLL's default init_kl_coef 0.2 is the in-reward KL's, off without add_token_level_kl
+        (["init_kl_coef=0.2"], 0.0, False),
+        (["use_kl_loss=true", "kl_loss_coef=0.001"], 0.001, False),
+        (["kl_loss_coef=0.001"], 0.0, False),  # without use_kl_loss: no KL loss, as in ROLL
+        (["add_token_level_kl=true", "init_kl_coef=0.05"], 0.0, True),
+    ],
+)
+def test_kl_coefficients_are_routed_as_roll_routes_them(overrides, kl_loss, in_reward):
+    from fabric.trainer.server import loss_config
+
+    pc = pipeline_config(load_config(EXAMPLES / "default.yaml", overrides))
+    assert loss_config(pc).kl_coef == kl_loss
+    assert pc.algorithm.add_token_level_kl == in_reward
+    if in_reward:
+        assert pc.algorithm.init_kl_coef == 0.05
+
+
+def test_the_shipped_configs_algorithm_keys():
+    from fabric.trainer.server import loss_config, optim_config
+
+    demo = pipeline_config(load_config(EXAMPLES / "default.yaml"))
+    assert demo.algorithm.mini_batch_size == demo.rollout_batch_size * demo.group_size  # one step per RL step
+    assert optim_config(demo).micro_batch_size == 64 and loss_config(demo).loss_agg_mode == "token-mean"
+    roll = pipeline_config(load_config(EXAMPLES / "roll_qwen2.5-7b_rlvr.yaml"))
+    a = roll.algorithm
+    assert (a.adv_estimator, a.norm_mean_type, a.whiten_advantages, a.advantage_clip) == ("reinforce", None, True, 2.0)
+    assert loss_config(roll).dual_clip == pytest.approx(1.4) and roll.dtype == "bfloat16"
+    assert a.lr_warmup_steps(a.optimizer_steps(512, roll.max_steps)) == 20
