@@ -66,11 +66,6 @@ def internal(message: str, reason: str = "INTERNAL") -> FabricError:
     return FabricError(grpc.StatusCode.INTERNAL, message, reason)
 
 
-async def abort(context: grpc.aio.ServicerContext, error: FabricError):
-    """Ends the RPC with the error's status and its ErrorInfo details (raises)."""
-    await context.abort_with_status(error.to_status())
-
-
 def error_info(err: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
     """The ErrorInfo detail of a failed call, if the server sent one (client side)."""
     status = rpc_status.from_call(err) if hasattr(err, "trailing_metadata") else None
