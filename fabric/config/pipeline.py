@@ -228,8 +228,10 @@ def pipeline_config(cfg: DictConfig) -> PipelineConfig:
     if pc.sync_mode not in (None, "relay", "direct"):
         raise ConfigError("weight_sync.mode", f"'{pc.sync_mode}': use relay or direct")
     pc.sync_transport = str(sync.get("transport", "auto"))
-    if pc.sync_transport not in ("auto", "tcp", "grpc"):
-        raise ConfigError("weight_sync.transport", f"'{pc.sync_transport}': use auto, tcp or grpc")
+    from fabric.weights.transports import CHOICES
+
+    if pc.sync_transport not in CHOICES:
+        raise ConfigError("weight_sync.transport", f"'{pc.sync_transport}': use one of {', '.join(CHOICES)}")
     pc.chunk_mib = float(sync.get("chunk_mib", 4.0))
     timeouts = cfg.get("timeouts") or {}
     pc.generate_timeout_s = float(timeouts.get("generate_s", pc.generate_timeout_s))
