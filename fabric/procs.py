@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 
-from fabric.shm import release_orphaned_shm, shm_entries
+from fabric.shm import group_pids, release, shm_used_by
 
 READY_RE = re.compile(r"fabric (\w+) server listening on (\S+)")
 
@@ -57,10 +57,8 @@ class ServerProcess:
         self.address: str | None = None
         self.tail: deque[str] = deque(maxlen=200)
         self._ready = threading.Event()
-        self.shm_before: set[str] = set()
 
     def start(self) -> ServerProcess:
-        self.shm_before = shm_entries()
         self.proc = subprocess.Popen(
             self.cmd,
             stdout=subprocess.PIPE,
@@ -124,6 +122,7 @@ class ServerProcess:
         if self.proc is None:
             return None
         deadline = time.monotonic() + grace
+        owned = shm_used_by(group_pids(self.proc.pid))  # what to release if its processes leave it behind
         if self.proc.poll() is None:
             self.signal(signal.SIGTERM)
             try:
@@ -139,7 +138,7 @@ class ServerProcess:
             pass
         code = self.proc.wait()
         _wait_group_gone(self.proc.pid, 10.0)
-        release_orphaned_shm(self.shm_before)
+        release(owned)
         return code
 
     def __enter__(self) -> ServerProcess:

@@ -21,23 +21,66 @@ def shm_entries() -> set[str]:
     return {p.name for pattern in SHM_PATTERNS for p in SHM_DIR.glob(pattern)}
 
 
+def _pids() -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+
+
+def _shm_of(pid: int) -> set[str]:
+    """Names under /dev/shm that process `pid` maps or holds open (empty if it is gone or not ours to read)."""
+    used: set[str] = set()
+    proc = Path("/proc") / str(pid)
+    try:
+        for line in (proc / "maps").read_text().splitlines():
+            if "/dev/shm/" in line:
+                used.add(line.rsplit("/dev/shm/", 1)[1].split(" ")[0])
+        for fd in (proc / "fd").iterdir():
+            target = os.readlink(fd)
+            if target.startswith("/dev/shm/"):
+                used.add(target.removeprefix("/dev/shm/"))
+    except OSError:  # the process ended meanwhile, or is not ours to read
+        pass
+    return used
+
+
 def _shm_in_use() -> set[str]:
     """Names under /dev/shm that a live process maps or holds open."""
-    used: set[str] = set()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
+    return {name for pid in _pids() for name in _shm_of(pid)}
+
+
+def group_pids(pgid: int) -> list[int]:
+    """The live processes of a process group."""
+    found = []
+    for pid in _pids():
         try:
-            for line in (proc / "maps").read_text().splitlines():
-                if "/dev/shm/" in line:
-                    used.add(line.rsplit("/dev/shm/", 1)[1].split(" ")[0])
-            for fd in (proc / "fd").iterdir():
-                target = os.readlink(fd)
-                if target.startswith("/dev/shm/"):
-                    used.add(target.removeprefix("/dev/shm/"))
-        except OSError:  # the process ended meanwhile, or is not ours to read
+            stat = (Path("/proc") / str(pid) / "stat").read_text()
+            if int(stat.rsplit(")", 1)[1].split()[2]) == pgid:
+                found.append(pid)
+        except (OSError, ValueError, IndexError):
             continue
-    return used
+    return found
+
+
+def descendant_pids(root: int) -> list[int]:
+    """`root` and every live process below it."""
+    children: dict[int, list[int]] = {}
+    for pid in _pids():
+        try:
+            ppid = int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(pid)
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def shm_used_by(pids) -> set[str]:
+    """What these processes use in /dev/shm, of the kinds a fabric server creates (SHM_PATTERNS)."""
+    mine = shm_entries()
+    return {name for pid in pids for name in _shm_of(pid) if name in mine}
 
 
 def orphaned_shm(before: set[str]) -> list[str]:
@@ -46,10 +89,11 @@ def orphaned_shm(before: set[str]) -> list[str]:
     return sorted(new - _shm_in_use()) if new else []
 
 
-def release_orphaned_shm(before: set[str]) -> list[str]:
-    """Deletes what a stopped server's processes (killed ones too) left behind since `before`. Another live
-    server's segments are mapped, so they stay."""
-    orphans = orphaned_shm(before)
+def release(owned: set[str]) -> list[str]:
+    """Deletes those of `owned` (what a stopped server's processes used) that no live process uses any more. Only
+    a server's own segments are candidates, so a server starting beside it never loses one mid-handshake."""
+    existing = owned & shm_entries()
+    orphans = sorted(existing - _shm_in_use()) if existing else []
     for name in orphans:
         (SHM_DIR / name).unlink(missing_ok=True)
     return orphans

@@ -9,11 +9,13 @@ import time
 from fabric.procs import ServerProcess
 from fabric.shm import SHM_DIR
 
-# A "server" whose child ignores SIGTERM and outlives it, and which leaves a segment in /dev/shm behind.
+# A "server" whose child ignores SIGTERM and outlives it, and which holds a segment in /dev/shm that it never
+# deletes (as a killed vLLM process leaves its message queues).
 SCRIPT = """
 trap '' TERM
 (trap '' TERM; sleep 60) &
-echo leak > {shm}
+exec 3>{shm}
+echo leak >&3
 echo "fabric test server listening on 127.0.0.1:1"
 wait
 """

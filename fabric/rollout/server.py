@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Callable
 
@@ -18,7 +19,7 @@ from fabric.rollout.engine import create_engine
 from fabric.rollout.servicer import RolloutServicer
 from fabric.rollout.validation import check_generating_args
 from fabric.server import FabricServer, print_ready
-from fabric.shm import release_orphaned_shm, shm_entries
+from fabric.shm import descendant_pids, release, shm_used_by
 from fabric.v1 import rollout_pb2, rollout_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,6 @@ async def serve(
     config: RolloutConfig, host: str = "127.0.0.1", port: int = 0, ready: Callable[[str], None] | None = None
 ) -> None:
     engine = create_engine(config)  # checks the engine arguments: ConfigError before the slow start
-    shm_before = shm_entries()
     servicer = RolloutServicer(engine, config)
     server = FabricServer(
         [SERVICE_NAME],
@@ -55,8 +55,9 @@ async def serve(
         log.info("stopped")
     finally:
         servicer.close()  # staging files first: they are RAM-backed shared memory
+        owned = shm_used_by(descendant_pids(os.getpid()))
         engine.shutdown()
-        leftovers = release_orphaned_shm(shm_before)  # what the engine's processes did not clean up themselves
+        leftovers = release(owned)  # what the engine's processes did not clean up themselves
         if leftovers:
             log.info("released %d shared-memory segments the engine left: %s", len(leftovers), ", ".join(leftovers))
 
