@@ -109,6 +109,13 @@ class ServerProcess:
         return "\n".join(list(self.tail)[-n:])
 
     @property
+    def process(self) -> subprocess.Popen:
+        """The started process (start() first)."""
+        if self.proc is None:
+            raise RuntimeError(f"{self.name} was not started")
+        return self.proc
+
+    @property
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 

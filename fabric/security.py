@@ -62,7 +62,7 @@ class SecurityConfig:
 
         token = section.get("token")
         if section.get("token_file"):
-            token = read("token_file").decode().strip()
+            token = (read("token_file") or b"").decode().strip()
         if token is not None and not str(token).strip():
             raise ConfigError("security.token", "is empty: set a secret or remove the key")
         cert, key, ca = read("tls_cert"), read("tls_key"), read("tls_ca")

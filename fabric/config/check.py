@@ -16,6 +16,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -59,7 +60,7 @@ def top_level(cfg: DictConfig, known: set[str]) -> tuple[list[str], list[ConfigE
     errors: list[ConfigError] = []
     ignored: list[str] = []
     keys = [str(k) for k in cfg.keys()]
-    raw = OmegaConf.to_container(cfg, resolve=False)
+    raw = cast(dict, OmegaConf.to_container(cfg, resolve=False))
     agentic = [k for k in keys if k in roll_keys.AGENTIC_KEYS]
     if agentic:
         errors.append(ConfigError(agentic[0], roll_keys.AGENTIC_WHY))

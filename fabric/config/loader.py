@@ -12,10 +12,10 @@ import warnings
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 # The resolvers ROLL's configs use: `oc.env` is OmegaConf's own; `now` is Hydra's (registered here too, so that a
@@ -65,7 +65,7 @@ def _compose_hydra(path: Path) -> DictConfig:
         message = " ".join(str(exc).split())
         raise ConfigError("defaults", f"cannot compose {path}: {message}") from None
     # A plain config again (compose returns a struct one, which would refuse new keys from overrides).
-    return OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    return cast(DictConfig, OmegaConf.create(OmegaConf.to_container(cfg, resolve=False)))
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), base: dict | None = None) -> DictConfig:
@@ -74,7 +74,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), b
     Interpolations are left for the reader: a section is resolved when a process reads it (`resolved`), so a
     `${oc.env:VAR}` in a section this process never reads does not stop it. `check.check_config` resolves every
     section a process needs, before anything starts."""
-    parts = [OmegaConf.create(base or {})]
+    parts: list[DictConfig | ListConfig] = [OmegaConf.create(base or {})]
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -94,7 +94,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), b
             raise ConfigError(item, "an override must look like key=value (e.g. max_steps=3)")
     try:
         parts.append(OmegaConf.from_dotlist(list(overrides)))
-        cfg = OmegaConf.merge(*parts)
+        cfg = cast(DictConfig, OmegaConf.merge(*parts))
     except OmegaConfBaseException as exc:
         raise _error(exc) from None
     for key in HYDRA_KEYS:

@@ -34,7 +34,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -72,7 +72,7 @@ def check_keys(section: Any, allowed: set[str], where: str) -> None:
         return
     if not isinstance(section, DictConfig):
         raise ConfigError(where, f"must be a mapping, got {type(section).__name__}")
-    for key in section.keys():
+    for key in map(str, section.keys()):
         if key not in allowed:
             match = difflib.get_close_matches(str(key), sorted(allowed), n=1)
             hint = f"did you mean '{match[0]}'?" if match else f"allowed keys: {', '.join(sorted(allowed))}"
@@ -193,7 +193,9 @@ def pipeline_config(cfg: DictConfig) -> PipelineConfig:
         output_dir=str(_get(cfg, "output_dir", f"./runs/{_get(cfg, 'exp_name', 'fabric')}")),
     )
     infer = cfg.get("actor_infer") or {}
-    generating = dict(OmegaConf.to_container(infer.get("generating_args") or OmegaConf.create({}), resolve=True))
+    generating = dict(
+        cast(dict, OmegaConf.to_container(infer.get("generating_args") or OmegaConf.create({}), resolve=True))
+    )
     generating.setdefault("max_new_tokens", pc.response_length)
     generating["num_return_sequences"] = pc.group_size
     pc.sampling = {

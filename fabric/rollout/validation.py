@@ -55,10 +55,11 @@ def resolve_sampling(values: dict[str, Any], field_prefix: str = "sampling") -> 
     top_p = number("top_p", 1.0)
     if not 0 < top_p <= 1:
         raise invalid(field("top_p"), f"must be in (0, 1], got {top_p:g}")
-    top_k = integer("top_k", 0)
+    top_k = integer("top_k", 0) or 0
     if top_k < -1:
         raise invalid(field("top_k"), f"must be >= 1, or 0 / -1 for no top-k, got {top_k}")
     num_beams = integer("num_beams", 1)
+    assert num_beams is not None
     if num_beams < 0:
         raise invalid(field("num_beams"), f"must be 1, got {num_beams}")
     if num_beams > 1:
@@ -69,6 +70,7 @@ def resolve_sampling(values: dict[str, Any], field_prefix: str = "sampling") -> 
             reason="BEAM_SEARCH_UNSUPPORTED",
         )
     n = integer("num_return_sequences", 1)
+    assert n is not None
     if not 1 <= n <= MAX_RETURN_SEQUENCES:
         raise invalid(field("num_return_sequences"), f"must be in [1, {MAX_RETURN_SEQUENCES}], got {n}")
     max_new_tokens = integer("max_new_tokens", None)
@@ -84,7 +86,7 @@ def resolve_sampling(values: dict[str, Any], field_prefix: str = "sampling") -> 
     if not isinstance(logprobs, bool):
         raise invalid(field("logprobs"), f"expected true or false, got {logprobs!r}")
     return Sampling(
-        max_new_tokens=max_new_tokens,
+        max_new_tokens=max_new_tokens,  # type: ignore[arg-type]  # None until the caller fills the context
         temperature=temperature,
         top_p=top_p,
         top_k=0 if top_k == -1 else top_k,

@@ -73,7 +73,7 @@ class Launcher:
             started = time.perf_counter()
             addresses = start_all(self.servers, timeout=self.pc.server_start_timeout_s)
         for server in self.servers:
-            self.console.print(f"  {server.name:10s} {server.address}  pid {server.proc.pid}")
+            self.console.print(f"  {server.name:10s} {server.address}  pid {server.process.pid}")
         self.console.print(f"servers ready in {time.perf_counter() - started:.0f} s")
         return addresses[: len(rollouts)], addresses[len(rollouts) :]
 
@@ -96,9 +96,9 @@ class Launcher:
             if server.alive or server.name in self.lost:
                 continue
             self.lost.add(server.name)
-            code = server.proc.returncode
+            code = server.process.returncode
             self.console.print(
-                f"[bold red]{server.name} ({server.address}, pid {server.proc.pid}) died with exit "
+                f"[bold red]{server.name} ({server.address}, pid {server.process.pid}) died with exit "
                 f"code {code}[/]; its log: {server.log_path}"
             )
             kind = server.kind
@@ -110,11 +110,11 @@ class Launcher:
                     EXIT_SERVER_DIED,
                 )
             self.console.print(f"[yellow]the trainer carries on with {len(alive)} {kind} server(s)")
-        if self.trainer is not None and not self.trainer.alive and self.trainer.proc.returncode != 0:
+        if self.trainer is not None and not self.trainer.alive and self.trainer.process.returncode != 0:
             raise RunFailed(
-                f"the trainer exited with code {self.trainer.proc.returncode}; last lines of its log "
+                f"the trainer exited with code {self.trainer.process.returncode}; last lines of its log "
                 f"({self.trainer.log_path}):\n{self.trainer.last_lines(15)}",
-                self.trainer.proc.returncode,
+                self.trainer.process.returncode,
             )
 
     async def watch(self, address: str) -> list[dict]:
@@ -202,10 +202,12 @@ def cli_main(args) -> int:
             "SaveCheckpoint, Stop)"
         )
         rows = loop.run_until_complete(launcher.watch(address))
-        code = launcher.trainer.proc.wait(timeout=120)
+        trainer = launcher.trainer
+        assert trainer is not None  # started by start_trainer above
+        code = trainer.process.wait(timeout=120)
         launcher.check_processes()
         if code != 0:
-            raise RunFailed(f"the trainer exited with code {code}; see {launcher.trainer.log_path}", code)
+            raise RunFailed(f"the trainer exited with code {code}; see {trainer.log_path}", code)
         first, last = report.first_last([_numbers(r) for r in rows])
         console.print(
             f"[bold]done in {time.perf_counter() - started:.0f} s[/]: {len(rows)} steps; mean reward of "

@@ -8,6 +8,8 @@ token, so the same [B, T] positions index ids, logprobs, old/reference logprobs 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 KL_ESTIMATORS = ("kl", "abs", "mse", "k3", "k1", "k2")
@@ -231,7 +233,7 @@ def policy_loss(
     mask = response_mask.to(logprobs.dtype)
     if advantages.ndim == 1:
         advantages = advantages[:, None].expand_as(logprobs)
-    agg = dict(num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length)
+    agg: dict[str, Any] = dict(num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length)
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     high = pg_clip if pg_clip_high is None else pg_clip_high
@@ -243,7 +245,7 @@ def policy_loss(
         per_token = torch.where(advantages < 0, bounded, per_token)
     pg_loss = aggregate(per_token, mask, loss_agg, **agg)
     loss = pg_loss
-    token_mean = dict(num_tokens=num_tokens)
+    token_mean: dict[str, Any] = dict(num_tokens=num_tokens)
     metrics = {
         "pg_loss": pg_loss.detach(),
         "clip_frac": aggregate((surr2 < surr1).to(logprobs.dtype), mask, "token-mean", **token_mean).detach(),

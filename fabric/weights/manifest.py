@@ -18,7 +18,7 @@ from fabric.v1 import weights_pb2
 
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
 
-TORCH_TO_PROTO: dict[torch.dtype, int] = {
+TORCH_TO_PROTO: dict[torch.dtype, weights_pb2.DType] = {
     torch.float32: weights_pb2.D_TYPE_FLOAT32,
     torch.float16: weights_pb2.D_TYPE_FLOAT16,
     torch.bfloat16: weights_pb2.D_TYPE_BFLOAT16,

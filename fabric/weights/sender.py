@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,7 +76,7 @@ class WeightSource:
 
     def host_chunks(
         self, indices: Iterable[int], stage_bytes: int = HOST_STAGE_BYTES
-    ) -> Iterator[tuple[int, memoryview]]:
+    ) -> Generator[tuple[int, memoryview], None, None]:
         """(chunk index, its bytes in host memory) in order. A CPU tensor's chunk is a view of the tensor itself;
         other chunks are copied in batches of up to `stage_bytes` into one of two reused (pinned, with CUDA)
         buffers, the next batch copying while the caller sends the current one. A view is valid until the caller
@@ -95,7 +95,7 @@ class WeightSource:
                     if pending is not None:
                         yield from self._drain(*pending)
                         pending = None
-                    yield i, self._checked(i, memoryview(raw[spec.offset : spec.offset + spec.length].numpy()))
+                    yield i, self._checked(i, raw[spec.offset : spec.offset + spec.length].numpy().data)
                     continue
                 if size + spec.length > stage_bytes and batch:
                     copying = self._copy(batch, buffers[0])
@@ -148,7 +148,7 @@ class WeightSource:
         cursor = 0
         for i in batch:
             length = self.manifest.chunks[i].length
-            yield i, self._checked(i, memoryview(host[cursor : cursor + length]))
+            yield i, self._checked(i, host[cursor : cursor + length].data)
             cursor += length
 
     def _checked(self, index: int, view: memoryview) -> memoryview:

@@ -168,6 +168,7 @@ class VersionStore:
         """Verifies and stores one chunk whose bytes are in `data`."""
         spec = self.chunk_spec(staged, chunk, len(data))
         self.verify(staged, chunk, data)
+        assert staged.buffer is not None  # retired only once no stream feeds the version
         staged.buffer.write(spec.tensor_index, spec.offset, data)
         self.mark(staged, chunk.chunk_index, len(data))
 
@@ -249,6 +250,7 @@ class VersionStore:
         return result
 
     def _update_info(self, staged: StagedVersion) -> dict:
+        assert staged.buffer is not None  # complete versions keep their buffer until committed or dropped
         info = staged.buffer.update_info()
         info["tie_lm_head"] = self.tied and "lm_head.weight" not in {t.name for t in staged.manifest.tensors}
         return info

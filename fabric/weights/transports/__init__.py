@@ -19,8 +19,12 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 from fabric.v1 import rollout_pb2
+
+if TYPE_CHECKING:
+    from fabric.weights.sender import PushReport, WeightSource
 
 # name -> module with the sender side
 SENDERS: dict[str, str] = {
@@ -85,14 +89,14 @@ def choose(requested: str, status: rollout_pb2.GetWeightsStatusResponse, source)
 class SendJob:
     """One stream of one update: to `target`, which relays to `relay_targets`."""
 
-    source: object  # fabric.weights.sender.WeightSource
+    source: WeightSource
     version: int
     target: str
     relay_targets: list[str]
     chunks: list[int] | None  # None: all of them
     offer: rollout_pb2.WeightTransportOffer
     timeout: float
-    report: object  # fabric.weights.sender.PushReport: bytes_sent is added to
+    report: PushReport  # bytes_sent is added to
 
     def header(self, transport: str) -> rollout_pb2.UpdateWeightsHeader:
         return rollout_pb2.UpdateWeightsHeader(
