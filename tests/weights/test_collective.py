@@ -130,6 +130,21 @@ def test_ipc_handles_are_plain_values_only():
         ipc.loads(evil)
 
 
+def test_direct_load_on_cuda_unquantized_only(monkeypatch):
+    from fabric.rollout.vllm.transfer import direct_load
+
+    plain, quantized = type("M", (), {"quantization": None})(), type("M", (), {"quantization": "fp8"})()
+    monkeypatch.delenv("FABRIC_LAYERWISE_RELOAD", raising=False)
+    assert direct_load("cuda:0", plain) and not direct_load("cpu", plain) and not direct_load("cuda:0", quantized)
+    monkeypatch.setenv("FABRIC_LAYERWISE_RELOAD", "1")
+    assert not direct_load("cuda:0", plain)
+
+
+def test_group_ids_carry_the_update_sequence():
+    assert collective._parse_group_id("fabric-abc#7") == ("fabric-abc", "7")
+    assert collective._parse_group_id("fabric-abc") == ("fabric-abc", "0")
+
+
 def test_buckets_cover_the_layout_once():
     assert collective.buckets(10, 4) == [(0, 4), (4, 8), (8, 10)]
     assert collective.buckets(8, 1 << 30) == [(0, 8)]
@@ -205,6 +220,34 @@ def test_servers_offer_gloo_and_a_push_over_it_commits_everywhere(cluster, tiny_
     assert all(r.transport_reason == "requested gloo" for r in report.results)
     assert all(r.bytes_received == report.results[0].bytes_received > 0 for r in report.results)
     assert_serving(targets, version, references["b"])
+
+
+@pytest.mark.slow
+def test_group_is_kept_while_the_servers_are_the_same_and_formed_again_when_they_change(
+    cluster, tiny_model, tiny_model_b, references
+):
+    from fabric.v1 import rollout_pb2
+    from tests.weights.test_update import stub
+
+    targets = addresses(cluster)
+    version = max(serving(a) for a in targets) + 1
+    formed = []
+    for checkpoint, servers in ((tiny_model, targets), (tiny_model_b, targets), (tiny_model, targets[:2])):
+        report = push(checkpoint, servers, version)
+        assert report.ok, report.failed
+        formed.append(report.collective_timings["formed"])
+        version += 1
+    # the same servers: the group of the first push is reused; two of them: formed again
+    assert formed[1:] == [0, 1], formed
+    # a server that sleeps leaves its group: the next push forms it again, with everyone
+    first = stub(targets[0])
+    first.Sleep(rollout_pb2.SleepRequest(level=1), timeout=120)
+    first.WakeUp(rollout_pb2.WakeUpRequest(tags=[]), timeout=120)
+    report = push(tiny_model_b, targets, version)
+    assert report.ok and report.collective_timings["formed"] == 1, (report.failed, report.collective_timings)
+    report = push(tiny_model, targets, version + 1)
+    assert report.ok and report.collective_timings["formed"] == 0, (report.failed, report.collective_timings)
+    assert_serving(targets, version + 1, references["a"])
 
 
 @pytest.mark.slow
