@@ -715,7 +715,7 @@ def run_all(out: Path, names, budget: float) -> None:
         record(f"{name}.bytes", source.total_bytes)
         record(f"{name}.raw_nccl", raw_nccl(source.total_bytes))
         fabric_layout(out, name, d, source)
-        if name == names[0] or left() > 200:
+        if name == names[0] or left() > 90:
             vllm_own_layout(out, name, d, source)
         else:
             record(f"{name}.vllm_own_skipped", f"budget: {left():.0f} s left")
