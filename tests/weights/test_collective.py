@@ -142,7 +142,7 @@ def test_direct_load_on_cuda_unquantized_only(monkeypatch):
 
 def test_group_ids_carry_the_update_sequence():
     assert collective._parse_group_id("fabric-abc#7") == ("fabric-abc", "7")
-    assert collective._parse_group_id("fabric-abc") == ("fabric-abc", "0")
+    assert collective._parse_group_id("fabric-abc") == ("fabric-abc", "1")
 
 
 def test_buckets_cover_the_layout_once():

@@ -296,10 +296,18 @@ class VLLMEngine:
         """Loads a staged version through the fabric's vLLM weight-transfer backend (the lead's receiver calls it)."""
         from fabric.rollout.vllm import transfer
 
+        started = time.perf_counter()
         device_info = self.device_staging.info(version) if self.device_staging is not None else None
         if device_info is not None:  # staged in this process's GPU memory (NCCL, IPC): the worker maps it by handle
             update_info = {**update_info, **device_info}
-        await transfer.commit(self.engine, update_info, version)
+        info_s = time.perf_counter() - started
+        phases = await transfer.commit(self.engine, update_info, version)
+        log.info(
+            "commit of version %d: info_s %.4f, %s",
+            version,
+            info_s,
+            ", ".join(f"{k} {v:.4f}" for k, v in (phases or {}).items()),
+        )
         self.weight_version = version
         if self.device_staging is not None:
             self.device_staging.committed(version)

@@ -138,9 +138,20 @@ def _engine_classes(base=None):
                 initialize_layerwise_reload(self.model)
 
         def update_weights(self, update_info: dict[str, Any]) -> None:
+            import logging
+            import time
+
+            t0 = time.perf_counter()
             self.receive_weights(self.parse_update_info(update_info))
+            t1 = time.perf_counter()
             if torch.accelerator.is_available():
                 torch.accelerator.synchronize()
+            logging.getLogger("vllm.fabric_transfer").info(
+                "fabric update_weights: load_s %.4f, sync_s %.4f, direct %s",
+                t1 - t0,
+                time.perf_counter() - t1,
+                self._direct(),
+            )
 
         def receive_weights(self, update_info: SharedMemoryUpdateInfo, *args) -> None:
             # *args: an older base passed a load_weights callable too; the model's own load_weights is used.
@@ -183,15 +194,30 @@ def engine_args() -> dict:
     return {"weight_transfer_config": {"backend": BACKEND}}
 
 
-async def commit(engine, update_info: dict, version: int) -> None:
-    """Loads a staged version into a running AsyncLLM: pause (keep requests), load, resume."""
+async def commit(engine, update_info: dict, version: int) -> dict:
+    """Loads a staged version into a running AsyncLLM: pause (keep requests), load, resume. Returns the phases'
+    seconds."""
+    import time
+
     from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
 
+    phases: dict[str, float] = {}
+    t = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal t
+        now = time.perf_counter()
+        phases[name] = now - t
+        t = now
+
     await compat.pause_generation(engine)
+    lap("pause_s")
     try:
         await engine.start_weight_update()
+        lap("start_s")
         try:
             await engine.update_weights(WeightTransferUpdateRequest(update_info=update_info))
+            lap("update_s")
         except BaseException:
             # End the update inside the engine whatever failed: left open, the next update is refused ("already
             # active") and the engine dies later. Layers that loaded nothing keep their weights; the receiver
@@ -199,5 +225,8 @@ async def commit(engine, update_info: dict, version: int) -> None:
             await compat.finish_weight_update(engine, None)
             raise
         await compat.finish_weight_update(engine, version)
+        lap("finish_s")
     finally:
         await engine.resume_generation()
+        lap("resume_s")
+    return phases

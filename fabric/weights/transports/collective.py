@@ -201,7 +201,7 @@ def _store(host: str, port: int, is_master: bool, timeout: float):
 def _parse_group_id(group_id: str) -> tuple[str, str]:
     """ "<group>#<seq>" -> (group, seq); a group_id without a sequence number is a one-update group."""
     base, _, seq = group_id.partition("#")
-    return base, seq or "0"
+    return base, seq or "1"
 
 
 class _Held:
@@ -249,10 +249,10 @@ class CollectiveReceiver:
         with self._lock:
             self._drop_held()
 
-    def _drop_held(self) -> None:
+    def _drop_held(self, abort: bool = True) -> None:
         held, self._held = self._held, None
         if held is not None:
-            held.drop_group()
+            held.drop_group(abort)
             held.client = None
 
     def close(self) -> None:
@@ -381,6 +381,10 @@ class CollectiveReceiver:
             if not group.vote(True, time.monotonic() + timeout):
                 raise CollectiveError("another rank of the group did not receive everything: nobody commits")
             timings["vote_s"] = time.perf_counter() - t
+            if "#" not in rv.group_id:  # the sender keeps no group (FABRIC_COLLECTIVE_KEEP=0): neither does this end
+                t = time.perf_counter()
+                self._drop_held(abort=False)
+                timings["close_s"] = time.perf_counter() - t
             return None
         except Exception as exc:  # the group broke (peer gone, deadline): this server keeps its version, drops it
             self._drop_held()
@@ -584,7 +588,8 @@ async def send_group(backend, source, version, targets, timeout, report, bucket_
     group_timeout = float(group_timeout or os.environ.get("FABRIC_COLLECTIVE_TIMEOUT_S") or DEFAULT_TIMEOUT_S)
     addresses = [t for t, _ in targets]
     device = source.device if backend == "nccl" else torch.device("cpu")
-    session, kept = _take_session(backend, addresses, device, group_timeout)
+    keep = os.environ.get("FABRIC_COLLECTIVE_KEEP", "1") != "0"
+    session, kept = _take_session(backend, addresses, device, group_timeout) if keep else (None, False)
     if session is None:
         host = local_address_towards(_split(addresses[0])[0])
         key = (backend, tuple(addresses), str(device), float(group_timeout))
@@ -605,7 +610,8 @@ async def send_group(backend, source, version, targets, timeout, report, bucket_
             transport=backend,
             collective=rollout_pb2.CollectiveRendezvous(
                 backend=backend, store_address=session.store_address, world_size=world, rank=rank,
-                bucket_bytes=bucket_bytes, timeout_s=group_timeout, group_id=f"{session.base}#{seq}",
+                bucket_bytes=bucket_bytes, timeout_s=group_timeout,
+                group_id=f"{session.base}#{seq}" if keep else session.base,
             ),
         )  # fmt: skip
 
@@ -672,7 +678,12 @@ async def send_group(backend, source, version, targets, timeout, report, bucket_
                         r.error.CopyFrom(failed.to_proto())
             results.extend(rs)
     finally:
-        _put_session(session)
+        if keep:
+            _put_session(session)
+        else:
+            t_close = time.perf_counter()
+            session.drop_group(abort=False)
+            timings["close_s"] = time.perf_counter() - t_close
         with contextlib.suppress(Exception):  # this update's check-in keys: the store stays small
             for rank in tasks:
                 store.delete_key(f"ready/{rank}")

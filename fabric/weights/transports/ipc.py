@@ -200,6 +200,7 @@ class IpcReceiver:
     def __init__(self, staging: DeviceStaging):
         self.staging = staging
         self.handles = HandleCache()  # the sender's tensors, mapped once while it shares the same memory
+        self.last_timings: dict = {}
         self._offer = rollout_pb2.WeightTransportOffer(
             name=NAME, params={"host_id": host_id(), "gpu_uuid": gpu_uuid(staging.device)}
         )
@@ -237,11 +238,12 @@ class IpcReceiver:
         if not result.committed:
             self.staging.drop(staged.version)
         log.info(
-            "ipc update to version %d: copy_s %.4f, commit_s %.4f, mapped %d",
+            "ipc update to version %d: copy_s %.4f, commit_s %.4f, mapped %d, %s",
             staged.version,
             copied - started,
             time.perf_counter() - copied,
             len(self.handles),
+            ", ".join(f"{k} {v:.4f}" for k, v in getattr(self, "last_timings", {}).items()),
         )
         return rollout_pb2.UpdateWeightsResponse(results=[result])
 
@@ -250,15 +252,19 @@ class IpcReceiver:
         with torch.cuda.device(device):
             flat = self.staging.allocate(version, specs)
             slots, _ = layout(specs)
-            keys = []
+            keys, sources = [], []
+            t0 = time.perf_counter()
             for slot, handle in zip(slots, shared, strict=True):
-                if not slot.nbytes:
-                    continue
-                src = self.handles.open(handle, device)
-                keys.append(HandleCache.key(handle))
+                if slot.nbytes:
+                    sources.append((slot, self.handles.open(handle, device)))
+                    keys.append(HandleCache.key(handle))
+            t1 = time.perf_counter()
+            for slot, src in sources:
                 flat[slot.offset : slot.offset + slot.nbytes].copy_(src.reshape(-1).view(torch.uint8))
-            self.handles.keep_only(keys)
+            t2 = time.perf_counter()
             torch.cuda.synchronize(device)
+            self.handles.keep_only(keys)
+            self.last_timings = {"open_s": t1 - t0, "issue_s": t2 - t1, "sync_s": time.perf_counter() - t2}
 
 
 def _dtype_name(proto_dtype) -> str:
