@@ -273,6 +273,7 @@ def correctness(out: Path, quick: bool = False) -> None:
         record("correctness.offers", offers)
         tokens, _, versions, errors = generate(addr, prompts, 16)
         record("correctness.initial_equals_hf_a", tokens == ref["a"])
+        initial = tokens  # model a as vLLM loaded it from disk: what an IPC push of a must reproduce
         r = push(source_from_dir(b, "cuda:0"), addr, 1, "nccl")
         record("correctness.nccl_push", r)
         tokens, _, versions, errors = generate(addr, prompts, 16)
@@ -283,7 +284,9 @@ def correctness(out: Path, quick: bool = False) -> None:
         r = push(source_from_dir(a, "cuda:1"), addr, 2, "ipc")
         record("correctness.ipc_push", r)
         tokens, _, versions, errors = generate(addr, prompts, 16)
-        record("correctness.ipc_greedy_equals_hf_a", {"equal": tokens == ref["a"], "versions": sorted(versions)})
+        record("correctness.ipc_greedy_equals_hf_a", {
+            "equal": tokens == ref["a"], "equals_initial": tokens == initial, "versions": sorted(versions),
+        })  # fmt: skip
         if quick:  # again on the kept group and the cached handles, then nothing else
             src_b, src_a = source_from_dir(b, "cuda:0"), source_from_dir(a, "cuda:1")
             for v, (src, transport, want) in enumerate(
@@ -293,7 +296,8 @@ def correctness(out: Path, quick: bool = False) -> None:
                 tokens, _, versions, errors = generate(addr, prompts, 16)
                 record(f"correctness.again_v{v}_{transport}", {
                     "ok": r["ok"], "formed": r["sender"].get("formed"), "seconds": r["seconds"],
-                    "equals_hf": tokens == ref[want], "versions": sorted(versions), "error": r["error"],
+                    "equals_hf": tokens == ref[want], "equals_initial": tokens == initial if want == "a" else None,
+                    "versions": sorted(versions), "error": r["error"],
                 })  # fmt: skip
             return
         # a sender killed mid-broadcast
