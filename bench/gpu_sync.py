@@ -10,7 +10,13 @@ Modes (each writes OUT_DIR/MODE.json and prints every figure as it comes; a part
                server): raw NCCL of the same bytes, the fabric's NCCL path, CUDA IPC on one GPU, the host path (tcp,
                pinned staging; smallest layout only), the update while generation runs, generation tokens/s, and
                sleep / wake (memory freed as GetServerInfo reports it)
-  vllm-own     in-process vLLM on the 7B layout: generation tokens/s and vLLM's own NCCL weight-transfer engine
+  vllm-own     in-process vLLM on the 7B layout: vLLM's own NCCL weight-transfer engine (trainer on GPU0, packed
+               1 GiB buckets) and generation tokens/s, on the same random weights as the fabric's pushes
+  all          one call's worth (`all OUT [LAYOUTS] [BUDGET_S]`): correctness (quick), then per layout raw NCCL, the
+               fabric's NCCL (bytes only, and the full update: first, then the median of 3 on the kept group), CUDA
+               IPC colocated, tcp (0.5B), generation tokens/s through the fabric; vLLM's own NCCL engine and
+               in-process generation on the same model and prompts; one table at the end. Parts past the budget
+               are skipped and say so.
 
 Every process here keeps NCCL's NVLink multicast off (NCCL_NVLS_ENABLE=0), as the GPU machines require.
 """
@@ -212,7 +218,7 @@ def push(source, target, version, transport):
         "reason": r.transport_reason if r else "",
         "server_seconds": r.seconds if r else 0, "commit_s": r.commit_seconds if r else 0,
         "transfer_s": getattr(report, "transfer_seconds", 0.0), "group_s": getattr(report, "group_seconds", 0.0),
-        "error": r.error.message if r else "",
+        "sender": getattr(report, "collective_timings", {}), "error": r.error.message if r else "",
     }  # fmt: skip
 
 
@@ -251,7 +257,7 @@ asyncio.run(push_weights(s, [sys.argv[3]], version=int(sys.argv[2]), transport="
 """
 
 
-def correctness(out: Path) -> None:
+def correctness(out: Path, quick: bool = False) -> None:
     from fabric.models.tiny import make_tiny_model
 
     prompts = ["Add 3 and 4.\n", "Add 12 and 30.\n", "hello"]
@@ -267,6 +273,7 @@ def correctness(out: Path) -> None:
         record("correctness.offers", offers)
         tokens, _, versions, errors = generate(addr, prompts, 16)
         record("correctness.initial_equals_hf_a", tokens == ref["a"])
+        initial = tokens  # model a as vLLM loaded it from disk: what an IPC push of a must reproduce
         r = push(source_from_dir(b, "cuda:0"), addr, 1, "nccl")
         record("correctness.nccl_push", r)
         tokens, _, versions, errors = generate(addr, prompts, 16)
@@ -277,7 +284,22 @@ def correctness(out: Path) -> None:
         r = push(source_from_dir(a, "cuda:1"), addr, 2, "ipc")
         record("correctness.ipc_push", r)
         tokens, _, versions, errors = generate(addr, prompts, 16)
-        record("correctness.ipc_greedy_equals_hf_a", {"equal": tokens == ref["a"], "versions": sorted(versions)})
+        record("correctness.ipc_greedy_equals_hf_a", {
+            "equal": tokens == ref["a"], "equals_initial": tokens == initial, "versions": sorted(versions),
+        })  # fmt: skip
+        if quick:  # again on the kept group and the cached handles, then nothing else
+            src_b, src_a = source_from_dir(b, "cuda:0"), source_from_dir(a, "cuda:1")
+            for v, (src, transport, want) in enumerate(
+                [(src_b, "nccl", "b"), (src_a, "ipc", "a"), (src_b, "nccl", "b"), (src_a, "ipc", "a")], start=3
+            ):
+                r = push(src, addr, v, transport)
+                tokens, _, versions, errors = generate(addr, prompts, 16)
+                record(f"correctness.again_v{v}_{transport}", {
+                    "ok": r["ok"], "formed": r["sender"].get("formed"), "seconds": r["seconds"],
+                    "equals_hf": tokens == ref[want], "equals_initial": tokens == initial if want == "a" else None,
+                    "versions": sorted(versions), "error": r["error"],
+                })  # fmt: skip
+            return
         # a sender killed mid-broadcast
         env = {**os.environ, **SAFE_ENV, "FABRIC_BUCKET_BYTES": str(64 * 1024), "FABRIC_COLLECTIVE_TIMEOUT_S": "10"}
         sender = subprocess.Popen(
@@ -456,6 +478,290 @@ def vllm_own(out: Path) -> None:
         record("vllm_own.stderr_tail", p.stderr[-3000:])
 
 
+# ---- all: one call's worth, with a budget ----------------------------------------------------------------------
+
+T0 = time.monotonic()
+BUDGET_S = 480.0
+
+
+def left() -> float:
+    return BUDGET_S - (time.monotonic() - T0)
+
+
+def median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if xs else None
+
+
+def server_timings(log: Path, transport: str) -> list[dict]:
+    """The receiver's own timings per update, from the rollout server's log."""
+    import re
+
+    out = []
+    pattern = re.compile(rf"{transport} (?:update to )?version (\d+): (.*)$")
+    for line in log.read_text(errors="replace").splitlines():
+        m = pattern.search(line)
+        if m:
+            row = {"version": int(m.group(1))}
+            for part in m.group(2).split(", "):
+                k, _, v = part.partition(" ")
+                row[k] = float(v)
+            out.append(row)
+    return out
+
+
+PROMPTS_GEN = [[(7 * i + j) % 300 + 1 for j in range(64)] for i in range(256)]
+MAX_NEW_GEN = 128
+
+
+def first_tokens(addr) -> list:
+    return generate(addr, PROMPTS_GEN[:4], 8, ids=True)[0]
+
+
+@guarded("fabric")
+def fabric_layout(out: Path, name: str, d: Path, source) -> None:
+    """IPC and NCCL pushes in an order that separates their costs: IPC before any NCCL group, NCCL with a group per
+    update (FABRIC_COLLECTIVE_KEEP=0), IPC again, NCCL on the kept group, IPC again. A path whose push takes more
+    than SLOW_S is not repeated."""
+    util = 0.45
+    log = out / f"{name}.log"
+    server, start_s = start_server(write_config(out / f"{name}.yaml", str(d), "bfloat16", util, True), log)
+    record(f"{name}.server_start_s", start_s)
+    version = [0]
+
+    def pushes(label, src, transport, n, keep="1"):
+        os.environ["FABRIC_COLLECTIVE_KEEP"] = keep
+        got = []
+        for _ in range(n):
+            version[0] += 1
+            got.append(push(src, addr, version[0], transport))
+            if got[-1]["seconds"] > SLOW_S or not got[-1]["ok"]:
+                break
+        record(f"{name}.{label}", got)
+        return got
+
+    try:
+        addr = server.address
+        colocated = random_source(d, "cuda:1")  # the same values as `source` (same seed)
+        ipc0 = pushes("ipc_before_any_nccl", colocated, "ipc", 2)
+        tokens_ipc = first_tokens(addr)
+        once = pushes("nccl_group_per_update", source, "nccl", 3, keep="0")
+        tokens_nccl = first_tokens(addr)
+        record(f"{name}.same_tokens_after_ipc_and_nccl", tokens_ipc == tokens_nccl)
+        ipc1 = pushes("ipc_after_group_per_update", colocated, "ipc", 1)
+        kept = pushes("nccl_kept_group", source, "nccl", 4)
+        ipc2 = pushes("ipc_after_kept_group", colocated, "ipc", 2)
+        record(f"{name}.server_nccl_timings", server_timings(log, "nccl"))
+        record(f"{name}.server_ipc_timings", server_timings(log, "ipc"))
+        record(f"{name}.server_commit_timings", server_timings(log, "commit of"))
+        ok = [p for p in kept if p["ok"]]
+        record(f"{name}.nccl_summary", {
+            "first_s": kept[0]["seconds"] if kept else None,
+            "full_update_median_s": median([p["seconds"] for p in ok[1:]]) if len(ok) > 1 else None,
+            "transfer_median_s": median([p["transfer_s"] for p in ok]) if ok else None,
+            "group_per_update_median_s": median([p["seconds"] for p in once if p["ok"]]),
+            "group_per_update_first_s": once[0]["seconds"] if once else None,
+            "formed": [p["sender"].get("formed") for p in kept],
+        })  # fmt: skip
+        ipcs = [p for p in ipc0 + ipc1 + ipc2 if p["ok"]]
+        record(f"{name}.ipc_summary", {
+            "first_s": ipc0[0]["seconds"] if ipc0 else None,
+            "full_update_median_s": median([p["seconds"] for p in ipcs[1:]]) if len(ipcs) > 1 else None,
+        })  # fmt: skip
+        del colocated
+        torch.cuda.empty_cache()
+        if name == "0.5B":
+            pushes("tcp_push", source, "tcp", 2)
+        # the weights vLLM's own engine gets too, then generation through the fabric
+        last = pushes("last_nccl", source, "nccl", 1)
+        record(f"{name}.last_push_ok", bool(last and last[-1]["ok"]))
+        toks, gs, versions, errors = generate(addr, PROMPTS_GEN, MAX_NEW_GEN, ids=True)
+        n = sum(len(t) for t in toks)
+        record(f"{name}.fabric_generation", {
+            "tokens": n, "seconds": gs, "tokens_per_s": n / gs, "errors": errors[:3], "versions": sorted(versions),
+            "first_tokens": toks[0][:8],
+        })  # fmt: skip
+    finally:
+        os.environ["FABRIC_COLLECTIVE_KEEP"] = "1"
+        server.stop()
+        torch.cuda.empty_cache()
+
+
+SLOW_S = 3.0
+
+
+VLLM_OWN_CHILD = r"""
+import json, os, sys, time
+from vllm import LLM, SamplingParams
+model, port, rounds, util = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+t0 = time.perf_counter()
+llm = LLM(model=model, load_format="dummy", dtype="bfloat16", enforce_eager=True, gpu_memory_utilization=util,
+          max_model_len=1024, weight_transfer_config={"backend": "nccl"})
+print("READY", time.perf_counter() - t0, flush=True)
+spec = json.loads(sys.stdin.readline())
+llm.init_weight_transfer_engine({"init_info": dict(master_address="127.0.0.1", master_port=port, rank_offset=1,
+                                                   world_size=2)})
+times = []
+for r in range(rounds):
+    sys.stdin.readline()
+    t = time.perf_counter()
+    llm.start_weight_update()
+    llm.update_weights({"update_info": dict(names=spec["names"], dtype_names=spec["dtype_names"],
+                                            shapes=spec["shapes"], packed=True)})
+    llm.finish_weight_update()
+    times.append(time.perf_counter() - t)
+    print("DONE", flush=True)
+print("RESULT update_s", json.dumps(times), flush=True)
+prompts = [{"prompt_token_ids": p} for p in json.loads(sys.argv[5])]
+sp = SamplingParams(max_tokens=int(sys.argv[6]), temperature=0)
+llm.generate(prompts[:4], SamplingParams(max_tokens=8, temperature=0))
+t = time.perf_counter(); outs = llm.generate(prompts, sp); dt = time.perf_counter() - t
+n = sum(len(o.outputs[0].token_ids) for o in outs)
+print("RESULT generation", json.dumps({"tokens": n, "seconds": dt, "tokens_per_s": n / dt,
+                                        "first_tokens": list(outs[0].outputs[0].token_ids[:8])}), flush=True)
+"""
+
+
+@guarded("vllm-own")
+def vllm_own_layout(out: Path, name: str, d: Path, source, rounds: int = 4) -> None:
+    """vLLM 0.25.1's own NCCL weight-transfer engine: this process is the trainer (GPU0), an LLM on GPU1."""
+    import socket
+
+    from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerSendWeightsArgs, NCCLWeightTransferEngine
+
+    torch.cuda.set_device(0)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, **SAFE_ENV, "CUDA_VISIBLE_DEVICES": "1"}
+    child = subprocess.Popen(
+        [sys.executable, "-c", VLLM_OWN_CHILD, str(d), str(port), str(rounds), "0.45", json.dumps(PROMPTS_GEN),
+         str(MAX_NEW_GEN)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(out / f"vllm-own-{name}.log", "w"), text=True,
+        env=env,
+    )  # fmt: skip
+    try:
+        line = child.stdout.readline()
+        while line and not line.startswith("READY"):  # vLLM logs on stdout too
+            line = child.stdout.readline()
+        if not line.startswith("READY"):
+            raise RuntimeError("vLLM did not start (see its log)")
+        record(f"{name}.vllm_own_start_s", float(line.split()[1]))
+        spec = {
+            "names": source.names,
+            "dtype_names": [str(t.dtype).removeprefix("torch.") for t in source.tensors],
+            "shapes": [list(t.shape) for t in source.tensors],
+        }
+        child.stdin.write(json.dumps(spec) + "\n")
+        child.stdin.flush()
+        group = NCCLWeightTransferEngine.trainer_init(dict(master_address="127.0.0.1", master_port=port, world_size=2))
+        sender = []
+        for _ in range(rounds):
+            child.stdin.write("go\n")
+            child.stdin.flush()
+            t = time.perf_counter()
+            NCCLWeightTransferEngine.trainer_send_weights(
+                iter(zip(source.names, source.tensors, strict=True)),
+                NCCLTrainerSendWeightsArgs(group=group, packed=True),
+            )
+            torch.cuda.synchronize()
+            done = child.stdout.readline()
+            while done and not done.startswith("DONE"):
+                done = child.stdout.readline()
+            sender.append(time.perf_counter() - t)
+            if not done.startswith("DONE"):
+                raise RuntimeError(f"vLLM update failed: {done!r}")
+        child.stdin.close()
+        for line in child.stdout:
+            if line.startswith("RESULT "):
+                _, key, value = line.split(" ", 2)
+                record(f"{name}.vllm_own_{key}", json.loads(value))
+        record(f"{name}.vllm_own_sender_s", sender)
+        child.wait(timeout=120)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        tail = (out / f"vllm-own-{name}.log").read_text(errors="replace")[-1500:]
+        if child.returncode:
+            record(f"{name}.vllm_own_log_tail", tail)
+
+
+def summary(names) -> None:
+    rows = []
+    for name in names:
+        size = RESULTS.get(f"{name}.bytes")
+        if not size:
+            continue
+        gb = size / 1e9
+        raw = (RESULTS.get(f"{name}.raw_nccl") or {}).get("seconds")
+
+        def row(what, seconds, note="", name=name, raw=raw, gb=gb):
+            if not seconds:
+                rows.append((name, what, "-", "-", "-", note))
+                return
+            share = f"{raw / seconds:.2f}" if raw else "-"
+            rows.append((name, what, f"{seconds:.4f}", f"{gb / seconds:.1f}", share, note))
+
+        row("raw NCCL broadcast (best of 3)", raw)
+        nccl = RESULTS.get(f"{name}.nccl_summary") or {}
+        row("fabric NCCL bytes only (median)", nccl.get("transfer_median_s"))
+        row("fabric NCCL full update, first", nccl.get("first_s"), f"formed {nccl.get('formed')}")
+        row("fabric NCCL full update (median of 3)", nccl.get("full_update_median_s"))
+        row("fabric NCCL, a group per update, first", nccl.get("group_per_update_first_s"))
+        row("fabric NCCL, a group per update (median)", nccl.get("group_per_update_median_s"))
+        own = RESULTS.get(f"{name}.vllm_own_update_s") or []
+        own_med = median(own[1:]) if len(own) > 1 else None
+        row("vLLM own NCCL engine, first", own[0] if own else None)
+        row("vLLM own NCCL engine (median of 3)", own_med)
+        ipc = RESULTS.get(f"{name}.ipc_summary") or {}
+        row("fabric IPC colocated, first", ipc.get("first_s"))
+        row("fabric IPC colocated (median of 3)", ipc.get("full_update_median_s"))
+        tcp = RESULTS.get(f"{name}.tcp_push") or []
+        if tcp:
+            row("fabric tcp host path (best of 2)", min(p["seconds"] for p in tcp))
+        if own_med and nccl.get("full_update_median_s"):
+            rows.append((name, "ratio vLLM-own / fabric NCCL update time", "", "", "",
+                         f"{own_med / nccl['full_update_median_s']:.2f} (>= 1: fabric as fast or faster)"))  # fmt: skip
+        fab = (RESULTS.get(f"{name}.fabric_generation") or {}).get("tokens_per_s")
+        inproc = (RESULTS.get(f"{name}.vllm_own_generation") or {}).get("tokens_per_s")
+        if fab:
+            rows.append((name, "generation through the fabric, tokens/s", "", f"{fab:.0f}", "", ""))
+        if inproc:
+            rows.append((name, "generation in-process vLLM, tokens/s", "", f"{inproc:.0f}", "", ""))
+        if fab and inproc:
+            rows.append((name, "ratio fabric / in-process tokens/s", "", "", "", f"{fab / inproc:.3f}"))
+    widths = [max(len(str(r[i])) for r in rows + [("layout", "path", "seconds", "GB/s", "x raw", "note")])
+              for i in range(6)]  # fmt: skip
+    print("\nSUMMARY (GB/s over the layout's bytes; x raw = raw NCCL time / this time)")
+    for r in [("layout", "path", "seconds", "GB/s", "x raw", "note"), *rows]:
+        print(" | ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)), flush=True)
+    RESULTS["summary_rows"] = rows
+
+
+def run_all(out: Path, names, budget: float) -> None:
+    global BUDGET_S
+    BUDGET_S = budget
+    if os.environ.get("GPU_SYNC_CORRECTNESS", "1") == "1":
+        guarded("correctness")(correctness)(out, quick=True)
+    for name in names:
+        if name != names[0] and left() < 150:
+            record(f"{name}.skipped", f"budget: {left():.0f} s left")
+            continue
+        d = make_layout_dir(out, name)
+        source = random_source(d, "cuda:0")
+        record(f"{name}.bytes", source.total_bytes)
+        record(f"{name}.raw_nccl", raw_nccl(source.total_bytes))
+        fabric_layout(out, name, d, source)
+        if name == names[0] or left() > 90:
+            vllm_own_layout(out, name, d, source)
+        else:
+            record(f"{name}.vllm_own_skipped", f"budget: {left():.0f} s left")
+        del source
+        torch.cuda.empty_cache()
+    summary(names)
+
+
 def main(argv: list[str] | None = None) -> None:
     if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
         print("gpu_sync: skipped, needs 2 CUDA devices (python -m bench.gpu_sync MODE OUT_DIR on a GPU host)")
@@ -474,6 +780,9 @@ def main(argv: list[str] | None = None) -> None:
             layouts(out, argv[2].split(",") if len(argv) > 2 else ["7B", "0.5B", "3B"])
         elif mode == "vllm-own":
             vllm_own(out)
+        elif mode == "all":
+            names = argv[2].split(",") if len(argv) > 2 else ["7B", "0.5B"]
+            run_all(out, names, float(argv[3]) if len(argv) > 3 else BUDGET_S)
     finally:
         (out / f"{mode}.json").write_text(json.dumps(RESULTS, indent=2))
 

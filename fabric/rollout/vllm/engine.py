@@ -142,6 +142,7 @@ class VLLMEngine:
         self.tokenizer = None
         self.vocab_size = 0
         self.device_staging = None  # fabric.weights.transports.ipc.DeviceStaging on a CUDA host (NCCL and IPC land)
+        self.transports: list = []  # the engine's own weight transports (weight_transports)
 
     @classmethod
     def check_config(cls, config: RolloutConfig) -> None:
@@ -239,6 +240,7 @@ class VLLMEngine:
             self.device_staging = DeviceStaging(_cuda_device())
             offered += [IpcReceiver(self.device_staging), CollectiveReceiver("nccl", self.device_staging)]
         offered.append(CollectiveReceiver("gloo"))
+        self.transports = offered
         return offered
 
     def device_memory(self) -> tuple[int, int]:
@@ -251,13 +253,30 @@ class VLLMEngine:
         return torch.cuda.mem_get_info(device)
 
     async def sleep(self, level: int) -> None:
-        """vLLM sleep mode (on CPU the worker ignores it, but the engine still pauses scheduling). The GPU staging
-        buffers of this process go too (the next update stages afresh)."""
-        if self.device_staging is not None:
-            self.device_staging.release()
+        """vLLM sleep mode (on CPU the worker ignores it, but the engine still pauses scheduling). What this process
+        holds on the GPU for weight updates goes too: the worker unmaps the staging buffers, the collective groups
+        are left and the sender's IPC memory unmapped, then the staging buffers are freed (the next update stages
+        afresh and forms its group again)."""
+        await self.release_transfer_memory()
         await self.engine.sleep(level)
         self.sleep_state = SleepState.ASLEEP
         self.sleep_level = level
+
+    async def release_transfer_memory(self) -> None:
+        import asyncio
+
+        for transport in self.transports:
+            release = getattr(transport, "drop_group", None) or getattr(transport, "release", None)
+            if release is not None:
+                await asyncio.to_thread(release)
+        if self.device_staging is not None:
+            from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
+
+            try:
+                await self.engine.init_weight_transfer_engine(WeightTransferInitRequest(init_info={"release": True}))
+            except Exception:  # noqa: BLE001 - the buffers are freed when the worker lets go; sleep goes on
+                log.exception("the worker could not unmap the staging buffers")
+            self.device_staging.release()
 
     async def wake_up(self, tags: Sequence[str]) -> None:
         """ROLL's two-step wake-up: ["weights"] (then weights may be updated), then ["kv_cache"]; [] wakes all."""
@@ -279,10 +298,18 @@ class VLLMEngine:
         """Loads a staged version through the fabric's vLLM weight-transfer backend (the lead's receiver calls it)."""
         from fabric.rollout.vllm import transfer
 
+        started = time.perf_counter()
         device_info = self.device_staging.info(version) if self.device_staging is not None else None
         if device_info is not None:  # staged in this process's GPU memory (NCCL, IPC): the worker maps it by handle
             update_info = {**update_info, **device_info}
-        await transfer.commit(self.engine, update_info, version)
+        info_s = time.perf_counter() - started
+        phases = await transfer.commit(self.engine, update_info, version)
+        log.info(
+            "commit of version %d: info_s %.4f, %s",
+            version,
+            info_s,
+            ", ".join(f"{k} {v:.4f}" for k, v in (phases or {}).items()),
+        )
         self.weight_version = version
         if self.device_staging is not None:
             self.device_staging.committed(version)

@@ -32,14 +32,40 @@ def register() -> None:
         WeightTransferEngineFactory.register_engine(BACKEND, __name__, "SharedMemoryWeightTransferEngine")
 
 
-def named_tensors(info: dict, device=None):
-    """Worker side: (name, tensor) views over a staged version, host file or device buffer (see module doc)."""
-    if info.get("ipc"):
-        from fabric.weights.transports.ipc import open_shared
+_MAPPED = None  # worker side: fabric.weights.transports.ipc.HandleCache of the server's staging buffers
+_RECENT: list = []  # their keys, most recent last (the server alternates two buffers)
 
-        flat = open_shared(info["ipc"], device)
+
+def _open_device_buffer(shared: dict, device):
+    global _MAPPED
+    from fabric.weights.transports.ipc import HandleCache
+
+    if _MAPPED is None:
+        _MAPPED = HandleCache()
+    key = HandleCache.key(shared)
+    flat = _MAPPED.open(shared, device)
+    if key in _RECENT:
+        _RECENT.remove(key)
+    _RECENT.append(key)
+    del _RECENT[:-2]
+    _MAPPED.keep_only(_RECENT)
+    return flat
+
+
+def release_mappings() -> None:
+    """Worker side: unmaps the server's staging buffers (before the server frees them: sleep)."""
+    _RECENT.clear()
+    if _MAPPED is not None:
+        _MAPPED.clear()
+
+
+def named_tensors(info: dict, device=None):
+    """Worker side: (name, tensor) views over a staged version, host file or device buffer (see module doc). The
+    device buffer stays mapped: the server reuses two buffers version after version."""
+    if info.get("ipc"):
         from fabric.weights.staging import DTYPES_BY_NAME
 
+        flat = _open_device_buffer(info["ipc"], device)
         for name, dtype_name, shape, offset in info["tensors"]:
             dtype = DTYPES_BY_NAME[dtype_name]
             numel = 1
@@ -53,6 +79,21 @@ def named_tensors(info: dict, device=None):
     yield from tensors_from_update_info(info)
 
 
+def direct_load(device, model_config) -> bool:
+    """Whether the worker loads a version straight into the live parameters (their weight loaders copy in place)
+    rather than inside vLLM's layerwise reload: on CUDA, unquantized. The layerwise reload rebuilds each layer and
+    copies twice; it is what the CPU backend's repacked weights and quantized layers need. FABRIC_LAYERWISE_RELOAD=1
+    forces it everywhere, 0 nowhere."""
+    import os
+
+    forced = os.environ.get("FABRIC_LAYERWISE_RELOAD")
+    if forced in ("0", "1"):
+        return forced == "0"
+    if getattr(model_config, "quantization", None):
+        return False
+    return getattr(device, "type", str(device).split(":")[0]) == "cuda"
+
+
 def _engine_classes(base=None):
     # Defined lazily: importing vLLM's base classes at module import would make `register` slow to import.
     # `base` lets the tests build the class on another vLLM's base class (0.25.1's, with trainer_send_weights).
@@ -64,7 +105,8 @@ def _engine_classes(base=None):
 
     @dataclass
     class SharedMemoryInitInfo(vllm_base.WeightTransferInitInfo):
-        pass
+        # True: unmap the server's staging buffers (it is about to free them, before sleep)
+        release: bool = False
 
     @dataclass
     class SharedMemoryUpdateInfo(vllm_base.WeightTransferUpdateInfo):
@@ -82,15 +124,34 @@ def _engine_classes(base=None):
         supports_draft_weight_update = False
 
         def init_transfer_engine(self, init_info: SharedMemoryInitInfo) -> None:
-            pass  # nothing to connect: the staged version is named in every update
+            # nothing to connect: the staged version is named in every update; called again to unmap (sleep)
+            if getattr(init_info, "release", False):
+                release_mappings()
+
+        def _direct(self) -> bool:
+            if getattr(self, "_direct_load", None) is None:
+                self._direct_load = direct_load(self.device, self.model_config)
+            return self._direct_load
 
         def start_weight_update(self) -> None:
-            initialize_layerwise_reload(self.model)
+            if not self._direct():
+                initialize_layerwise_reload(self.model)
 
         def update_weights(self, update_info: dict[str, Any]) -> None:
+            import logging
+            import time
+
+            t0 = time.perf_counter()
             self.receive_weights(self.parse_update_info(update_info))
+            t1 = time.perf_counter()
             if torch.accelerator.is_available():
                 torch.accelerator.synchronize()
+            logging.getLogger("vllm.fabric_transfer").info(
+                "fabric update_weights: load_s %.4f, sync_s %.4f, direct %s",
+                t1 - t0,
+                time.perf_counter() - t1,
+                self._direct(),
+            )
 
         def receive_weights(self, update_info: SharedMemoryUpdateInfo, *args) -> None:
             # *args: an older base passed a load_weights callable too; the model's own load_weights is used.
@@ -106,7 +167,8 @@ def _engine_classes(base=None):
             self.model.load_weights(weights=named())
 
         def finish_weight_update(self) -> None:
-            finalize_layerwise_reload(self.model, self.model_config)
+            if not self._direct():
+                finalize_layerwise_reload(self.model, self.model_config)
 
         def shutdown(self) -> None:
             pass
@@ -132,15 +194,30 @@ def engine_args() -> dict:
     return {"weight_transfer_config": {"backend": BACKEND}}
 
 
-async def commit(engine, update_info: dict, version: int) -> None:
-    """Loads a staged version into a running AsyncLLM: pause (keep requests), load, resume."""
+async def commit(engine, update_info: dict, version: int) -> dict:
+    """Loads a staged version into a running AsyncLLM: pause (keep requests), load, resume. Returns the phases'
+    seconds."""
+    import time
+
     from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
 
+    phases: dict[str, float] = {}
+    t = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal t
+        now = time.perf_counter()
+        phases[name] = now - t
+        t = now
+
     await compat.pause_generation(engine)
+    lap("pause_s")
     try:
         await engine.start_weight_update()
+        lap("start_s")
         try:
             await engine.update_weights(WeightTransferUpdateRequest(update_info=update_info))
+            lap("update_s")
         except BaseException:
             # End the update inside the engine whatever failed: left open, the next update is refused ("already
             # active") and the engine dies later. Layers that loaded nothing keep their weights; the receiver
@@ -148,5 +225,8 @@ async def commit(engine, update_info: dict, version: int) -> None:
             await compat.finish_weight_update(engine, None)
             raise
         await compat.finish_weight_update(engine, version)
+        lap("finish_s")
     finally:
         await engine.resume_generation()
+        lap("resume_s")
+    return phases

@@ -1,38 +1,46 @@
-"""Collective transports (gloo on CPU, NCCL on GPU): one process group per update, the sender its rank 0.
+"""Collective transports (gloo on CPU, NCCL on GPU): a process group kept across updates, the sender its rank 0.
 
-Control stays on gRPC; the group lives only as long as one update:
+Control stays on gRPC. A group lives as long as its membership: the same sender (process, backend, device, deadline)
+and the same servers. Forming one costs a few hundred ms on NCCL (and tearing it down as much again), so the sender
+keeps it after an update and the next update to the same servers reuses it; it is formed again only when a server
+joins, leaves or restarts, or when anything failed (a deadline passed, a peer died: every rank drops the group).
 
-    sender      hosts a torch.distributed TCPStore, opens one UpdateWeights stream per server whose header names
-                the transport and a CollectiveRendezvous (store address, its rank, world size, bucket size, deadline,
-                a fresh group_id), waits until each server has checked in (`ready/<rank>`), publishes the group
-                (`go`: the ranks that checked in, renumbered; a server that refused the header is left out), then
-                forms a process group under the group_id, broadcasts the version in buckets of the staging layout,
-                and ends with a vote (all_reduce MIN of "I have everything"): a server commits only after a vote
-                every rank passed
+    sender      hosts a torch.distributed TCPStore (one per group), opens one UpdateWeights stream per server whose
+                header names the transport and a CollectiveRendezvous (store address, its rank, world size, bucket
+                size, deadline, group_id = "<group>#<update sequence number>"), waits until each server has checked
+                in (`ready/<rank>` under "<group>/<seq>/", the value naming the process group the server still holds,
+                or empty), then publishes the plan (`go`: the ranks that checked in, renumbered, and the process group
+                to use: the one all of them hold, or a new one to form; a server that refused the header is left
+                out), broadcasts the version in buckets of the staging layout and ends with a vote (all_reduce MIN of
+                "I have everything"): a server commits only after a vote every rank passed
     receiver    joins from the rollout server's process (not vLLM's worker): gloo buckets land straight in the
-                staging file, NCCL buckets in a flat GPU buffer (fabric.weights.transports.ipc.DeviceStaging) that
-                the worker then loads by CUDA IPC handle; every chunk is marked and the version store commits as for
-                any other path
+                staging file, NCCL buckets in a flat GPU buffer (fabric.weights.transports.ipc.DeviceStaging, two
+                buffers reused version after version) that the worker then loads by CUDA IPC handle; every chunk is
+                marked and the version store commits as for any other path
 
-Every wait has a deadline (`timeout_s`: forming the group, each bucket, the vote). A peer that dies or stalls fails the
-group on every rank: each server drops the staged version and keeps serving the previous one; nothing commits
-anywhere unless the vote passed. The next push forms a new group (new group_id), with whichever servers answer then;
-a server that restarted is behind and so is in it, and gets the current version.
+Every wait has a deadline (`timeout_s`: the check-in, forming the group, each bucket, the vote). A peer that dies or
+stalls fails the group on every rank: each server drops the staged version and keeps serving the previous one, and
+drops the group; nothing commits anywhere unless the vote passed. The next push forms a new group with whichever
+servers answer then; a server that restarted holds no group (it checks in empty), so the group is formed again with it.
+Sleep drops a server's group (its NCCL buffers are GPU memory).
 
 Buckets are byte ranges of the staging layout (fabric.weights.staging), so a receiver's bucket is a contiguous slice of
 its staging memory and needs no unpacking; the sender packs each bucket (a device-local copy) into one of two
-reused buffers. No crc32c on this path: gloo runs over TCP, NCCL over NVLink/InfiniBand with their own integrity.
+buffers kept with the group. No crc32c on this path: gloo runs over TCP, NCCL over NVLink/InfiniBand with their own
+integrity.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import datetime
 import json
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 
@@ -190,6 +198,32 @@ def _store(host: str, port: int, is_master: bool, timeout: float):
 # ---- receiver --------------------------------------------------------------------------------------------------
 
 
+def _parse_group_id(group_id: str) -> tuple[str, str]:
+    """ "<group>#<seq>" -> (group, seq); a group_id without a sequence number is a one-update group."""
+    base, _, seq = group_id.partition("#")
+    return base, seq or "1"
+
+
+class _Held:
+    """A receiver's process group, kept between updates: the store client it talks through and the group itself."""
+
+    def __init__(self, store_address: str, base: str, timeout: float, client):
+        self.store_address, self.base, self.timeout, self.client = store_address, base, timeout, client
+        self.group: Group | None = None
+        self.pg_id = ""  # the sender's name for the process group (its store prefix)
+        self.header_rank = 0
+
+    def matches(self, rv, base: str, timeout: float) -> bool:
+        return (self.store_address, self.base, self.timeout) == (rv.store_address, base, timeout)
+
+    def drop_group(self, abort: bool = True) -> None:
+        if self.group is not None:
+            if abort:
+                self.group.abort()
+            self.group.close()
+        self.group, self.pg_id = None, ""
+
+
 class CollectiveReceiver:
     """The server's end of a collective: offered as "gloo" (always) or "nccl" (with a CUDA device staging)."""
 
@@ -198,6 +232,8 @@ class CollectiveReceiver:
             raise ValueError(backend)
         self.name = self.backend = backend
         self.staging = staging  # fabric.weights.transports.ipc.DeviceStaging for nccl
+        self._held: _Held | None = None
+        self._lock = threading.Lock()  # one update at a time uses the held group
 
     def offer(self) -> rollout_pb2.WeightTransportOffer:
         params = {}
@@ -207,8 +243,20 @@ class CollectiveReceiver:
             params["gpu_uuid"] = gpu_uuid(self.staging.device)
         return rollout_pb2.WeightTransportOffer(name=self.name, params=params)
 
+    def drop_group(self) -> None:
+        """Leaves the held group (sleep, shutdown); the next update forms a new one. Waits for an update in flight
+        (bounded by its deadlines)."""
+        with self._lock:
+            self._drop_held()
+
+    def _drop_held(self, abort: bool = True) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            held.drop_group(abort)
+            held.client = None
+
     def close(self) -> None:
-        pass
+        self.drop_group()
 
     async def receive(self, store, header, staged, request_iterator, time_remaining):
         started = time.perf_counter()
@@ -229,12 +277,12 @@ class CollectiveReceiver:
         cancelled = False
         while True:
             try:
-                error = await asyncio.shield(work)
+                error, timings = await asyncio.shield(work)
                 break
             except asyncio.CancelledError:
                 cancelled = True
                 if work.done():
-                    error = work.result()
+                    error, timings = work.result()
                     break
         if error is not None:
             log.warning("%s update to version %d failed: %s (serving version stays)", self.name, staged.version, error)
@@ -242,13 +290,20 @@ class CollectiveReceiver:
                 self.staging.drop(staged.version)
             store.fail(staged, FabricError(_code(), f"{self.name} transfer failed: {error}", "COLLECTIVE_FAILED"))
         else:
-            for i, chunk in enumerate(staged.manifest.chunks):
-                store.mark(staged, i, chunk.length)
+            _mark_all(store, staged)
         if cancelled:
             raise asyncio.CancelledError
+        received = time.perf_counter()
         result = await store.finish(staged, started)
         if not result.committed and self.staging is not None:
             self.staging.drop(staged.version)
+        timings["commit_s"] = time.perf_counter() - received
+        log.info(
+            "%s update to version %d: %s",
+            self.name,
+            staged.version,
+            ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in timings.items()),
+        )
         return rollout_pb2.UpdateWeightsResponse(results=[result])
 
     def _target(self, staged) -> torch.Tensor:
@@ -261,48 +316,84 @@ class CollectiveReceiver:
         specs = [(t.name, DTYPES_BY_NAME[_dtype_name(t.dtype)], tuple(t.shape)) for t in staged.manifest.tensors]
         return self.staging.allocate(staged.version, specs)
 
-    def _run(self, staged, rv, timeout: float) -> Exception | None:
-        """Joins the group and receives every bucket; returns the error, or None when the vote passed."""
+    def _run(self, staged, rv, timeout: float) -> tuple[Exception | None, dict]:
+        """Joins (or reuses) the group and receives every bucket; returns (the error or None, timings)."""
+        t0 = time.perf_counter()
+        timings: dict = {}
         deadline = time.monotonic() + timeout
-        group = None
+        if not self._lock.acquire(timeout=timeout):
+            return CollectiveError("another collective update still holds this server's group"), timings
+        try:
+            return self._run_locked(staged, rv, timeout, deadline, t0, timings), timings
+        finally:
+            self._lock.release()
+
+    def _run_locked(self, staged, rv, timeout, deadline, t0, timings) -> Exception | None:
+        from torch.distributed import PrefixStore
+
+        base, seq = _parse_group_id(rv.group_id)
         try:
             host, port = _split(rv.store_address)
-            client = _store(host, port, False, timeout)
-            from torch.distributed import PrefixStore
-
-            store = PrefixStore(rv.group_id + "/", client)
-            store.set(f"ready/{rv.rank}", "1")
+            held = self._held
+            if held is None or not held.matches(rv, base, timeout):
+                self._drop_held()  # another sender, or another deadline: that group is done
+                held = self._held = _Held(rv.store_address, base, timeout, _store(host, port, False, timeout))
+            store = PrefixStore(f"{base}/{seq}/", held.client)
+            holding = held.pg_id if held.group is not None and held.header_rank == rv.rank else ""
+            store.set(f"ready/{rv.rank}", holding)
             store.wait(["go"], datetime.timedelta(seconds=max(deadline - time.monotonic(), 0.1)))
             plan = json.loads(store.get("go"))
+            timings["checkin_s"] = time.perf_counter() - t0
             rank = plan["ranks"].get(str(rv.rank))
             if rank is None:
+                held.drop_group()
                 return CollectiveError(f"left out of group {rv.group_id} by the sender: {plan.get('reason', '')}")
             device = self.staging.device if self.staging is not None else None
             if device is not None:
                 torch.cuda.set_device(device)
+            t = time.perf_counter()
             target = self._target(staged)
-            group = Group(
-                self.backend, PrefixStore("pg/", store), rank, plan["world"], timeout,
-                local_address_towards(host), device,
-            )  # fmt: skip
-            if self.backend == "nccl":  # the sender's first collective: the communicator forms here
-                group.vote(True, time.monotonic() + timeout)
+            timings["target_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            if held.group is None or plan["pg"] != held.pg_id:
+                held.drop_group()
+                held.group = Group(
+                    self.backend, PrefixStore(plan["pg"], held.client), rank, plan["world"], timeout,
+                    local_address_towards(host), device,
+                )  # fmt: skip
+                held.pg_id, held.header_rank = plan["pg"], rv.rank
+                if self.backend == "nccl":  # the sender's first collective: the communicator forms here
+                    held.group.vote(True, time.monotonic() + timeout)
+                timings["formed"] = 1
+            else:
+                timings["formed"] = 0
+            timings["group_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            group = held.group
             size = len(target) if self.staging is None else _layout_size(staged)
             for lo, hi in buckets(size, rv.bucket_bytes or DEFAULT_BUCKET_BYTES):
                 if hi > lo:
                     group.broadcast(target[lo:hi])  # gloo: blocks, its timeout raises; nccl: enqueued
             if group.backend == "nccl":
                 group.wait_all(time.monotonic() + timeout)
+            timings["transfer_s"] = time.perf_counter() - t
+            t = time.perf_counter()
             if not group.vote(True, time.monotonic() + timeout):
-                return CollectiveError("another rank of the group did not receive everything: nobody commits")
+                raise CollectiveError("another rank of the group did not receive everything: nobody commits")
+            timings["vote_s"] = time.perf_counter() - t
+            if "#" not in rv.group_id:  # the sender keeps no group (FABRIC_COLLECTIVE_KEEP=0): neither does this end
+                t = time.perf_counter()
+                self._drop_held(abort=False)
+                timings["close_s"] = time.perf_counter() - t
             return None
-        except Exception as exc:  # the group broke (peer gone, deadline): this server keeps its version
-            if group is not None:
-                group.abort()
+        except Exception as exc:  # the group broke (peer gone, deadline): this server keeps its version, drops it
+            self._drop_held()
             return exc if isinstance(exc, Exception) else CollectiveError(str(exc))
-        finally:
-            if group is not None:
-                group.close()
+
+
+def _mark_all(store, staged) -> None:
+    for i, chunk in enumerate(staged.manifest.chunks):
+        store.mark(staged, i, chunk.length)
 
 
 def _layout_size(staged) -> int:
@@ -335,15 +426,99 @@ def unusable(backend: str, offer, source) -> str | None:
     return None
 
 
+class _Session:
+    """The sender's side of a group kept across updates: its store, the process group while it holds, the packing
+    buffers. One per (backend, device, servers, deadline); pushing to another set of servers starts another."""
+
+    def __init__(self, key: tuple, host: str, timeout: float):
+        self.key, self.host, self.timeout = key, host, timeout
+        self.master = _store(host, 0, True, timeout)
+        self.store_address = f"{host}:{self.master.port}"
+        self.base = f"fabric-{uuid.uuid4().hex[:12]}"
+        self.seq = 0
+        self.group: Group | None = None
+        self.pg_id = ""
+        self.members: tuple[int, ...] = ()  # header ranks of the held group, in order
+        self.buffers: list[torch.Tensor] = []
+        self.busy = False
+        self.last_used = time.monotonic()
+
+    def drop_group(self, abort: bool = True) -> None:
+        if self.group is not None:
+            if abort:
+                self.group.abort()
+            self.group.close()
+        self.group, self.pg_id, self.members = None, "", ()
+
+    def close(self) -> None:
+        self.drop_group()
+        self.buffers = []
+        self.master = None
+
+
+_SESSIONS: dict[tuple, _Session] = {}
+_SESSIONS_LOCK = threading.Lock()
+MAX_IDLE_S = 3600.0  # a group unused this long is formed again (FABRIC_COLLECTIVE_MAX_IDLE_S)
+
+
+def _take_session(backend: str, addresses: list[str], device, timeout: float) -> tuple[_Session, bool]:
+    """The session for these servers (new, or the one kept from the last update), marked busy; (session, kept).
+    A session for other servers of the same backend and device is closed: one group per sender and device."""
+    key = (backend, tuple(addresses), str(device), float(timeout))
+    max_idle = float(os.environ.get("FABRIC_COLLECTIVE_MAX_IDLE_S") or MAX_IDLE_S)
+    with _SESSIONS_LOCK:
+        session = _SESSIONS.get(key)
+        if session is not None and session.busy:
+            return None, False  # another push to the same servers is in flight: this one uses a group of its own
+        if session is not None and time.monotonic() - session.last_used > max_idle:
+            _SESSIONS.pop(key).close()
+            session = None
+        stale = [k for k in _SESSIONS if k[0] == backend and k[2] == str(device) and k != key]
+        for k in stale:
+            if not _SESSIONS[k].busy:
+                _SESSIONS.pop(k).close()
+        if session is not None:
+            session.busy = True
+            return session, True
+    return None, False
+
+
+def _put_session(session: _Session) -> None:
+    with _SESSIONS_LOCK:
+        session.busy = False
+        session.last_used = time.monotonic()
+        old = _SESSIONS.get(session.key)
+        if old is not None and old is not session:
+            if old.busy:
+                session.close()  # the other push keeps the slot
+                return
+            old.close()
+        _SESSIONS[session.key] = session
+
+
+def close_sessions() -> None:
+    """Drops every group this process holds as a sender (tests; exit)."""
+    with _SESSIONS_LOCK:
+        sessions = list(_SESSIONS.values())
+        _SESSIONS.clear()
+    for session in sessions:
+        session.close()
+
+
+atexit.register(close_sessions)
+
+
 class _Packer:
     """Packs byte ranges of the staging layout out of the source's tensors into two reused buffers."""
 
-    def __init__(self, source, bucket_bytes: int, device):
+    def __init__(self, source, bucket_bytes: int, device, buffers: list):
         specs = [(n, t.dtype, tuple(t.shape)) for n, t in zip(source.names, source.tensors, strict=True)]
         self.slots, self.size = layout(specs)
         self.raw = [source._raw(i) for i in range(len(source.tensors))]
         n = min(bucket_bytes, max(self.size, 1))
-        self.buffers = [torch.empty(n, dtype=torch.uint8, device=device) for _ in range(2)]
+        if len(buffers) != 2 or any(b.numel() < n or b.device != torch.device(device) for b in buffers):
+            buffers[:] = [torch.empty(n, dtype=torch.uint8, device=device) for _ in range(2)]
+        self.buffers = buffers
 
     def pack(self, lo: int, hi: int, buffer: torch.Tensor) -> torch.Tensor:
         out = buffer[: hi - lo]
@@ -354,20 +529,30 @@ class _Packer:
         return out
 
 
-def _broadcast_all(backend, store, world, timeout, host, source, bucket_bytes, stats) -> None:
-    """Rank 0: forms the group, broadcasts every bucket, and holds the vote (raises on any failure)."""
+def _broadcast_all(session, plan, timeout, source, bucket_bytes, stats) -> None:
+    """Rank 0: forms the group unless the plan reuses it, broadcasts every bucket, and holds the vote (raises on any
+    failure, after dropping the group)."""
     from torch.distributed import PrefixStore
 
+    backend = session.key[0]
     device = source.device if backend == "nccl" else torch.device("cpu")
     if backend == "nccl":
         torch.cuda.set_device(device)
-    group = Group(backend, PrefixStore("pg/", store), 0, world, timeout, host, device)
+    t = time.perf_counter()
     try:
-        packer = _Packer(source, bucket_bytes, device)
-        if backend == "nccl":  # the communicator forms at the first collective: time it apart from the bytes
-            group.vote(True, time.monotonic() + timeout)
-            stats["group_s"] = time.perf_counter() - stats["t0"]
-            stats["t0"] = time.perf_counter()
+        if session.group is None or plan["pg"] != session.pg_id:
+            session.drop_group()
+            session.group = Group(
+                backend, PrefixStore(plan["pg"], session.master), 0, plan["world"], timeout, session.host, device
+            )
+            session.pg_id = plan["pg"]
+            if backend == "nccl":  # the communicator forms at the first collective: time it apart from the bytes
+                session.group.vote(True, time.monotonic() + timeout)
+            stats["formed"] = 1
+        stats["group_s"] = time.perf_counter() - t
+        group = session.group
+        t = time.perf_counter()
+        packer = _Packer(source, bucket_bytes, device, session.buffers)
         works: list = [None, None]
         for i, (lo, hi) in enumerate(buckets(packer.size, bucket_bytes)):
             if hi <= lo:
@@ -382,14 +567,14 @@ def _broadcast_all(backend, store, world, timeout, host, source, bucket_bytes, s
                 AFTER_BUCKET(i)
         if backend == "nccl":
             group.wait_all(time.monotonic() + timeout)
-        stats["transfer_s"] = time.perf_counter() - stats["t0"]
+        stats["transfer_s"] = time.perf_counter() - t
+        t = time.perf_counter()
         if not group.vote(True, time.monotonic() + timeout):
             raise CollectiveError("a server did not receive everything: nobody commits")
+        stats["vote_s"] = time.perf_counter() - t
     except Exception:
-        group.abort()
+        session.drop_group()
         raise
-    finally:
-        group.close()
 
 
 async def send_group(backend, source, version, targets, timeout, report, bucket_bytes=None, group_timeout=None):
@@ -398,17 +583,25 @@ async def send_group(backend, source, version, targets, timeout, report, bucket_
     from fabric.v1 import rollout_pb2_grpc
     from fabric.weights.sender import _failure
 
+    t_start = time.perf_counter()
     bucket_bytes = int(bucket_bytes or os.environ.get("FABRIC_BUCKET_BYTES") or DEFAULT_BUCKET_BYTES)
     group_timeout = float(group_timeout or os.environ.get("FABRIC_COLLECTIVE_TIMEOUT_S") or DEFAULT_TIMEOUT_S)
     addresses = [t for t, _ in targets]
-    host = local_address_towards(_split(addresses[0])[0])
-    master = await asyncio.to_thread(_store, host, 0, True, group_timeout)
-    store_address = f"{host}:{master.port}"
-    group_id = f"fabric-{version}-{uuid.uuid4().hex[:12]}"
+    device = source.device if backend == "nccl" else torch.device("cpu")
+    keep = os.environ.get("FABRIC_COLLECTIVE_KEEP", "1") != "0"
+    session, kept = _take_session(backend, addresses, device, group_timeout) if keep else (None, False)
+    if session is None:
+        host = local_address_towards(_split(addresses[0])[0])
+        key = (backend, tuple(addresses), str(device), float(group_timeout))
+        session = await asyncio.to_thread(_Session, key, host, group_timeout)
+        session.busy = True
+    session.seq += 1
+    seq = session.seq
     world = len(addresses) + 1
     from torch.distributed import PrefixStore
 
-    store = PrefixStore(group_id + "/", master)
+    store = PrefixStore(f"{session.base}/{seq}/", session.master)
+    timings = {"kept_session": int(kept), "session_s": time.perf_counter() - t_start}
 
     async def stream(rank: int, address: str):
         header = rollout_pb2.UpdateWeightsHeader(
@@ -416,8 +609,9 @@ async def send_group(backend, source, version, targets, timeout, report, bucket_
             manifest=source.manifest,
             transport=backend,
             collective=rollout_pb2.CollectiveRendezvous(
-                backend=backend, store_address=store_address, world_size=world, rank=rank,
-                bucket_bytes=bucket_bytes, timeout_s=group_timeout, group_id=group_id,
+                backend=backend, store_address=session.store_address, world_size=world, rank=rank,
+                bucket_bytes=bucket_bytes, timeout_s=group_timeout,
+                group_id=f"{session.base}#{seq}" if keep else session.base,
             ),
         )  # fmt: skip
 
@@ -428,44 +622,74 @@ async def send_group(backend, source, version, targets, timeout, report, bucket_
             stub = rollout_pb2_grpc.RolloutServiceStub(channel)
             return list((await stub.UpdateWeights(requests(), timeout=timeout)).results)
 
+    t = time.perf_counter()
     tasks = {rank: asyncio.ensure_future(stream(rank, a)) for rank, a in enumerate(addresses, start=1)}
-    # Check-in: every server that accepted the header says ready; one that refused it ends its stream at once.
+    # Check-in: every server that accepted the header says ready (naming the group it holds); one that refused the
+    # header ends its stream at once.
     deadline = time.monotonic() + group_timeout
-    ready: set[int] = set()
+    holding: dict[int, str] = {}
     while time.monotonic() < deadline:
         for rank in tasks:
-            if rank not in ready and store.check([f"ready/{rank}"]):
-                ready.add(rank)
-        if all(r in ready or tasks[r].done() for r in tasks):
+            if rank not in holding and store.check([f"ready/{rank}"]):
+                holding[rank] = store.get(f"ready/{rank}").decode()
+        if all(r in holding or tasks[r].done() for r in tasks):
             break
-        await asyncio.sleep(0.005)
-    ranks = {str(r): i for i, r in enumerate(sorted(ready), start=1)}
-    left_out = [addresses[r - 1] for r in tasks if r not in ready]
+        await asyncio.sleep(0.001)
+    ready = tuple(sorted(holding))
+    timings["checkin_s"] = time.perf_counter() - t
+    left_out = [addresses[r - 1] for r in tasks if r not in holding]
     reason = f"not ready within {group_timeout:.0f} s: {', '.join(left_out)}" if left_out else ""
-    store.set("go", json.dumps({"ranks": ranks, "world": len(ranks) + 1, "reason": reason}))
-    stats = {"bytes": 0, "t0": time.perf_counter(), "transfer_s": 0.0}
+    reuse = session.group is not None and ready == session.members and all(holding[r] == session.pg_id for r in ready)
+    if reuse:
+        pg = session.pg_id
+    else:
+        pg = f"{session.base}/pg{seq}/"
+    ranks = {str(r): i for i, r in enumerate(ready, start=1)}
+    plan = {"ranks": ranks, "world": len(ranks) + 1, "pg": pg, "reason": reason}
+    store.set("go", json.dumps(plan))
+    stats = {"bytes": 0, "transfer_s": 0.0, "formed": 0}
     error = None
     if ranks:
         try:
-            await asyncio.to_thread(
-                _broadcast_all, backend, store, len(ranks) + 1, group_timeout, host, source, bucket_bytes, stats
-            )
+            await asyncio.to_thread(_broadcast_all, session, plan, group_timeout, source, bucket_bytes, stats)
+            session.members = ready
         except Exception as exc:
             error = exc
             log.warning("%s broadcast of version %d failed: %s", backend, version, exc)
+    else:
+        session.drop_group()
+    t = time.perf_counter()
     report.bytes_sent += stats["bytes"]
     report.transfer_seconds = getattr(report, "transfer_seconds", 0.0) + stats["transfer_s"]
     report.group_seconds = stats.get("group_s", 0.0)
     results = []
-    for rank, address in enumerate(addresses, start=1):
-        try:
-            rs = await tasks[rank]
-        except Exception as exc:  # noqa: BLE001 - a server that died or refused: its own failure
-            rs = [_failure(address, version, exc, "PUSH_FAILED")]
-        if error is not None and rank in ready:
-            for r in rs:
-                if not r.error.code and not r.committed:
-                    failed = FabricError(_code(), f"{address}: {backend} group failed: {error}", "COLLECTIVE_FAILED")
-                    r.error.CopyFrom(failed.to_proto())
-        results.extend(rs)
+    try:
+        for rank, address in enumerate(addresses, start=1):
+            try:
+                rs = await tasks[rank]
+            except Exception as exc:  # noqa: BLE001 - a server that died or refused: its own failure
+                rs = [_failure(address, version, exc, "PUSH_FAILED")]
+            if error is not None and rank in holding:
+                for r in rs:
+                    if not r.error.code and not r.committed:
+                        failed = FabricError(
+                            _code(), f"{address}: {backend} group failed: {error}", "COLLECTIVE_FAILED"
+                        )
+                        r.error.CopyFrom(failed.to_proto())
+            results.extend(rs)
+    finally:
+        if keep:
+            _put_session(session)
+        else:
+            t_close = time.perf_counter()
+            session.drop_group(abort=False)
+            timings["close_s"] = time.perf_counter() - t_close
+        with contextlib.suppress(Exception):  # this update's check-in keys: the store stays small
+            for rank in tasks:
+                store.delete_key(f"ready/{rank}")
+            store.delete_key("go")
+    timings.update({k: stats[k] for k in ("formed", "group_s", "transfer_s", "vote_s") if k in stats})
+    timings["commit_wait_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - t_start
+    report.collective_timings = timings
     return results

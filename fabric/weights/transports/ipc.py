@@ -79,6 +79,43 @@ def open_shared(shared: dict, device=None) -> torch.Tensor:
     )
 
 
+class HandleCache:
+    """Opened CUDA IPC handles kept mapped: opening one (cudaIpcOpenMemHandle) costs far more than the copy of a
+    model's tensors, and a sender shares the same memory update after update (a trainer's parameters, a server's
+    staging buffer). Holding the tensor keeps torch's own cache of opened storages alive, so opening the same handle
+    again only releases the sender's new reference. `keep_only` forgets what the last update did not use (the
+    memory is the sender's: it is freed there once no process maps it), `clear` forgets everything (sleep)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._held: dict[tuple, torch.Tensor] = {}
+
+    @staticmethod
+    def key(shared: dict) -> tuple:
+        (plain,) = shared.values()
+        _size, _stride, _offset, _storage, _dtype, _device, handle, size_bytes, offset_bytes, *_ = plain
+        return (bytes(handle) if handle is not None else b"", int(size_bytes or 0), int(offset_bytes or 0))
+
+    def open(self, shared: dict, device=None) -> torch.Tensor:
+        tensor = open_shared(shared, device)
+        with self._lock:
+            self._held[self.key(shared)] = tensor
+        return tensor
+
+    def keep_only(self, keys) -> None:
+        keys = set(keys)
+        with self._lock:
+            for key in [k for k in self._held if k not in keys]:
+                del self._held[key]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._held.clear()
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+
 class _PlainUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         raise pickle.UnpicklingError(f"global {module}.{name} refused: IPC handles are plain values only")
@@ -162,6 +199,8 @@ class IpcReceiver:
 
     def __init__(self, staging: DeviceStaging):
         self.staging = staging
+        self.handles = HandleCache()  # the sender's tensors, mapped once while it shares the same memory
+        self.last_timings: dict = {}
         self._offer = rollout_pb2.WeightTransportOffer(
             name=NAME, params={"host_id": host_id(), "gpu_uuid": gpu_uuid(staging.device)}
         )
@@ -170,7 +209,11 @@ class IpcReceiver:
         return self._offer
 
     def close(self) -> None:
-        pass
+        self.handles.clear()
+
+    def release(self) -> None:
+        """Unmaps the sender's memory (sleep)."""
+        self.handles.clear()
 
     async def receive(self, store, header, staged, request_iterator, time_remaining):
         started = time.perf_counter()
@@ -188,11 +231,20 @@ class IpcReceiver:
             err = exc if isinstance(exc, FabricError) else invalid("header.ipc", f"CUDA IPC: {exc}", "IPC_FAILED")
             store.fail(staged, err)
             raise err from None
+        copied = time.perf_counter()
         for i, chunk in enumerate(manifest.chunks):
             store.mark(staged, i, chunk.length)
         result = await store.finish(staged, started)
         if not result.committed:
             self.staging.drop(staged.version)
+        log.info(
+            "ipc update to version %d: copy_s %.4f, commit_s %.4f, mapped %d, %s",
+            staged.version,
+            copied - started,
+            time.perf_counter() - copied,
+            len(self.handles),
+            ", ".join(f"{k} {v:.4f}" for k, v in getattr(self, "last_timings", {}).items()),
+        )
         return rollout_pb2.UpdateWeightsResponse(results=[result])
 
     def _copy_in(self, version: int, specs, shared) -> None:
@@ -200,13 +252,19 @@ class IpcReceiver:
         with torch.cuda.device(device):
             flat = self.staging.allocate(version, specs)
             slots, _ = layout(specs)
+            keys, sources = [], []
+            t0 = time.perf_counter()
             for slot, handle in zip(slots, shared, strict=True):
-                if not slot.nbytes:
-                    continue
-                src = open_shared(handle, device)
+                if slot.nbytes:
+                    sources.append((slot, self.handles.open(handle, device)))
+                    keys.append(HandleCache.key(handle))
+            t1 = time.perf_counter()
+            for slot, src in sources:
                 flat[slot.offset : slot.offset + slot.nbytes].copy_(src.reshape(-1).view(torch.uint8))
-                del src
+            t2 = time.perf_counter()
             torch.cuda.synchronize(device)
+            self.handles.keep_only(keys)
+            self.last_timings = {"open_s": t1 - t0, "issue_s": t2 - t1, "sync_s": time.perf_counter() - t2}
 
 
 def _dtype_name(proto_dtype) -> str:
