@@ -134,11 +134,14 @@ def tensors_from_update_info(info: dict) -> Iterator[tuple[str, torch.Tensor]]:
     size = int(info["size"])
     if size == 0:
         return
-    raw = _map(info["path"], size)
-    for name, dtype_name, shape, offset in info["tensors"]:
+    yield from tensor_views(_map(info["path"], size), info["tensors"])
+
+
+def tensor_views(raw: torch.Tensor, tensors: list) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) views over a flat uint8 buffer laid out as update_info's [name, dtype, shape, offset] list."""
+    for name, dtype_name, shape, offset in tensors:
         dtype = DTYPES_BY_NAME[dtype_name]
         numel = 1
         for d in shape:
             numel *= int(d)
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
-        yield name, raw[offset : offset + nbytes].view(dtype).reshape(shape)
+        yield name, raw[offset : offset + numel * dtype.itemsize].view(dtype).reshape(shape)

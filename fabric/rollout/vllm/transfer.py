@@ -62,21 +62,12 @@ def release_mappings() -> None:
 def named_tensors(info: dict, device=None):
     """Worker side: (name, tensor) views over a staged version, host file or device buffer (see module doc). The
     device buffer stays mapped: the server reuses two buffers version after version."""
+    from fabric.weights.staging import tensor_views, tensors_from_update_info
+
     if info.get("ipc"):
-        from fabric.weights.staging import DTYPES_BY_NAME
-
-        flat = _open_device_buffer(info["ipc"], device)
-        for name, dtype_name, shape, offset in info["tensors"]:
-            dtype = DTYPES_BY_NAME[dtype_name]
-            numel = 1
-            for d in shape:
-                numel *= int(d)
-            nbytes = numel * dtype.itemsize
-            yield name, flat[offset : offset + nbytes].view(dtype).reshape(shape)
-        return
-    from fabric.weights.staging import tensors_from_update_info
-
-    yield from tensors_from_update_info(info)
+        yield from tensor_views(_open_device_buffer(info["ipc"], device), info["tensors"])
+    else:
+        yield from tensors_from_update_info(info)
 
 
 def direct_load(device, model_config) -> bool:
