@@ -2,14 +2,21 @@
 
 One step:
     prompts --Generate--> rollout servers (RolloutPool: least-loaded, failover)  -> samples with weight_version
-    samples --Score-----> reward servers (RewardPool: retries elsewhere)          -> rewards
+    samples --Score-----> reward servers (RewardPool: retries elsewhere), each as it streams out of Generate
     advantages as ROLL's keys say (algorithm.py: grpo / reinforce, masks, clips, whitening, in-reward KL)
     -> mini-batches: clipped policy loss (+ ROLL's KL loss) -> AdamW steps on fp32 main params, LR schedule
     policy weights --UpdateWeights (relay chain)--> every live rollout server      -> version + 1
-Samples produced by a version other than the one current at the step ("stale": e.g. from a server that missed an
-update) are counted and, by default, left out of the loss and of their group's statistics (`stale_samples: drop`);
-`use` keeps them, unweighted. An empty response (EOS at once) is never sent to the reward servers (they refuse it)
-and scores each reward's lowest score of the step, or 0 if that is lower: it never beats a wrong answer.
+The run keeps one Generate stream (through the pool) open: a producer submits step s's prompts once the version
+the servers serve is at least the one step s trains with minus `async_training.max_staleness` k, so with k = 0
+each step generates after the previous push (strictly in turn, as before) and with k > 0 rollouts of up to k steps
+ahead run while the trainer trains; a push then lands mid-stream (the servers pause in keep mode, commit, resume;
+`partial_rollout: regenerate` drops a sample that spans two versions and generates it again). A sample's staleness
+is the policy's version minus the first version it was generated under; samples beyond k ("stale": e.g. from a
+server that missed an update) are counted and, by default, left out of the loss and of their group's statistics
+(`stale_samples: drop`); `use` keeps them. Samples within the bound but from an older version are weighted by
+truncated importance ratios against the rollout's own logprobs (`off_policy_correction`: tis / decoupled / none;
+algorithm.off_policy_weights). An empty response (EOS at once) is never sent to the reward servers (they refuse
+it) and scores each reward's lowest score of the step, or 0 if that is lower: it never beats a wrong answer.
 The rollout servers may start with `load_format: dummy`: the first push (version 1) happens before any rollout.
 """
 
