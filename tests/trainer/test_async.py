@@ -245,8 +245,9 @@ def test_a_rollout_server_killed_during_an_async_run_is_survived(env):
 
 
 def test_async_generation_ratio_maps_onto_max_staleness():
-    pc = pipeline_config(load_config(EXAMPLES / "default.yaml", ["async_generation_ratio=0.5"]))
+    pc = pipeline_config(load_config(EXAMPLES / "roll_qwen2.5-7b_rlvr.yaml", ["async_generation_ratio=0.5"]))
     assert pc.max_staleness == 1
+    assert pipeline_config(load_config(EXAMPLES / "default.yaml")).max_staleness == 0  # the demo's measured default
     pc = pipeline_config(load_config(EXAMPLES / "default.yaml", ["async_training.max_staleness=2"]))
     assert pc.max_staleness == 2 and pc.partial_rollout == "keep" and pc.off_policy_correction == "tis"
     with pytest.raises(ConfigError, match="contradicts"):
