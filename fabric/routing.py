@@ -16,7 +16,7 @@ import asyncio
 import hashlib
 import itertools
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -97,18 +97,28 @@ class RolloutPool:
         return min(live, key=lambda s: len(s.pending))
 
     async def generate(
-        self, requests: Sequence[rollout_pb2.GenerateRequest]
+        self, requests: Sequence[rollout_pb2.GenerateRequest] | AsyncIterable[rollout_pb2.GenerateRequest]
     ) -> AsyncIterator[rollout_pb2.GenerateResponse]:
         """Yields every sample of every request exactly once (sample_index as the caller asked), or the request's
-        error response; completion order. Each request must set sampling.num_return_sequences."""
+        error response; completion order. Each request must set sampling.num_return_sequences.
+
+        `requests` may be an async iterable (a stream): each request is routed as it comes, while samples of the
+        earlier ones stream back, and the call ends once the stream has ended and every sample is delivered. The
+        asynchronous trainer keeps one such call open for the whole run. request_ids must be unique per call."""
         out: asyncio.Queue = asyncio.Queue()
         delivered: set[tuple[str, int]] = set()
         expected = 0
-        for request in requests:
+
+        def count(request: rollout_pb2.GenerateRequest) -> int:
             n = request.sampling.num_return_sequences if request.sampling.HasField("num_return_sequences") else 0
             if n < 1:
                 raise ValueError(f"request {request.request_id!r}: set sampling.num_return_sequences for the pool")
-            expected += n
+            return n
+
+        streamed = not isinstance(requests, Sequence)
+        if not streamed:
+            for request in requests:  # type: ignore[union-attr]
+                expected += count(request)
         readers: dict[str, asyncio.Task] = {}
         retries = itertools.count(1)
 
@@ -174,11 +184,35 @@ class RolloutPool:
             finally:
                 call.cancel()
 
-        for request in requests:
-            submit(_Pending(request, list(range(request.sampling.num_return_sequences))))
+        async def pump(stream: AsyncIterable[rollout_pb2.GenerateRequest]) -> None:
+            try:
+                async for request in stream:
+                    out.put_nowait(("request", request, None))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's loop
+                out.put_nowait(("input_failed", exc, None))
+                raise
+            finally:
+                out.put_nowait(("input_done", None, None))
+
+        pumper: asyncio.Task | None = None
+        if streamed:
+            pumper = asyncio.create_task(pump(requests))  # type: ignore[arg-type]
+        else:
+            for request in requests:  # type: ignore[union-attr]
+                submit(_Pending(request, list(range(request.sampling.num_return_sequences))))
+        input_open = streamed
         try:
-            while len(delivered) < expected:
+            while input_open or len(delivered) < expected:
                 kind, payload, extra = await out.get()
+                if kind == "request":
+                    expected += count(payload)
+                    submit(_Pending(payload, list(range(payload.sampling.num_return_sequences))))
+                    continue
+                if kind == "input_done":
+                    input_open = False
+                    continue
+                if kind == "input_failed":
+                    raise payload
                 if kind == "failover":
                     for orphan in extra:
                         if not orphan.missing:
@@ -214,6 +248,9 @@ class RolloutPool:
                 delivered.add(key)
                 yield payload
         finally:
+            if pumper is not None:
+                pumper.cancel()
+                await asyncio.gather(pumper, return_exceptions=True)
             for server in self.servers.values():
                 if server.queue is not None:
                     server.queue.put_nowait(None)

@@ -56,11 +56,16 @@ TOP_LEVEL_KEYS = {
     "actor_train", "actor_infer", "reference", "critic", "rewards",
     # the fabric's own
     "cluster", "weight_sync", "timeouts", "sft_warmup", "security", "dataset", "stale_samples", "task",
+    "async_training",
 }  # fmt: skip
 CLUSTER_KEYS = {"rollout", "reward", "num_rollout_servers", "num_reward_servers", "trainer_port", "host"}
 WEIGHT_SYNC_KEYS = {"mode", "transport", "chunk_mib"}
 TIMEOUT_KEYS = {"generate_s", "score_s", "push_s", "rpc_s", "server_start_s"}
 SFT_KEYS = {"steps", "learning_rate", "batch_size", "skip"}
+# ---- asynchronous RL (fabric/trainer/loop.py): the `async_training` section ----
+ASYNC_KEYS = {"max_staleness", "partial_rollout", "off_policy_correction", "importance_cap"}
+PARTIAL_ROLLOUTS = ("keep", "regenerate")
+OFF_POLICY_CORRECTIONS = ("tis", "decoupled", "none")
 
 # ---- the trainer's algorithm keys: read by fabric/config/algorithm.py (ROLL's meaning and defaults) ----
 TOP_LEVEL_KEYS = TOP_LEVEL_KEYS | ALGORITHM_KEYS
@@ -114,6 +119,11 @@ class PipelineConfig:
     sft_steps: int = 0
     sft_learning_rate: float | None = None
     sft_batch_size: int = 64
+    # async_training: rollouts of the next steps run while the trainer trains (0: strictly in turn)
+    max_staleness: int = 0  # k: no sample trained on is more than k versions older than the policy
+    partial_rollout: str = "keep"  # a sample that spans an update: keep it, or drop it and generate it again
+    off_policy_correction: str = "tis"  # weights of samples from older versions: tis, decoupled or none
+    importance_cap: float = 2.0  # tis: the weight is min(w, cap); decoupled: tokens with w > cap leave the loss
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)  # ROLL's algorithm keys
 
     @property
@@ -157,6 +167,7 @@ def pipeline_config(cfg: DictConfig) -> PipelineConfig:
     check_keys(cfg.get("weight_sync"), WEIGHT_SYNC_KEYS, "weight_sync")
     check_keys(cfg.get("timeouts"), TIMEOUT_KEYS, "timeouts")
     check_keys(cfg.get("sft_warmup"), SFT_KEYS, "sft_warmup")
+    check_keys(cfg.get("async_training"), ASYNC_KEYS, "async_training")
     if "actor_train" not in cfg:
         raise ConfigError("actor_train", "section missing: the trainer needs the policy's model (pretrain)")
     train = cfg.actor_train
@@ -248,7 +259,54 @@ def pipeline_config(cfg: DictConfig) -> PipelineConfig:
     pc.sft_steps = 0 if sft.get("skip") else int(sft.get("steps", 0))
     pc.sft_learning_rate = sft.get("learning_rate")
     pc.sft_batch_size = int(sft.get("batch_size", 64))
+    async_config(cfg, pc)
     # ---- the trainer's algorithm keys (fabric/config/algorithm.py) ----
     pc.algorithm = algorithm_config(cfg)
     check_batch_sizes(pc.algorithm, pc.rollout_batch_size * pc.group_size, pc.max_steps)
     return pc
+
+
+def async_config(cfg: DictConfig, pc: PipelineConfig) -> None:
+    """The `async_training` section; ROLL's `async_generation_ratio` r (rollouts of the next r batches may run ahead
+    of training) maps onto max_staleness = ceil(r): a sample of a batch generated r steps ahead is at most that many
+    versions old when it is trained on. Setting both to different bounds is an error."""
+    import math
+
+    section = cfg.get("async_training") or {}
+    k = section.get("max_staleness")
+    ratio = _get(cfg, "async_generation_ratio")
+    if ratio is not None:
+        try:
+            ratio = float(ratio)
+        except (TypeError, ValueError):
+            raise ConfigError("async_generation_ratio", f"must be a number >= 0, got {ratio!r}") from None
+        if ratio < 0:
+            raise ConfigError("async_generation_ratio", f"must be >= 0, got {ratio}")
+        mapped = math.ceil(ratio)
+        if k is not None and int(k) != mapped:
+            raise ConfigError(
+                "async_training.max_staleness",
+                f"{k} contradicts async_generation_ratio {ratio:g} (= max_staleness {mapped}): set one of them",
+            )
+        k = mapped
+    try:
+        pc.max_staleness = int(0 if k is None else k)
+    except (TypeError, ValueError):
+        raise ConfigError("async_training.max_staleness", f"must be an integer >= 0, got {k!r}") from None
+    if pc.max_staleness < 0:
+        raise ConfigError("async_training.max_staleness", f"must be >= 0, got {pc.max_staleness}")
+    pc.partial_rollout = str(section.get("partial_rollout", pc.partial_rollout))
+    if pc.partial_rollout not in PARTIAL_ROLLOUTS:
+        raise ConfigError(
+            "async_training.partial_rollout",
+            f"'{pc.partial_rollout}': use keep (a sample that spans a weight update is trained on) or regenerate",
+        )
+    pc.off_policy_correction = str(section.get("off_policy_correction", pc.off_policy_correction))
+    if pc.off_policy_correction not in OFF_POLICY_CORRECTIONS:
+        raise ConfigError(
+            "async_training.off_policy_correction",
+            f"'{pc.off_policy_correction}': use one of {', '.join(OFF_POLICY_CORRECTIONS)}",
+        )
+    pc.importance_cap = float(section.get("importance_cap", pc.importance_cap))
+    if pc.importance_cap < 1.0:
+        raise ConfigError("async_training.importance_cap", f"must be >= 1, got {pc.importance_cap}")

@@ -43,6 +43,7 @@ TOP_LEVEL_USED = {
     "exp_name", "seed", "output_dir", "max_steps", "save_steps", "rollout_batch_size", "num_return_sequences_in_group",
     "prompt_length", "response_length", "sequence_length", "ppo_epochs", "pretrain", "reward_pretrain",
     "max_grad_norm", "actor_train", "actor_infer", "reference", "rewards",
+    "async_generation_ratio",  # -> async_training.max_staleness = ceil(ratio) (fabric/config/pipeline.py)
 }  # fmt: skip
 
 # The trainer's algorithm keys (fabric/config/pipeline.py and fabric/trainer decide about these, not this module).
@@ -94,7 +95,6 @@ TOP_LEVEL_IGNORED = {
 
 # Refused (unless at the value that means what the fabric does).
 TOP_LEVEL_REFUSED = {
-    "async_generation_ratio": Refused("the fabric generates each step with the current weights: set it to 0", OFF),
     "resume_from_checkpoint": Refused("resuming is not supported: remove it (or set false) to start fresh", OFF),
     "rollout_mock": Refused("mock rollouts are not supported: remove it"),
     "user_defined_rollout_loop_cls": Refused("custom rollout loops are not supported: remove it"),

@@ -2,14 +2,21 @@
 
 One step:
     prompts --Generate--> rollout servers (RolloutPool: least-loaded, failover)  -> samples with weight_version
-    samples --Score-----> reward servers (RewardPool: retries elsewhere)          -> rewards
+    samples --Score-----> reward servers (RewardPool: retries elsewhere), each as it streams out of Generate
     advantages as ROLL's keys say (algorithm.py: grpo / reinforce, masks, clips, whitening, in-reward KL)
     -> mini-batches: clipped policy loss (+ ROLL's KL loss) -> AdamW steps on fp32 main params, LR schedule
     policy weights --UpdateWeights (relay chain)--> every live rollout server      -> version + 1
-Samples produced by a version other than the one current at the step ("stale": e.g. from a server that missed an
-update) are counted and, by default, left out of the loss and of their group's statistics (`stale_samples: drop`);
-`use` keeps them, unweighted. An empty response (EOS at once) is never sent to the reward servers (they refuse it)
-and scores each reward's lowest score of the step, or 0 if that is lower: it never beats a wrong answer.
+The run keeps one Generate stream (through the pool) open: a producer submits step s's prompts once the version
+the servers serve is at least the one step s trains with minus `async_training.max_staleness` k, so with k = 0
+each step generates after the previous push (strictly in turn, as before) and with k > 0 rollouts of up to k steps
+ahead run while the trainer trains; a push then lands mid-stream (the servers pause in keep mode, commit, resume;
+`partial_rollout: regenerate` drops a sample that spans two versions and generates it again). A sample's staleness
+is the policy's version minus the first version it was generated under; samples beyond k ("stale": e.g. from a
+server that missed an update) are counted and, by default, left out of the loss and of their group's statistics
+(`stale_samples: drop`); `use` keeps them. Samples within the bound but from an older version are weighted by
+truncated importance ratios against the rollout's own logprobs (`off_policy_correction`: tis / decoupled / none;
+algorithm.off_policy_weights). An empty response (EOS at once) is never sent to the reward servers (they refuse
+it) and scores each reward's lowest score of the step, or 0 if that is lower: it never beats a wrong answer.
 The rollout servers may start with `load_format: dummy`: the first push (version 1) happens before any rollout.
 """
 
@@ -19,7 +26,7 @@ import asyncio
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,7 +35,7 @@ from fabric.config.pipeline import PipelineConfig
 from fabric.errors import precondition
 from fabric.routing import RewardPool, RolloutPool
 from fabric.trainer import report
-from fabric.trainer.algorithm import KLController
+from fabric.trainer.algorithm import KLController, off_policy_weights
 from fabric.v1 import rollout_pb2, trainer_pb2
 
 log = logging.getLogger(__name__)
@@ -48,6 +55,77 @@ class Sample:
     prompt_index: int
     response: rollout_pb2.GenerateResponse
     reward: float = 0.0
+
+
+def sample_versions(response: rollout_pb2.GenerateResponse) -> tuple[int, int]:
+    """(first, last) weight version a sample was generated under (a sample spans two when an update landed)."""
+    first = response.first_weight_version or response.weight_version
+    return first, max(response.last_weight_version, first)
+
+
+def parse_request_id(request_id: str) -> tuple[int, int, int, bool]:
+    """ "s{step}-p{k}" (a step's k-th prompt) or "s{step}-p{k}-j{j}-r{n}" (its sample j generated again): (step, k,
+    j, is_regeneration)."""
+    step, rest = request_id[1:].split("-p", 1)
+    if "-j" in rest:
+        k, tail = rest.split("-j", 1)
+        return int(step), int(k), int(tail.split("-r", 1)[0]), True
+    return int(step), int(rest), 0, False
+
+
+@dataclass
+class StepBatch:
+    """One step's samples while they are generated and scored."""
+
+    step: int
+    expected: int
+    prompts: list[int] | None = None  # dataset rows, set when the producer submits the step
+    samples: dict[tuple[int, int], Sample] = field(default_factory=dict)
+    unscored: list[Sample] = field(default_factory=list)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    scoring: asyncio.Task | None = None
+    started: float = 0.0  # first request submitted
+    generated: float = 0.0  # last sample in
+    scored: float = 0.0  # last score in
+    spanning: int = 0  # samples that spanned a weight update
+    regenerated: int = 0  # of those, generated again (partial_rollout: regenerate)
+
+    def add(self, sample: Sample) -> None:
+        key = (int(sample.response.request_id.split("-p", 1)[1].split("-", 1)[0]), sample.response.sample_index)
+        if key in self.samples:
+            raise RuntimeError(f"sample {key} of step {self.step} delivered twice")
+        self.samples[key] = sample
+        self.unscored.append(sample)
+        if len(self.samples) == self.expected:
+            self.generated = time.perf_counter()
+        self.arrived.set()
+
+
+class BusyClock:
+    """When generation was running (any sample outstanding), as intervals, to measure the overlap with training."""
+
+    def __init__(self):
+        self.outstanding = 0
+        self.since: float | None = None
+        self.intervals: list[tuple[float, float]] = []
+
+    def add(self, n: int, now: float) -> None:
+        if self.outstanding == 0 and n > 0:
+            self.since = now
+        self.outstanding += n
+
+    def sub(self, n: int, now: float) -> None:
+        self.outstanding -= n
+        if self.outstanding <= 0 and self.since is not None:
+            self.intervals.append((self.since, now))
+            self.since, self.outstanding = None, 0
+
+    def busy_between(self, a: float, b: float) -> float:
+        spans = self.intervals + ([(self.since, b)] if self.since is not None else [])
+        return sum(max(0.0, min(end, b) - max(start, a)) for start, end in spans)
+
+    def forget_before(self, t: float) -> None:
+        self.intervals = [(s, e) for s, e in self.intervals if e > t]
 
 
 class Trainer:
@@ -79,6 +157,14 @@ class Trainer:
         a = pc.algorithm
         self.kl_ctrl = KLController(a.init_kl_coef, a.target_kl, a.kl_horizon)
         self.sampling = sampling_settings(pc.sampling)
+        # the asynchronous machinery: one Generate stream for the run, a batch per step, the versions released
+        self.batches: dict[int, StepBatch] = {}
+        self.requests: asyncio.Queue = asyncio.Queue()
+        self.version_cond = asyncio.Condition()
+        self.first_version = 1
+        self.released_version = 0
+        self.gen_clock = BusyClock()
+        self.run_started = self.last_step_end = time.perf_counter()
 
     # ---- control (the TrainerService calls these) --------------------------------------------------------------
 
@@ -110,25 +196,33 @@ class Trainer:
     # ---- the loop ----------------------------------------------------------------------------------------------
 
     async def run(self, rollout_addresses: list[str], reward_addresses: list[str]) -> None:
-        self.rollouts = RolloutPool(rollout_addresses, stream_timeout=self.pc.generate_timeout_s)
+        self.rollouts = RolloutPool(rollout_addresses, stream_timeout=None)  # one stream for the run: no deadline
         self.rewards = RewardPool(reward_addresses, timeout=self.pc.score_timeout_s)
         self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
         self.metrics_path.write_text("")
+        tasks: list[asyncio.Task] = []
         try:
             sync_seconds = await self.push_weights()  # version 1: the servers may hold dummy weights
             log.info("initial weights pushed as version %d in %.2f s", self.version, sync_seconds)
+            self.first_version = self.version
+            self.last_step_end = self.run_started = time.perf_counter()
+            await self.release_version()
             self.state = trainer_pb2.TRAINER_STATE_RUNNING
+            tasks = [asyncio.create_task(self.produce()), asyncio.create_task(self.consume())]
             while self.step < self.pc.max_steps and not self.stop_requested:
                 await self.resume_event.wait()
                 if self.stop_requested:
                     break
+                batch = self.batch(self.step + 1)
+                await self.wait_for(batch.scoring, tasks)
                 async with self.lock:
-                    metrics = await self.run_step(self.step + 1)
+                    metrics = await self.finish_step(batch)
                 self.step += 1
                 self.record(metrics)
                 if self.pc.save_steps and self.step % self.pc.save_steps == 0:
                     await self.save_checkpoint(self.pc.out / "checkpoints" / f"step_{self.step}")
             self.state = trainer_pb2.TRAINER_STATE_STOPPING
+            await self.stop_generating(tasks)
             await self.save_checkpoint(self.pc.out / "checkpoints" / "final")
             self.state = trainer_pb2.TRAINER_STATE_FINISHED
         except Exception as exc:
@@ -136,6 +230,7 @@ class Trainer:
             self.message = f"{type(exc).__name__}: {exc}"
             raise
         finally:
+            await self.stop_generating(tasks)
             report.write_plot(self.history, self.pc.out / "metrics.png")
             for queue in self.subscribers:
                 queue.put_nowait(None)
@@ -151,48 +246,195 @@ class Trainer:
             picked.append(self.order.pop())
         return picked
 
-    async def run_step(self, step: int) -> dict:
-        t_start = time.perf_counter()
+    # ---- generation and scoring, as a stream (asynchronous with max_staleness > 0) ----------------------------
+
+    def batch(self, step: int) -> StepBatch:
+        """The samples of `step`, made by whichever asks first (the producer fills it, the loop waits on it)."""
+        if step not in self.batches:
+            batch = StepBatch(step, self.pc.rollout_batch_size * self.pc.group_size)
+            batch.scoring = asyncio.create_task(self.score_stream(batch))
+            self.batches[step] = batch
+        return self.batches[step]
+
+    async def release_version(self) -> None:
+        """Lets the producer start the steps the current version may generate for (after a push and re-admission)."""
+        async with self.version_cond:
+            self.released_version = self.version
+            self.version_cond.notify_all()
+
+    async def produce(self) -> None:
+        """Submits step s's prompts once the released version is at least the one step s trains with, minus k: with
+        max_staleness 0, after the previous step's push (today's loop); with k, up to k steps ahead of training."""
+        k = self.pc.max_staleness
+        for step in range(1, self.pc.max_steps + 1):
+            needed = self.first_version + step - 1 - k
+            async with self.version_cond:
+                await self.version_cond.wait_for(lambda n=needed: self.released_version >= n or self.stop_requested)
+            await self.resume_event.wait()
+            if self.stop_requested:
+                return
+            batch = self.batch(step)
+            batch.prompts = self.next_prompts()
+            batch.started = time.perf_counter()
+            sampling = rollout_pb2.SamplingParams(**self.sampling, logprobs=True)
+            for k_, i in enumerate(batch.prompts):
+                self.submit(
+                    rollout_pb2.GenerateRequest(
+                        request_id=f"s{step}-p{k_}", prompt=self.dataset[i]["prompt"], sampling=sampling
+                    )
+                )
+
+    def submit(self, request: rollout_pb2.GenerateRequest) -> None:
+        self.gen_clock.add(request.sampling.num_return_sequences, time.perf_counter())
+        self.requests.put_nowait(request)
+
+    async def request_stream(self):
+        while (request := await self.requests.get()) is not None:
+            yield request
+
+    async def consume(self) -> None:
+        """Reads the run's one Generate stream (through the pool: failover, nothing lost or twice) and hands each
+        sample to its step's batch, whose scorer sends it to the reward servers at once."""
+        assert self.rollouts is not None
+        stream = self.rollouts.generate(self.request_stream())
+        try:
+            async for response in stream:
+                self.gen_clock.sub(1, time.perf_counter())
+                if response.HasField("error"):
+                    raise RuntimeError(f"rollout refused {response.request_id}: {response.error.message}")
+                step, k, j, retry = parse_request_id(response.request_id)
+                index = j if retry else response.sample_index
+                batch = self.batches.get(step)
+                if batch is None or batch.prompts is None:
+                    continue
+                first, last = sample_versions(response)
+                if first != last:
+                    batch.spanning += 1
+                    if self.pc.partial_rollout == "regenerate":  # generated again under one version
+                        batch.regenerated += 1
+                        again = rollout_pb2.GenerateRequest()
+                        again.CopyFrom(self.regen_template(batch, k))
+                        again.request_id = f"s{step}-p{k}-j{index}-r{batch.regenerated}"
+                        if again.sampling.HasField("seed"):
+                            again.sampling.seed += index
+                        self.submit(again)
+                        continue
+                response.sample_index = index
+                batch.add(Sample(batch.prompts[k], response))
+        finally:
+            await stream.aclose()
+
+    def regen_template(self, batch: StepBatch, k: int) -> rollout_pb2.GenerateRequest:
+        sampling = rollout_pb2.SamplingParams(**self.sampling, logprobs=True)
+        sampling.num_return_sequences = 1
+        return rollout_pb2.GenerateRequest(prompt=self.dataset[batch.prompts[k]]["prompt"], sampling=sampling)
+
+    async def score_stream(self, batch: StepBatch) -> None:
+        """Scores the batch's samples as they arrive: whatever came in while the previous call ran goes in the next
+        one. Ends when every sample is scored (empty responses last: they need the step's lowest score)."""
+        lowest: dict[str, float] = {}
+        empty: list = []
+        scored = 0
+        while True:
+            await batch.arrived.wait()
+            batch.arrived.clear()
+            todo, batch.unscored = batch.unscored, []
+            if todo:
+                empty += await self.score_items(todo, batch.step, lowest, start=scored)
+                scored += len(todo)
+            if scored == batch.expected:
+                break
+        self.score_empty(empty, lowest)
+        batch.scored = time.perf_counter()
+
+    async def wait_for(self, task: asyncio.Task, helpers: list[asyncio.Task]) -> None:
+        """Waits for `task`; a producer or consumer that fails meanwhile fails the run with its error."""
+        while not task.done():
+            watched = {task, *(t for t in helpers if not t.done() or (not t.cancelled() and t.exception()))}
+            done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+            for helper in done - {task}:
+                if not helper.cancelled() and helper.exception() is not None:
+                    raise helper.exception()  # type: ignore[misc]
+        task.result()
+
+    async def stop_generating(self, tasks: list[asyncio.Task]) -> None:
+        self.stop_requested = self.stop_requested or self.step >= self.pc.max_steps
+        async with self.version_cond:
+            self.version_cond.notify_all()
+        self.requests.put_nowait(None)
+        for task in tasks + [b.scoring for b in self.batches.values() if b.scoring is not None]:
+            task.cancel()
+        await asyncio.gather(*tasks, *(b.scoring for b in self.batches.values() if b.scoring), return_exceptions=True)
+        tasks.clear()
+        self.batches.clear()
+
+    async def finish_step(self, batch: StepBatch) -> dict:
+        """Trains on a whole, scored batch, pushes the next version (an in-flight update when later steps are
+        generating: the servers pause in keep mode, commit, resume) and releases the next step's generation."""
+        self.batches.pop(batch.step, None)
+        t_ready = time.perf_counter()
+        ordered = [batch.samples[(k, j)] for k in range(len(batch.prompts or [])) for j in range(self.pc.group_size)]
+        metrics = await asyncio.to_thread(self.train, ordered)
+        t_trained = time.perf_counter()
+        sync_seconds = await self.push_weights()
         await self.readmit_servers()
-        prompts = self.next_prompts()
+        t_end = time.perf_counter()
+        await self.release_version()
+        generated = sum(len(s.response.token_ids) for s in ordered)
+        generate_seconds = max(batch.generated - batch.started, 1e-9)
+        metrics.update(
+            step=batch.step,
+            weight_version=self.version,
+            generate_seconds=generate_seconds,
+            reward_seconds=max(batch.scored - batch.generated, 0.0),  # scoring after the last sample: the tail
+            train_seconds=t_trained - t_ready,
+            weight_sync_seconds=sync_seconds,
+            step_seconds=t_end - self.last_step_end,
+            tokens_per_second=generated / generate_seconds,
+            samples=len(ordered),
+            response_length_mean=generated / len(ordered),
+        )
+        metrics["extra"].update(
+            rollout_servers_alive=float(len(self.rollouts.alive)),
+            overlap_seconds=self.gen_clock.busy_between(t_ready, t_end),  # generation running while training/syncing
+            wait_seconds=max(t_ready - self.last_step_end, 0.0),  # the trainer idle, waiting for this batch
+            elapsed_seconds=t_end - self.run_started,
+            spanning_samples=float(batch.spanning),
+            regenerated_samples=float(batch.regenerated),
+        )
+        self.last_step_end = t_end
+        self.gen_clock.forget_before(t_end)
+        return metrics
+
+    async def run_step(self, step: int) -> dict:
+        """One step strictly in turn (generate, score, train, push): what the loop does with max_staleness 0, in one
+        call (for tests and tools that drive a Trainer step by step)."""
+        batch = self.batch(step)
+        batch.prompts = self.next_prompts()
+        batch.started = time.perf_counter()
         sampling = rollout_pb2.SamplingParams(**self.sampling, logprobs=True)
         requests = [
             rollout_pb2.GenerateRequest(request_id=f"s{step}-p{k}", prompt=self.dataset[i]["prompt"], sampling=sampling)
-            for k, i in enumerate(prompts)
+            for k, i in enumerate(batch.prompts)
         ]
-        samples: dict[tuple[int, int], Sample] = {}
+        assert self.rollouts is not None
         async for response in self.rollouts.generate(requests):
             if response.HasField("error"):
                 raise RuntimeError(f"rollout refused {response.request_id}: {response.error.message}")
             k = int(response.request_id.rsplit("-p", 1)[1])
-            samples[(k, response.sample_index)] = Sample(prompts[k], response)
-        t_generated = time.perf_counter()
-        ordered = [samples[(k, j)] for k in range(len(prompts)) for j in range(self.pc.group_size)]
-        await self.score(ordered, step)
-        t_scored = time.perf_counter()
-        metrics = await asyncio.to_thread(self.train, ordered)
-        t_trained = time.perf_counter()
-        sync_seconds = await self.push_weights()
-        t_end = time.perf_counter()
-        generated = sum(len(s.response.token_ids) for s in ordered)
-        metrics.update(
-            step=step,
-            weight_version=self.version,
-            generate_seconds=t_generated - t_start,
-            reward_seconds=t_scored - t_generated,
-            train_seconds=t_trained - t_scored,
-            weight_sync_seconds=sync_seconds,
-            step_seconds=t_end - t_start,
-            tokens_per_second=generated / max(t_generated - t_start, 1e-9),
-            samples=len(ordered),
-            response_length_mean=generated / len(ordered),
-        )
-        metrics["extra"]["rollout_servers_alive"] = float(len(self.rollouts.alive))
-        return metrics
+            batch.add(Sample(batch.prompts[k], response))
+        await batch.scoring
+        return await self.finish_step(batch)
 
     async def score(self, samples: list[Sample], step: int) -> None:
+        lowest: dict[str, float] = {}
+        self.score_empty(await self.score_items(samples, step, lowest), lowest)
+
+    async def score_items(self, samples: list[Sample], step: int, lowest: dict[str, float], start: int = 0) -> list:
+        """Scores the non-empty samples (adding to each reward and to `lowest`, each reward's lowest score); returns
+        the empty ones with their reward names, for score_empty once the step's lowest scores are known."""
         items, owners, empty = [], [], []
-        for n, sample in enumerate(samples):
+        for n, sample in enumerate(samples, start):
             row = self.dataset[sample.prompt_index]
             names = [
                 name for name, spec in self.pc.rewards.items() if not spec["tags"] or row.get("tag") in spec["tags"]
@@ -213,10 +455,12 @@ class Trainer:
                 )
                 owners.append((sample, name))
         responses = await self.rewards.score(items) if items else []
-        lowest: dict[str, float] = {}
         for (sample, name), response in zip(owners, responses, strict=True):
             sample.reward += self.pc.rewards[name]["weight"] * response.score
             lowest[name] = min(lowest.get(name, 0.0), response.score)
+        return empty
+
+    def score_empty(self, empty: list, lowest: dict[str, float]) -> None:
         for sample, names in empty:  # never above a wrong answer: the step's lowest score, 0 at most
             sample.reward += sum(self.pc.rewards[name]["weight"] * lowest.get(name, 0.0) for name in names)
 
@@ -232,7 +476,10 @@ class Trainer:
             [list(s.response.token_ids) for s in samples],
             pad_id=pad,
         )
-        stale = torch.tensor([s.response.weight_version != self.version for s in samples])
+        first = torch.tensor([sample_versions(s.response)[0] for s in samples])
+        staleness = (self.version - first).clamp(min=0)  # versions between the policy and the sample's first
+        stale = staleness > self.pc.max_staleness  # beyond the bound (k = 0: any older version)
+        off_policy = first != self.version
         valid = ~stale if self.pc.stale_policy == "drop" else torch.ones_like(stale)
         truncated = torch.tensor([s.response.finish_reason == rollout_pb2.FINISH_REASON_LENGTH for s in samples])
         rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)
@@ -244,7 +491,7 @@ class Trainer:
             start = len(sample.response.prompt_token_ids)
             lp = list(sample.response.logprobs)
             rollout_lp[row, start : start + len(lp)] = torch.tensor(lp)
-        fresh = batch.response_mask.bool() & ~stale[:, None]
+        fresh = batch.response_mask.bool() & ~off_policy[:, None]
         gap = (rollout_lp - batch.old_logprobs)[fresh]
         kl = float(losses.masked_mean(losses.kl_penalty(batch.old_logprobs, batch.ref_logprobs), batch.response_mask))
         adv = compute_advantages(
@@ -258,7 +505,13 @@ class Trainer:
             ref_logprobs=batch.ref_logprobs,
             kl_ctrl=self.kl_ctrl,
         )
-        batch.advantages, batch.response_mask = adv.advantages, adv.mask
+        # asynchronous RL: samples from older versions weighted by rollout -> current importance ratios (the
+        # rollout's own logprobs as the behaviour policy); samples of the current version keep weight 1 exactly
+        weights, correction = off_policy_weights(
+            rollout_lp, batch.old_logprobs, adv.mask, off_policy & ~stale, self.pc.off_policy_correction,
+            self.pc.importance_cap,
+        )  # fmt: skip
+        batch.advantages, batch.response_mask = adv.advantages * weights, adv.mask
         steps = []
         if adv.mask.any():  # else nothing to learn from (ROLL skips such a step too)
             generator = torch.Generator().manual_seed(self.pc.seed + self.step)
@@ -290,6 +543,9 @@ class Trainer:
                 "logprob_gap_mean": float(gap.mean()) if gap.numel() else 0.0,
                 "clip_frac": mean("clip_frac"),
                 **{k: float(v) for k, v in adv.metrics.items()},
+                **correction,
+                "staleness_mean": float(staleness.float().mean()),
+                "staleness_max": float(staleness.max()),
             },
         }
 

@@ -24,7 +24,7 @@ def write_plot(rows: Sequence[dict], path: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     steps = [r["step"] for r in rows]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
+    fig, (top, bottom, lag) = plt.subplots(3, 1, figsize=(9, 9.5), sharex=True)
     top.plot(steps, [r["reward_mean"] for r in rows], marker="o", label="reward mean")
     if all("accuracy" in r.get("extra", {}) for r in rows):
         top.plot(steps, [r["extra"]["accuracy"] for r in rows], marker=".", label="accuracy")
@@ -38,9 +38,19 @@ def write_plot(rows: Sequence[dict], path: Path) -> Path | None:
         bottom.bar(steps, values, bottom=base, label=phase.removesuffix("_seconds").replace("_", " "))
         base = [b + v for b, v in zip(base, values, strict=True)]
     bottom.set_ylabel("seconds")
-    bottom.set_xlabel("step")
     bottom.legend(ncol=4, fontsize="small")
-    bottom.set_title("time per step, by phase")
+    bottom.set_title("time per step, by phase (asynchronous: phases overlap, see below)")
+    extra = [r.get("extra", {}) for r in rows]
+    lag.plot(steps, [e.get("overlap_seconds", 0.0) for e in extra], marker=".", label="generation || training (s)")
+    lag.plot(steps, [r.get("step_seconds", 0.0) for r in rows], marker=".", label="step wall time (s)")
+    lag.set_ylabel("seconds")
+    versions = lag.twinx()
+    versions.step(steps, [e.get("staleness_mean", 0.0) for e in extra], where="mid", color="tab:red", label="staleness")
+    versions.set_ylabel("staleness (versions)")
+    handles = lag.get_legend_handles_labels()[0] + versions.get_legend_handles_labels()[0]
+    lag.legend(handles=handles, fontsize="small")
+    lag.set_xlabel("step")
+    lag.set_title("overlap of generation with training, and staleness (mean versions behind the policy)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -66,6 +76,8 @@ def summary_table(rows: Sequence[dict], title: str = "run summary"):
         "train s",
         "sync s",
         "stale",
+        "staleness",
+        "overlap s",
     ):
         table.add_column(column, justify="right")
     for r in rows:
@@ -79,7 +91,8 @@ def step_cells(r: dict) -> list[str]:
             f"{extra['accuracy']:.2f}" if "accuracy" in extra else "-", f"{r['loss']:+.4f}", f"{r['kl']:.4f}",
             f"{r['logprob_mismatch']:.1e}", f"{r['tokens_per_second']:.0f}", f"{r['generate_seconds']:.2f}",
             f"{r['reward_seconds']:.2f}", f"{r['train_seconds']:.2f}", f"{r['weight_sync_seconds']:.2f}",
-            str(r["stale_samples"])]  # fmt: skip
+            str(r["stale_samples"]), f"{extra.get('staleness_mean', 0.0):.2f}",
+            f"{extra.get('overlap_seconds', 0.0):.2f}"]  # fmt: skip
 
 
 def first_last(rows: Sequence[dict], k: int = 5) -> tuple[float, float]:

@@ -121,7 +121,7 @@ HOSTILE = [
     ("actor_infer.generating_args.include_stop_str_in_output=maybe", "include_stop_str_in_output", "true or false"),
     ("actor_infer.device_mapping=__import__('os').system('true')", "actor_infer.device_mapping", "cannot parse"),
     # ROLL keys whose loss would change the result
-    ("async_generation_ratio=1", "async_generation_ratio", "set it to 0"),
+    ("async_generation_ratio=-1", "async_generation_ratio", "must be >= 0"),  # mapped: async_training
     ("resume_from_checkpoint=/ckpt/step-100", "resume_from_checkpoint", "resuming is not supported"),
     ("use_topr_loss=true", "use_topr_loss", "TOPR"),
     ("actor_train.strategy_args.strategy_name=deepspeed_train", "actor_train.strategy_args.strategy_name", "megatron"),
@@ -194,7 +194,7 @@ def test_serve_and_train_check_before_starting_anything(tmp_path, capsys):
     # A bad key exits 2 before the server or trainer module is even imported (so before any engine starts).
     for argv in (["serve", "rollout", "--config", str(MEGATRON), "actor_infer.infer_batch_sise=4"],
                  ["serve", "reward", "--config", str(MEGATRON), "rewards.math_rule.infer_batch_sise=4"],
-                 ["train", "--config", str(MEGATRON), "async_generation_ratio=2"]):  # fmt: skip
+                 ["train", "--config", str(MEGATRON), "use_topr_loss=true"]):  # fmt: skip
         assert cli.main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("fabric: config key"), err
