@@ -49,6 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rollout", action="append", help="rollout server HOST:PORT (repeatable; else cluster.rollout)")
     p.add_argument("--reward", action="append", help="reward server HOST:PORT (repeatable; else cluster.reward)")
     p.add_argument("--port", type=int, default=None, help="TrainerService port (default cluster.trainer_port or 0)")
+    p.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=1,
+        help="trainer processes on this node, started by torchrun (data x tensor parallel; sizes from "
+        "actor_train.strategy_args.strategy_config). For several nodes run torchrun -m fabric.trainer on each",
+    )
+    p.add_argument("--resume", default=None, help="a checkpoint's megatron/ folder: resume the policy's sharded state")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (OmegaConf dotlist)")
     p.set_defaults(handler="fabric.trainer.server:cli_main")
 
@@ -119,7 +127,9 @@ def check_before_start(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv[argv.index(args.command) + 1 :]  # the command's own arguments (`fabric train` re-launches them)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
