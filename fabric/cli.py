@@ -41,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run every process of a config on this node (default: the embedded demo)")
     p.add_argument("--config", default=None, help="ROLL-style YAML (default: examples/default.yaml)")
+    p.add_argument(
+        "--trainer-nproc",
+        type=int,
+        default=1,
+        help="trainer processes (torchrun; data x tensor parallel as actor_train.strategy_args.strategy_config says)",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. max_steps=3 output_dir=/tmp/x")
     p.set_defaults(handler="fabric.run.launcher:cli_main")
 

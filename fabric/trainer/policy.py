@@ -440,38 +440,34 @@ class Policy:
             return Path(out_dir)
         return _save_hf_checkpoint(self.model, self.model.hf_config, self.hf_dir, out_dir)
 
-    # ---- sharded state (megatron's distributed checkpointing): resume at the same parallel sizes ----------------
+    # ---- sharded state: resume at the same parallel sizes ---------------------------------------------------------
 
     def save_distributed(self, out_dir) -> Path:
-        """The model's sharded state with megatron's dist_checkpointing (every rank writes its part, replicas once),
-        plus each rank's optimizer and scheduler state and the weight version. Collective."""
-        from megatron.core import dist_checkpointing
+        """Each rank's shard of the model (megatron's TP-local state dict) with its optimizer and scheduler state and
+        the weight version, one file per rank (`rank00000.pt`, ...). Collective (barriers around the writes).
 
+        Resumable at the same tensor-parallel size and world (`load_distributed`). megatron's dist_checkpointing
+        (resharding on load) hung on CPU over gloo here and is not used yet."""
         out_dir = Path(out_dir)
-        (out_dir / "model").mkdir(parents=True, exist_ok=True)
-        (out_dir / "optimizer").mkdir(parents=True, exist_ok=True)
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
-        dist_checkpointing.save(self.model.sharded_state_dict(), str(out_dir / "model"))
-        rank = distributed.world()[0]
-        state = {"weight_version": self.weight_version}
+        out_dir.mkdir(parents=True, exist_ok=True)
+        state = {"weight_version": self.weight_version, "model": self.model.state_dict(), "world": distributed.world()}
         if self.optimizer is not None:
             state["main_params"] = [p.detach().cpu() for p in self.optimizer.main_params]
             state["optimizer"] = self.optimizer.adamw.state_dict()
             state["scheduler"] = None if self.scheduler is None else self.scheduler.state_dict()
-        torch.save(state, out_dir / "optimizer" / f"rank{rank:05d}.pt")
+        torch.save(state, out_dir / f"rank{distributed.world()[0]:05d}.pt")
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
         return out_dir
 
     def load_distributed(self, in_dir) -> None:
-        """Restores what save_distributed wrote (same tensor-parallel size and world). Collective."""
-        from megatron.core import dist_checkpointing
-
-        in_dir = Path(in_dir)
-        state = dist_checkpointing.load(self.model.sharded_state_dict(), str(in_dir / "model"))
-        self.model.load_state_dict(state, strict=False)
-        saved = torch.load(in_dir / "optimizer" / f"rank{distributed.world()[0]:05d}.pt", weights_only=False)
+        """Restores what save_distributed wrote (same tensor-parallel size and world)."""
+        saved = torch.load(Path(in_dir) / f"rank{distributed.world()[0]:05d}.pt", weights_only=False)
+        if tuple(saved["world"])[1] != distributed.world()[1]:
+            raise ValueError(
+                f"{in_dir} was saved by a world of {saved['world'][1]}; this one is {distributed.world()[1]}"
+            )
+        self.model.load_state_dict(saved["model"], strict=True)
         self.weight_version = int(saved["weight_version"])
         if self.optimizer is not None and "optimizer" in saved:
             with torch.no_grad():

@@ -53,8 +53,9 @@ def run_rank(rank: int, world_size: int, port: int, model_dir: str, out_dir: str
             lead.save_distributed(os.path.join(out, "dist"))
     else:
         result["calls"] = distributed.follow({"policy": policy}, control)
-        batch.old_logprobs = policy.logprobs(batch) - 0.1  # what rank 0 gathered (every rank gets all rows)
-    # every rank: a fresh policy resumed from the sharded state takes the same next step as the live one
+    # every rank from here on (collective calls, no leader): a fresh policy resumed from the sharded state takes the
+    # same next step as the live one
+    batch.old_logprobs = policy.logprobs(batch) - 0.1
     fresh = Policy.from_hf(model_dir, OptimConfig(lr=LR, grad_clip=0.5, micro_batch_size=1))
     fresh.load_distributed(os.path.join(out, "dist"))
     result["resumed_version"] = fresh.weight_version
