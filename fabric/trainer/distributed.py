@@ -79,7 +79,7 @@ def parallel_config(cfg) -> ParallelConfig:
     values = {} if section is None else OmegaConf.to_container(section, resolve=True)
     if not isinstance(values, dict):
         raise ConfigError(STRATEGY_CONFIG, "must be a mapping")
-    unused = sorted(k for k in values if k not in PARALLEL_KEYS and k not in IGNORED_KEYS)
+    unused = sorted(str(k) for k in values if k not in PARALLEL_KEYS and k not in IGNORED_KEYS)
     sizes = {}
     for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
         value = values.get(key, 1)
@@ -95,7 +95,7 @@ def parallel_config(cfg) -> ParallelConfig:
         if values.get(key) not in (None, 1):
             raise ConfigError(f"{STRATEGY_CONFIG}.{key}", "not implemented: leave it unset or 1")
     # memory savers that do not change the result: accepted, not applied yet
-    unused += [k for k in ("sequence_parallel", "use_distributed_optimizer") if values.get(k)]
+    unused += [str(k) for k in ("sequence_parallel", "use_distributed_optimizer") if values.get(k)]
     if unused:
         log.warning("%s: not applied by the fabric's trainer: %s", STRATEGY_CONFIG, ", ".join(unused))
     return ParallelConfig(sizes["tensor_model_parallel_size"], sizes["pipeline_model_parallel_size"])
@@ -157,7 +157,7 @@ def row_range(rows: int) -> tuple[int, int]:
 
 
 def gather_rows(local: torch.Tensor, rows: int) -> torch.Tensor:
-    """Every data-parallel rank's share (row_range) of a [rows, ...] tensor, concatenated in rank order, on each rank."""
+    """Every data-parallel rank's share (row_range) of a [rows, ...] tensor, in rank order, on every rank."""
     from megatron.core import parallel_state
 
     rank, size = data_parallel()
