@@ -41,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run every process of a config on this node (default: the embedded demo)")
     p.add_argument("--config", default=None, help="ROLL-style YAML (default: examples/default.yaml)")
+    p.add_argument(
+        "--trainer-nproc",
+        type=int,
+        default=1,
+        help="trainer processes (torchrun; data x tensor parallel as actor_train.strategy_args.strategy_config says)",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. max_steps=3 output_dir=/tmp/x")
     p.set_defaults(handler="fabric.run.launcher:cli_main")
 
@@ -49,6 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rollout", action="append", help="rollout server HOST:PORT (repeatable; else cluster.rollout)")
     p.add_argument("--reward", action="append", help="reward server HOST:PORT (repeatable; else cluster.reward)")
     p.add_argument("--port", type=int, default=None, help="TrainerService port (default cluster.trainer_port or 0)")
+    p.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=1,
+        help="trainer processes on this node, started by torchrun (data x tensor parallel; sizes from "
+        "actor_train.strategy_args.strategy_config). For several nodes run torchrun -m fabric.trainer on each",
+    )
+    p.add_argument("--resume", default=None, help="a checkpoint's megatron/ folder: resume the policy's sharded state")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (OmegaConf dotlist)")
     p.set_defaults(handler="fabric.trainer.server:cli_main")
 
@@ -119,7 +133,9 @@ def check_before_start(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv[argv.index(args.command) + 1 :]  # the command's own arguments (`fabric train` re-launches them)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

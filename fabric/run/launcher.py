@@ -36,10 +36,11 @@ class RunFailed(RuntimeError):
 
 
 class Launcher:
-    def __init__(self, config_path: Path, overrides: list[str], console: Console):
+    def __init__(self, config_path: Path, overrides: list[str], console: Console, trainer_nproc: int = 1):
         from fabric.run.prepare import prepare_task
 
         self.console = console
+        self.trainer_nproc = trainer_nproc  # > 1: the trainer runs under torchrun (data x tensor parallel)
         cfg = load_config(config_path, overrides)
         self.pc = pipeline_config(cfg)
         security.configure(
@@ -79,6 +80,8 @@ class Launcher:
 
     def start_trainer(self, rollout: list[str], reward: list[str]) -> str:
         command = ["train"]
+        if self.trainer_nproc > 1:
+            command += ["--nproc-per-node", str(self.trainer_nproc)]
         for address in rollout:
             command += ["--rollout", address]
         for address in reward:
@@ -184,7 +187,7 @@ def _numbers(row: dict) -> dict:
 def cli_main(args) -> int:
     console = Console(width=max(130, Console().width))
     config = Path(args.config) if args.config else DEFAULT_CONFIG
-    launcher = Launcher(config, list(args.overrides), console)
+    launcher = Launcher(config, list(args.overrides), console, trainer_nproc=getattr(args, "trainer_nproc", 1) or 1)
     loop = asyncio.new_event_loop()
     stop = {"signal": None}
 

@@ -298,22 +298,73 @@ def export_hf_state_dict(model) -> dict[str, torch.Tensor]:
     return {name: t.detach().to("cpu", copy=True) for name, t in iter_hf_weights(model, include_tied_lm_head=False)}
 
 
-def save_hf_checkpoint(model, hf_config_dir_or_config, tokenizer_dir, out_dir) -> Path:
-    """Writes an HF model directory (model.safetensors, config.json, tokenizer, generation config) to out_dir.
+SHARD_BYTES = 4 * 2**30  # HF's usual shard size: the export holds at most one shard in host memory
 
-    Loadable by transformers' from_pretrained and by vLLM. The weights file is written to a temporary name and
-    renamed, so a reader never sees a half-written file. Returns out_dir.
+
+def _is_writer() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def save_hf_checkpoint(model, hf_config_dir_or_config, tokenizer_dir, out_dir, shard_bytes: int = SHARD_BYTES) -> Path:
+    """Writes an HF model directory (safetensors, config.json, tokenizer, generation config) to out_dir.
+
+    Loadable by transformers' from_pretrained and by vLLM. The weights are gathered tensor by tensor and written in
+    shards of at most `shard_bytes` (one `model.safetensors` when they fit, else `model-0000i-of-0000n.safetensors`
+    and `model.safetensors.index.json`, as HF writes them), so the host never holds more than one shard. Each file
+    is written to a temporary name and renamed, so a reader never sees a half-written file. Collective at TP > 1
+    (every TP rank iterates); only global rank 0 writes. Returns out_dir.
     """
+    import json
+
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    writer = _is_writer()
+    if writer:
+        out_dir.mkdir(parents=True, exist_ok=True)
     hf_config = load_hf_config(hf_config_dir_or_config)
-    state = export_hf_state_dict(model)
-    tmp = out_dir / "model.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out_dir / "model.safetensors")
-    hf_config.dtype = next(iter(state.values())).dtype
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    written: list[tuple[Path, list[str]]] = []
+    dtype = None
+    total = 0
+
+    def flush(index: int) -> None:
+        tmp = out_dir / f"shard-{index:05d}.safetensors.tmp"
+        save_file(shards[-1], str(tmp), metadata={"format": "pt"})
+        written.append((tmp, list(shards[-1])))
+        shards[-1] = {}
+
+    for name, tensor in iter_hf_weights(model, include_tied_lm_head=False):
+        if not writer:
+            continue
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > shard_bytes:
+            flush(len(written))
+            size = 0
+        shards[-1][name] = tensor.detach().to("cpu", copy=True)
+        size += nbytes
+        total += nbytes
+        dtype = dtype or tensor.dtype
+    if not writer:
+        return out_dir
+    if shards[-1] or not written:
+        flush(len(written))
+    if len(written) == 1:
+        finals = ["model.safetensors"]
+    else:
+        finals = [f"model-{i + 1:05d}-of-{len(written):05d}.safetensors" for i in range(len(written))]
+    stale = [*out_dir.glob("model*.safetensors"), *out_dir.glob("model.safetensors.index.json")]
+    for path in stale:  # a previous export of another sharding
+        if path.name not in finals:
+            path.unlink()
+    for (tmp, _), final in zip(written, finals, strict=True):
+        os.replace(tmp, out_dir / final)
+    if len(written) > 1:
+        weight_map = {n: final for (_, names), final in zip(written, finals, strict=True) for n in names}
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    hf_config.dtype = dtype
     hf_config.save_pretrained(out_dir)
     if tokenizer_dir is not None:
         from transformers import AutoTokenizer

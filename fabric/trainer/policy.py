@@ -13,8 +13,13 @@ The optimizer is `MainParamsAdamW`: torch's AdamW over fp32 main parameters, wit
 copied from them after every step (what megatron's Float16OptimizerWithFloat16Params does; that one, like the
 DistributedOptimizer, insists on CUDA tensors, so it cannot serve on the CPU-only hosts here). Biases and norms get
 no weight decay (megatron's rule: 1-D parameters). The learning rate follows megatron's OptimizerParamScheduler
-when a schedule is attached (`Policy.set_schedule`). For DP > 1 the next step is megatron's DDP wrapper (gradient
-all-reduce); the grad norm is already TP-aware.
+when a schedule is attached (`Policy.set_schedule`).
+
+Across processes (`fabric.trainer.distributed`) every method is collective: every rank calls it with the same whole
+batch. Each data-parallel rank takes its share of the rows (`distributed.row_range`), the loss of each share is
+aggregated with the whole batch's token and sequence counts, and megatron-core's DistributedDataParallel sums the
+gradients over the data-parallel ranks (fp32 gradient buffers); logprobs are gathered back to every rank. The grad
+norm is TP-aware, so every rank clips alike and takes the same step.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from fabric.trainer import losses
+from fabric.trainer import distributed, losses
 from fabric.trainer.compat import init_megatron
 from fabric.trainer.model import build_gpt_model, iter_hf_weights, load_hf_into_megatron
 from fabric.trainer.model import save_hf_checkpoint as _save_hf_checkpoint
@@ -215,9 +220,14 @@ class MainParamsAdamW:
             main.grad = None
 
     def step(self) -> tuple[float, bool]:
-        """Clips and applies the model's gradients. Returns (grad norm before clipping, skipped: not finite)."""
+        """Clips and applies the model's gradients. Returns (grad norm before clipping, skipped: not finite).
+
+        Under megatron's DDP the gradients are its reduced fp32 buffers (`param.main_grad`), used in place."""
         for param, main in zip(self.model_params, self.main_params, strict=True):
-            if main is not param:
+            reduced = getattr(param, "main_grad", None)
+            if reduced is not None:
+                main.grad = reduced if reduced.dtype == torch.float32 else reduced.float()
+            elif main is not param:
                 main.grad = None if param.grad is None else param.grad.detach().float()
         grad_norm = clip_grad_norm(self.main_params, self.optim.grad_clip)
         if not math.isfinite(grad_norm):  # a non-finite gradient would poison the weights: keep the old ones
@@ -243,7 +253,11 @@ class Policy:
         self.optimizer: MainParamsAdamW | None = None
         self.scheduler = None  # megatron's OptimizerParamScheduler, stepped after every RL optimizer step
         self._schedule = None
+        self.ddp = None  # megatron's DistributedDataParallel over the model, with more than one data-parallel rank
+        self.checkpoint_sharded = False  # save() also writes megatron's sharded state (under out_dir/megatron)
         if optim is not None:
+            if distributed.data_parallel()[1] > 1:
+                self.ddp = _wrap_ddp(model)
             self.optimizer = MainParamsAdamW(model, optim)
 
     def reset_optimizer(self) -> None:
@@ -294,19 +308,24 @@ class Policy:
     def logprobs(self, batch: TrainBatch) -> torch.Tensor:
         """[B, T] logprobs of batch.input_ids (0 outside real tokens), in micro-batches, without grad.
 
-        Returned on the batch's device (where the batch is assembled), whatever the model's device.
+        Returned on the batch's device (where the batch is assembled), whatever the model's device. With several
+        data-parallel ranks each computes its rows and all get the whole result.
         """
         self.model.eval()
-        step = self._micro_batch_size(batch)
+        rows = len(batch)
         batch_device = batch.input_ids.device
         batch = batch.to(self.device)
+        start, stop = distributed.row_range(rows)
+        mine = batch.slice(start, stop)
+        step = self._micro_batch_size(mine)
         parts = [
             losses.token_logprobs(
                 self.model, mb.input_ids, mb.attention_mask, temperature=self.loss.temperature
             ).float()
-            for mb in (batch.slice(i, i + step) for i in range(0, len(batch), step))
+            for mb in (mine.slice(i, i + step) for i in range(0, len(mine), step))
         ]
-        return torch.cat(parts).to(batch_device)
+        local = torch.cat(parts) if parts else torch.zeros(mine.input_ids.shape, device=self.device)
+        return distributed.gather_rows(local, rows).to(batch_device)
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         """One optimizer step of the clipped policy-gradient loss (+ KL) over the whole batch (a mini-batch), in
@@ -354,21 +373,30 @@ class Policy:
         if self.optimizer is None:
             raise RuntimeError("this Policy is frozen (no optimizer); train the policy it was copied from")
         batch.validate()
+        dp = distributed.data_parallel()[1]
+        if len(batch) < dp:
+            raise ValueError(f"a batch of {len(batch)} rows cannot feed {dp} data-parallel ranks; give >= {dp}")
         started = time.perf_counter()
         self.model.train()
         self.optimizer.zero_grad()
+        if self.ddp is not None:
+            self.ddp.zero_grad_buffer()
         batch = batch.to(self.device)
-        step = self._micro_batch_size(batch)
-        mask = batch.response_mask
+        mask = batch.response_mask  # the counts are the whole batch's, whichever rows this rank takes
         counts = {"num_tokens": mask.sum().float(), "num_seqs": (mask.sum(-1) > 0).sum().float()}
+        batch = batch.slice(*distributed.row_range(len(batch)))
+        step = self._micro_batch_size(batch)
         totals: dict[str, float] = {}
         for start in range(0, len(batch), step):
             mb = batch.slice(start, start + step)
             logprobs = losses.token_logprobs(self.model, mb.input_ids, mb.attention_mask, temperature=temperature)
             loss, metrics = micro_loss(mb, logprobs, counts)
-            loss.backward()  # each micro-batch's share: the sum is the whole batch's loss
+            loss.backward()  # each micro-batch's share: the sum over micro-batches and ranks is the whole batch's
             for name, value in {"loss": loss.detach(), **metrics}.items():
                 totals[name] = totals.get(name, 0.0) + float(value)
+        if self.ddp is not None:
+            self.ddp.finish_grad_sync()  # the sum over data-parallel ranks (calculate_per_token_loss: no 1/dp)
+            totals = distributed.sum_over_data_parallel(totals, self.device)
         lr = self.optimizer.param_groups[0]["lr"]
         grad_norm, skipped = self.optimizer.step()
         if not skipped:
@@ -392,9 +420,80 @@ class Policy:
             group["lr"] = lr
 
     def hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(HF name, tensor) in HF layout, including lm_head.weight for tied embeddings (what vLLM loads)."""
+        """(HF name, tensor) in HF layout, including lm_head.weight for tied embeddings (what vLLM loads).
+
+        Collective over the tensor-parallel ranks of data-parallel replica 0 (each tensor all-gathered as it is
+        reached); the other replicas yield nothing."""
+        if not distributed.in_first_replica():
+            return iter(())
         return iter_hf_weights(self.model)
 
     def save(self, out_dir) -> Path:
-        """An HF checkpoint (safetensors, config, tokenizer) of the current weights, loadable by transformers/vLLM."""
+        """An HF checkpoint (safetensors, config, tokenizer) of the current weights, loadable by transformers/vLLM.
+
+        Collective: replica 0's TP ranks gather each tensor, rank 0 writes (in shards, never the whole model at once).
+        With `checkpoint_sharded`, megatron's sharded state goes to out_dir/megatron too (`fabric train --resume`).
+        """
+        if self.checkpoint_sharded:
+            self.save_distributed(Path(out_dir) / "megatron")
+        if not distributed.in_first_replica():
+            return Path(out_dir)
         return _save_hf_checkpoint(self.model, self.model.hf_config, self.hf_dir, out_dir)
+
+    # ---- sharded state: resume at the same parallel sizes ---------------------------------------------------------
+
+    def save_distributed(self, out_dir) -> Path:
+        """Each rank's shard of the model (megatron's TP-local state dict) with its optimizer and scheduler state and
+        the weight version, one file per rank (`rank00000.pt`, ...). Collective (barriers around the writes).
+
+        Resumable at the same tensor-parallel size and world (`load_distributed`). megatron's dist_checkpointing
+        (resharding on load) hung on CPU over gloo here and is not used yet."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        state = {"weight_version": self.weight_version, "model": self.model.state_dict(), "world": distributed.world()}
+        if self.optimizer is not None:
+            state["main_params"] = [p.detach().cpu() for p in self.optimizer.main_params]
+            state["optimizer"] = self.optimizer.adamw.state_dict()
+            state["scheduler"] = None if self.scheduler is None else self.scheduler.state_dict()
+        torch.save(state, out_dir / f"rank{distributed.world()[0]:05d}.pt")
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        return out_dir
+
+    def load_distributed(self, in_dir) -> None:
+        """Restores what save_distributed wrote (same tensor-parallel size and world)."""
+        saved = torch.load(Path(in_dir) / f"rank{distributed.world()[0]:05d}.pt", weights_only=False)
+        if tuple(saved["world"])[1] != distributed.world()[1]:
+            raise ValueError(
+                f"{in_dir} was saved by a world of {saved['world'][1]}; this one is {distributed.world()[1]}"
+            )
+        self.model.load_state_dict(saved["model"], strict=True)
+        self.weight_version = int(saved["weight_version"])
+        if self.optimizer is not None and "optimizer" in saved:
+            with torch.no_grad():
+                for main, value in zip(self.optimizer.main_params, saved["main_params"], strict=True):
+                    main.copy_(value)
+                for param, main in zip(self.optimizer.model_params, self.optimizer.main_params, strict=True):
+                    if param is not main:
+                        param.copy_(main)
+            self.optimizer.adamw.load_state_dict(saved["optimizer"])
+            if self.scheduler is not None and saved.get("scheduler") is not None:
+                self.scheduler.load_state_dict(saved["scheduler"])
+
+
+def _wrap_ddp(model):
+    """megatron-core's DistributedDataParallel: fp32 gradient buffers all-reduced over the data-parallel group after
+    the backward passes (finish_grad_sync), summed, not averaged (each rank's loss already carries the whole batch's
+    counts: calculate_per_token_loss)."""
+    import copy
+
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    config = copy.copy(model.config)
+    config.calculate_per_token_loss = True
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False
+    )
+    ddp = DistributedDataParallel(config, ddp_config, model)
+    ddp.broadcast_params()  # every replica starts from rank 0's weights
+    return ddp

@@ -1,5 +1,9 @@
 """`fabric train --config FILE`: the trainer's composition root. Loads the tokenizer, dataset and policy (and runs the
-supervised warm-up, if configured), builds the Trainer and serves fabric.v1.TrainerService while it runs."""
+supervised warm-up, if configured), builds the Trainer and serves fabric.v1.TrainerService while it runs.
+
+Under torchrun (`fabric train --nproc-per-node N`, or `torchrun ... -m fabric.trainer`) every rank does the setup
+(its shard of the policy, the warm-up, the reference); rank 0 then runs the Trainer and the TrainerService and the
+others follow its calls (fabric/trainer/distributed.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import torch
 from fabric import security
 from fabric.config import ConfigError, load_config
 from fabric.config.pipeline import PipelineConfig, pipeline_config
-from fabric.trainer import report
+from fabric.trainer import distributed, report
 from fabric.trainer.data import load_dataset
 from fabric.trainer.loop import Trainer, sampling_settings
 from fabric.v1 import trainer_pb2
@@ -20,13 +24,13 @@ from fabric.v1 import trainer_pb2
 log = logging.getLogger(__name__)
 
 
-async def train_main(pc: PipelineConfig, ready=print) -> Trainer:
+async def train_main(
+    pc: PipelineConfig, ready=print, parallel: distributed.ParallelConfig | None = None, resume: str | None = None
+) -> Trainer | None:
+    """Runs the trainer; returns the Trainer on rank 0 and None on the other ranks."""
     from transformers import AutoTokenizer
 
-    from fabric.server import FabricServer
     from fabric.trainer.algorithm import lr_scheduler
-    from fabric.trainer.servicer import TrainerServicer
-    from fabric.v1 import trainer_pb2_grpc
 
     if not pc.rollout_addresses:
         raise ConfigError("cluster.rollout", "no rollout server addresses (fabric run fills them in)")
@@ -36,15 +40,34 @@ async def train_main(pc: PipelineConfig, ready=print) -> Trainer:
         raise ConfigError("actor_train.pretrain", f"not an HF model directory (no config.json): {pc.pretrain}")
     tokenizer = AutoTokenizer.from_pretrained(pc.pretrain)
     dataset = load_dataset(pc.dataset, tokenizer, pc.prompt_length)
+    distributed.init(parallel or distributed.ParallelConfig(), pc.seed)  # every rank: torch.distributed + megatron
+    control = distributed.Control()
+    pc.algorithm = distributed.data_parallel_algorithm(pc.algorithm, pc.rollout_batch_size * pc.group_size)
     torch.manual_seed(pc.seed)
     policy = await asyncio.to_thread(build_policy, pc)
-    if pc.sft_steps:
+    policy.checkpoint_sharded = distributed.world()[1] > 1  # checkpoints carry megatron's sharded state too
+    if pc.sft_steps and not resume:
         await asyncio.to_thread(sft_warmup_from_dataset, policy, dataset, pc)
         policy.reset_optimizer()  # RL starts with fresh AdamW moments, not the warm-up's
     a = pc.algorithm
     total = a.optimizer_steps(pc.rollout_batch_size * pc.group_size, pc.max_steps)
     policy.set_schedule(lambda optimizer: lr_scheduler(optimizer, a, total))
+    if resume:
+        await asyncio.to_thread(policy.load_distributed, resume)
+        log.info("resumed the policy (weights, optimizer, schedule) from %s", resume)
     reference = policy.frozen_copy()
+    if not distributed.is_leader():  # a follower: make rank 0's calls until it is done
+        await asyncio.to_thread(distributed.follow, {"policy": policy, "reference": reference}, control)
+        return None
+    with distributed.leading({"policy": policy, "reference": reference}, control) as views:
+        return await _serve(pc, views["policy"], views["reference"], tokenizer, dataset, ready)
+
+
+async def _serve(pc: PipelineConfig, policy, reference, tokenizer, dataset, ready) -> Trainer:
+    from fabric.server import FabricServer
+    from fabric.trainer.servicer import TrainerServicer
+    from fabric.v1 import trainer_pb2_grpc
+
     trainer = Trainer(pc, policy, reference, tokenizer, dataset)
     servicer = TrainerServicer(trainer)
     server = FabricServer(
@@ -111,8 +134,20 @@ def sft_warmup_from_dataset(policy, dataset: list[dict], pc: PipelineConfig) -> 
 
 
 def cli_main(args) -> int:
+    import os
+    import sys
+
     cfg = load_config(args.config, args.overrides)
     pc = pipeline_config(cfg)
+    parallel = distributed.parallel_config(cfg)
+    nproc = getattr(args, "nproc_per_node", None) or 1
+    if nproc > 1 and not distributed.launched():  # one node: torchrun starts the ranks, each `-m fabric.trainer`
+        command = distributed.torchrun_command(nproc, distributed.strip_nproc(list(args.argv)))
+        sys.stdout.flush()
+        os.execv(command[0], command)
+    parallel.data(nproc if not distributed.launched() else distributed.env_world()[1])
+    if distributed.env_world()[0] != 0:
+        logging.getLogger().setLevel(logging.WARNING)  # rank 0 tells the story
     security.configure(security.SecurityConfig.from_cfg(cfg))
     for key in ("rollout", "reward"):
         given = getattr(args, key, None)
@@ -121,9 +156,18 @@ def cli_main(args) -> int:
     if getattr(args, "port", None) is not None:
         pc.trainer_port = args.port
     try:
-        trainer = asyncio.run(train_main(pc, ready=lambda line: print(line, flush=True)))
+        trainer = asyncio.run(
+            train_main(
+                pc,
+                ready=lambda line: print(line, flush=True),
+                parallel=parallel,
+                resume=getattr(args, "resume", None),
+            )
+        )
     except KeyboardInterrupt:
         return 130
+    if trainer is None:  # a follower rank
+        return 0
     from rich.console import Console
 
     console = Console()
