@@ -88,7 +88,8 @@ class AlgorithmConfig:
 
     @property
     def mini_batch_size(self) -> int:
-        """Samples per optimizer step (ROLL's backward_batch_size; the trainer is one data-parallel rank)."""
+        """Samples per optimizer step on one data-parallel rank; ROLL's backward_batch_size is this times DP
+        (fabric.trainer.distributed multiplies it in)."""
         return self.per_device_train_batch_size * self.gradient_accumulation_steps
 
     @property
