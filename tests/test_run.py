@@ -25,8 +25,10 @@ from tests.references import hf_greedy
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 10
+# 4 x 4 = 16 samples a step: one mini-batch of 16 (the demo's 64 x 4 is for its 256)
 OVERRIDES = [f"max_steps={STEPS}", "rollout_batch_size=4", "num_return_sequences_in_group=4", "sft_warmup.steps=10",
-             "task.max_operand=9"]  # fmt: skip
+             "task.max_operand=9", "actor_train.training_args.per_device_train_batch_size=16",
+             "actor_train.training_args.gradient_accumulation_steps=1"]  # fmt: skip
 
 
 class Run:

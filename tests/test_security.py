@@ -73,6 +73,7 @@ security:
 actor_train:
   pretrain: {tiny_model}
   data_args: {{file_name: {dataset}}}
+  training_args: {{per_device_train_batch_size: 4}}
 actor_infer:
   pretrain: {tiny_model}
   generating_args: {{max_new_tokens: 8, temperature: 0.0}}
