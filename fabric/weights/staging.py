@@ -58,11 +58,19 @@ class StagingBuffer:
         self.index = {slot.name: i for i, slot in enumerate(self.slots)}
         fd, self.path = tempfile.mkstemp(prefix="fabric-weights-", suffix=".bin", dir=directory or shm_dir())
         try:
+            self._inode = os.fstat(fd).st_ino
             os.ftruncate(fd, max(self.size, 1))
             self._mmap = mmap.mmap(fd, max(self.size, 1))
         finally:
             os.close(fd)
         self._view = memoryview(self._mmap)
+
+    def file_intact(self) -> bool:
+        """The file is still there under its path (the engine's worker maps it by path), and is this buffer's."""
+        try:
+            return os.stat(self.path).st_ino == self._inode
+        except OSError:
+            return False
 
     def write(self, tensor_index: int, offset: int, data: bytes | memoryview) -> None:
         """Copies data into tensor `tensor_index` at byte `offset` (bounds are the caller's to check)."""

@@ -218,6 +218,10 @@ class VersionStore:
 
     def _buffer_locked(self, specs) -> StagingBuffer:
         spare, self._spare = self._spare, None
+        if spare is not None and not spare.file_intact():
+            log.warning("staging file %s is gone (deleted from under the server): not reused", spare.path)
+            spare.close()
+            spare = None
         if spare is not None and spare.slots == layout(specs)[0]:
             return spare  # stale bytes: every chunk is written (and verified) again before the version can commit
         if spare is not None:

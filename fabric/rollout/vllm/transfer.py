@@ -16,10 +16,13 @@ and vLLM 0.25.1 (fabric.rollout.vllm.compat says what differs).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from fabric.rollout.vllm import compat
+
+log = logging.getLogger(__name__)
 
 BACKEND = "fabric_shm"
 
@@ -213,7 +216,10 @@ async def commit(engine, update_info: dict, version: int) -> dict:
             # End the update inside the engine whatever failed: left open, the next update is refused ("already
             # active") and the engine dies later. Layers that loaded nothing keep their weights; the receiver
             # loads the serving version again for the rest (fabric.weights.versions).
-            await compat.finish_weight_update(engine, None)
+            try:
+                await compat.finish_weight_update(engine, None)
+            except Exception as exc:  # vLLM may have ended it already ("without a matching start")
+                log.debug("ending the failed update: %s", exc)
             raise
         await compat.finish_weight_update(engine, version)
         lap("finish_s")
