@@ -37,9 +37,8 @@ def fake_config(**overrides) -> RolloutConfig:
 
 
 @asynccontextmanager
-async def fake_server(engine: FakeEngine | None = None, **config):
-    """A RolloutService over a FakeEngine; yields (client, servicer, engine)."""
-    engine = engine or FakeEngine()
+async def serving(engine: FakeEngine, grace: float = 1, **config):
+    """A RolloutService over `engine` on 127.0.0.1 port 0; yields (server, servicer)."""
     servicer = RolloutServicer(engine, fake_config(**config))
     server = FabricServer(
         ["fabric.v1.RolloutService"],
@@ -50,11 +49,18 @@ async def fake_server(engine: FakeEngine | None = None, **config):
     await engine.start()
     await server.start()
     try:
-        async with RolloutClient(server.address) as client:
-            yield client, servicer, engine
+        yield server, servicer
     finally:
-        await server.stop(grace=1)
+        await server.stop(grace=grace)
         servicer.close()
+
+
+@asynccontextmanager
+async def fake_server(engine: FakeEngine | None = None, **config):
+    """A RolloutService over a FakeEngine with a client to it; yields (client, servicer, engine)."""
+    engine = engine or FakeEngine()
+    async with serving(engine, **config) as (server, servicer), RolloutClient(server.address) as client:
+        yield client, servicer, engine
 
 
 def request(request_id: str, tokens: int = 4, n: int = 1, **sampling) -> GenerateRequest:

@@ -15,14 +15,11 @@ import torch
 
 from fabric.config import ConfigError, load_config
 from fabric.config.pipeline import PipelineConfig, pipeline_config
-from fabric.rollout.servicer import RolloutServicer
-from fabric.server import FabricServer
 from fabric.trainer import loop as loop_module
 from fabric.trainer.algorithm import off_policy_weights
 from fabric.trainer.loop import Trainer
-from fabric.v1 import rollout_pb2_grpc
 from tests.rollout.fake_engine import FakeEngine
-from tests.rollout.test_servicer import fake_config
+from tests.rollout.test_servicer import serving
 from tests.test_examples import EXAMPLES
 from tests.trainer.test_loop import sample
 from tests.weights.test_versions import checkpoint
@@ -83,20 +80,8 @@ class InProcessRewards:
 
 @asynccontextmanager
 async def rollout_server(engine: FakeEngine, **config):
-    servicer = RolloutServicer(engine, fake_config(**config))
-    server = FabricServer(
-        ["fabric.v1.RolloutService"],
-        lambda s: rollout_pb2_grpc.add_RolloutServiceServicer_to_server(servicer, s),
-        on_drain=servicer.drain,
-    )
-    servicer.server_name = server.address
-    await engine.start()
-    await server.start()
-    try:
+    async with serving(engine, grace=0, **config) as (server, _):
         yield server
-    finally:
-        await server.stop(grace=0)
-        servicer.close()
 
 
 @pytest.fixture
