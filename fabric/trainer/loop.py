@@ -63,6 +63,20 @@ def sample_versions(response: rollout_pb2.GenerateResponse) -> tuple[int, int]:
     return first, max(response.last_weight_version, first)
 
 
+def behind_servers_message(samples: list, stale: list[bool], version: int) -> str:
+    """One line for a step in turn (max_staleness 0) that got samples of an older version: a rollout server missed
+    a weight update, which the push should have reported; training on (or silently dropping) them would hide it."""
+    by_server: dict[str, set[int]] = {}
+    for sample, old in zip(samples, stale, strict=True):
+        if old:
+            by_server.setdefault(sample.response.server or "?", set()).add(sample_versions(sample.response)[0])
+    where = "; ".join(f"{server} served version {sorted(v)}" for server, v in sorted(by_server.items()))
+    return (
+        f"{sum(stale)} of {len(samples)} samples were generated under an older weight version than the policy's "
+        f"{version} at max_staleness 0 ({where}): a rollout server missed a weight update; stopping"
+    )
+
+
 def parse_request_id(request_id: str) -> tuple[int, int, int, bool]:
     """ "s{step}-p{k}" (a step's k-th prompt) or "s{step}-p{k}-j{j}-r{n}" (its sample j generated again): (step, k,
     j, is_regeneration)."""
@@ -479,6 +493,8 @@ class Trainer:
         first = torch.tensor([sample_versions(s.response)[0] for s in samples])
         staleness = (self.version - first).clamp(min=0)  # versions between the policy and the sample's first
         stale = staleness > self.pc.max_staleness  # beyond the bound (k = 0: any older version)
+        if self.pc.max_staleness == 0 and bool(stale.any()):
+            raise RuntimeError(behind_servers_message(samples, stale.tolist(), self.version))
         off_policy = first != self.version
         valid = ~stale if self.pc.stale_policy == "drop" else torch.ones_like(stale)
         truncated = torch.tensor([s.response.finish_reason == rollout_pb2.FINISH_REASON_LENGTH for s in samples])

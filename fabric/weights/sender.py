@@ -339,12 +339,28 @@ async def push_weights(
 
 
 async def _send_group(name, group, source, version, mode, streams, timeout, report) -> list:
-    """The targets that take one path: a collective sends to all at once; a host path relays down a chain or
-    sends to each directly."""
+    """The targets that take one path, each accounted for: a server the path answered nothing for gets a failed
+    result (NO_RESULT), never a silent success."""
+    results = await _send_path(name, group, source, version, mode, streams, timeout, report)
+    if len(results) < len(group):
+        answered = {r.server for r in results}
+        missing = [t for t, _ in group if t not in answered][len(results) - len(group) :]
+        for target in missing:
+            missed = FabricError(grpc.StatusCode.INTERNAL, f"{target}: the {name} push never reached it", "NO_RESULT")
+            results.append(
+                rollout_pb2.WeightUpdateResult(server=target, weight_version=version, error=missed.to_proto())
+            )
+    return results
+
+
+async def _send_path(name, group, source, version, mode, streams, timeout, report) -> list:
+    """A collective sends to all at once; a host path relays down a chain or sends to each directly."""
     module = transports.sender(name)
     if hasattr(module, "send_group"):
         return await module.send_group(source, version, group, timeout, report)
-    if mode == "relay" and len(group) > 1:
+    # Only a path whose receivers forward chunks can relay; any other (ipc: the bytes never leave the GPU) sends to
+    # each server directly, whatever the mode, so no server is left out of a chain that cannot reach it.
+    if mode == "relay" and len(group) > 1 and getattr(module, "RELAYS", False):
         return await _relay(module, source, version, group, timeout, report)
 
     async def direct(target, status):

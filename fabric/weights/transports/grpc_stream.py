@@ -16,6 +16,7 @@ from fabric.weights.transports import SendJob
 from fabric.weights.versions import StagedVersion, VersionStore
 
 NAME = "grpc"
+RELAYS = True  # a receiver forwards each chunk down the chain as it lands (GrpcRelay)
 
 
 class GrpcStreamReceiver:

@@ -35,6 +35,7 @@ from fabric.weights.transports import SendJob
 log = logging.getLogger(__name__)
 
 NAME = "tcp"
+RELAYS = True  # a receiver forwards each chunk down the chain as it lands (TcpRelay)
 
 MAGIC = b"FWT1"
 _LEN = struct.Struct("<I")

@@ -1,0 +1,115 @@
+"""No silent loss in a weight push (issue 20): a push that does not reach a server is a failed push for that server,
+named; a path that cannot relay (CUDA IPC) sends to each server directly even in relay mode; the loop never trains
+on a server that missed an update, and at max_staleness 0 a sample of an older version stops the run.
+
+The servers are fake-engine rollout servers behind the real servicer and weight receiver (tests/trainer/
+test_async.py); the pushes are real gRPC pushes. The transports below isolate the failure being tested: each is
+the real gRPC stream transport with one behaviour of a path that cannot relay (it ignores relay_targets)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import types
+from contextlib import AsyncExitStack
+
+import pytest
+
+from fabric.trainer import loop as loop_module
+from fabric.weights import sender as sender_module
+from fabric.weights import transports
+from fabric.weights.sender import WeightSource, push_weights, weights_status
+from fabric.weights.transports import grpc_stream
+from tests.rollout.fake_engine import FakeEngine
+from tests.trainer.test_async import InProcessRewards, make_trainer, rollout_server, run
+from tests.weights.test_versions import checkpoint
+
+
+async def _head_only_send(job):
+    """What the IPC sender does: one server per stream, whatever relay_targets it is given."""
+    job.relay_targets = []
+    return await grpc_stream.send(job)
+
+
+def _path(name: str, relays: bool) -> types.ModuleType:
+    module = types.ModuleType(name)
+    module.NAME = "grpc"  # type: ignore[attr-defined]
+    module.unusable = grpc_stream.unusable  # type: ignore[attr-defined]
+    module.send = _head_only_send  # type: ignore[attr-defined]
+    if relays:  # a path that claims to relay but answers for its head only: the accounting must catch it
+        module.RELAYS = True  # type: ignore[attr-defined]
+    return module
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    monkeypatch.setenv("FABRIC_SHM_DIR", str(tmp_path))
+    monkeypatch.setattr(loop_module, "RewardPool", InProcessRewards)
+    return tmp_path
+
+
+@pytest.fixture
+def path(monkeypatch):
+    """`path(relays)`: pushes over "grpc" go through a head-only transport."""
+
+    def use(relays: bool) -> None:
+        module = _path(f"tests_head_only_{relays}", relays)
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+        monkeypatch.setitem(transports.SENDERS, "grpc", module.__name__)
+
+    return use
+
+
+def _push_to(engines, version=1, **kwargs):
+    async def go():
+        async with AsyncExitStack() as stack:
+            servers = [await stack.enter_async_context(rollout_server(e)) for e in engines]
+            targets = [s.address for s in servers]
+            source = WeightSource(checkpoint(1).items())
+            report = await push_weights(source, targets, version=version, transport="grpc", **kwargs)
+            serving = [(await weights_status(t)).serving_version for t in targets]
+            return targets, report, serving
+
+    return asyncio.run(go())
+
+
+def test_a_path_that_cannot_relay_sends_to_each_server_directly_in_relay_mode(env, path):
+    path(relays=False)
+    targets, report, serving = _push_to([FakeEngine(), FakeEngine(), FakeEngine()], mode="relay")
+    assert report.ok, [r.error.message for r in report.failed]
+    assert serving == [1, 1, 1]
+    assert sorted(r.server for r in report.results) == sorted(targets)
+
+
+def test_a_server_a_push_never_reached_is_a_failed_push_for_it_named(env, path):
+    path(relays=True)
+    targets, report, serving = _push_to([FakeEngine(), FakeEngine()], mode="relay")
+    assert serving == [1, 0]
+    assert not report.ok
+    (missed,) = report.failed
+    assert missed.server == targets[1] and not missed.committed
+    assert missed.error.reason == "NO_RESULT" and targets[1] in missed.error.message
+
+
+def test_the_loop_never_samples_from_a_server_that_missed_a_push(env, path):
+    """The initial push misses the second server: it is taken out of routing (and brought back only by a direct
+    re-sync at the current version), so no sample of an older version is ever trained on."""
+    path(relays=True)
+    engines = [FakeEngine(token_seconds=0.002), FakeEngine(token_seconds=0.002)]
+    trainer = make_trainer(env, steps=3, k=0, sync_mode="relay", sync_transport="grpc")
+    history = run(trainer, engines)
+    assert [m["step"] for m in history] == [1, 2, 3]
+    assert all(m["stale_samples"] == 0 and m["extra"]["staleness_max"] == 0 for m in history)
+    assert any("failed" in e and "never reached" in e for e in trainer.rollouts.events)
+
+
+def test_at_max_staleness_0_a_sample_of_an_older_version_stops_the_run(env, path, monkeypatch):
+    """The guard behind the push accounting: were a missed server still routed to, the run stops with one line
+    naming it instead of training on (or silently dropping) its samples."""
+    path(relays=True)
+    monkeypatch.setattr(sender_module.PushReport, "failed", property(lambda self: []))  # the old, silent report
+    engines = [FakeEngine(token_seconds=0.002), FakeEngine(token_seconds=0.002)]
+    trainer = make_trainer(env, steps=3, k=0, sync_mode="relay", sync_transport="grpc")
+    with pytest.raises(RuntimeError, match=r"missed a weight update; stopping") as raised:
+        run(trainer, engines)
+    assert "served version [0]" in str(raised.value)
