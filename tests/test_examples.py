@@ -14,7 +14,7 @@ from fabric.config.rollout import load_rollout_config
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-@pytest.mark.parametrize("name", ["default.yaml", "roll_qwen2.5-7b_rlvr.yaml"])
+@pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("*.yaml")))
 def test_example_configs_load_in_every_process(name):
     cfg = load_config(EXAMPLES / name)
     pc = pipeline_config(cfg)

@@ -39,7 +39,7 @@ from typing import Any, cast
 from omegaconf import DictConfig, OmegaConf
 
 from fabric.config.algorithm import ALGORITHM_KEYS, AlgorithmConfig, algorithm_config, check_batch_sizes
-from fabric.config.loader import ConfigError
+from fabric.config.loader import ConfigError, parse_device_mapping
 
 TOP_LEVEL_KEYS = {
     # ROLL's pipeline keys (accepted; the ones the fabric uses are read below)
@@ -125,6 +125,10 @@ class PipelineConfig:
     off_policy_correction: str = "tis"  # weights of samples from older versions: tis, decoupled or none
     importance_cap: float = 2.0  # tis: the weight is min(w, cap); decoupled: tokens with w > cap leave the loss
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)  # ROLL's algorithm keys
+    # actor_train and actor_infer share a device (ROLL's colocation): the rollout servers sleep while the trainer
+    # trains and wake for the new version (weights first, the push, then the KV cache)
+    colocate: bool = False
+    sleep_level: int = 1  # actor_infer's strategy_config.sleep_level
 
     @property
     def out(self) -> Path:
@@ -260,6 +264,7 @@ def pipeline_config(cfg: DictConfig) -> PipelineConfig:
     pc.sft_learning_rate = sft.get("learning_rate")
     pc.sft_batch_size = int(sft.get("batch_size", 64))
     async_config(cfg, pc)
+    colocation_config(cfg, pc)
     # ---- the trainer's algorithm keys (fabric/config/algorithm.py) ----
     pc.algorithm = algorithm_config(cfg)
     check_batch_sizes(pc.algorithm, pc.rollout_batch_size * pc.group_size, pc.max_steps)
@@ -310,3 +315,22 @@ def async_config(cfg: DictConfig, pc: PipelineConfig) -> None:
     pc.importance_cap = float(section.get("importance_cap", pc.importance_cap))
     if pc.importance_cap < 1.0:
         raise ConfigError("async_training.importance_cap", f"must be >= 1, got {pc.importance_cap}")
+
+
+def colocation_config(cfg: DictConfig, pc: PipelineConfig) -> None:
+    """ROLL colocates actor_train and actor_infer when their device_mappings share a device: generation and training
+    then take turns on it, the rollout servers asleep (actor_infer's sleep_level) while the trainer trains."""
+    train = parse_device_mapping(_get(cfg, "actor_train.device_mapping"), "actor_train.device_mapping")
+    infer = parse_device_mapping(_get(cfg, "actor_infer.device_mapping"), "actor_infer.device_mapping")
+    shared = sorted(set(train) & set(infer))
+    pc.colocate = bool(shared)
+    level = _get(cfg, "actor_infer.strategy_args.strategy_config.sleep_level", 1)
+    if level not in (1, 2):
+        raise ConfigError("actor_infer.strategy_args.strategy_config.sleep_level", f"must be 1 or 2, got {level!r}")
+    pc.sleep_level = int(level)
+    if pc.colocate and pc.max_staleness > 0:
+        raise ConfigError(
+            "async_training.max_staleness",
+            f"{pc.max_staleness} with actor_train and actor_infer on the same devices {shared}:"
+            " colocated generation and training take turns; use 0, or give actor_infer devices of its own",
+        )

@@ -8,6 +8,7 @@ no reward server is left does the run end. Everything a run writes goes under `o
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from rich.console import Console
 from rich.live import Live
 
 from fabric import security
-from fabric.config import ConfigError, load_config
+from fabric.config import ConfigError, load_config, parse_device_mapping
 from fabric.config.check import resolved_for_processes
 from fabric.config.pipeline import pipeline_config
 from fabric.procs import ServerProcess, start_all
@@ -27,6 +28,11 @@ from fabric.v1 import trainer_pb2, trainer_pb2_grpc
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "default.yaml"
 EXIT_SERVER_DIED = 3
+
+
+def gpu_env(devices: str | None) -> dict[str, str] | None:
+    """A process's CUDA_VISIBLE_DEVICES from its role's device_mapping (None: it sees what the launcher sees)."""
+    return {"CUDA_VISIBLE_DEVICES": devices} if devices is not None else None
 
 
 class RunFailed(RuntimeError):
@@ -50,16 +56,41 @@ class Launcher:
         (self.out / "logs").mkdir(parents=True, exist_ok=True)
         prepare_task(cfg, log=lambda line: console.print(f"[dim]{line}"))
         check_before_start(cfg, self.pc)
+        self.device_mappings = {
+            role: parse_device_mapping(OmegaConf.select(cfg, f"{role}.device_mapping"), f"{role}.device_mapping")
+            for role in ("actor_train", "actor_infer")
+        }
         self.config_file = self.out / "config.yaml"
         OmegaConf.save(resolved_for_processes(cfg), self.config_file)
         self.servers: list[ServerProcess] = []
         self.trainer: ServerProcess | None = None
         self.lost: set[str] = set()
 
+    def devices(self, role: str) -> list[str]:
+        """The CUDA devices a role's device_mapping names (indices into the visible ones), on a CUDA host only."""
+        import torch
+
+        mapping = self.device_mappings.get(role) or []
+        if not mapping or not torch.cuda.is_available():
+            return []
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+        for d in mapping:
+            if d >= len(ids):
+                raise ConfigError(f"{role}.device_mapping", f"device {d} does not exist here ({len(ids)} visible)")
+        return [ids[d] for d in mapping]
+
     def start_servers(self) -> tuple[list[str], list[str]]:
         logs = self.out / "logs"
+        infer_devices = self.devices("actor_infer")
         rollouts = [
-            ServerProcess("rollout", self.config_file, name=f"rollout-{i}", log_path=logs / f"rollout-{i}.log")
+            ServerProcess(
+                "rollout",
+                self.config_file,
+                name=f"rollout-{i}",
+                log_path=logs / f"rollout-{i}.log",
+                env=gpu_env(infer_devices[i % len(infer_devices)] if infer_devices else None),
+            )
             for i in range(self.pc.num_rollout_servers)
         ]
         rewards = [
@@ -86,8 +117,14 @@ class Launcher:
             command += ["--rollout", address]
         for address in reward:
             command += ["--reward", address]
+        train_devices = self.devices("actor_train")
         self.trainer = ServerProcess(
-            "trainer", self.config_file, name="trainer", command=command, log_path=self.out / "logs" / "trainer.log"
+            "trainer",
+            self.config_file,
+            name="trainer",
+            command=command,
+            log_path=self.out / "logs" / "trainer.log",
+            env=gpu_env(",".join(train_devices) if train_devices else None),
         )
         self.trainer.start()
         with self.console.status("trainer: loading the policy (and the supervised warm-up, if configured)"):

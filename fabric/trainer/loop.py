@@ -36,6 +36,7 @@ from fabric.errors import precondition
 from fabric.routing import RewardPool, RolloutPool
 from fabric.trainer import report
 from fabric.trainer.algorithm import KLController, off_policy_weights
+from fabric.trainer.colocate import Colocation
 from fabric.v1 import rollout_pb2, trainer_pb2
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,15 @@ def sample_versions(response: rollout_pb2.GenerateResponse) -> tuple[int, int]:
     """(first, last) weight version a sample was generated under (a sample spans two when an update landed)."""
     first = response.first_weight_version or response.weight_version
     return first, max(response.last_weight_version, first)
+
+
+def trainer_peak_gib() -> float:
+    """The trainer's peak device memory since the last call (0 on CPU)."""
+    if not torch.cuda.is_available():
+        return 0.0
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    torch.cuda.reset_peak_memory_stats()
+    return peak
 
 
 def behind_servers_message(samples: list, stale: list[bool], version: int) -> str:
@@ -388,9 +398,18 @@ class Trainer:
         self.batches.pop(batch.step, None)
         t_ready = time.perf_counter()
         ordered = [batch.samples[(k, j)] for k in range(len(batch.prompts or [])) for j in range(self.pc.group_size)]
+        colocation = None
+        if self.pc.colocate:  # generation and training take turns on the device: the servers sleep meanwhile
+            colocation = Colocation(self.rollouts.alive, self.pc.sleep_level, self.pc.rpc_timeout_s)
+            await colocation.sleep()
         metrics = await asyncio.to_thread(self.train, ordered)
         t_trained = time.perf_counter()
+        if colocation is not None:
+            await colocation.wake(["weights"])
         sync_seconds = await self.push_weights()
+        if colocation is not None:
+            await colocation.wake(["kv_cache"])
+            metrics["extra"].update(colocation.seconds, **colocation.memory, trainer_peak_gib=trainer_peak_gib())
         await self.readmit_servers()
         t_end = time.perf_counter()
         await self.release_version()

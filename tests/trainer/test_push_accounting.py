@@ -113,3 +113,53 @@ def test_at_max_staleness_0_a_sample_of_an_older_version_stops_the_run(env, path
     with pytest.raises(RuntimeError, match=r"missed a weight update; stopping") as raised:
         run(trainer, engines)
     assert "served version [0]" in str(raised.value)
+
+
+class PhaseEngine(FakeEngine):
+    """Records the order of sleeps, wake-ups and commits."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.phases: list[str] = []
+
+    async def sleep(self, level):
+        self.phases.append(f"sleep{level}")
+        await super().sleep(level)
+
+    async def wake_up(self, tags):
+        self.phases.append("wake:" + ",".join(tags))
+        await super().wake_up(tags)
+
+    async def commit_weights(self, update_info, version):
+        self.phases.append(f"commit{version}")
+        await super().commit_weights(update_info, version)
+
+
+def test_colocated_servers_sleep_while_the_trainer_trains_and_wake_for_the_new_version(env):
+    engines = [PhaseEngine(token_seconds=0.002), PhaseEngine(token_seconds=0.002)]
+    trainer = make_trainer(env, steps=2, k=0, colocate=True, sleep_level=2)
+    history = run(trainer, engines)
+    assert [m["step"] for m in history] == [1, 2]
+    for engine in engines:  # version 1 before any rollout; then per step: sleep, train, weights, push, KV cache
+        assert engine.phases == ["commit1"] + [
+            p for v in (2, 3) for p in ("sleep2", "wake:weights", f"commit{v}", "wake:kv_cache")
+        ]
+    for m in history:
+        assert m["stale_samples"] == 0 and m["extra"]["sleep_seconds"] > 0
+        assert {"gpu_free_gib_generating", "gpu_free_gib_asleep", "trainer_peak_gib"} <= set(m["extra"])
+
+
+def test_colocation_follows_roll_device_mappings_and_refuses_overlap_with_async():
+    from fabric.config import ConfigError, load_config
+    from fabric.config.pipeline import pipeline_config
+    from tests.test_examples import EXAMPLES
+
+    same = ["actor_train.device_mapping=[0]", "actor_infer.device_mapping=[0]"]
+    pc = pipeline_config(
+        load_config(EXAMPLES / "default.yaml", [*same, "actor_infer.strategy_args.strategy_config.sleep_level=2"])
+    )
+    assert pc.colocate and pc.sleep_level == 2
+    apart = ["actor_train.device_mapping=[0]", "actor_infer.device_mapping=[1]"]
+    assert not pipeline_config(load_config(EXAMPLES / "default.yaml", apart)).colocate
+    with pytest.raises(ConfigError, match="async_training.max_staleness.*same devices"):
+        pipeline_config(load_config(EXAMPLES / "default.yaml", [*same, "async_training.max_staleness=1"]))

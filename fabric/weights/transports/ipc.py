@@ -2,16 +2,20 @@
 the host. Also the helpers every GPU path shares: a version staged in GPU memory (`DeviceStaging`, filled by NCCL or
 IPC in the rollout server's process) reaches the vLLM worker by CUDA IPC handle (`share` / `open_shared`).
 
-    sender      packs nothing: it shares each tensor's CUDA memory (torch's IPC reductions) in the UpdateWeights
-                header (`ipc`), keeps the stream open until the server answers, so the memory stays valid
-    receiver    opens the handles, copies the tensors into its device staging buffer (the layout of
-                fabric.weights.staging, so a commit names it like a staging file), marks every chunk and lets the
-                version store commit as usual: the whole version is staged before vLLM loads it, a failure leaves
-                the previous one serving, and the serving version's buffer stays for a rollback
+    sender      packs the version's tensors into one flat CUDA buffer of the staging layout (one device copy), kept
+                and reused push after push, and shares that one buffer in the UpdateWeights header (`ipc`); it keeps
+                the stream open until the server answers, so the memory stays valid
+    receiver    maps the sender's buffer once (the handle is the same every push: `HandleCache`), copies it into its
+                device staging buffer in one device-to-device copy, marks every chunk and lets the version store
+                commit as usual: the whole version is staged before vLLM loads it, a failure leaves the previous one
+                serving, and the serving version's buffer stays for a rollback
     offer       params host_id (boot id) and gpu_uuid: a sender uses it only from a tensor on that very GPU
 
-Handles travel as a pickle of plain values only (tuples, ints, bytes, strings): the unpickler refuses every global,
-so a header cannot make the server run code.
+One packed buffer, not a handle per tensor: opening a CUDA IPC handle costs milliseconds, a device copy of a 7B
+model a few, and a trainer's tensors for a push are new allocations each time (HF layout from megatron's), so
+per-tensor handles would be opened afresh on every update. Handles travel as a pickle of plain values only (tuples,
+ints, bytes, strings), checked before torch sees them: the unpickler refuses every global, so a header cannot make
+the server run code.
 """
 
 from __future__ import annotations
@@ -93,7 +97,8 @@ class HandleCache:
     @staticmethod
     def key(shared: dict) -> tuple:
         (plain,) = shared.values()
-        _size, _stride, _offset, _storage, _dtype, _device, handle, size_bytes, offset_bytes, *_ = plain
+        # share()'s layout: size, stride, offset, storage class, dtype, then torch's handle, size and offset in bytes
+        _size, _stride, _offset, _storage, _dtype, handle, size_bytes, offset_bytes, *_ = plain
         return (bytes(handle) if handle is not None else b"", int(size_bytes or 0), int(offset_bytes or 0))
 
     def open(self, shared: dict, device=None) -> torch.Tensor:
@@ -218,14 +223,14 @@ class IpcReceiver:
     async def receive(self, store, header, staged, request_iterator, time_remaining):
         started = time.perf_counter()
         if not header.ipc.tensors:
-            raise invalid("header.ipc", "the ipc transport needs the tensors' handles in header.ipc", "MISSING_IPC")
+            raise invalid(
+                "header.ipc", "the ipc transport needs the packed buffer's handle in header.ipc", "MISSING_IPC"
+            )
         manifest = staged.manifest
         specs = [(t.name, DTYPES_BY_NAME[_dtype_name(t.dtype)], tuple(t.shape)) for t in manifest.tensors]
         try:
-            shared = loads(header.ipc.tensors)
-            if len(shared) != len(specs):
-                raise ValueError(f"{len(shared)} handles for {len(specs)} tensors")
-            await asyncio.to_thread(self._copy_in, staged.version, specs, shared)
+            packed = check_packed(loads(header.ipc.tensors), layout(specs)[1], gpu_uuid(self.staging.device))
+            await asyncio.to_thread(self._copy_in, staged.version, specs, packed)
         except Exception as exc:  # a bad or stale handle: this version fails, the serving one stays
             self.staging.drop(staged.version)
             err = exc if isinstance(exc, FabricError) else invalid("header.ipc", f"CUDA IPC: {exc}", "IPC_FAILED")
@@ -243,28 +248,51 @@ class IpcReceiver:
             copied - started,
             time.perf_counter() - copied,
             len(self.handles),
-            ", ".join(f"{k} {v:.4f}" for k, v in getattr(self, "last_timings", {}).items()),
+            ", ".join(f"{k} {v:.4f}" for k, v in self.last_timings.items()),
         )
         return rollout_pb2.UpdateWeightsResponse(results=[result])
 
-    def _copy_in(self, version: int, specs, shared) -> None:
+    def _copy_in(self, version: int, specs, packed: dict) -> None:
         device = self.staging.device
         with torch.cuda.device(device):
             flat = self.staging.allocate(version, specs)
-            slots, _ = layout(specs)
-            keys, sources = [], []
             t0 = time.perf_counter()
-            for slot, handle in zip(slots, shared, strict=True):
-                if slot.nbytes:
-                    sources.append((slot, self.handles.open(handle, device)))
-                    keys.append(HandleCache.key(handle))
+            source = self.handles.open(packed, device)  # mapped once per sender buffer, then a cache hit
             t1 = time.perf_counter()
-            for slot, src in sources:
-                flat[slot.offset : slot.offset + slot.nbytes].copy_(src.reshape(-1).view(torch.uint8))
-            t2 = time.perf_counter()
+            flat[: source.numel()].copy_(source)
             torch.cuda.synchronize(device)
-            self.handles.keep_only(keys)
-            self.last_timings = {"open_s": t1 - t0, "issue_s": t2 - t1, "sync_s": time.perf_counter() - t2}
+            self.handles.keep_only([HandleCache.key(packed)])
+            self.last_timings = {"open_s": t1 - t0, "copy_s": time.perf_counter() - t1}
+
+
+def check_packed(value, size: int, uuid: str) -> dict:
+    """The header's handle, checked before torch sees it: one flat uint8 buffer of exactly the manifest's staging
+    size, on this server's GPU, with handle fields of the types torch expects."""
+    if not isinstance(value, dict) or set(value) != {uuid}:
+        raise ValueError(f"expected one packed buffer on this server's GPU {uuid}")
+    plain = value[uuid]
+    if not isinstance(plain, tuple) or len(plain) != 13:
+        raise ValueError("malformed handle")
+    shape, stride, offset, storage, dtype, handle, size_bytes, offset_bytes, requires_grad, *rest = plain
+    ref_handle, ref_offset, event_handle, event_sync = rest
+    if (
+        shape != (size,)
+        or stride != (1,)
+        or offset != 0
+        or dtype != "uint8"
+        or storage not in ("TypedStorage", "UntypedStorage")
+    ):
+        raise ValueError(f"the packed buffer must be uint8[{size}] (the manifest's layout), got {dtype}{list(shape)}")
+    ints = (size_bytes, offset_bytes, ref_offset)
+    if not all(isinstance(v, int) and 0 <= v < 2**48 for v in ints) or size_bytes < size:
+        raise ValueError("handle sizes or offsets out of range")
+    if not all(isinstance(v, bytes) and 0 < len(v) <= 4096 for v in (handle, ref_handle)):
+        raise ValueError("memory handles must be bytes")
+    if not (event_handle is None or isinstance(event_handle, bytes)) or not isinstance(event_sync, bool):
+        raise ValueError("malformed event handle")
+    if requires_grad is not False:
+        raise ValueError("malformed handle")
+    return value
 
 
 def _dtype_name(proto_dtype) -> str:
@@ -288,20 +316,42 @@ def unusable(offer, source) -> str | None:
     return None
 
 
+_PACKED: dict[str, torch.Tensor] = {}  # device -> the flat buffer pushes are packed into, kept for the next push
+
+
+def pack(source) -> torch.Tensor:
+    """The source's tensors in one flat buffer of the staging layout (fabric.weights.staging.layout), the same
+    buffer push after push while the size is the same (so the server's mapping of it stays valid)."""
+    slots, size = layout((n, t.dtype, tuple(t.shape)) for n, t in zip(source.names, source.tensors, strict=True))
+    key = str(source.device)
+    flat = _PACKED.get(key)
+    if flat is None or flat.numel() != size:
+        _PACKED.pop(key, None)
+        flat = _PACKED[key] = torch.empty(size, dtype=torch.uint8, device=source.device)
+    for slot, tensor in zip(slots, source.tensors, strict=True):
+        if slot.nbytes:
+            flat[slot.offset : slot.offset + slot.nbytes].copy_(tensor.reshape(-1).view(torch.uint8))
+    torch.cuda.synchronize(source.device)
+    return flat
+
+
+def release_packed() -> None:
+    """Frees the sender's packed buffers (e.g. before the trainer needs the memory back)."""
+    _PACKED.clear()
+
+
 async def send(job) -> list[rollout_pb2.WeightUpdateResult]:
     from fabric import security
     from fabric.v1 import rollout_pb2_grpc
 
     source = job.source
-    torch.cuda.synchronize(source.device)
-    handles = dumps([share(t) if t.numel() else None for t in source.tensors])
+    flat = await asyncio.to_thread(pack, source)
     header = job.header(NAME)
-    header.ipc.CopyFrom(rollout_pb2.IpcHandles(gpu_uuid=gpu_uuid(source.device), tensors=handles))
+    header.ipc.CopyFrom(rollout_pb2.IpcHandles(gpu_uuid=gpu_uuid(source.device), tensors=dumps(share(flat))))
 
     async def requests():
         yield rollout_pb2.UpdateWeightsRequest(header=header)
 
     async with security.channel(job.target) as channel:
         response = await rollout_pb2_grpc.RolloutServiceStub(channel).UpdateWeights(requests(), timeout=job.timeout)
-    job.report.bytes_sent += 0  # nothing crossed a wire: the server read the sender's GPU memory
-    return list(response.results)
+    return list(response.results)  # nothing crossed a wire: the server read the sender's GPU memory
