@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[cpu,dev]'
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec || true
 	touch $(STAMP)
 
@@ -56,11 +56,19 @@ bench: setup
 clean:
 	rm -rf .cache runs build
 
-# On a CUDA host with 2 GPUs: the GPU weight paths (NCCL check, correctness on vLLM, layouts), figures in runs/gpu.
+# On a CUDA host (vLLM installed beside the fabric, README "On GPU nodes"), figures and logs in runs/gpu: IPC
+# correctness and speed and generation beside in-process vLLM (bench.gpu_one), the demo and the colocated example
+# checked end to end (bench.check_run: every server at every version, no stale sample, the reward rising); with two
+# GPUs also the NCCL paths (bench.gpu_sync).
+GPU_PYTHON ?= python3
 gpu-check:
-	$(PYTHON) -m bench.gpu_sync nccl-check runs/gpu
-	$(PYTHON) -m bench.gpu_sync correctness runs/gpu
-	$(PYTHON) -m bench.gpu_sync layouts runs/gpu
+	$(GPU_PYTHON) -m bench.gpu_one runs/gpu
+	$(GPU_PYTHON) -m fabric.cli run --config examples/default.yaml output_dir=runs/gpu/demo
+	$(GPU_PYTHON) -m bench.check_run runs/gpu/demo
+	$(GPU_PYTHON) -m fabric.cli run --config examples/gpu_colocated.yaml output_dir=runs/gpu/colocated
+	$(GPU_PYTHON) -m bench.check_run runs/gpu/colocated
+	@if [ "$$(nvidia-smi -L | wc -l)" -ge 2 ]; then \
+	  $(GPU_PYTHON) -m bench.gpu_sync nccl-check runs/gpu && $(GPU_PYTHON) -m bench.gpu_sync layouts runs/gpu; fi
 
 # Client toolchains and targets (clients, test-clients) live beside the clients.
 -include clients/clients.mk

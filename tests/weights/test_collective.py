@@ -130,14 +130,14 @@ def test_ipc_handles_are_plain_values_only():
         ipc.loads(evil)
 
 
-def test_direct_load_is_opt_in_and_only_on_cuda_unquantized(monkeypatch):
+def test_direct_load_on_cuda_unquantized_unless_the_layerwise_reload_is_asked_for(monkeypatch):
     from fabric.rollout.vllm.transfer import direct_load
 
     plain, quantized = type("M", (), {"quantization": None})(), type("M", (), {"quantization": "fp8"})()
     monkeypatch.delenv("FABRIC_LAYERWISE_RELOAD", raising=False)
-    assert not direct_load("cuda:0", plain)  # vLLM's layerwise reload by default
-    monkeypatch.setenv("FABRIC_LAYERWISE_RELOAD", "0")
     assert direct_load("cuda:0", plain) and not direct_load("cpu", plain) and not direct_load("cuda:0", quantized)
+    monkeypatch.setenv("FABRIC_LAYERWISE_RELOAD", "1")
+    assert not direct_load("cuda:0", plain)  # vLLM's layerwise reload everywhere
 
 
 def test_group_ids_carry_the_update_sequence():

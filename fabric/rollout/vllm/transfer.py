@@ -74,14 +74,14 @@ def named_tensors(info: dict, device=None):
 
 
 def direct_load(device, model_config) -> bool:
-    """Whether the worker loads a version straight into the live parameters (their weight loaders copy in place)
-    rather than inside vLLM's layerwise reload. Opt-in (FABRIC_LAYERWISE_RELOAD=0), on CUDA and unquantized only:
-    the layerwise reload is what the CPU backend's repacked weights and quantized layers need, and it is the path
-    whose 7B commit was measured at 0.14-0.17 s on an H200; the one run with direct loading measured 15 s for the
-    same commit, the cause not yet isolated from slow IPC-mapped memory on that machine."""
+    """Whether the worker loads a version straight into the live parameters (their weight loaders copy in place,
+    one device copy per tensor) rather than inside vLLM's layerwise reload (which re-creates each layer's parameters
+    and runs its post-load processing: 0.14-0.17 s for a 7B model on an H200). Direct on CUDA for unquantized models;
+    the layerwise reload where it is needed: the CPU backend repacks weights at load, quantized layers process them
+    after loading. FABRIC_LAYERWISE_RELOAD=1 forces the layerwise reload everywhere."""
     import os
 
-    if os.environ.get("FABRIC_LAYERWISE_RELOAD") != "0":
+    if os.environ.get("FABRIC_LAYERWISE_RELOAD") == "1":
         return False
     if getattr(model_config, "quantization", None):
         return False

@@ -1,0 +1,288 @@
+"""The fabric on one GPU, beside in-process vLLM (issue 20): `python -m bench.gpu_one OUT_DIR [LAYOUTS] [BUDGET_S]`.
+
+First, correctness: a tiny fp32 Qwen2 served from checkpoint a; checkpoints b, a, b pushed over CUDA IPC from this
+process on the same GPU; after each, greedy output must equal transformers' on that checkpoint (the worker loads
+straight into its parameters by default: FABRIC_LAYERWISE_RELOAD=1 takes vLLM's layerwise reload instead).
+
+Per layout (Qwen2.5 shapes in bf16, `load_format: dummy`, eager, default 0.5B and 7B), on GPU 0:
+  generation   256 prompts x 128 new tokens, greedy, token ids in, through `fabric serve rollout` over gRPC (one
+               Generate stream); then, with the fabric server stopped, the same prompts in-process: vLLM's AsyncLLM
+               with the fabric's own engine arguments (sleep mode, processed logprobs) and vLLM's offline LLM with
+               its defaults. Dummy weights are seeded the same way in every engine, so all generate the same tokens
+               (the totals are printed). Ratios: fabric / each in-process way.
+  ipc          the trainer's side in this process (random bf16 tensors on GPU 0), the server colocated on GPU 0:
+               six pushes over CUDA IPC, each a full update (status, transfer, pause, commit, resume), with the
+               server's own phase timings from its log; the version it serves afterwards.
+Everything lands in OUT_DIR/gpu_one.json and one table at the end; a part that fails is recorded, the rest runs.
+The fabric's own side runs as users get it: the config's defaults except the engine arguments named here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from bench.gpu_sync import (
+    SAFE_ENV,
+    generate,
+    hf_greedy_gpu,
+    make_layout_dir,
+    random_source,
+    server_timings,
+    source_from_dir,
+)
+
+os.environ.update(SAFE_ENV)
+NUM_PROMPTS, PROMPT_LEN, MAX_NEW, ROUNDS = 256, 64, 128, 3
+PROMPTS = [[(7 * i + j) % 300 + 1 for j in range(PROMPT_LEN)] for i in range(NUM_PROMPTS)]
+ENGINE = {"dtype": "bfloat16", "max_model_len": 1024, "enforce_eager": True, "load_format": "dummy"}
+UTIL = 0.35  # of the GPU for each engine: room for the trainer's tensors and the staging buffers beside it
+RESULTS: dict = {}
+
+
+def record(key: str, value) -> None:
+    RESULTS[key] = value
+    print(f"{key}: {json.dumps(value, default=str)}", flush=True)
+
+
+def guarded(key: str, fn, *args):
+    try:
+        return fn(*args)
+    except Exception as exc:  # one part failing must not cost the rest of the device call
+        record(f"{key}.error", f"{type(exc).__name__}: {exc}")
+        traceback.print_exc()
+        return None
+
+
+def write_config(path: Path, model: Path) -> Path:
+    engine = ", ".join(f"{k}: {v if not isinstance(v, bool) else str(v).lower()}" for k, v in ENGINE.items())
+    path.write_text(
+        "actor_infer:\n"
+        f"  pretrain: {model}\n"
+        "  strategy_args:\n"
+        "    strategy_name: vllm\n"
+        f"    strategy_config: {{{engine}, gpu_memory_utilization: {UTIL}}}\n"
+        f"  infer_batch_size: {NUM_PROMPTS}\n"
+    )
+    return path
+
+
+def rates(rounds: list[tuple[float, int]]) -> dict:
+    per_s = [tokens / seconds for seconds, tokens in rounds]
+    return {
+        "best_tok_s": max(per_s),
+        "median_tok_s": statistics.median(per_s),
+        "tokens": sorted({t for _, t in rounds}),
+    }
+
+
+# ---- the fabric: a rollout server, gRPC generation and IPC pushes --------------------------------------------------
+
+
+def grpc_round(address: str) -> tuple[float, int]:
+    from fabric.rollout.client import GenerateRequest, RolloutClient, SamplingParams
+
+    requests = [
+        GenerateRequest(
+            request_id=str(i), prompt_token_ids=p, sampling=SamplingParams(max_new_tokens=MAX_NEW, temperature=0.0)
+        )
+        for i, p in enumerate(PROMPTS)
+    ]
+
+    async def go() -> int:
+        async with RolloutClient(address) as client:
+            return sum([len(r.token_ids) async for r in client.generate(requests)])
+
+    start = time.perf_counter()
+    tokens = asyncio.run(go())
+    return time.perf_counter() - start, tokens
+
+
+def fabric_part(out: Path, name: str, model: Path) -> None:
+    from fabric.procs import ServerProcess
+    from fabric.weights.sender import push_weights, weights_status
+
+    log = out / f"rollout-{name}.log"
+    env = {"CUDA_VISIBLE_DEVICES": "0", "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    server = ServerProcess("rollout", write_config(out / f"rollout-{name}.yaml", model), log_path=log, env=env)
+    started = time.perf_counter()
+    server.start()
+    try:
+        server.wait_ready(600)
+        record(f"{name}.server_start_s", time.perf_counter() - started)
+        grpc_round(server.address)  # warm-up
+        record(f"{name}.fabric_grpc", rates([grpc_round(server.address) for _ in range(ROUNDS)]))
+
+        source = random_source(model, "cuda:0")
+        pushes = []
+        for version in range(1, 7):
+            t0 = time.perf_counter()
+            report = asyncio.run(push_weights(source, [server.address], version=version, transport="ipc"))
+            pushes.append({"seconds": time.perf_counter() - t0, "ok": report.ok, "transport": report.transport,
+                           "errors": [r.error.message for r in report.failed]})  # fmt: skip
+        record(f"{name}.ipc_pushes", pushes)
+        record(f"{name}.ipc_serving_version", asyncio.run(weights_status(server.address)).serving_version)
+        record(f"{name}.ipc_server_timings", server_timings(log, "ipc"))
+        commits = [line.split("commit of version", 1)[1].strip() for line in log.read_text().splitlines()
+                   if "commit of version" in line]  # fmt: skip
+        record(f"{name}.commit_phases", commits[-3:])
+        ok = [p["seconds"] for p in pushes[1:] if p["ok"]]
+        record(f"{name}.ipc_full_update_median_s", statistics.median(ok) if ok else None)
+        del source
+    finally:
+        server.stop()
+
+
+def correctness(out: Path) -> None:
+    from fabric.models.tiny import make_tiny_model
+    from fabric.procs import ServerProcess
+    from fabric.weights.sender import push_weights
+
+    prompts = ["Add 3 and 4.\n", "Add 12 and 30.\n", "hello"]
+    a, b = make_tiny_model(out / "tiny-a", seed=0), make_tiny_model(out / "tiny-b", seed=1)
+    want = {"a": hf_greedy_gpu(str(a), prompts, 16), "b": hf_greedy_gpu(str(b), prompts, 16)}
+    config = out / "tiny.yaml"
+    config.write_text(
+        f"actor_infer:\n  pretrain: {a}\n  strategy_args:\n    strategy_name: vllm\n"
+        "    strategy_config: {dtype: float32, max_model_len: 256, enforce_eager: true, gpu_memory_utilization: 0.1}\n"
+    )
+    env = {"CUDA_VISIBLE_DEVICES": "0", "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    server = ServerProcess("rollout", config, log_path=out / "tiny.log", env=env).start()
+    try:
+        server.wait_ready(300)
+        tokens, *_ = generate(server.address, prompts, 16)
+        checks = {"initial_equals_hf_a": tokens == want["a"]}
+        for version, name in enumerate("bab", start=1):
+            source = source_from_dir(a if name == "a" else b, "cuda:0")
+            report = asyncio.run(push_weights(source, [server.address], version=version, transport="ipc"))
+            tokens, _, versions, errors = generate(server.address, prompts, 16)
+            checks[f"v{version}_{name}"] = {"ok": report.ok, "transport": report.transport,
+                                            "equals_hf": tokens == want[name], "versions": sorted(versions),
+                                            "errors": errors}  # fmt: skip
+        record("correctness.ipc", checks)
+    finally:
+        server.stop()
+
+
+# ---- in-process vLLM, in a child process of its own per engine --------------------------------------------------
+
+
+def native_main(kind: str, config_path: str) -> None:
+    """Child: one engine, a warm-up and ROUNDS rounds; prints one JSON line with the rounds."""
+    from vllm import SamplingParams
+
+    from fabric.config import load_config
+    from fabric.config.rollout import load_rollout_config
+    from fabric.rollout.vllm.engine import build_engine_args
+
+    config = load_rollout_config(load_config(config_path), "actor_infer")
+    rounds = []
+    if kind == "async":  # the engine exactly as the fabric builds it, called in-process
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        async def main() -> None:
+            engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**build_engine_args(config)))
+
+            async def one(tag: str, i: int, ids: list[int]) -> int:
+                params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, output_kind=RequestOutputKind.FINAL_ONLY)
+                (prompt,) = engine.renderer.render_cmpl([TokensPrompt(prompt_token_ids=ids)])
+                async for output in engine.generate(prompt, params, f"{tag}-{i}"):
+                    final = output
+                return len(final.outputs[0].token_ids)
+
+            for r in range(ROUNDS + 1):
+                start = time.perf_counter()
+                tokens = sum(await asyncio.gather(*(one(f"r{r}", i, p) for i, p in enumerate(PROMPTS))))
+                if r:
+                    rounds.append((time.perf_counter() - start, tokens))
+            engine.shutdown()
+
+        asyncio.run(main())
+    else:  # vLLM's offline LLM with its own defaults (the in-process figure users quote)
+        from vllm import LLM
+        from vllm.inputs import TokensPrompt
+
+        args = {**config.strategy_config, "model": config.model}
+        llm = LLM(**args)
+        params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
+        prompts = [TokensPrompt(prompt_token_ids=p) for p in PROMPTS]
+        for r in range(ROUNDS + 1):
+            start = time.perf_counter()
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            if r:
+                rounds.append((time.perf_counter() - start, sum(len(o.outputs[0].token_ids) for o in outs)))
+    print("RESULT " + json.dumps(rounds), flush=True)
+
+
+def native_part(out: Path, name: str, model: Path, kind: str) -> None:
+    config = out / f"rollout-{name}.yaml"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0"}
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_one", "native", kind, str(config)], env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    (out / f"native-{kind}-{name}.log").write_text(proc.stdout + proc.stderr)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if not lines:
+        raise RuntimeError(f"in-process {kind} failed (exit {proc.returncode}): {proc.stderr.strip()[-400:]}")
+    record(f"{name}.inprocess_{kind}", {**rates(json.loads(lines[-1][7:])), "wall_s": time.perf_counter() - started})
+
+
+# ---- the run ----------------------------------------------------------------------------------------------------
+
+
+def summary(names: list[str]) -> None:
+    print("\n| layout | fabric gRPC tok/s | AsyncLLM in-process (fabric's args) | LLM offline (vLLM defaults) | "
+          "fabric / AsyncLLM | fabric / LLM | IPC full update (median of 5) |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name in names:
+        fab = (RESULTS.get(f"{name}.fabric_grpc") or {}).get("best_tok_s")
+        asy = (RESULTS.get(f"{name}.inprocess_async") or {}).get("best_tok_s")
+        llm = (RESULTS.get(f"{name}.inprocess_llm") or {}).get("best_tok_s")
+
+        def f(x, spec=".0f"):
+            return format(x, spec) if x else "-"
+
+        ratio_a = fab / asy if fab and asy else None
+        ratio_l = fab / llm if fab and llm else None
+        ipc = RESULTS.get(f"{name}.ipc_full_update_median_s")
+        print(f"| {name} | {f(fab)} | {f(asy)} | {f(llm)} | {f(ratio_a, '.3f')} | {f(ratio_l, '.3f')} | "
+              f"{f(ipc, '.4f')} s |")  # fmt: skip
+
+
+def main(argv: list[str]) -> None:
+    if argv and argv[0] == "native":
+        native_main(argv[1], argv[2])
+        return
+    out = Path(argv[0] if argv else "runs/gpu_one")
+    names = (argv[1] if len(argv) > 1 else "0.5B,7B").split(",")
+    budget = float(argv[2]) if len(argv) > 2 else 560.0
+    out.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + budget
+    guarded("correctness", correctness, out)
+    for name in names:
+        model = make_layout_dir(out, name)
+        for part, fn, args in (
+            ("fabric", fabric_part, (out, name, model)),
+            ("inprocess_async", native_part, (out, name, model, "async")),
+            ("inprocess_llm", native_part, (out, name, model, "llm")),
+        ):
+            if time.monotonic() > deadline:
+                record(f"{name}.{part}.skipped", "device-call budget spent")
+                continue
+            guarded(f"{name}.{part}", fn, *args)
+    (out / "gpu_one.json").write_text(json.dumps(RESULTS, indent=1, default=str))
+    summary(names)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
