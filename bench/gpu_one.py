@@ -105,6 +105,33 @@ def grpc_round(address: str) -> tuple[float, int]:
     return time.perf_counter() - start, tokens
 
 
+def profile(pid: int, path: Path):
+    """py-spy (FABRIC_BENCH_PYSPY: its binary) samples the rollout server's Python threads that hold the GIL
+    during the generation rounds, as collapsed stacks."""
+    binary = os.environ.get("FABRIC_BENCH_PYSPY")
+    if not binary:
+        return None
+    return subprocess.Popen([binary, "record", "--pid", str(pid), "--duration", "4", "--rate", "250", "--gil",
+                             "--format", "raw", "--output", str(path), "--nonblocking"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+
+
+def top_frames(path: Path, n: int = 25) -> list:
+    """The functions most often on the GIL-holding stack (inclusive), with their share of the samples."""
+    if not path.exists():
+        return ["no profile"]
+    total, counts = 0, {}
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        total += int(count)
+        for frame in set(stack.split(";")):
+            counts[frame] = counts.get(frame, 0) + int(count)
+    ranked = sorted(counts.items(), key=lambda kv: -kv[1])[:n]
+    return [f"{c / max(total, 1):.2f} {frame[:150]}" for frame, c in ranked]
+
+
 def fabric_part(out: Path, name: str, model: Path) -> None:
     from fabric.procs import ServerProcess
     from fabric.weights.sender import push_weights, weights_status
@@ -118,7 +145,11 @@ def fabric_part(out: Path, name: str, model: Path) -> None:
         server.wait_ready(600)
         record(f"{name}.server_start_s", time.perf_counter() - started)
         grpc_round(server.address)  # warm-up
+        profiler = profile(server.process.pid, out / f"pyspy-{name}.txt")
         record(f"{name}.fabric_grpc", rates([grpc_round(server.address) for _ in range(ROUNDS)]))
+        if profiler is not None:
+            profiler.wait(60)
+            record(f"{name}.server_profile_top", top_frames(out / f"pyspy-{name}.txt"))
 
         source = random_source(model, "cuda:0")
         pushes = []
@@ -157,14 +188,15 @@ def correctness(out: Path) -> None:
     server = ServerProcess("rollout", config, log_path=out / "tiny.log", env=env).start()
     try:
         server.wait_ready(300)
-        tokens, *_ = generate(server.address, prompts, 16)
-        checks = {"initial_equals_hf_a": tokens == want["a"]}
+        initial, *_ = generate(server.address, prompts, 16)
+        checks = {"initial_equals_hf_a": initial == want["a"]}
         for version, name in enumerate("bab", start=1):
             source = source_from_dir(a if name == "a" else b, "cuda:0")
             report = asyncio.run(push_weights(source, [server.address], version=version, transport="ipc"))
             tokens, _, versions, errors = generate(server.address, prompts, 16)
             checks[f"v{version}_{name}"] = {"ok": report.ok, "transport": report.transport,
                                             "equals_hf": tokens == want[name], "versions": sorted(versions),
+                                            "equals_initial": tokens == initial if name == "a" else None,
                                             "errors": errors}  # fmt: skip
         record("correctness.ipc", checks)
     finally:
@@ -180,18 +212,17 @@ def native_main(kind: str, config_path: str) -> None:
 
     from fabric.config import load_config
     from fabric.config.rollout import load_rollout_config
-    from fabric.rollout.vllm.engine import build_engine_args
+    from fabric.rollout.vllm.engine import build_engine_args, check_engine_args
 
     config = load_rollout_config(load_config(config_path), "actor_infer")
     rounds = []
     if kind == "async":  # the engine exactly as the fabric builds it, called in-process
-        from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
         from vllm.v1.engine.async_llm import AsyncLLM
 
         async def main() -> None:
-            engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**build_engine_args(config)))
+            engine = AsyncLLM.from_vllm_config(check_engine_args(config, build_engine_args(config)))
 
             async def one(tag: str, i: int, ids: list[int]) -> int:
                 params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, output_kind=RequestOutputKind.FINAL_ONLY)

@@ -16,6 +16,7 @@ and vLLM 0.25.1 (fabric.rollout.vllm.compat says what differs).
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,9 +56,14 @@ def _open_device_buffer(shared: dict, device):
     return flat
 
 
+_PLANS: dict[int, dict] = {}  # worker side: per transfer engine, the recorded copy plan of its layout (copy_plan)
+
+
 def release_mappings() -> None:
-    """Worker side: unmaps the server's staging buffers (before the server frees them: sleep)."""
+    """Worker side: unmaps the server's staging buffers (before the server frees them: sleep) and forgets the copy
+    plans (the parameters may be re-allocated on wake-up)."""
     _RECENT.clear()
+    _PLANS.clear()
     if _MAPPED is not None:
         _MAPPED.clear()
 
@@ -152,13 +158,36 @@ def _engine_classes(base=None):
             info = {"path": update_info.path, "size": update_info.size, "tensors": update_info.tensors}
             info["ipc"] = update_info.ipc
 
-            def named():
-                for name, tensor in named_tensors(info, self.device):
+            def tied(named):
+                for name, tensor in named:
                     yield name, tensor
                     if update_info.tie_lm_head and name == "model.embed_tokens.weight":
                         yield "lm_head.weight", tensor
 
-            self.model.load_weights(weights=named())
+            if update_info.ipc and self._direct():  # a device buffer loaded in place: replay the loaders' copies
+                self._load_planned(_open_device_buffer(update_info.ipc, self.device), update_info, tied)
+                return
+            self.model.load_weights(weights=tied(named_tensors(info, self.device)))
+
+        def _load_planned(self, flat, update_info: SharedMemoryUpdateInfo, tied) -> None:
+            from fabric.rollout.vllm import copy_plan
+            from fabric.weights.staging import tensor_views
+
+            key = (json.dumps(update_info.tensors), update_info.tie_lm_head)
+            plans = _PLANS.setdefault(id(self), {})
+            plan = plans.get(key)
+            if plan is not None:
+                plan.replay(flat)
+                return
+            plan = copy_plan.record(
+                lambda: self.model.load_weights(weights=tied(tensor_views(flat, update_info.tensors))),
+                flat,
+                self.model.parameters(),
+            )
+            plans.clear()  # one layout at a time: a model's updates keep one
+            if plan is not None:
+                plans[key] = plan
+            log.info("weight loading %s", f"planned: {len(plan)} copies" if plan else "not plannable: load_weights")
 
         def finish_weight_update(self) -> None:
             if not self._direct():
