@@ -11,6 +11,9 @@ rank and size come from megatron's parallel state; the layout math is in `conver
 
 from __future__ import annotations
 
+import copy
+import functools
+import logging
 import os
 import re
 import shutil
@@ -23,7 +26,11 @@ import torch.nn.functional as F
 
 from fabric.trainer import convert
 
+log = logging.getLogger(__name__)
+
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
+ATTENTION_BACKENDS = ("sdpa", "unfused")  # torch's fused SDPA kernels; megatron's DotProductAttention (reference)
+RECOMPUTE_GRANULARITIES = (None, "full", "selective")
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 
@@ -47,8 +54,18 @@ def _rope_theta(hf_config) -> float:
     return float(theta)
 
 
-def transformer_config_from_hf(hf_config, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-    """megatron TransformerConfig equivalent to an HF Qwen2 / Llama config; raises ValueError naming what differs."""
+def transformer_config_from_hf(
+    hf_config,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    recompute_granularity: str | None = None,
+):
+    """megatron TransformerConfig equivalent to an HF Qwen2 / Llama config; raises ValueError naming what differs.
+
+    recompute_granularity: see `build_gpt_model`."""
+    if recompute_granularity not in RECOMPUTE_GRANULARITIES:
+        raise ValueError(f"recompute_granularity={recompute_granularity!r} is unknown; use full, selective or None")
+    full = recompute_granularity == "full"
     from megatron.core import parallel_state
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -107,25 +124,103 @@ def transformer_config_from_hf(hf_config, dtype: torch.dtype = torch.float32, de
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         cuda_graph_scope=[],  # the default "full" means the same but warns that it is deprecated
+        recompute_granularity=recompute_granularity,
+        recompute_method="uniform" if full else None,  # every layer a unit: one layer's activations live at once
+        recompute_num_layers=1 if full else None,
     )
 
 
-def build_gpt_model(hf_config_or_dir, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+@functools.cache
+def sdpa_attention_class():
+    """megatron's core-attention module on torch's scaled_dot_product_attention (flash / memory-efficient kernels
+    on CUDA, no Transformer Engine needed): causal, GQA without repeating K and V (enable_gqa), and the packed
+    `thd` layout (PackedSeqParams with cu_seqlens: each sequence attends only to itself, no compute on padding).
+    Built on megatron's DotProductAttention for its head counts, scale and dropout; same inputs and outputs."""
+    from megatron.core import tensor_parallel
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    class SDPAttention(DotProductAttention):
+        def forward(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            attn_mask_type=None,
+            attention_bias=None,
+            packed_seq_params=None,
+        ):
+            if attention_mask is not None or attention_bias is not None:
+                raise ValueError("the SDPA core attention is causal only: pass attention_mask=None, no bias")
+            dropout = self.attention_dropout.p if self.training else 0.0
+            with tensor_parallel.get_cuda_rng_tracker().fork():  # as DotProductAttention draws its dropout
+                if packed_seq_params is not None:
+                    if packed_seq_params.qkv_format != "thd":
+                        raise ValueError(f"packed qkv_format {packed_seq_params.qkv_format!r}: only thd is supported")
+                    return self._packed(query, key, value, packed_seq_params, dropout)
+                # [s, b, heads, dim] -> [b, heads, s, dim]
+                q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+                out = self._sdpa(q, k, v, dropout)
+            return out.permute(2, 0, 1, 3).reshape(out.shape[2], out.shape[0], self.hidden_size_per_partition)
+
+        def _sdpa(self, q, k, v, dropout):
+            return F.scaled_dot_product_attention(
+                q, k, v, dropout_p=dropout, is_causal=True, scale=self.softmax_scale, enable_gqa=q.shape[1] != k.shape[1]
+            )
+
+        def _packed(self, query, key, value, params, dropout):
+            # [tokens, heads, dim], sequences back to back: one causal SDPA per sequence
+            bounds = params.cu_seqlens_q.tolist()
+            outs = []
+            for start, stop in zip(bounds[:-1], bounds[1:], strict=True):  # rows are never empty (losses)
+                q, k, v = (t[start:stop].transpose(0, 1).unsqueeze(0) for t in (query, key, value))
+                outs.append(self._sdpa(q, k, v, dropout)[0].transpose(0, 1))
+            return torch.cat(outs).reshape(query.shape[0], self.hidden_size_per_partition)
+
+    return SDPAttention
+
+
+def _layer_spec(attention: str):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    if attention not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention={attention!r} is unknown; use one of {', '.join(ATTENTION_BACKENDS)}")
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    if attention == "sdpa":
+        spec = copy.deepcopy(spec)
+        spec.submodules.self_attention.submodules.core_attention = sdpa_attention_class()
+    return spec
+
+
+def build_gpt_model(
+    hf_config_or_dir,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    attention: str = "sdpa",
+    recompute_granularity: str | None = None,
+):
     """A megatron GPTModel (local layer spec) shaped like the HF config, randomly initialized; `model.hf_config` set.
 
-    device defaults to the current CUDA device when there is one, else the CPU.
+    device defaults to the current CUDA device when there is one, else the CPU. attention: "sdpa" (torch's fused
+    scaled_dot_product_attention; packed sequences too) or "unfused" (megatron's DotProductAttention: the
+    reference; padded batches only). Transformer Engine is not used: its layer spec names parameters differently.
+    recompute_granularity: megatron's activation recompute, "full" (every layer's activations recomputed in the
+    backward pass, one layer at a time) or "selective" (the core attention only), None: off.
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     hf_config = load_hf_config(hf_config_or_dir)
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
-    config = transformer_config_from_hf(hf_config, dtype=dtype, device=device)
+    config = transformer_config_from_hf(hf_config, dtype, device, recompute_granularity)
+    spec = _layer_spec(attention)
+    log.info(
+        "megatron model: %s core attention, recompute %s, %s on %s", attention, recompute_granularity, dtype, device
+    )
     model = GPTModel(
         config=config,
-        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+        transformer_layer_spec=spec,
         vocab_size=hf_config.vocab_size,
         max_sequence_length=hf_config.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),
@@ -135,6 +230,7 @@ def build_gpt_model(hf_config_or_dir, dtype: torch.dtype = torch.float32, device
         rotary_base=_rope_theta(hf_config),
     ).to(device)
     model.hf_config = hf_config
+    model.attention_backend = attention
     return model
 
 
