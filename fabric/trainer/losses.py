@@ -40,107 +40,27 @@ def check_right_padded(attention_mask: torch.Tensor) -> None:
         raise ValueError("attention_mask is not right-padded: put padding after the tokens, never before them")
 
 
-LOGPROB_CHUNK_TOKENS = 4096  # rows of [tokens, vocab] logits alive at once (fp32: 2.5 GB at a 152k vocabulary)
-
-
-def _chunk_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
-    """logprobs of targets [N] from final hidden states [N, 1, H], LOGPROB_CHUNK_TOKENS rows at a time.
-
-    Each chunk's logits are made, used and dropped; under grad the chunk is checkpointed, so the backward pass
-    recomputes its logits instead of keeping them: never [N, vocab] in fp32 at once. megatron's vocab-parallel
-    cross entropy keeps it exact with the vocabulary split over TP ranks."""
-    from megatron.core import tensor_parallel
-
-    weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
-
-    def chunk(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        logits, _ = model.output_layer(h, weight=weight)
-        # Division makes a fresh float32 tensor, which the cross entropy may modify in place.
-        return -tensor_parallel.vocab_parallel_cross_entropy(logits.float() / temperature, t[:, None])[:, 0]
-
-    parts = []
-    for start in range(0, hidden.shape[0], LOGPROB_CHUNK_TOKENS):
-        h, t = hidden[start : start + LOGPROB_CHUNK_TOKENS], targets[start : start + LOGPROB_CHUNK_TOKENS]
-        if torch.is_grad_enabled() and h.requires_grad:
-            parts.append(torch.utils.checkpoint.checkpoint(chunk, h, t, use_reentrant=False))
-        else:
-            parts.append(chunk(h, t))
-    return torch.cat(parts)
-
-
-def _hidden_states(model, input_ids: torch.Tensor, position_ids: torch.Tensor, packed_seq_params=None):
-    """The decoder's final hidden states [S, B, H] (after the final norm), without the output layer."""
-    post_process = model.post_process
-    model.post_process = False  # GPTModel returns the hidden states where a pipeline stage hands them on
-    try:
-        return model(input_ids, position_ids, None, packed_seq_params=packed_seq_params)
-    finally:
-        model.post_process = post_process
-
-
 def token_logprobs(
-    model,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    packed: bool = False,
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, temperature: float = 1.0
 ) -> torch.Tensor:
     """[B, T] logprobs of input_ids under a megatron GPTModel (aligned as above; 0 at column 0 and at padding).
 
-    Exact with the vocabulary split over TP ranks too (megatron's vocab-parallel cross entropy), over chunks of
-    tokens (`_chunk_logprobs`). Differentiable when called under grad. temperature divides the logits, as the
-    sampler did. packed=True (needs attention_mask and the SDPA core attention): the rows' real tokens are put
-    back to back in one sequence, each attending only to itself (megatron's thd layout), so no compute is spent
-    on padding; the result is the same [B, T] tensor.
+    Uses megatron's vocab-parallel cross entropy, so it is exact with the vocabulary split over TP ranks too.
+    Differentiable when called under grad. temperature divides the logits, as the sampler did.
     """
-    batch, seq = input_ids.shape
+    from megatron.core import tensor_parallel
+
     if attention_mask is not None:
         check_right_padded(attention_mask)
-    if packed:
-        if attention_mask is None:
-            raise ValueError("packed logprobs need the attention_mask (each row's length)")
-        return _packed_token_logprobs(model, input_ids, attention_mask, temperature)
+    batch, seq = input_ids.shape
     position_ids = torch.arange(seq, device=input_ids.device).expand(batch, seq)
-    hidden = _hidden_states(model, input_ids, position_ids)  # [T, B, H]; None: causal, padding after every token
-    targets = input_ids.t()[1:].reshape(-1)  # [T-1, B] token-major, as the hidden states
-    picked = _chunk_logprobs(model, hidden[:-1].reshape(-1, 1, hidden.shape[-1]), targets, temperature)
-    logprobs = torch.nn.functional.pad(picked.view(seq - 1, batch).t(), (1, 0))
+    logits = model(input_ids, position_ids, None)  # None: megatron's causal mask; padding sits after every token
+    # Division makes a fresh float32 tensor, which the cross entropy may modify in place.
+    scaled = logits[:, :-1].float() / temperature
+    picked = -tensor_parallel.vocab_parallel_cross_entropy(scaled, input_ids[:, 1:].contiguous())
+    logprobs = torch.nn.functional.pad(picked, (1, 0))
     if attention_mask is not None:
         logprobs = logprobs * attention_mask.to(logprobs.dtype)
-    return logprobs
-
-
-def _packed_token_logprobs(model, input_ids, attention_mask, temperature):
-    from megatron.core.packed_seq_params import PackedSeqParams
-
-    if getattr(model, "attention_backend", None) != "sdpa":
-        raise ValueError("packed sequences need the SDPA core attention (build_gpt_model(attention='sdpa'))")
-    batch, seq = input_ids.shape
-    lengths = attention_mask.sum(-1)
-    if (lengths == 0).any():  # an empty row has no logprob: pack the others
-        logprobs = torch.zeros((batch, seq), device=input_ids.device)
-        rows = lengths > 0
-        if rows.any():
-            logprobs[rows] = _packed_token_logprobs(model, input_ids[rows], attention_mask[rows], temperature)
-        return logprobs
-    real = attention_mask.bool()
-    ids = input_ids[real]  # row after row, each row's real tokens
-    cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-    max_len = int(lengths.max())
-    params = PackedSeqParams(
-        qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens, max_seqlen_q=max_len, max_seqlen_kv=max_len
-    )
-    starts = cu_seqlens[:-1].long().repeat_interleave(lengths)
-    position_ids = (torch.arange(ids.shape[0], device=ids.device) - starts)[None]
-    hidden = _hidden_states(model, ids[None], position_ids, params)  # [tokens, 1, H]
-    # Token i predicts token i + 1; a row's last token predicts nothing (the next row's first token follows).
-    picked = _chunk_logprobs(model, hidden[:-1], ids[1:], temperature)
-    logprobs = torch.zeros((batch, seq), dtype=picked.dtype, device=picked.device)
-    target_cols = real.clone()
-    target_cols[:, 0] = False  # column 0 has no prediction
-    predicts = torch.ones(ids.shape[0] - 1, dtype=torch.bool, device=ids.device)
-    predicts[cu_seqlens[1:-1].long() - 1] = False  # the last token of every row but the last
-    logprobs[target_cols] = picked[predicts]
     return logprobs
 
 

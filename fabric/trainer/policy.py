@@ -34,7 +34,7 @@ import torch
 
 from fabric.trainer import distributed, losses
 from fabric.trainer.compat import init_megatron
-from fabric.trainer.model import build_gpt_model, iter_hf_weights, load_hf_into_megatron
+from fabric.trainer.model import build_gpt_model, iter_hf_weights, load_hf_into_megatron, token_logprobs
 from fabric.trainer.model import save_hf_checkpoint as _save_hf_checkpoint
 
 
@@ -341,7 +341,7 @@ class Policy:
         mine = batch.slice(start, stop)
         local = torch.zeros(mine.input_ids.shape, device=self.device)
         for index, mb in self._micro_batches(mine):
-            logprobs = losses.token_logprobs(
+            logprobs = token_logprobs(
                 self.model, mb.input_ids, mb.attention_mask, self.loss.temperature, packed=self.packed
             )
             local[index, : mb.input_ids.shape[1]] = logprobs.float()
@@ -407,9 +407,7 @@ class Policy:
         batch = batch.slice(*distributed.row_range(len(batch)))
         sums: dict[str, torch.Tensor] = {}  # on the device: no host sync between micro-batches
         for _, mb in self._micro_batches(batch):
-            logprobs = losses.token_logprobs(
-                self.model, mb.input_ids, mb.attention_mask, temperature, packed=self.packed
-            )
+            logprobs = token_logprobs(self.model, mb.input_ids, mb.attention_mask, temperature, packed=self.packed)
             loss, metrics = micro_loss(mb, logprobs, counts)
             loss.backward()  # each micro-batch's share: the sum over micro-batches and ranks is the whole batch's
             for name, value in {"loss": loss.detach(), **metrics}.items():
