@@ -125,6 +125,11 @@ class PipelineConfig:
     off_policy_correction: str = "tis"  # weights of samples from older versions: tis, decoupled or none
     importance_cap: float = 2.0  # tis: the weight is min(w, cap); decoupled: tokens with w > cap leave the loss
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)  # ROLL's algorithm keys
+    # actor_train's micro-batches and activation recompute, as ROLL's keys say (train_speed_config)
+    use_dynamic_batching_in_train: bool = False
+    max_tokens_per_microbatch_in_train: int = 0
+    sequence_length_round_in_train: int = 128
+    recompute_granularity: str | None = None  # actor_train.strategy_args.strategy_config's
 
     @property
     def out(self) -> Path:
@@ -260,10 +265,32 @@ def pipeline_config(cfg: DictConfig) -> PipelineConfig:
     pc.sft_learning_rate = sft.get("learning_rate")
     pc.sft_batch_size = int(sft.get("batch_size", 64))
     async_config(cfg, pc)
+    train_speed_config(train, pc)
     # ---- the trainer's algorithm keys (fabric/config/algorithm.py) ----
     pc.algorithm = algorithm_config(cfg)
     check_batch_sizes(pc.algorithm, pc.rollout_batch_size * pc.group_size, pc.max_steps)
     return pc
+
+
+def train_speed_config(train: DictConfig, pc: PipelineConfig) -> None:
+    """actor_train's ROLL keys for micro-batches (dynamic batching: rows sorted by length, as many per micro-batch as
+    fit max_tokens_per_microbatch_in_train counted as rows x longest row rounded up to sequence_length_round_in_train)
+    and megatron's activation recompute (strategy_config.recompute_granularity: full or selective)."""
+    pc.use_dynamic_batching_in_train = bool(_get(train, "use_dynamic_batching_in_train", False))
+    pc.max_tokens_per_microbatch_in_train = int(_get(train, "max_tokens_per_microbatch_in_train", 0))
+    round_to = _get(train, "sequence_length_round_in_train", 128)
+    pc.sequence_length_round_in_train = _positive(round_to, "actor_train.sequence_length_round_in_train")
+    if pc.use_dynamic_batching_in_train and pc.max_tokens_per_microbatch_in_train <= 0:
+        raise ConfigError(
+            "actor_train.max_tokens_per_microbatch_in_train",
+            "must be > 0 with use_dynamic_batching_in_train: the token budget of a micro-batch",
+        )
+    granularity = _get(train, "strategy_args.strategy_config.recompute_granularity")
+    if granularity not in (None, "full", "selective"):
+        raise ConfigError(
+            "actor_train.strategy_args.strategy_config.recompute_granularity", f"'{granularity}': use full or selective"
+        )
+    pc.recompute_granularity = granularity
 
 
 def async_config(cfg: DictConfig, pc: PipelineConfig) -> None:

@@ -159,10 +159,12 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float | None = 1.0  # max global grad norm; None: no clipping (the norm is still reported)
     micro_batch_size: int | None = None  # rows per forward/backward; None: the whole batch at once
-    # ROLL's use_dynamic_batching_in_train / max_tokens_per_microbatch_in_train: rows sorted by length, micro-batches
-    # of at most max_tokens_per_microbatch (rows x longest row) instead of micro_batch_size rows
+    # ROLL's use_dynamic_batching_in_train / max_tokens_per_microbatch_in_train / sequence_length_round_in_train:
+    # rows sorted by length, micro-batches of at most max_tokens_per_microbatch tokens counted as rows x longest row
+    # rounded up to sequence_length_round, instead of micro_batch_size rows
     use_dynamic_batching: bool = False
     max_tokens_per_microbatch: int | None = None
+    sequence_length_round: int = 128
 
 
 @dataclass
@@ -439,14 +441,16 @@ class Policy:
         lengths = batch.attention_mask.sum(-1).tolist()
         if optim is not None and optim.use_dynamic_batching:
             budget = int(optim.max_tokens_per_microbatch or 0)
-            if max(lengths, default=0) > budget:
+            step = max(1, optim.sequence_length_round)
+            padded = [-(-n // step) * step for n in lengths]
+            if max(padded, default=0) > budget:
                 raise ValueError(
-                    f"a sequence of {max(lengths)} tokens exceeds max_tokens_per_microbatch_in_train={budget}; "
-                    "raise it to at least the longest prompt + response"
+                    f"a sequence of {max(lengths)} tokens ({max(padded)} rounded up to sequence_length_round_in_train="
+                    f"{step}) exceeds max_tokens_per_microbatch_in_train={budget}; raise it to at least that"
                 )
             groups: list[list[int]] = []
             for row in sorted(range(len(lengths)), key=lambda r: lengths[r]):
-                if groups and (len(groups[-1]) + 1) * lengths[row] <= budget:  # sorted: this row is the longest
+                if groups and (len(groups[-1]) + 1) * padded[row] <= budget:  # sorted: this row is the longest
                     groups[-1].append(row)
                 else:
                     groups.append([row])
