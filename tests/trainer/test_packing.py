@@ -178,3 +178,34 @@ def test_unknown_attention_and_recompute_are_refused(megatron, tiny_model):
     ids = torch.ones(1, 4, dtype=torch.long)
     with pytest.raises(ValueError, match="packed sequences need the SDPA core attention"):
         model.token_logprobs(net, ids, torch.ones_like(ids), packed=True)
+
+
+def test_roll_keys_reach_the_policy_config(tmp_path, tiny_model):
+    from fabric.config import ConfigError, load_config
+    from fabric.config.pipeline import pipeline_config
+    from fabric.trainer.server import optim_config
+    from tests.config.configs import MEGATRON, dataset
+
+    base = [f"pretrain={tiny_model}", f"actor_train.data_args.file_name=[{dataset(tmp_path)}]"]
+    keys = [
+        "actor_train.use_dynamic_batching_in_train=true",
+        "actor_train.max_tokens_per_microbatch_in_train=4096",
+        "actor_train.sequence_length_round_in_train=64",
+        "actor_train.strategy_args.strategy_config.recompute_granularity=full",
+    ]
+    pc = pipeline_config(load_config(MEGATRON, base + keys))
+    assert pc.recompute_granularity == "full"
+    optim = optim_config(pc)
+    assert (optim.use_dynamic_batching, optim.max_tokens_per_microbatch, optim.sequence_length_round) == (
+        True,
+        4096,
+        64,
+    )
+    plain = pipeline_config(load_config(MEGATRON, base))
+    assert plain.recompute_granularity is None and not optim_config(plain).use_dynamic_batching
+    with pytest.raises(ConfigError, match="max_tokens_per_microbatch_in_train.*must be > 0"):
+        pipeline_config(load_config(MEGATRON, base + keys[:1]))
+    with pytest.raises(ConfigError, match="recompute_granularity.*'layer': use full or selective"):
+        pipeline_config(
+            load_config(MEGATRON, base + ["actor_train.strategy_args.strategy_config.recompute_granularity=layer"])
+        )
