@@ -491,8 +491,9 @@ def _chunk_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, temperat
 
     def chunk(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         logits, _ = model.output_layer(h, weight=weight)
-        # Division makes a fresh float32 tensor, which the cross entropy may modify in place.
-        return -tensor_parallel.vocab_parallel_cross_entropy(logits.float() / temperature, t[:, None])[:, 0]
+        # A fresh float32 tensor, which the cross entropy may modify in place (float() of fp32 logits would not copy).
+        scaled = logits.float() / temperature if temperature != 1.0 or logits.dtype == torch.float32 else logits.float()
+        return -tensor_parallel.vocab_parallel_cross_entropy(scaled, t[:, None])[:, 0]
 
     parts = []
     for start in range(0, hidden.shape[0], LOGPROB_CHUNK_TOKENS):

@@ -344,7 +344,7 @@ class Policy:
         local = torch.zeros(mine.input_ids.shape, device=self.device)
         for index, mb in self._micro_batches(mine):
             logprobs = token_logprobs(
-                self.model, mb.input_ids, mb.attention_mask, self.loss.temperature, packed=self.packed
+                self.model, mb.input_ids, mb.attention_mask, self.loss.temperature, packed=self._pack(mb)
             )
             local[index, : mb.input_ids.shape[1]] = logprobs.float()
         return distributed.gather_rows(local, rows).to(batch_device)
@@ -409,7 +409,7 @@ class Policy:
         batch = batch.slice(*distributed.row_range(len(batch)))
         sums: dict[str, torch.Tensor] = {}  # on the device: no host sync between micro-batches
         for _, mb in self._micro_batches(batch):
-            logprobs = token_logprobs(self.model, mb.input_ids, mb.attention_mask, temperature, packed=self.packed)
+            logprobs = token_logprobs(self.model, mb.input_ids, mb.attention_mask, temperature, packed=self._pack(mb))
             loss, metrics = micro_loss(mb, logprobs, counts)
             loss.backward()  # each micro-batch's share: the sum over micro-batches and ranks is the whole batch's
             for name, value in {"loss": loss.detach(), **metrics}.items():
@@ -431,6 +431,10 @@ class Policy:
             "weight_version": float(self.weight_version),
             "seconds": time.perf_counter() - started,
         }
+
+    def _pack(self, mb: TrainBatch) -> bool:
+        """Packs a micro-batch that has padding; one without is faster as it is (one batched causal attention)."""
+        return self.packed and not bool(mb.attention_mask.bool().all())
 
     def _micro_batches(self, batch: TrainBatch) -> list[tuple[torch.Tensor, TrainBatch]]:
         """(row indices, micro-batch trimmed to its longest row) covering the batch's rows once.
