@@ -129,7 +129,9 @@ class PipelineConfig:
     use_dynamic_batching_in_train: bool = False
     max_tokens_per_microbatch_in_train: int = 0
     sequence_length_round_in_train: int = 128
-    recompute_granularity: str | None = None  # actor_train.strategy_args.strategy_config's
+    recompute_granularity: str | None = None  # these three: actor_train.strategy_args.strategy_config's
+    recompute_method: str | None = None
+    recompute_num_layers: int | None = None
 
     @property
     def out(self) -> Path:
@@ -285,12 +287,18 @@ def train_speed_config(train: DictConfig, pc: PipelineConfig) -> None:
             "actor_train.max_tokens_per_microbatch_in_train",
             "must be > 0 with use_dynamic_batching_in_train: the token budget of a micro-batch",
         )
+    key = "actor_train.strategy_args.strategy_config"
     granularity = _get(train, "strategy_args.strategy_config.recompute_granularity")
+    method = _get(train, "strategy_args.strategy_config.recompute_method")
+    layers = _get(train, "strategy_args.strategy_config.recompute_num_layers")
     if granularity not in (None, "full", "selective"):
-        raise ConfigError(
-            "actor_train.strategy_args.strategy_config.recompute_granularity", f"'{granularity}': use full or selective"
-        )
-    pc.recompute_granularity = granularity
+        raise ConfigError(f"{key}.recompute_granularity", f"'{granularity}': use full or selective")
+    if method not in (None, "uniform", "block"):
+        raise ConfigError(f"{key}.recompute_method", f"'{method}': use uniform or block")
+    if granularity != "full" and (method is not None or layers is not None):
+        raise ConfigError(f"{key}.recompute_method", "recompute_method / recompute_num_layers need granularity full")
+    pc.recompute_granularity, pc.recompute_method = granularity, method
+    pc.recompute_num_layers = None if layers is None else _positive(layers, f"{key}.recompute_num_layers")
 
 
 def async_config(cfg: DictConfig, pc: PipelineConfig) -> None:

@@ -59,13 +59,16 @@ def transformer_config_from_hf(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     recompute_granularity: str | None = None,
+    recompute_method: str | None = None,
+    recompute_num_layers: int | None = None,
 ):
     """megatron TransformerConfig equivalent to an HF Qwen2 / Llama config; raises ValueError naming what differs.
 
-    recompute_granularity: see `build_gpt_model`."""
+    recompute_*: see `build_gpt_model`."""
     if recompute_granularity not in RECOMPUTE_GRANULARITIES:
         raise ValueError(f"recompute_granularity={recompute_granularity!r} is unknown; use full, selective or None")
-    full = recompute_granularity == "full"
+    if recompute_granularity == "full":  # default: every layer a unit, one layer's activations live at once
+        recompute_method, recompute_num_layers = recompute_method or "uniform", recompute_num_layers or 1
     from megatron.core import parallel_state
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -125,8 +128,8 @@ def transformer_config_from_hf(
         gradient_accumulation_fusion=False,
         cuda_graph_scope=[],  # the default "full" means the same but warns that it is deprecated
         recompute_granularity=recompute_granularity,
-        recompute_method="uniform" if full else None,  # every layer a unit: one layer's activations live at once
-        recompute_num_layers=1 if full else None,
+        recompute_method=recompute_method,
+        recompute_num_layers=recompute_num_layers,
     )
 
 
@@ -199,6 +202,8 @@ def build_gpt_model(
     device: torch.device | str | None = None,
     attention: str = "sdpa",
     recompute_granularity: str | None = None,
+    recompute_method: str | None = None,
+    recompute_num_layers: int | None = None,
 ):
     """A megatron GPTModel (local layer spec) shaped like the HF config, randomly initialized; `model.hf_config` set.
 
@@ -206,7 +211,8 @@ def build_gpt_model(
     scaled_dot_product_attention; packed sequences too) or "unfused" (megatron's DotProductAttention: the
     reference; padded batches only). Transformer Engine is not used: its layer spec names parameters differently.
     recompute_granularity: megatron's activation recompute, "full" (every layer's activations recomputed in the
-    backward pass, one layer at a time) or "selective" (the core attention only), None: off.
+    backward pass; recompute_method / recompute_num_layers as megatron's, default uniform over 1 layer) or
+    "selective" (the core attention only), None: off.
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -214,7 +220,9 @@ def build_gpt_model(
     hf_config = load_hf_config(hf_config_or_dir)
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
-    config = transformer_config_from_hf(hf_config, dtype, device, recompute_granularity)
+    config = transformer_config_from_hf(
+        hf_config, dtype, device, recompute_granularity, recompute_method, recompute_num_layers
+    )
     spec = _layer_spec(attention)
     log.info(
         "megatron model: %s core attention, recompute %s, %s on %s", attention, recompute_granularity, dtype, device

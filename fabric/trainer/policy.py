@@ -304,12 +304,16 @@ class Policy:
         seed: int = 1234,
         attention: str = "sdpa",
         recompute_granularity: str | None = None,
+        recompute_method: str | None = None,
+        recompute_num_layers: int | None = None,
     ) -> Policy:
         """Initializes megatron (once per process), builds the model from model_dir's config and loads its weights.
 
-        attention and recompute_granularity: see `fabric.trainer.model.build_gpt_model`."""
+        attention and recompute_*: see `fabric.trainer.model.build_gpt_model`."""
         init_megatron(seed=seed)
-        model = build_gpt_model(model_dir, dtype, device, attention, recompute_granularity)
+        model = build_gpt_model(
+            model_dir, dtype, device, attention, recompute_granularity, recompute_method, recompute_num_layers
+        )
         load_hf_into_megatron(model, model_dir)
         return cls(model, str(model_dir), optim if optim is not None else OptimConfig(), loss)
 

@@ -131,6 +131,8 @@ def build_policy(pc: PipelineConfig):
         None,
         pc.seed,
         recompute_granularity=pc.recompute_granularity,
+        recompute_method=pc.recompute_method,
+        recompute_num_layers=pc.recompute_num_layers,
     )
 
 

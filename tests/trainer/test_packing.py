@@ -161,10 +161,21 @@ def test_dynamic_batching_groups_rows_as_roll_and_changes_nothing(megatron, tiny
         Policy.from_hf(tiny_model, _optim(use_dynamic_batching=True))
 
 
-@pytest.mark.parametrize("granularity", ["full", "selective"])
-def test_activation_recompute_gives_the_same_gradients(megatron, tiny_model, sdpa, batch, granularity):
-    recomputed = Policy.from_hf(tiny_model, _optim(), recompute_granularity=granularity)
-    assert recomputed.model.config.recompute_granularity == granularity
+@pytest.mark.parametrize(
+    "granularity, method, layers, expected",
+    [("full", None, None, ("uniform", 1)), ("full", "block", 1, ("block", 1)), ("selective", None, None, (None, None))],
+)
+def test_activation_recompute_gives_the_same_gradients(
+    megatron, tiny_model, sdpa, batch, granularity, method, layers, expected
+):
+    recomputed = Policy.from_hf(
+        tiny_model, _optim(), recompute_granularity=granularity, recompute_method=method, recompute_num_layers=layers
+    )
+    config = recomputed.model.config
+    assert (config.recompute_granularity, config.recompute_method, config.recompute_num_layers) == (
+        granularity,
+        *expected,
+    )
     for packed in (True, False):
         _assert_same(_step(recomputed, batch, packed), _step(sdpa, batch, packed))
 
@@ -192,9 +203,11 @@ def test_roll_keys_reach_the_policy_config(tmp_path, tiny_model):
         "actor_train.max_tokens_per_microbatch_in_train=4096",
         "actor_train.sequence_length_round_in_train=64",
         "actor_train.strategy_args.strategy_config.recompute_granularity=full",
+        "actor_train.strategy_args.strategy_config.recompute_method=block",
+        "actor_train.strategy_args.strategy_config.recompute_num_layers=2",
     ]
     pc = pipeline_config(load_config(MEGATRON, base + keys))
-    assert pc.recompute_granularity == "full"
+    assert (pc.recompute_granularity, pc.recompute_method, pc.recompute_num_layers) == ("full", "block", 2)
     optim = optim_config(pc)
     assert (optim.use_dynamic_batching, optim.max_tokens_per_microbatch, optim.sequence_length_round) == (
         True,
@@ -205,6 +218,8 @@ def test_roll_keys_reach_the_policy_config(tmp_path, tiny_model):
     assert plain.recompute_granularity is None and not optim_config(plain).use_dynamic_batching
     with pytest.raises(ConfigError, match="max_tokens_per_microbatch_in_train.*must be > 0"):
         pipeline_config(load_config(MEGATRON, base + keys[:1]))
+    with pytest.raises(ConfigError, match="recompute_method.*need granularity full"):
+        pipeline_config(load_config(MEGATRON, base + keys[-2:]))
     with pytest.raises(ConfigError, match="recompute_granularity.*'layer': use full or selective"):
         pipeline_config(
             load_config(MEGATRON, base + ["actor_train.strategy_args.strategy_config.recompute_granularity=layer"])
