@@ -129,6 +129,13 @@ class PipelineConfig:
     # trains and wake for the new version (weights first, the push, then the KV cache)
     colocate: bool = False
     sleep_level: int = 1  # actor_infer's strategy_config.sleep_level
+    # actor_train's micro-batches and activation recompute, as ROLL's keys say (train_speed_config)
+    use_dynamic_batching_in_train: bool = False
+    max_tokens_per_microbatch_in_train: int = 0
+    sequence_length_round_in_train: int = 128
+    recompute_granularity: str | None = None  # these three: actor_train.strategy_args.strategy_config's
+    recompute_method: str | None = None
+    recompute_num_layers: int | None = None
 
     @property
     def out(self) -> Path:
@@ -265,10 +272,38 @@ def pipeline_config(cfg: DictConfig) -> PipelineConfig:
     pc.sft_batch_size = int(sft.get("batch_size", 64))
     async_config(cfg, pc)
     colocation_config(cfg, pc)
+    train_speed_config(train, pc)
     # ---- the trainer's algorithm keys (fabric/config/algorithm.py) ----
     pc.algorithm = algorithm_config(cfg)
     check_batch_sizes(pc.algorithm, pc.rollout_batch_size * pc.group_size, pc.max_steps)
     return pc
+
+
+def train_speed_config(train: DictConfig, pc: PipelineConfig) -> None:
+    """actor_train's ROLL keys for micro-batches (dynamic batching: rows sorted by length, as many per micro-batch as
+    fit max_tokens_per_microbatch_in_train counted as rows x longest row rounded up to sequence_length_round_in_train)
+    and megatron's activation recompute (strategy_config.recompute_granularity: full or selective)."""
+    pc.use_dynamic_batching_in_train = bool(_get(train, "use_dynamic_batching_in_train", False))
+    pc.max_tokens_per_microbatch_in_train = int(_get(train, "max_tokens_per_microbatch_in_train", 0))
+    round_to = _get(train, "sequence_length_round_in_train", 128)
+    pc.sequence_length_round_in_train = _positive(round_to, "actor_train.sequence_length_round_in_train")
+    if pc.use_dynamic_batching_in_train and pc.max_tokens_per_microbatch_in_train <= 0:
+        raise ConfigError(
+            "actor_train.max_tokens_per_microbatch_in_train",
+            "must be > 0 with use_dynamic_batching_in_train: the token budget of a micro-batch",
+        )
+    key = "actor_train.strategy_args.strategy_config"
+    granularity = _get(train, "strategy_args.strategy_config.recompute_granularity")
+    method = _get(train, "strategy_args.strategy_config.recompute_method")
+    layers = _get(train, "strategy_args.strategy_config.recompute_num_layers")
+    if granularity not in (None, "full", "selective"):
+        raise ConfigError(f"{key}.recompute_granularity", f"'{granularity}': use full or selective")
+    if method not in (None, "uniform", "block"):
+        raise ConfigError(f"{key}.recompute_method", f"'{method}': use uniform or block")
+    if granularity != "full" and (method is not None or layers is not None):
+        raise ConfigError(f"{key}.recompute_method", "recompute_method / recompute_num_layers need granularity full")
+    pc.recompute_granularity, pc.recompute_method = granularity, method
+    pc.recompute_num_layers = None if layers is None else _positive(layers, f"{key}.recompute_num_layers")
 
 
 def async_config(cfg: DictConfig, pc: PipelineConfig) -> None:

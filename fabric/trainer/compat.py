@@ -8,7 +8,9 @@ megatron-core assumes CUDA in a handful of places even with the local (no Transf
 2. The model-parallel RNG tracker (`tensor_parallel.random`) keeps its named states with the CPU generator
    instead of `torch.cuda.get_rng_state/set_rng_state`. The tracker forks around attention dropout on every
    forward, so without this a forward pass fails even with dropout at 0.
-3. The causal masks `fused_softmax` builds when no attention mask is given (`get_default_causal_mask`,
+3. Activation recompute (megatron's CheckpointFunction) saves and restores the RNG states around the recomputed
+   forward pass; without CUDA it saves the CPU generator and the tracker's states only.
+4. The causal masks `fused_softmax` builds when no attention mask is given (`get_default_causal_mask`,
    `get_sliding_window_causal_mask`) hard-code `device="cuda"`; they are rebuilt on the CPU.
 
 Nothing else is changed; on a CUDA host `apply_cpu_compat()` does nothing and megatron runs unchanged.
@@ -80,6 +82,19 @@ def _make_cpu_rng_tracker():
     return CpuRNGStatesTracker
 
 
+def _cpu_get_all_rng_states():
+    from megatron.core.tensor_parallel import random as mp_random
+
+    return torch.get_rng_state(), None, mp_random.get_cuda_rng_tracker().get_states()
+
+
+def _cpu_set_all_rng_states(cpu_rng_state, _cuda_rng_state, tracker_states) -> None:
+    from megatron.core.tensor_parallel import random as mp_random
+
+    torch.set_rng_state(cpu_rng_state)
+    mp_random.get_cuda_rng_tracker().set_states(tracker_states)
+
+
 def apply_cpu_compat() -> bool:
     """Applies the redirections above when CUDA is absent (idempotent). Returns True when they are in effect."""
     global _cpu_compat_applied
@@ -99,8 +114,10 @@ def apply_cpu_compat() -> bool:
     mp_random.CudaRNGStatesTracker = tracker_class  # what initialize_rng_tracker instantiates
     mp_random._CUDA_RNG_STATE_TRACKER = tracker_class()
     mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    mp_random._get_all_rng_states = _cpu_get_all_rng_states  # what CheckpointFunction (recompute) calls
+    mp_random._set_all_rng_states = _cpu_set_all_rng_states
     _cpu_compat_applied = True
-    log.info("megatron CPU compatibility applied: current_device -> cpu, CPU RNG tracker, CPU causal masks")
+    log.info("megatron CPU compatibility applied: current_device -> cpu, CPU RNG tracker and recompute, CPU masks")
     return True
 
 

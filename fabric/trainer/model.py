@@ -11,6 +11,9 @@ rank and size come from megatron's parallel state; the layout math is in `conver
 
 from __future__ import annotations
 
+import copy
+import functools
+import logging
 import os
 import re
 import shutil
@@ -23,7 +26,11 @@ import torch.nn.functional as F
 
 from fabric.trainer import convert
 
+log = logging.getLogger(__name__)
+
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
+ATTENTION_BACKENDS = ("sdpa", "unfused")  # torch's fused SDPA kernels; megatron's DotProductAttention (reference)
+RECOMPUTE_GRANULARITIES = (None, "full", "selective")
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 
@@ -47,8 +54,21 @@ def _rope_theta(hf_config) -> float:
     return float(theta)
 
 
-def transformer_config_from_hf(hf_config, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-    """megatron TransformerConfig equivalent to an HF Qwen2 / Llama config; raises ValueError naming what differs."""
+def transformer_config_from_hf(
+    hf_config,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    recompute_granularity: str | None = None,
+    recompute_method: str | None = None,
+    recompute_num_layers: int | None = None,
+):
+    """megatron TransformerConfig equivalent to an HF Qwen2 / Llama config; raises ValueError naming what differs.
+
+    recompute_*: see `build_gpt_model`."""
+    if recompute_granularity not in RECOMPUTE_GRANULARITIES:
+        raise ValueError(f"recompute_granularity={recompute_granularity!r} is unknown; use full, selective or None")
+    if recompute_granularity == "full":  # default: every layer a unit, one layer's activations live at once
+        recompute_method, recompute_num_layers = recompute_method or "uniform", recompute_num_layers or 1
     from megatron.core import parallel_state
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -107,25 +127,109 @@ def transformer_config_from_hf(hf_config, dtype: torch.dtype = torch.float32, de
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         cuda_graph_scope=[],  # the default "full" means the same but warns that it is deprecated
+        recompute_granularity=recompute_granularity,
+        recompute_method=recompute_method,
+        recompute_num_layers=recompute_num_layers,
     )
 
 
-def build_gpt_model(hf_config_or_dir, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+@functools.cache
+def sdpa_attention_class():
+    """megatron's core-attention module on torch's scaled_dot_product_attention (flash / memory-efficient kernels
+    on CUDA, no Transformer Engine needed): causal, GQA without repeating K and V (enable_gqa), and the packed
+    `thd` layout (PackedSeqParams with cu_seqlens: each sequence attends only to itself, no compute on padding).
+    Built on megatron's DotProductAttention for its head counts, scale and dropout; same inputs and outputs."""
+    from megatron.core import tensor_parallel
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    class SDPAttention(DotProductAttention):
+        def forward(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            attn_mask_type=None,
+            attention_bias=None,
+            packed_seq_params=None,
+        ):
+            if attention_mask is not None or attention_bias is not None:
+                raise ValueError("the SDPA core attention is causal only: pass attention_mask=None, no bias")
+            dropout = self.attention_dropout.p if self.training else 0.0
+            with tensor_parallel.get_cuda_rng_tracker().fork():  # as DotProductAttention draws its dropout
+                if packed_seq_params is not None:
+                    if packed_seq_params.qkv_format != "thd":
+                        raise ValueError(f"packed qkv_format {packed_seq_params.qkv_format!r}: only thd is supported")
+                    return self._packed(query, key, value, packed_seq_params, dropout)
+                # [s, b, heads, dim] -> [b, heads, s, dim]
+                q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+                out = self._sdpa(q, k, v, dropout)
+            return out.permute(2, 0, 1, 3).reshape(out.shape[2], out.shape[0], self.hidden_size_per_partition)
+
+        def _sdpa(self, q, k, v, dropout):
+            gqa = q.shape[1] != k.shape[1]  # K and V heads shared by groups of query heads, never repeated
+            return F.scaled_dot_product_attention(
+                q, k, v, dropout_p=dropout, is_causal=True, scale=self.softmax_scale, enable_gqa=gqa
+            )
+
+        def _packed(self, query, key, value, params, dropout):
+            # [tokens, heads, dim], sequences back to back: one causal SDPA per sequence
+            bounds = params.cu_seqlens_q.tolist()
+            outs = []
+            for start, stop in zip(bounds[:-1], bounds[1:], strict=True):  # rows are never empty (losses)
+                q, k, v = (t[start:stop].transpose(0, 1).unsqueeze(0) for t in (query, key, value))
+                outs.append(self._sdpa(q, k, v, dropout)[0].transpose(0, 1))
+            return torch.cat(outs).reshape(query.shape[0], self.hidden_size_per_partition)
+
+    return SDPAttention
+
+
+def _layer_spec(attention: str):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    if attention not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention={attention!r} is unknown; use one of {', '.join(ATTENTION_BACKENDS)}")
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    if attention == "sdpa":
+        spec = copy.deepcopy(spec)
+        spec.submodules.self_attention.submodules.core_attention = sdpa_attention_class()
+    return spec
+
+
+def build_gpt_model(
+    hf_config_or_dir,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    attention: str = "sdpa",
+    recompute_granularity: str | None = None,
+    recompute_method: str | None = None,
+    recompute_num_layers: int | None = None,
+):
     """A megatron GPTModel (local layer spec) shaped like the HF config, randomly initialized; `model.hf_config` set.
 
-    device defaults to the current CUDA device when there is one, else the CPU.
+    device defaults to the current CUDA device when there is one, else the CPU. attention: "sdpa" (torch's fused
+    scaled_dot_product_attention; packed sequences too) or "unfused" (megatron's DotProductAttention: the
+    reference; padded batches only). Transformer Engine is not used: its layer spec names parameters differently.
+    recompute_granularity: megatron's activation recompute, "full" (every layer's activations recomputed in the
+    backward pass; recompute_method / recompute_num_layers as megatron's, default uniform over 1 layer) or
+    "selective" (the core attention only), None: off.
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     hf_config = load_hf_config(hf_config_or_dir)
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
-    config = transformer_config_from_hf(hf_config, dtype=dtype, device=device)
+    config = transformer_config_from_hf(
+        hf_config, dtype, device, recompute_granularity, recompute_method, recompute_num_layers
+    )
+    spec = _layer_spec(attention)
+    log.info(
+        "megatron model: %s core attention, recompute %s, %s on %s", attention, recompute_granularity, dtype, device
+    )
     model = GPTModel(
         config=config,
-        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+        transformer_layer_spec=spec,
         vocab_size=hf_config.vocab_size,
         max_sequence_length=hf_config.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),
@@ -135,6 +239,7 @@ def build_gpt_model(hf_config_or_dir, dtype: torch.dtype = torch.float32, device
         rotary_base=_rope_theta(hf_config),
     ).to(device)
     model.hf_config = hf_config
+    model.attention_backend = attention
     return model
 
 
@@ -375,3 +480,111 @@ def save_hf_checkpoint(model, hf_config_dir_or_config, tokenizer_dir, out_dir, s
             shutil.copyfile(Path(source_dir) / "generation_config.json", out_dir / "generation_config.json")
             break
     return out_dir
+
+
+# ---- logprobs: chunked over the vocabulary, padded or packed ------------------------------------------------------
+
+LOGPROB_CHUNK_TOKENS = 4096  # rows of [tokens, vocab] logits alive at once (fp32: 2.5 GB at a 152k vocabulary)
+
+
+def _chunk_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logprobs of targets [N] from final hidden states [N, 1, H], LOGPROB_CHUNK_TOKENS rows at a time.
+
+    Each chunk's logits are made, used and dropped; under grad the chunk is checkpointed, so the backward pass
+    recomputes its logits instead of keeping them: never [N, vocab] in fp32 at once. megatron's vocab-parallel
+    cross entropy keeps it exact with the vocabulary split over TP ranks."""
+    from megatron.core import tensor_parallel
+
+    weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
+
+    def chunk(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        logits, _ = model.output_layer(h, weight=weight)
+        # A fresh float32 tensor, which the cross entropy may modify in place (float() of fp32 logits would not copy).
+        scaled = logits.float() / temperature if temperature != 1.0 or logits.dtype == torch.float32 else logits.float()
+        return -tensor_parallel.vocab_parallel_cross_entropy(scaled, t[:, None])[:, 0]
+
+    parts = []
+    for start in range(0, hidden.shape[0], LOGPROB_CHUNK_TOKENS):
+        h, t = hidden[start : start + LOGPROB_CHUNK_TOKENS], targets[start : start + LOGPROB_CHUNK_TOKENS]
+        if torch.is_grad_enabled() and h.requires_grad:
+            parts.append(torch.utils.checkpoint.checkpoint(chunk, h, t, use_reentrant=False))
+        else:
+            parts.append(chunk(h, t))
+    return torch.cat(parts)
+
+
+def _hidden_states(model, input_ids: torch.Tensor, position_ids: torch.Tensor, packed_seq_params=None):
+    """The decoder's final hidden states [S, B, H] (after the final norm), without the output layer."""
+    post_process = model.post_process
+    model.post_process = False  # GPTModel then returns the hidden states, as a pipeline stage hands them on
+    try:
+        return model(input_ids, position_ids, None, packed_seq_params=packed_seq_params)
+    finally:
+        model.post_process = post_process
+
+
+def token_logprobs(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    packed: bool = False,
+) -> torch.Tensor:
+    """[B, T] logprobs of input_ids, as `losses.token_logprobs` (aligned as there: 0 at column 0 and at padding),
+    without the [B, T, vocab] logits: over chunks of tokens (`_chunk_logprobs`). Differentiable under grad.
+
+    packed=True (needs attention_mask and the SDPA core attention): the rows' real tokens are put back to back in
+    one sequence, each attending only to itself (megatron's thd layout with cu_seqlens; RoPE restarts at every
+    row), so no compute is spent on padding; the result is the same [B, T] tensor.
+    """
+    from fabric.trainer.losses import check_right_padded
+
+    batch, seq = input_ids.shape
+    if attention_mask is not None:
+        check_right_padded(attention_mask)
+    if packed:
+        if attention_mask is None:
+            raise ValueError("packed logprobs need the attention_mask (each row's length)")
+        return _packed_token_logprobs(model, input_ids, attention_mask, temperature)
+    position_ids = torch.arange(seq, device=input_ids.device).expand(batch, seq)
+    hidden = _hidden_states(model, input_ids, position_ids)  # [T, B, H]; causal, padding after every token
+    targets = input_ids.t()[1:].reshape(-1)  # [T-1, B] token-major, as the hidden states
+    picked = _chunk_logprobs(model, hidden[:-1].reshape(-1, 1, hidden.shape[-1]), targets, temperature)
+    logprobs = F.pad(picked.view(seq - 1, batch).t(), (1, 0))
+    if attention_mask is not None:
+        logprobs = logprobs * attention_mask.to(logprobs.dtype)
+    return logprobs
+
+
+def _packed_token_logprobs(model, input_ids, attention_mask, temperature):
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    if getattr(model, "attention_backend", None) != "sdpa":
+        raise ValueError("packed sequences need the SDPA core attention (build_gpt_model(attention='sdpa'))")
+    batch, seq = input_ids.shape
+    lengths = attention_mask.sum(-1)
+    if (lengths == 0).any():  # an empty row has no logprob: pack the others
+        logprobs = torch.zeros((batch, seq), device=input_ids.device)
+        rows = lengths > 0
+        if rows.any():
+            logprobs[rows] = _packed_token_logprobs(model, input_ids[rows], attention_mask[rows], temperature)
+        return logprobs
+    real = attention_mask.bool()
+    ids = input_ids[real]  # row after row, each row's real tokens
+    cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    max_len = int(lengths.max())
+    params = PackedSeqParams(
+        qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens, max_seqlen_q=max_len, max_seqlen_kv=max_len
+    )
+    starts = cu_seqlens[:-1].long().repeat_interleave(lengths)
+    position_ids = (torch.arange(ids.shape[0], device=ids.device) - starts)[None]
+    hidden = _hidden_states(model, ids[None], position_ids, params)  # [tokens, 1, H]
+    # Token i predicts token i + 1, but a row's last token predicts nothing (the next row's first token follows).
+    picked = _chunk_logprobs(model, hidden[:-1], ids[1:], temperature)
+    predicts = torch.ones(ids.shape[0] - 1, dtype=torch.bool, device=ids.device)
+    predicts[cu_seqlens[1:-1].long() - 1] = False
+    targets = real.clone()
+    targets[:, 0] = False  # column 0 has no prediction
+    logprobs = torch.zeros((batch, seq), dtype=picked.dtype, device=picked.device)
+    logprobs[targets] = picked[predicts]
+    return logprobs

@@ -34,7 +34,7 @@ import torch
 
 from fabric.trainer import distributed, losses
 from fabric.trainer.compat import init_megatron
-from fabric.trainer.model import build_gpt_model, iter_hf_weights, load_hf_into_megatron
+from fabric.trainer.model import build_gpt_model, iter_hf_weights, load_hf_into_megatron, token_logprobs
 from fabric.trainer.model import save_hf_checkpoint as _save_hf_checkpoint
 
 
@@ -99,6 +99,16 @@ class TrainBatch:
     def slice(self, start: int, stop: int) -> TrainBatch:
         return TrainBatch(**{f.name: _rows(getattr(self, f.name), start, stop) for f in fields(self)})
 
+    def narrow(self, length: int) -> TrainBatch:
+        """The first `length` columns (a micro-batch trimmed to its longest row); [B] advantages are kept."""
+        return TrainBatch(
+            **{
+                f.name: (v if v is None or v.ndim == 1 else v[:, :length])
+                for f in fields(self)
+                for v in (getattr(self, f.name),)
+            }
+        )
+
     def to(self, device) -> TrainBatch:
         return TrainBatch(
             **{f.name: (None if (v := getattr(self, f.name)) is None else v.to(device)) for f in fields(self)}
@@ -128,18 +138,16 @@ def clip_grad_norm(model_or_params, max_norm: float | None) -> float:
     params = [p for p in params if p.grad is not None]
     if not params:
         return 0.0
-    squares = torch.zeros((), dtype=torch.float32, device=params[0].grad.device)
-    for param in params:
-        if param_is_not_tensor_parallel_duplicate(param):
-            squares += param.grad.detach().float().square().sum()
+    counted = [p.grad.detach() for p in params if param_is_not_tensor_parallel_duplicate(p)]
+    norms = torch._foreach_norm(counted) if counted else []  # one fused kernel, not one per tensor
+    squares = torch.stack([n.float() for n in norms]).square().sum() if norms else torch.zeros(())
+    squares = squares.to(params[0].grad.device)
     group = parallel_state.get_model_parallel_group()  # tensor x pipeline ranks holding one model's parts
     if torch.distributed.get_world_size(group) > 1:
         torch.distributed.all_reduce(squares, group=group)
     norm = float(squares.sqrt())
     if max_norm is not None and math.isfinite(norm) and norm > max_norm:
-        scale = max_norm / (norm + 1e-6)
-        for param in params:
-            param.grad.detach().mul_(scale)
+        torch._foreach_mul_([p.grad.detach() for p in params], max_norm / (norm + 1e-6))
     return norm
 
 
@@ -151,6 +159,12 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float | None = 1.0  # max global grad norm; None: no clipping (the norm is still reported)
     micro_batch_size: int | None = None  # rows per forward/backward; None: the whole batch at once
+    # ROLL's use_dynamic_batching_in_train / max_tokens_per_microbatch_in_train / sequence_length_round_in_train:
+    # rows sorted by length, micro-batches of at most max_tokens_per_microbatch tokens counted as rows x longest row
+    # rounded up to sequence_length_round, instead of micro_batch_size rows
+    use_dynamic_batching: bool = False
+    max_tokens_per_microbatch: int | None = None
+    sequence_length_round: int = 128
 
 
 @dataclass
@@ -235,9 +249,9 @@ class MainParamsAdamW:
             return grad_norm, True
         self.adamw.step()
         with torch.no_grad():
-            for param, main in zip(self.model_params, self.main_params, strict=True):
-                if main is not param:
-                    param.copy_(main)
+            pairs = [(p, m) for p, m in zip(self.model_params, self.main_params, strict=True) if m is not p]
+            if pairs:
+                torch._foreach_copy_([p for p, _ in pairs], [m for _, m in pairs])
         return grad_norm, False
 
 
@@ -255,6 +269,10 @@ class Policy:
         self._schedule = None
         self.ddp = None  # megatron's DistributedDataParallel over the model, with more than one data-parallel rank
         self.checkpoint_sharded = False  # save() also writes megatron's sharded state (under out_dir/megatron)
+        # Micro-batches as packed sequences (no compute on padding), where the core attention can: SDPA's.
+        self.packed = getattr(model, "attention_backend", None) == "sdpa"
+        if optim is not None and optim.use_dynamic_batching and not optim.max_tokens_per_microbatch:
+            raise ValueError("use_dynamic_batching needs max_tokens_per_microbatch (the token budget of a micro-batch)")
         if optim is not None:
             if distributed.data_parallel()[1] > 1:
                 self.ddp = _wrap_ddp(model)
@@ -284,10 +302,18 @@ class Policy:
         dtype: torch.dtype = torch.float32,
         device=None,
         seed: int = 1234,
+        attention: str = "sdpa",
+        recompute_granularity: str | None = None,
+        recompute_method: str | None = None,
+        recompute_num_layers: int | None = None,
     ) -> Policy:
-        """Initializes megatron (once per process), builds the model from model_dir's config and loads its weights."""
+        """Initializes megatron (once per process), builds the model from model_dir's config and loads its weights.
+
+        attention and recompute_*: see `fabric.trainer.model.build_gpt_model`."""
         init_megatron(seed=seed)
-        model = build_gpt_model(model_dir, dtype=dtype, device=device)
+        model = build_gpt_model(
+            model_dir, dtype, device, attention, recompute_granularity, recompute_method, recompute_num_layers
+        )
         load_hf_into_megatron(model, model_dir)
         return cls(model, str(model_dir), optim if optim is not None else OptimConfig(), loss)
 
@@ -299,7 +325,9 @@ class Policy:
         """A copy of the current weights without an optimizer and without grads: the KL reference."""
         # A new model, not copy.deepcopy: megatron modules hold process groups, which cannot be copied.
         reference = next(self.model.parameters())
-        model = build_gpt_model(self.model.hf_config, dtype=reference.dtype, device=reference.device)
+        model = build_gpt_model(
+            self.model.hf_config, reference.dtype, reference.device, getattr(self.model, "attention_backend", "sdpa")
+        )
         model.load_state_dict(self.model.state_dict(), strict=True)
         model.eval().requires_grad_(False)
         return Policy(model, self.hf_dir, optim=None, loss=self.loss)
@@ -317,14 +345,12 @@ class Policy:
         batch = batch.to(self.device)
         start, stop = distributed.row_range(rows)
         mine = batch.slice(start, stop)
-        step = self._micro_batch_size(mine)
-        parts = [
-            losses.token_logprobs(
-                self.model, mb.input_ids, mb.attention_mask, temperature=self.loss.temperature
-            ).float()
-            for mb in (mine.slice(i, i + step) for i in range(0, len(mine), step))
-        ]
-        local = torch.cat(parts) if parts else torch.zeros(mine.input_ids.shape, device=self.device)
+        local = torch.zeros(mine.input_ids.shape, device=self.device)
+        for index, mb in self._micro_batches(mine):
+            logprobs = token_logprobs(
+                self.model, mb.input_ids, mb.attention_mask, self.loss.temperature, packed=self._pack(mb)
+            )
+            local[index, : mb.input_ids.shape[1]] = logprobs.float()
         return distributed.gather_rows(local, rows).to(batch_device)
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
@@ -385,15 +411,14 @@ class Policy:
         mask = batch.response_mask  # the counts are the whole batch's, whichever rows this rank takes
         counts = {"num_tokens": mask.sum().float(), "num_seqs": (mask.sum(-1) > 0).sum().float()}
         batch = batch.slice(*distributed.row_range(len(batch)))
-        step = self._micro_batch_size(batch)
-        totals: dict[str, float] = {}
-        for start in range(0, len(batch), step):
-            mb = batch.slice(start, start + step)
-            logprobs = losses.token_logprobs(self.model, mb.input_ids, mb.attention_mask, temperature=temperature)
+        sums: dict[str, torch.Tensor] = {}  # on the device: no host sync between micro-batches
+        for _, mb in self._micro_batches(batch):
+            logprobs = token_logprobs(self.model, mb.input_ids, mb.attention_mask, temperature, packed=self._pack(mb))
             loss, metrics = micro_loss(mb, logprobs, counts)
             loss.backward()  # each micro-batch's share: the sum over micro-batches and ranks is the whole batch's
             for name, value in {"loss": loss.detach(), **metrics}.items():
-                totals[name] = totals.get(name, 0.0) + float(value)
+                sums[name] = sums[name] + value if name in sums else value
+        totals = {name: float(value) for name, value in sums.items()}
         if self.ddp is not None:
             self.ddp.finish_grad_sync()  # the sum over data-parallel ranks (calculate_per_token_loss: no 1/dp)
             totals = distributed.sum_over_data_parallel(totals, self.device)
@@ -411,9 +436,40 @@ class Policy:
             "seconds": time.perf_counter() - started,
         }
 
-    def _micro_batch_size(self, batch: TrainBatch) -> int:
-        size = self.optim.micro_batch_size if self.optim is not None else None
-        return max(1, min(size or len(batch), len(batch)))
+    def _pack(self, mb: TrainBatch) -> bool:
+        """Packs a micro-batch that has padding; one without is faster as it is (one batched causal attention)."""
+        return self.packed and not bool(mb.attention_mask.bool().all())
+
+    def _micro_batches(self, batch: TrainBatch) -> list[tuple[torch.Tensor, TrainBatch]]:
+        """(row indices, micro-batch trimmed to its longest row) covering the batch's rows once.
+
+        micro_batch_size rows at a time; with use_dynamic_batching ROLL's rule (dynamic_batching_shard): rows sorted
+        by length, each micro-batch as many as fit max_tokens_per_microbatch counted as rows x longest row."""
+        optim = self.optim
+        lengths = batch.attention_mask.sum(-1).tolist()
+        if optim is not None and optim.use_dynamic_batching:
+            budget = int(optim.max_tokens_per_microbatch or 0)
+            step = max(1, optim.sequence_length_round)
+            padded = [-(-n // step) * step for n in lengths]
+            if max(padded, default=0) > budget:
+                raise ValueError(
+                    f"a sequence of {max(lengths)} tokens ({max(padded)} rounded up to sequence_length_round_in_train="
+                    f"{step}) exceeds max_tokens_per_microbatch_in_train={budget}; raise it to at least that"
+                )
+            groups: list[list[int]] = []
+            for row in sorted(range(len(lengths)), key=lambda r: lengths[r]):
+                if groups and (len(groups[-1]) + 1) * padded[row] <= budget:  # sorted: this row is the longest
+                    groups[-1].append(row)
+                else:
+                    groups.append([row])
+        else:
+            size = max(1, min((optim.micro_batch_size if optim else None) or len(batch), len(batch)))
+            groups = [list(range(start, min(start + size, len(batch)))) for start in range(0, len(batch), size)]
+        out = []
+        for group in groups:
+            index = torch.tensor(group, device=batch.input_ids.device)
+            out.append((index, batch.rows(index).narrow(max(lengths[r] for r in group))))
+        return out
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:

@@ -96,6 +96,9 @@ def optim_config(pc: PipelineConfig):
         betas=(a.adam_beta1, a.adam_beta2),
         grad_clip=a.max_grad_norm,
         micro_batch_size=a.per_device_train_batch_size,
+        use_dynamic_batching=pc.use_dynamic_batching_in_train,
+        max_tokens_per_microbatch=pc.max_tokens_per_microbatch_in_train or None,
+        sequence_length_round=pc.sequence_length_round_in_train,
     )
 
 
@@ -120,7 +123,17 @@ def loss_config(pc: PipelineConfig):
 def build_policy(pc: PipelineConfig):
     from fabric.trainer.policy import Policy
 
-    return Policy.from_hf(pc.pretrain, optim_config(pc), loss_config(pc), getattr(torch, pc.dtype), None, pc.seed)
+    return Policy.from_hf(
+        pc.pretrain,
+        optim_config(pc),
+        loss_config(pc),
+        getattr(torch, pc.dtype),
+        None,
+        pc.seed,
+        recompute_granularity=pc.recompute_granularity,
+        recompute_method=pc.recompute_method,
+        recompute_num_layers=pc.recompute_num_layers,
+    )
 
 
 def sft_warmup_from_dataset(policy, dataset: list[dict], pc: PipelineConfig) -> None:
