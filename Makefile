@@ -62,6 +62,7 @@ clean:
 # GPUs also the NCCL paths (bench.gpu_sync).
 GPU_PYTHON ?= python3
 gpu-check:
+	$(GPU_PYTHON) -m pytest -q tests/gpu
 	$(GPU_PYTHON) -m bench.gpu_one runs/gpu
 	$(GPU_PYTHON) -m fabric.cli run --config examples/default.yaml output_dir=runs/gpu/demo
 	$(GPU_PYTHON) -m bench.check_run runs/gpu/demo

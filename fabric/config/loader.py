@@ -21,7 +21,9 @@ from omegaconf.errors import OmegaConfBaseException
 # The resolvers ROLL's configs use: `oc.env` is OmegaConf's own; `now` is Hydra's (registered here too, so that a
 # config without a `defaults:` list, loaded without Hydra, resolves the same way).
 if not OmegaConf.has_resolver("now"):
-    OmegaConf.register_new_resolver("now", lambda pattern: datetime.now().strftime(pattern), use_cache=True)
+    with warnings.catch_warnings():  # OmegaConf 2.4 deprecates the name (2.3's register_resolver is another API)
+        warnings.filterwarnings("ignore", message=r"register_new_resolver\(\) is deprecated")
+        OmegaConf.register_new_resolver("now", lambda pattern: datetime.now().strftime(pattern), use_cache=True)
 
 # Hydra's own settings (`hydra: {run: {dir: .}}`): they configure Hydra's app runner, which the fabric is not.
 HYDRA_KEYS = ("hydra", "defaults")
