@@ -57,6 +57,8 @@ def test_reward_server_scores_with_roll_worker_classes(roll_reward):
                 {"reward_name": "crossthinkqa", "response": "The answer is C", "ground_truth": "B"},
             ])  # fmt: skip
 
-    scores = [r.score for r in asyncio.run(go())]
+    responses = asyncio.run(go())
+    scores = [r.score for r in responses]
     assert scores[0] == 1.0 and scores[1] == 0.0
     assert scores[2] == pytest.approx(1.0) and scores[3] == pytest.approx(-1.0)  # soft: boxed+right, unboxed+wrong
+    assert [r.correct for r in responses] == [1.0, 0.0, 1.0, 0.0] and all(r.HasField("correct") for r in responses)
