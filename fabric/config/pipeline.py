@@ -130,6 +130,19 @@ class PipelineConfig:
     def out(self) -> Path:
         return Path(self.output_dir)
 
+    def rewards_for(self, tag: Any) -> list[str]:
+        """The rewards that score a sample of this dataset tag: those whose tag_included names it or is empty."""
+        return [name for name, spec in self.rewards.items() if not spec["tags"] or tag in spec["tags"]]
+
+    def domain_of(self, tag: Any) -> str:
+        """A sample's reward domain, as ROLL's tag_2_domain: the reward whose tag_included names its tag (the last
+        one, as ROLL's dict); a tag that none names falls to the first reward without tag_included (ROLL: to
+        "math_rule"), else it is its own domain."""
+        named = [name for name, spec in self.rewards.items() if tag in spec["tags"]]
+        if named:
+            return named[-1]
+        return next((name for name, spec in self.rewards.items() if not spec["tags"]), str(tag))
+
 
 def _get(cfg: DictConfig, path: str, default=None):
     value = OmegaConf.select(cfg, path, default=default)

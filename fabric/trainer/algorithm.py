@@ -98,10 +98,12 @@ def compute_advantages(
     for domain in dict.fromkeys(domains):
         rows = torch.tensor([d == domain for d in domains])
 
-        parts = [None if t is None else t[rows] for t in (valid, truncated, old_logprobs, ref_logprobs)]
+        def part(t: torch.Tensor | None, rows: torch.Tensor = rows) -> torch.Tensor | None:
+            return None if t is None else t[rows]
+
         out = _domain_advantages(
-            cfg, scores[rows], response_mask[rows], group_size, *parts, kl_ctrl,
-            None if correct is None else correct[rows],
+            cfg, scores[rows], response_mask[rows], group_size, part(valid), part(truncated), part(old_logprobs),
+            part(ref_logprobs), kl_ctrl, part(correct),
         )  # fmt: skip
         advantages[rows], mask[rows] = out.advantages, out.mask
         size = float(rows.sum())
