@@ -95,6 +95,9 @@ class PipelineConfig:
     group_size: int = 8
     prompt_length: int = 64
     response_length: int = 32
+    # ROLL's sequence_length (prompt + response, unless set): seq-mean-token-sum-norm divides by it minus 1, the
+    # padded width of ROLL's loss mask
+    sequence_length: int = 96
     save_steps: int = 0
     pretrain: str = ""
     dataset: str = ""
@@ -216,6 +219,8 @@ def pipeline_config(cfg: DictConfig) -> PipelineConfig:
         ),
         output_dir=str(_get(cfg, "output_dir", f"./runs/{_get(cfg, 'exp_name', 'fabric')}")),
     )
+    pc.sequence_length = _positive(_get(cfg, "sequence_length", pc.prompt_length + pc.response_length),
+                                   "sequence_length")  # fmt: skip
     infer = cfg.get("actor_infer") or {}
     generating = dict(
         cast(dict, OmegaConf.to_container(infer.get("generating_args") or OmegaConf.create({}), resolve=True))

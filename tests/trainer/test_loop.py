@@ -155,6 +155,14 @@ def test_samples_split_into_mini_batches_per_epoch(tmp_path):
     assert len(seen) == 8  # an epoch covers every sample once
 
 
+def test_seq_mean_token_sum_norm_divides_by_rolls_padded_width():
+    from fabric.trainer.server import loss_config
+
+    config = load_config(EXAMPLES / "roll_qwen2.5-7b_rlvr.yaml", ["loss_agg_mode=seq-mean-token-sum-norm"])
+    # ROLL's 7B example: sequence_length - 1 = 2048 + 4096 - 1, not response_length 4096 (a loss 1.5x ROLL's)
+    assert loss_config(pipeline_config(config)).norm_length == 6143
+
+
 def test_every_request_carries_the_sampling_settings_the_trainer_assumes():
     assert sampling_settings({"max_new_tokens": 8}) == {
         "temperature": 1.0,
