@@ -114,6 +114,13 @@ def test_advantages_are_whitened_per_domain_and_each_domains_reward_is_reported(
     assert adv.tolist() == pytest.approx([0.5 / s, -0.5 / s] * 2 + [-0.5 / s, 0.5 / s] * 2, rel=1e-5)
     assert metrics["extra"]["reward/math"] == 0.5 and metrics["extra"]["reward/code"] == 4.0
     assert metrics["extra"]["math/samples_used"] == 4.0
+    # each domain's reward reaches WatchMetrics (the live table), the summary table and the plot
+    from fabric.trainer import report
+
+    row = {"step": 1, "reward_mean": 2.25, "extra": dict(report.to_proto(metrics).extra)}
+    assert sorted(report.domains([row])) == ["code", "math"]
+    assert report.domain_cell(row) == "code 4.00 math 0.50"
+    assert report.write_plot([row, {**row, "step": 2}], tmp_path / "metrics.png").stat().st_size > 0
 
 
 def test_the_difficulty_mask_uses_the_reward_workers_correctness(tmp_path):
