@@ -123,6 +123,17 @@ def test_advantages_are_whitened_per_domain_and_each_domains_reward_is_reported(
     assert report.write_plot([row, {**row, "step": 2}], tmp_path / "metrics.png").stat().st_size > 0
 
 
+def test_a_samples_domain_is_the_reward_whose_tag_included_names_its_tag():
+    pc = PipelineConfig()
+    pc.rewards = {"math": {"weight": 1.0, "tags": ["math", "gsm"]}, "format": {"weight": 0.5, "tags": []},
+                  "gsm_strict": {"weight": 1.0, "tags": ["gsm"]}}  # fmt: skip
+    assert pc.domain_of("math") == "math" and pc.rewards_for("math") == ["math", "format"]
+    assert pc.domain_of("gsm") == "gsm_strict"  # named twice: the last, as ROLL's tag_2_domain dict
+    assert pc.domain_of("code") == "format" and pc.rewards_for("code") == ["format"]  # named by none
+    del pc.rewards["format"]
+    assert pc.domain_of("code") == "code" and pc.rewards_for("code") == []
+
+
 def test_the_difficulty_mask_uses_the_reward_workers_correctness(tmp_path):
     """+-1 with a -0.1 penalty, thresholds (0.1, 0.95): math 2 of 4 right (rewards 0.9, -1.1: mean -0.1) is kept,
     code 4 of 4 right (0.9 each) is dropped, as ROLL does; on the reward it would be the other way round."""
