@@ -6,8 +6,10 @@ line). `fabric run`, `fabric serve` and `fabric train` run the same checks befor
 
 Roles: `rollout` (the actor_infer section, vLLM engine arguments included), `reward` (the rewards section, each
 scorer built but not started), `train` (the pipeline keys, actor_train, the dataset and the model directory), `all`.
-Every role checks the top level: agentic pipelines and ROLL keys whose loss would change the result are refused,
-typos are refused with the closest key, and every section the process reads is resolved (`${...}`), nothing else.
+Each role reads and checks only its own sections. Every role refuses top-level typos with the closest key (another
+ROLL pipeline's keys are known, never typos); `train` and `all` also refuse other pipelines (agentic, distillation,
+DPO, SFT: one line naming the pipeline) and ROLL keys whose loss would change the result, so the rollout role of
+an agentic config serves. Every section the process reads is resolved (`${...}`), nothing else.
 """
 
 from __future__ import annotations
@@ -55,21 +57,29 @@ class CheckReport:
             raise error
 
 
-def top_level(cfg: DictConfig, known: set[str]) -> tuple[list[str], list[ConfigError]]:
-    """The top-level keys sorted: (ignored keys that are set, problems). `known`: the keys pipeline.py accepts."""
+def top_level(cfg: DictConfig, known: set[str], role: str = "all") -> tuple[list[str], list[ConfigError]]:
+    """The top-level keys sorted: (ignored keys that are set, problems). `known`: the keys pipeline.py accepts.
+    Another ROLL pipeline's keys and the refused keys concern the trainer: checked for the train and all roles only;
+    a typo is one for every role."""
     errors: list[ConfigError] = []
     ignored: list[str] = []
     keys = [str(k) for k in cfg.keys()]
     raw = cast(dict, OmegaConf.to_container(cfg, resolve=False))
-    agentic = [k for k in keys if k in roll_keys.AGENTIC_KEYS]
-    if agentic:
-        errors.append(ConfigError(agentic[0], roll_keys.AGENTIC_WHY))
+    trains = role in ("train", "all")
+    markers = roll_keys.PIPELINE_MARKERS
+    pipeline = sorted(
+        (k for k in keys if k in roll_keys.PIPELINE_KEYS), key=lambda k: markers.index(k) if k in markers else 99
+    )
+    if pipeline and trains:
+        errors.append(roll_keys.other_pipeline(pipeline[0]))
     everything = known | roll_keys.TOP_LEVEL_USED | roll_keys.TOP_LEVEL_TRAINER
     for key in keys:
-        if key in roll_keys.AGENTIC_KEYS:
+        if key in roll_keys.PIPELINE_KEYS:
             continue
         try:
             if key in roll_keys.TOP_LEVEL_REFUSED:
+                if not trains:
+                    continue
                 rule = roll_keys.TOP_LEVEL_REFUSED[key]
                 if not rule.allows(resolved(cfg, key)):
                     errors.append(ConfigError(key, rule.why))
@@ -148,7 +158,7 @@ def _check_train(cfg: DictConfig, report: CheckReport, files: bool) -> None:
 
     for key in cfg.keys():  # every section the trainer reads resolves (the ignored ones are never read)
         key = str(key)
-        if key not in roll_keys.TOP_LEVEL_IGNORED and key not in roll_keys.AGENTIC_KEYS:
+        if key not in roll_keys.TOP_LEVEL_IGNORED and key not in roll_keys.PIPELINE_KEYS:
             resolved(cfg, key)
     pc = pipeline_config(cfg)
     if files:
@@ -179,10 +189,10 @@ def check_config(
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
     report = CheckReport()
-    ignored, report.errors = top_level(cfg, set(TOP_LEVEL_KEYS))
+    ignored, report.errors = top_level(cfg, set(TOP_LEVEL_KEYS), role)
     report.ignored += ignored
-    if any(roll_keys.AGENTIC_WHY in str(e) for e in report.errors):
-        return report  # one line says it all: none of the sections means what the fabric would read
+    if any(e.key in roll_keys.PIPELINE_KEYS for e in report.errors):
+        return report  # one line says it all: the trainer's sections do not mean what the fabric would read
     steps = []
     if role in ("rollout", "all"):
         steps.append(lambda: _check_rollout(cfg, rollout_section, report, engine))
@@ -215,5 +225,5 @@ def check_or_raise(cfg: DictConfig, role: str = "all", **kwargs) -> CheckReport:
 def resolved_for_processes(cfg: DictConfig) -> DictConfig:
     """The config every process of a run reads, resolved once (so `${now:...}` is one time for all of them): the
     keys the fabric ignores are left out, so an unset `${oc.env:...}` among them stops nothing."""
-    skip = set(roll_keys.TOP_LEVEL_IGNORED) | roll_keys.AGENTIC_KEYS
+    skip = set(roll_keys.TOP_LEVEL_IGNORED) | set(roll_keys.PIPELINE_KEYS)
     return OmegaConf.create({str(k): resolved(cfg, str(k)) for k in cfg.keys() if str(k) not in skip})

@@ -95,6 +95,9 @@ class PipelineConfig:
     group_size: int = 8
     prompt_length: int = 64
     response_length: int = 32
+    # ROLL's sequence_length (prompt + response, unless set): seq-mean-token-sum-norm divides by it minus 1, the
+    # padded width of ROLL's loss mask
+    sequence_length: int = 96
     save_steps: int = 0
     pretrain: str = ""
     dataset: str = ""
@@ -140,6 +143,19 @@ class PipelineConfig:
     @property
     def out(self) -> Path:
         return Path(self.output_dir)
+
+    def rewards_for(self, tag: Any) -> list[str]:
+        """The rewards that score a sample of this dataset tag: those whose tag_included names it or is empty."""
+        return [name for name, spec in self.rewards.items() if not spec["tags"] or tag in spec["tags"]]
+
+    def domain_of(self, tag: Any) -> str:
+        """A sample's reward domain, as ROLL's tag_2_domain: the reward whose tag_included names its tag (the last
+        one, as ROLL's dict); a tag that none names falls to the first reward without tag_included (ROLL: to
+        "math_rule"), else it is its own domain."""
+        named = [name for name, spec in self.rewards.items() if tag in spec["tags"]]
+        if named:
+            return named[-1]
+        return next((name for name, spec in self.rewards.items() if not spec["tags"]), str(tag))
 
 
 def _get(cfg: DictConfig, path: str, default=None):
@@ -214,6 +230,8 @@ def pipeline_config(cfg: DictConfig) -> PipelineConfig:
         ),
         output_dir=str(_get(cfg, "output_dir", f"./runs/{_get(cfg, 'exp_name', 'fabric')}")),
     )
+    pc.sequence_length = _positive(_get(cfg, "sequence_length", pc.prompt_length + pc.response_length),
+                                   "sequence_length")  # fmt: skip
     infer = cfg.get("actor_infer") or {}
     generating = dict(
         cast(dict, OmegaConf.to_container(infer.get("generating_args") or OmegaConf.create({}), resolve=True))

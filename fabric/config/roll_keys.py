@@ -119,7 +119,10 @@ TOP_LEVEL_REFUSED = {
     "lora_target": Refused("LoRA training is not supported: remove the lora_* keys to train every weight"),
 }  # fmt: skip
 
-# Any of these marks an agentic pipeline (environment managers drive the rollouts): refused in one line.
+# ROLL's other pipelines: the keys of their config dataclasses (roll/pipeline/*/..._config.py) and of ROLL's example
+# configs for them. Known keys, never called typos; any of them makes `fabric run` / `fabric train` refuse the config
+# in one line naming the pipeline. A role reads only its own sections, so `fabric serve rollout` still serves such a
+# config's actor_infer (agentic users want rollout servers too).
 AGENTIC_KEYS = {
     "train_env_manager", "val_env_manager", "custom_envs", "env_manager_cls", "agent_config_common",
     "agent_runner_cls", "agent_system_template", "agent_template", "max_actions_per_traj", "max_tokens_per_step",
@@ -127,8 +130,41 @@ AGENTIC_KEYS = {
     "use_turn_scores", "enable_response_mask", "action_pattern", "action_sep", "math_agent_system_template",
     "math_agent_template", "parse_tool_call_parameter_to_dict", "partial_gpu_mode", "reward_system_config",
     "enable_think", "skip_mock_system_prompt", "batch_adjust_mode", "generate_redundancy_num", "model_name",
+    # AgenticConfig's other fields
+    "env_monitor", "dirty_data_mask", "open_feedback_turn", "use_token_reward", "ratio_type", "exp_mode",
+    # ROLL's agentic example configs (environment templates and settings their env managers interpolate)
+    "custom_env", "single_prompt_agent_template", "single_prompt_agent_system_template", "next_step_template",
+    "pre_step_template", "all_response_pattern", "think_action_pattern", "frozen_format_penalty",
+    "sokoban_format_penalty", "code_agent_system_template", "code_agent_template", "game_agent_system_template",
+    "game_agent_template", "qa_agent_system_template", "qa_agent_template", "rg_agent_system_template",
+    "rg_agent_template", "gem_code", "gem_games", "gem_math", "gem_qa", "gem_rg", "world_size",
 }  # fmt: skip
-AGENTIC_WHY = "agentic pipelines are not supported: the fabric runs RLVR (actor_infer generates, rewards score)"
+OTHER_PIPELINE_KEYS = {
+    "distillation": {
+        "student_pretrain", "teacher_pretrain", "student", "question_key", "answer_key", "logits_topk",
+        "distill_loss_weight", "kd_temperature", "teacher_temperature", "kd_objective", "adaptive_kl_alpha",
+        "skew_lambda", "distill_on_prompt", "logits_transfer_backend",
+    },
+    "DPO": {"ipo", "beta", "label_smoothing", "chosen_key", "rejected_key"},
+    "SFT": {"sft_train", "system_key", "prompt_key", "query_key", "response_key"},
+}  # fmt: skip
+PIPELINE_KEYS = {key: "agentic" for key in AGENTIC_KEYS} | {
+    key: name for name, keys in OTHER_PIPELINE_KEYS.items() for key in keys
+}
+# The keys that best name each pipeline, reported first.
+PIPELINE_MARKERS = ("train_env_manager", "custom_envs", "sft_train", "student_pretrain", "chosen_key")
+AGENTIC_WHY = "agentic pipelines are not supported"  # the start of the agentic refusal (tests and callers match it)
+
+
+def other_pipeline(key: str) -> ConfigError:
+    """The one-line refusal of another ROLL pipeline's config by `fabric run` / `fabric train`."""
+    name = PIPELINE_KEYS[key]
+    return ConfigError(
+        key,
+        f"a key of ROLL's {name} pipeline: {name} pipelines are not supported by fabric run / train (the fabric trains "
+        "RLVR: actor_infer generates, rewards score); `fabric serve rollout` serves this config's actor_infer",
+    )
+
 
 # ---- actor_infer (ROLL's WorkerConfig) ----------------------------------------------------------------------------
 

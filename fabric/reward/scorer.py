@@ -30,6 +30,8 @@ class ScoreResult:
     info: str = ""
     # Per-token rewards over response_token_ids; None lets the servicer place `score` on the last token (ROLL's way).
     token_level_rewards: list[float] | None = None
+    # The 0/1 correctness score beside the reward (ROLL's difficulty mask filters on it); None: no notion of it.
+    correct: float | None = None
 
 
 class Scorer:

@@ -95,6 +95,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             score=result.score,
             token_level_rewards=tokens or [],
             info=result.info,
+            correct=result.correct,
         )
 
     async def Score(self, request_iterator, context: grpc.aio.ServicerContext):

@@ -1,7 +1,10 @@
 """From scored samples to per-token advantages, as ROLL's RLVR pipeline does it (roll/utils/functionals.py):
 
+0. the batch is split by reward domain (the reward whose tag_included names the sample's tag) and each domain runs
+   through steps 1-4 on its own, as ROLL's pipeline loops over `batch.group_by("domain")`;
 1. sample masks (get_sample_level_mask): max_len_mask drops truncated responses, difficulty_mask drops groups whose
-   mean score lies outside (difficulty_low_threshold, difficulty_high_threshold); the fabric also drops stale
+   mean correctness score (the reward worker's 0/1 `correct`, ROLL's `scores`) lies outside
+   (difficulty_low_threshold, difficulty_high_threshold); the fabric also drops stale
    samples (`stale_samples: drop`), which moreover do not count in their group's statistics;
 2. reward_postprocess: reward_norm (grpo: group mean and std; reinforce: norm_mean_type / norm_std_type), then
    reward_clip;
@@ -69,22 +72,76 @@ def compute_advantages(
     old_logprobs: torch.Tensor | None = None,
     ref_logprobs: torch.Tensor | None = None,
     kl_ctrl: KLController | None = None,
+    correct: torch.Tensor | None = None,
+    domains: list[str] | None = None,
 ) -> Advantages:
     """scores [N] (each group's samples contiguous), response_mask [N, T]; valid [N] (False: stale, left out of the
     loss and of the statistics), truncated [N] (finished by length: max_len_mask), old/ref logprobs [N, T] for the
-    token-level KL. Returns the advantages, the loss mask and metrics."""
+    token-level KL, correct [N] (the reward worker's 0/1 correctness, which the difficulty mask filters on, as
+    ROLL's `scores`; default: scores), domains [N] (each sample's reward domain; a group lies in one domain).
+
+    As ROLL's RLVR pipeline, each domain's samples go through steps 1-4 on their own, in order of first appearance
+    (the KL controller is updated after each). Returns the advantages, the loss mask and metrics: with more than one
+    domain, each domain's as "<domain>/<key>" beside the batch's (sums and sample-weighted means)."""
+    n = scores.shape[0]
+    if domains is None or len(set(domains)) < 2:
+        return _domain_advantages(cfg, scores, response_mask, group_size, valid, truncated, old_logprobs,
+                                  ref_logprobs, kl_ctrl, correct)  # fmt: skip
+    if len(domains) != n:
+        raise ValueError(f"{len(domains)} domains for {n} samples")
+    advantages = torch.zeros_like(response_mask, dtype=torch.float32)
+    mask = torch.zeros_like(response_mask, dtype=torch.float32)
+    metrics: dict[str, float] = {}
+    totals: dict[str, float] = {}
+    if any(len(set(domains[k : k + group_size])) > 1 for k in range(0, n, group_size)):
+        raise ValueError("a group's samples span two domains: a prompt's samples share its tag")
+    for domain in dict.fromkeys(domains):
+        rows = torch.tensor([d == domain for d in domains])
+
+        def part(t: torch.Tensor | None, rows: torch.Tensor = rows) -> torch.Tensor | None:
+            return None if t is None else t[rows]
+
+        out = _domain_advantages(
+            cfg, scores[rows], response_mask[rows], group_size, part(valid), part(truncated), part(old_logprobs),
+            part(ref_logprobs), kl_ctrl, part(correct),
+        )  # fmt: skip
+        advantages[rows], mask[rows] = out.advantages, out.mask
+        size = float(rows.sum())
+        for key, value in out.metrics.items():
+            metrics[f"{domain}/{key}"] = value
+            totals[key] = totals.get(key, 0.0) + (value if key == "samples_used" else value * size)
+    for key, total in totals.items():
+        metrics[key] = total if key == "samples_used" else total / n
+    return Advantages(advantages, mask, metrics)
+
+
+def _domain_advantages(
+    cfg: AlgorithmConfig,
+    scores: torch.Tensor,
+    response_mask: torch.Tensor,
+    group_size: int,
+    valid: torch.Tensor | None,
+    truncated: torch.Tensor | None,
+    old_logprobs: torch.Tensor | None,
+    ref_logprobs: torch.Tensor | None,
+    kl_ctrl: KLController | None,
+    correct: torch.Tensor | None,
+) -> Advantages:
+    """Steps 1-4 over one domain's samples (ROLL's get_sample_level_mask, reward_postprocess, compute_token_reward,
+    compute_advantage)."""
     n = scores.shape[0]
     response_mask = response_mask.float()
     valid = torch.ones(n, dtype=torch.bool) if valid is None else valid.bool()
     sample_mask = valid.clone()
     metrics: dict[str, float] = {}
 
-    # 1. sample masks
+    # 1. sample masks; the difficulty mask on the correctness score, as ROLL's (on `scores`, not the reward)
     if cfg.max_len_mask and truncated is not None:
         sample_mask &= ~truncated.bool()
         metrics["max_len_mask_ratio"] = float((~truncated.bool()).float().mean())
     if cfg.difficulty_mask and group_size > 1:
-        group_mean = scores.float().view(-1, group_size).mean(1, keepdim=True).expand(-1, group_size).reshape(-1)
+        basis = scores if correct is None else correct
+        group_mean = basis.float().view(-1, group_size).mean(1, keepdim=True).expand(-1, group_size).reshape(-1)
         keep = (group_mean > cfg.difficulty_low_threshold) & (group_mean < cfg.difficulty_high_threshold)
         sample_mask &= keep
         metrics["difficulty_mask_ratio"] = float(keep.float().mean())

@@ -16,7 +16,8 @@ server that missed an update) are counted and, by default, left out of the loss 
 (`stale_samples: drop`); `use` keeps them. Samples within the bound but from an older version are weighted by
 truncated importance ratios against the rollout's own logprobs (`off_policy_correction`: tis / decoupled / none;
 algorithm.off_policy_weights). An empty response (EOS at once) is never sent to the reward servers (they refuse
-it) and scores each reward's lowest score of the step, or 0 if that is lower: it never beats a wrong answer.
+it) and scores each reward's lowest weighted score of the step, or 0 if that is lower: it never beats a wrong
+answer, whatever the sign of a reward's weight.
 The rollout servers may start with `load_format: dummy`: the first push (version 1) happens before any rollout.
 """
 
@@ -56,6 +57,25 @@ class Sample:
     prompt_index: int
     response: rollout_pb2.GenerateResponse
     reward: float = 0.0
+    domain: str = ""  # its reward domain (PipelineConfig.domain_of): advantages are computed per domain, as ROLL
+    # its domain reward's 0/1 correctness score (else that reward's score), which the difficulty mask filters on
+    correct: float | None = None
+
+
+def domain_rewards(samples: list[Sample], rewards: torch.Tensor) -> dict[str, float]:
+    """Each reward domain's mean reward and correctness ("reward/<domain>", "correct/<domain>"), when there are two
+    domains or more."""
+    domains = list(dict.fromkeys(s.domain for s in samples))
+    if len(domains) < 2:
+        return {}
+    out = {}
+    for domain in domains:
+        rows = [k for k, s in enumerate(samples) if s.domain == domain]
+        out[f"reward/{domain}"] = float(rewards[rows].mean())
+        known = [c for k in rows if (c := samples[k].correct) is not None]
+        if known:
+            out[f"correct/{domain}"] = sum(known) / len(known)
+    return out
 
 
 def sample_versions(response: rollout_pb2.GenerateResponse) -> tuple[int, int]:
@@ -464,14 +484,13 @@ class Trainer:
         self.score_empty(await self.score_items(samples, step, lowest), lowest)
 
     async def score_items(self, samples: list[Sample], step: int, lowest: dict[str, float], start: int = 0) -> list:
-        """Scores the non-empty samples (adding to each reward and to `lowest`, each reward's lowest score); returns
-        the empty ones with their reward names, for score_empty once the step's lowest scores are known."""
+        """Scores the non-empty samples (adding to each reward and to `lowest`, each reward's lowest weighted score);
+        returns the empty ones with their reward names, for score_empty once the step's lowest scores are known."""
         items, owners, empty = [], [], []
         for n, sample in enumerate(samples, start):
             row = self.dataset[sample.prompt_index]
-            names = [
-                name for name, spec in self.pc.rewards.items() if not spec["tags"] or row.get("tag") in spec["tags"]
-            ]
+            names = self.pc.rewards_for(row.get("tag"))
+            sample.domain = self.pc.domain_of(row.get("tag"))
             if not sample.response.text.strip():
                 empty.append((sample, names))  # reward servers refuse empty responses: scored below
                 continue
@@ -489,13 +508,17 @@ class Trainer:
                 owners.append((sample, name))
         responses = await self.rewards.score(items) if items else []
         for (sample, name), response in zip(owners, responses, strict=True):
-            sample.reward += self.pc.rewards[name]["weight"] * response.score
-            lowest[name] = min(lowest.get(name, 0.0), response.score)
+            weighted = self.pc.rewards[name]["weight"] * response.score
+            sample.reward += weighted
+            lowest[name] = min(lowest.get(name, 0.0), weighted)  # the worst weighted value, whatever the weight's sign
+            if name == sample.domain:
+                sample.correct = response.correct if response.HasField("correct") else response.score
         return empty
 
     def score_empty(self, empty: list, lowest: dict[str, float]) -> None:
-        for sample, names in empty:  # never above a wrong answer: the step's lowest score, 0 at most
-            sample.reward += sum(self.pc.rewards[name]["weight"] * lowest.get(name, 0.0) for name in names)
+        for sample, names in empty:  # never above a wrong answer: each reward's lowest weighted score, 0 at most
+            sample.reward += sum(lowest.get(name, 0.0) for name in names)
+            sample.correct = 0.0
 
     def train(self, samples: list[Sample]) -> dict:
         from fabric.trainer import losses
@@ -539,6 +562,8 @@ class Trainer:
             old_logprobs=batch.old_logprobs,
             ref_logprobs=batch.ref_logprobs,
             kl_ctrl=self.kl_ctrl,
+            correct=torch.tensor([s.reward if s.correct is None else s.correct for s in samples]),
+            domains=[s.domain for s in samples],
         )
         # asynchronous RL: samples from older versions weighted by rollout -> current importance ratios (the
         # rollout's own logprobs as the behaviour policy); samples of the current version keep weight 1 exactly
@@ -581,6 +606,7 @@ class Trainer:
                 **correction,
                 "staleness_mean": float(staleness.float().mean()),
                 "staleness_max": float(staleness.max()),
+                **domain_rewards(samples, rewards),
             },
         }
 

@@ -180,7 +180,8 @@ def aggregate(
     token-mean               sum of all tokens / num_tokens (DAPO)
     seq-mean-token-mean      sum over sequences of (their token mean) / num_seqs (the original GRPO; ROLL's default)
     seq-mean-token-sum       sum over sequences of (their token sum) / num_seqs
-    seq-mean-token-sum-norm  sum of all tokens / norm_length (Dr. GRPO: a constant, the response length)
+    seq-mean-token-sum-norm  sum of all tokens / norm_length (Dr. GRPO: a constant; ROLL's is its loss mask's padded
+                             width, sequence_length - 1)
 
     num_tokens and num_seqs default to this batch's masked tokens and its sequences with any masked token; pass a
     whole mini-batch's counts when this is one micro-batch of it, so the micro-batches' losses add up to the
@@ -192,7 +193,7 @@ def aggregate(
         return masked_sum(per_token, mask) / torch.as_tensor(total, dtype=per_token.dtype).clamp(min=1.0)
     if mode == "seq-mean-token-sum-norm":
         if norm_length is None:
-            raise ValueError("seq-mean-token-sum-norm needs norm_length (the response length, a constant)")
+            raise ValueError("seq-mean-token-sum-norm needs norm_length (a constant: ROLL's sequence_length - 1)")
         return masked_sum(per_token, mask) / norm_length
     if mode in ("seq-mean-token-mean", "seq-mean-token-sum"):
         seqs = (mask.sum(-1) > 0).sum() if num_seqs is None else num_seqs

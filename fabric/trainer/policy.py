@@ -175,7 +175,7 @@ class LossConfig:
     kl_coef: float = 0.0  # ROLL's use_kl_loss x kl_loss_coef
     kl_estimator: str = "k3"
     loss_agg_mode: str = "seq-mean-token-mean"
-    norm_length: float | None = None  # seq-mean-token-sum-norm's constant divisor (the response length)
+    norm_length: float | None = None  # seq-mean-token-sum-norm's constant divisor (ROLL's: sequence_length - 1)
     temperature: float = 1.0  # the sampler's; logprobs are taken from logits / temperature
 
 

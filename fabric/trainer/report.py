@@ -28,6 +28,9 @@ def write_plot(rows: Sequence[dict], path: Path) -> Path | None:
     top.plot(steps, [r["reward_mean"] for r in rows], marker="o", label="reward mean")
     if all("accuracy" in r.get("extra", {}) for r in rows):
         top.plot(steps, [r["extra"]["accuracy"] for r in rows], marker=".", label="accuracy")
+    for domain in domains(rows):  # a multi-domain run: each reward domain's mean reward
+        key = f"reward/{domain}"
+        top.plot(steps, [r.get("extra", {}).get(key, float("nan")) for r in rows], linestyle="--", label=key)
     top.set_ylabel("reward")
     top.grid(alpha=0.3)
     top.legend()
@@ -58,6 +61,18 @@ def write_plot(rows: Sequence[dict], path: Path) -> Path | None:
     return path
 
 
+def domains(rows: Sequence[dict]) -> list[str]:
+    """The reward domains of a multi-domain run's rows ("reward/<domain>" in extra), in order of appearance."""
+    keys = (k for r in rows for k in r.get("extra", {}) if k.startswith("reward/"))
+    return [k.removeprefix("reward/") for k in dict.fromkeys(keys)]
+
+
+def domain_cell(r: dict) -> str:
+    extra = r.get("extra", {})
+    cells = [f"{k.removeprefix('reward/')} {v:.2f}" for k, v in sorted(extra.items()) if k.startswith("reward/")]
+    return " ".join(cells) or "-"
+
+
 def summary_table(rows: Sequence[dict], title: str = "run summary"):
     from rich.table import Table
 
@@ -78,6 +93,7 @@ def summary_table(rows: Sequence[dict], title: str = "run summary"):
         "stale",
         "staleness",
         "overlap s",
+        "reward by domain",
     ):
         table.add_column(column, justify="right")
     for r in rows:
@@ -92,7 +108,7 @@ def step_cells(r: dict) -> list[str]:
             f"{r['logprob_mismatch']:.1e}", f"{r['tokens_per_second']:.0f}", f"{r['generate_seconds']:.2f}",
             f"{r['reward_seconds']:.2f}", f"{r['train_seconds']:.2f}", f"{r['weight_sync_seconds']:.2f}",
             str(r["stale_samples"]), f"{extra.get('staleness_mean', 0.0):.2f}",
-            f"{extra.get('overlap_seconds', 0.0):.2f}"]  # fmt: skip
+            f"{extra.get('overlap_seconds', 0.0):.2f}", domain_cell(r)]  # fmt: skip
 
 
 def first_last(rows: Sequence[dict], k: int = 5) -> tuple[float, float]:

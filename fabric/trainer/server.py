@@ -115,7 +115,7 @@ def loss_config(pc: PipelineConfig):
         kl_coef=a.kl_loss_coef_in_use,
         kl_estimator="k3",
         loss_agg_mode=a.loss_agg_mode,
-        norm_length=float(pc.response_length),
+        norm_length=float(pc.sequence_length - 1),  # ROLL's divisor: its loss mask's padded width
         temperature=float(sampling_settings(pc.sampling)["temperature"]) or 1.0,
     )
 

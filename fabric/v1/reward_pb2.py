@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from fabric.v1 import common_pb2 as fabric_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x66\x61\x62ric/v1/reward.proto\x12\tfabric.v1\x1a\x16\x66\x61\x62ric/v1/common.proto\"\x8b\x01\n\x0cScoreRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x10\n\x08response\x18\x03 \x01(\t\x12\x14\n\x0cground_truth\x18\x04 \x01(\t\x12\x13\n\x0breward_name\x18\x05 \x01(\t\x12\x1a\n\x12response_token_ids\x18\x06 \x03(\x05\"\x93\x01\n\rScoreResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x1b\n\x13token_level_rewards\x18\x03 \x03(\x02\x12\x13\n\x0breward_name\x18\x04 \x01(\t\x12\x1f\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x10.fabric.v1.Error\x12\x0c\n\x04info\x18\x06 \x01(\t\"#\n!RewardServiceGetServerInfoRequest\"\xb2\x01\n\nScorerInfo\x12\x13\n\x0breward_name\x18\x01 \x01(\t\x12\x12\n\nworker_cls\x18\x02 \x01(\t\x12\x18\n\x10infer_batch_size\x18\x03 \x01(\x05\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x14\n\x0citems_scored\x18\x06 \x01(\x03\x12\x16\n\x0e\x62\x61tches_scored\x18\x07 \x01(\x03\x12\x14\n\x0ctag_included\x18\x08 \x03(\t\"q\n\"RewardServiceGetServerInfoResponse\x12&\n\x07scorers\x18\x01 \x03(\x0b\x32\x15.fabric.v1.ScorerInfo\x12\x13\n\x0bqueue_depth\x18\x02 \x01(\x05\x12\x0e\n\x06server\x18\x03 \x01(\t2\xbd\x01\n\rRewardService\x12>\n\x05Score\x12\x17.fabric.v1.ScoreRequest\x1a\x18.fabric.v1.ScoreResponse(\x01\x30\x01\x12l\n\rGetServerInfo\x12,.fabric.v1.RewardServiceGetServerInfoRequest\x1a-.fabric.v1.RewardServiceGetServerInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x66\x61\x62ric/v1/reward.proto\x12\tfabric.v1\x1a\x16\x66\x61\x62ric/v1/common.proto\"\x8b\x01\n\x0cScoreRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x10\n\x08response\x18\x03 \x01(\t\x12\x14\n\x0cground_truth\x18\x04 \x01(\t\x12\x13\n\x0breward_name\x18\x05 \x01(\t\x12\x1a\n\x12response_token_ids\x18\x06 \x03(\x05\"\xb5\x01\n\rScoreResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x1b\n\x13token_level_rewards\x18\x03 \x03(\x02\x12\x13\n\x0breward_name\x18\x04 \x01(\t\x12\x1f\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x10.fabric.v1.Error\x12\x0c\n\x04info\x18\x06 \x01(\t\x12\x14\n\x07\x63orrect\x18\x07 \x01(\x02H\x00\x88\x01\x01\x42\n\n\x08_correct\"#\n!RewardServiceGetServerInfoRequest\"\xb2\x01\n\nScorerInfo\x12\x13\n\x0breward_name\x18\x01 \x01(\t\x12\x12\n\nworker_cls\x18\x02 \x01(\t\x12\x18\n\x10infer_batch_size\x18\x03 \x01(\x05\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x14\n\x0citems_scored\x18\x06 \x01(\x03\x12\x16\n\x0e\x62\x61tches_scored\x18\x07 \x01(\x03\x12\x14\n\x0ctag_included\x18\x08 \x03(\t\"q\n\"RewardServiceGetServerInfoResponse\x12&\n\x07scorers\x18\x01 \x03(\x0b\x32\x15.fabric.v1.ScorerInfo\x12\x13\n\x0bqueue_depth\x18\x02 \x01(\x05\x12\x0e\n\x06server\x18\x03 \x01(\t2\xbd\x01\n\rRewardService\x12>\n\x05Score\x12\x17.fabric.v1.ScoreRequest\x1a\x18.fabric.v1.ScoreResponse(\x01\x30\x01\x12l\n\rGetServerInfo\x12,.fabric.v1.RewardServiceGetServerInfoRequest\x1a-.fabric.v1.RewardServiceGetServerInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,13 +35,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCOREREQUEST']._serialized_start=62
   _globals['_SCOREREQUEST']._serialized_end=201
   _globals['_SCORERESPONSE']._serialized_start=204
-  _globals['_SCORERESPONSE']._serialized_end=351
-  _globals['_REWARDSERVICEGETSERVERINFOREQUEST']._serialized_start=353
-  _globals['_REWARDSERVICEGETSERVERINFOREQUEST']._serialized_end=388
-  _globals['_SCORERINFO']._serialized_start=391
-  _globals['_SCORERINFO']._serialized_end=569
-  _globals['_REWARDSERVICEGETSERVERINFORESPONSE']._serialized_start=571
-  _globals['_REWARDSERVICEGETSERVERINFORESPONSE']._serialized_end=684
-  _globals['_REWARDSERVICE']._serialized_start=687
-  _globals['_REWARDSERVICE']._serialized_end=876
+  _globals['_SCORERESPONSE']._serialized_end=385
+  _globals['_REWARDSERVICEGETSERVERINFOREQUEST']._serialized_start=387
+  _globals['_REWARDSERVICEGETSERVERINFOREQUEST']._serialized_end=422
+  _globals['_SCORERINFO']._serialized_start=425
+  _globals['_SCORERINFO']._serialized_end=603
+  _globals['_REWARDSERVICEGETSERVERINFORESPONSE']._serialized_start=605
+  _globals['_REWARDSERVICEGETSERVERINFORESPONSE']._serialized_end=718
+  _globals['_REWARDSERVICE']._serialized_start=721
+  _globals['_REWARDSERVICE']._serialized_end=910
 # @@protoc_insertion_point(module_scope)

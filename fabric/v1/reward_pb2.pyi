@@ -24,20 +24,22 @@ class ScoreRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., response: _Optional[str] = ..., ground_truth: _Optional[str] = ..., reward_name: _Optional[str] = ..., response_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("request_id", "score", "token_level_rewards", "reward_name", "error", "info")
+    __slots__ = ("request_id", "score", "token_level_rewards", "reward_name", "error", "info", "correct")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     TOKEN_LEVEL_REWARDS_FIELD_NUMBER: _ClassVar[int]
     REWARD_NAME_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     INFO_FIELD_NUMBER: _ClassVar[int]
+    CORRECT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     score: float
     token_level_rewards: _containers.RepeatedScalarFieldContainer[float]
     reward_name: str
     error: _common_pb2.Error
     info: str
-    def __init__(self, request_id: _Optional[str] = ..., score: _Optional[float] = ..., token_level_rewards: _Optional[_Iterable[float]] = ..., reward_name: _Optional[str] = ..., error: _Optional[_Union[_common_pb2.Error, _Mapping]] = ..., info: _Optional[str] = ...) -> None: ...
+    correct: float
+    def __init__(self, request_id: _Optional[str] = ..., score: _Optional[float] = ..., token_level_rewards: _Optional[_Iterable[float]] = ..., reward_name: _Optional[str] = ..., error: _Optional[_Union[_common_pb2.Error, _Mapping]] = ..., info: _Optional[str] = ..., correct: _Optional[float] = ...) -> None: ...
 
 class RewardServiceGetServerInfoRequest(_message.Message):
     __slots__ = ()

@@ -99,14 +99,34 @@ def test_sequence_length_gives_response_length(tmp_path, tiny_model):
     assert pipeline_config(cfg).response_length == 32
 
 
-def test_agentic_pipeline_is_refused_in_one_line(tmp_path):
+def test_agentic_pipeline_is_refused_in_one_line_for_training_and_its_actor_infer_serves(tmp_path):
     write(tmp_path, "config/envs.yaml", ENVS_FRAGMENT)
     cfg = load_config(write(tmp_path, "agentic/agent.yaml", AGENTIC))
     assert cfg.custom_envs.FrozenLake.env_type == "frozen_lake"  # composed from the defaults list
-    for role in ("rollout", "all"):
+    for role in ("train", "all"):
         errors = check_config(cfg, role, engine=False).errors
         assert len(errors) == 1 and "agentic pipelines are not supported" in str(errors[0])
-        assert errors[0].key in ("model_name", "train_env_manager", "val_env_manager", "custom_envs")
+        assert errors[0].key == "train_env_manager" and "fabric serve rollout" in str(errors[0])
+    report = check_config(cfg, "rollout", engine=False)  # a role reads its own section
+    assert report.ok, report.errors
+    assert report.summary[0].startswith("actor_infer: vllm serving /models/Qwen2.5-0.5B-Instruct")
+
+
+# ROLL's own pipeline keys, from its agentic, distillation, DPO and SFT example configs: never typos.
+PIPELINE_KEYS = [
+    ("single_prompt_agent_template", "agentic"), ("custom_env", "agentic"), ("next_step_template", "agentic"),
+    ("student_pretrain", "distillation"), ("chosen_key", "DPO"), ("sft_train", "SFT"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("key, pipeline", PIPELINE_KEYS, ids=[k for k, _ in PIPELINE_KEYS])
+def test_other_pipelines_keys_are_known_and_refused_for_training_naming_the_pipeline(key, pipeline):
+    cfg = load_config(MEGATRON, ["pretrain=/models/qwen", f"{key}=x"])
+    for role in ("rollout", "reward"):
+        assert not check_config(cfg, role, engine=False, files=False).errors, f"{key} refused for {role}"
+    for role in ("train", "all"):
+        (error,) = check_config(cfg, role, engine=False, files=False).errors
+        assert error.key == key and f"ROLL's {pipeline} pipeline" in str(error) and "unknown" not in str(error)
 
 
 HOSTILE = [

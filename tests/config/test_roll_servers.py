@@ -11,7 +11,7 @@ import pytest
 
 from fabric.reward.client import RewardClient
 from fabric.rollout.client import GenerateRequest, RolloutClient, SamplingParams
-from tests.config.configs import MEGATRON
+from tests.config.configs import AGENTIC, ENVS_FRAGMENT, MEGATRON, write
 from tests.servers import serve
 
 pytestmark = pytest.mark.slow
@@ -57,6 +57,27 @@ def test_reward_server_scores_with_roll_worker_classes(roll_reward):
                 {"reward_name": "crossthinkqa", "response": "The answer is C", "ground_truth": "B"},
             ])  # fmt: skip
 
-    scores = [r.score for r in asyncio.run(go())]
+    responses = asyncio.run(go())
+    scores = [r.score for r in responses]
     assert scores[0] == 1.0 and scores[1] == 0.0
     assert scores[2] == pytest.approx(1.0) and scores[3] == pytest.approx(-1.0)  # soft: boxed+right, unboxed+wrong
+    assert [r.correct for r in responses] == [1.0, 0.0, 1.0, 0.0] and all(r.HasField("correct") for r in responses)
+
+
+def test_rollout_server_serves_an_agentic_configs_actor_infer(tmp_path, tiny_model):
+    """A role reads its own section: `fabric serve rollout` on an agentic config (env managers, custom_envs, an
+    unset-until-now `${now:...}`) serves its actor_infer."""
+    write(tmp_path, "config/envs.yaml", ENVS_FRAGMENT)
+    config = write(tmp_path, "agentic/agent.yaml", AGENTIC)
+    server = serve("rollout", config, [f"pretrain={tiny_model}", "actor_infer.device_mapping=null"], timeout=600)
+    try:
+
+        async def go():
+            async with RolloutClient(server.address) as client:
+                request = GenerateRequest(request_id="a", prompt="1+1=", sampling=SamplingParams(seed=1))
+                return await client.info(), [s async for s in client.generate([request])]
+
+        info, samples = asyncio.run(go())
+    finally:
+        server.stop()
+    assert info.model == tiny_model and len(samples) == 1 and 0 < len(samples[0].token_ids) <= 64

@@ -54,6 +54,7 @@ def test_math_rule_verifies_boxed_fractions_and_rejects_wrong_answers(reward_ser
     assert [r.HasField("error") for r in responses] == [False] * 5
     assert [r.score for r in responses] == [1.0, 1.0, 1.0, 0.0, 0.0]
     assert all(r.reward_name == "math" for r in responses)
+    assert [r.correct if r.HasField("correct") else None for r in responses] == [1.0, 1.0, 1.0, 0.0, 0.0]
 
 
 def test_math_rule_times_out_a_pathological_item_without_failing_its_batch(reward_server):
@@ -76,6 +77,8 @@ def test_answer_tag_rule_scores_exact_partial_and_missing_and_places_token_rewar
         {**base, "response": "7"},
     ])  # fmt: skip
     assert [r.score for r in responses] == pytest.approx([1.0, 0.1, 0.0])
+    # The correctness score beside the reward: a well-formed wrong answer earns 0.1 but is not correct.
+    assert [r.correct if r.HasField("correct") else None for r in responses] == [1.0, 0.0, 0.0]
     assert list(responses[0].token_level_rewards) == [0.0, 0.0, 0.0, 1.0]
     assert list(responses[1].token_level_rewards) == []
     assert "no <answer>" in responses[2].info
@@ -104,6 +107,7 @@ def test_hf_reward_model_scores_through_grpc_equal_in_process_scores_and_are_bat
     assert [r.request_id for r in served] == [str(k) for k in range(24)]
     # Equal up to float32 rounding: the server batched them with padding, here each ran alone.
     assert [r.score for r in served] == pytest.approx(local, abs=1e-5)
+    assert not any(r.HasField("correct") for r in served), "a reward model has no notion of correctness"
     assert len({round(s, 4) for s in local}) > 1, "distinct inputs should get distinct scores"
     items_done = after.items_scored - before.items_scored
     batches = after.batches_scored - before.batches_scored

@@ -188,6 +188,60 @@ def test_sample_masks_stale_truncated_and_difficulty():
     assert adv.advantages.abs().sum().item() == 0.0
 
 
+# ---- domains and the correctness score (issue 23: as ROLL's pipeline, per reward domain) --------------------------
+
+
+def test_whitening_runs_per_domain_as_roll():
+    """reinforce + whiten_advantages, rewards [1, 0, 1, 0] (math) and [3, 5, 3, 5] (another domain), 3 tokens each:
+    pooled, the right math answers get -0.64; per domain (ROLL) +0.96."""
+    cfg = AlgorithmConfig(adv_estimator="reinforce", whiten_advantages=True)
+    rewards = torch.tensor([1.0, 0.0, 1.0, 0.0, 3.0, 5.0, 3.0, 5.0])
+    mask = masks(*[3] * 8)
+    per_domain = compute_advantages(cfg, rewards, mask, group_size=4, domains=["math"] * 4 + ["code"] * 4)
+    s = math.sqrt(12 * 0.25 / 11 + 1e-8)  # one domain's 12 tokens: half 1, half 0 (or 5 / 3): mean 1/2, var 3/11
+    assert per_domain.advantages[0, 1:4].tolist() == pytest.approx([0.5 / s] * 3)  # +0.957
+    assert per_domain.advantages[1, 1:4].tolist() == pytest.approx([-0.5 / s] * 3)
+    assert per_domain.advantages[4, 1:4].tolist() == pytest.approx([-1.0 / (2 * s)] * 3)  # 3 of {3, 5}: (3-4)/(2s)
+    assert round(per_domain.advantages[0, 1].item(), 2) == 0.96
+    pooled = compute_advantages(cfg, rewards, mask, group_size=4)
+    assert round(pooled.advantages[0, 1].item(), 2) == -0.64  # what one pooled batch gives (ROLL does not)
+    assert per_domain.metrics["math/samples_used"] == 4.0 and per_domain.metrics["samples_used"] == 8.0
+
+
+def test_kl_controller_is_updated_after_each_domain():
+    """ROLL's compute_token_reward per domain: the second domain's in-reward KL uses the coefficient as updated by the
+    first (n_steps: the domain's samples)."""
+    cfg = AlgorithmConfig(adv_estimator="reinforce", add_token_level_kl=True, init_kl_coef=0.5, target_kl=0.1)
+    ctrl = KLController(cfg.init_kl_coef, cfg.target_kl, horizon=10)
+    old = torch.zeros(4, 3)
+    ref = torch.tensor([[0.0, -0.2, 0.0]] * 2 + [[0.0, -0.05, 0.0]] * 2)  # k1: 0.2 (domain a), 0.05 (domain b)
+    mask = masks(1, 1, 1, 1)[:, :3]
+    adv = compute_advantages(cfg, torch.zeros(4), mask, 2, old_logprobs=old, ref_logprobs=ref, kl_ctrl=ctrl,
+                             domains=["a", "a", "b", "b"])  # fmt: skip
+    beta_b = 0.5 * (1 + 0.2 * 2 / 10)  # a: KL 0.2, error clip(0.2 / 0.1 - 1) = 0.2 over 2 samples
+    assert adv.metrics["a/kl_coef"] == 0.5 and adv.metrics["b/kl_coef"] == pytest.approx(beta_b)
+    assert adv.advantages[2, 1].item() == pytest.approx(-beta_b * 0.05)
+    assert ctrl.value == pytest.approx(beta_b * (1 - 0.2 * 2 / 10))  # b: KL 0.05, error -0.5 clipped to -0.2
+
+
+def test_a_group_cannot_span_two_domains():
+    with pytest.raises(ValueError, match="span two domains"):
+        compute_advantages(AlgorithmConfig(), torch.zeros(4), masks(1, 1, 1, 1), 2, domains=["a", "b", "b", "b"])
+
+
+def test_difficulty_mask_filters_on_correctness_not_on_the_reward():
+    """A reward of +-1 with a -0.1 penalty, ROLL's 7B thresholds (0.1, 0.95): rewards [0.9]*4 + [-1.1]*4 (4 of 8
+    right) then [0.9]*8 (8 of 8). On the reward the first group (mean -0.1) would go and the second (0.9) stay;
+    on correctness (0.5 and 1.0), as ROLL, the first stays and the second goes."""
+    cfg = AlgorithmConfig(difficulty_mask=True, difficulty_low_threshold=0.1, difficulty_high_threshold=0.95)
+    rewards = torch.tensor([0.9] * 4 + [-1.1] * 4 + [0.9] * 8)
+    correct = torch.tensor([1.0] * 4 + [0.0] * 4 + [1.0] * 8)
+    adv = compute_advantages(cfg, rewards, masks(*[1] * 16), group_size=8, correct=correct)
+    assert adv.mask.sum(1).tolist() == [1.0] * 8 + [0.0] * 8
+    assert adv.metrics["difficulty_mask_ratio"] == 0.5
+    assert adv.advantages[0, 1].item() > 0 > adv.advantages[7, 1].item()
+
+
 # ---- config -------------------------------------------------------------------------------------------------------
 
 

@@ -18,6 +18,7 @@ from fabric.config.pipeline import PipelineConfig, pipeline_config
 from fabric.trainer import loop as loop_module
 from fabric.trainer.algorithm import off_policy_weights
 from fabric.trainer.loop import Trainer
+from fabric.v1 import reward_pb2
 from tests.rollout.fake_engine import FakeEngine
 from tests.rollout.test_servicer import serving
 from tests.test_examples import EXAMPLES
@@ -72,7 +73,7 @@ class InProcessRewards:
     async def score(self, items):
         self.calls.append(len(items))
         await asyncio.sleep(0.005)
-        return [SimpleNamespace(score=float(len(item["response"]) % 3 == 0)) for item in items]
+        return [reward_pb2.ScoreResponse(score=float(len(item["response"]) % 3 == 0)) for item in items]
 
     async def close(self):
         pass

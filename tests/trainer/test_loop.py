@@ -15,19 +15,25 @@ from fabric.config import load_config
 from fabric.config.algorithm import AlgorithmConfig
 from fabric.config.pipeline import PipelineConfig, pipeline_config
 from fabric.trainer.loop import Sample, Trainer, sampling_settings
-from fabric.v1 import rollout_pb2
+from fabric.v1 import reward_pb2, rollout_pb2
 from tests.test_examples import EXAMPLES
 
 
 class FakeRewards:
-    """Scores "right" 1.0 and anything else -1.0 (a reward that can be negative)."""
+    """Scores "right" 1.0 and anything else -1.0 (a reward that can be negative), or as `rule` says: (item) ->
+    (score, correct or None). Answers real ScoreResponses."""
 
-    def __init__(self):
+    def __init__(self, rule=None):
         self.items = []
+        self.rule = rule or (lambda item: (1.0, 1.0) if item["response"] == "right" else (-1.0, 0.0))
 
     async def score(self, items):
         self.items += items
-        return [SimpleNamespace(score=1.0 if item["response"] == "right" else -1.0) for item in items]
+        answers = []
+        for item in items:
+            score, correct = self.rule(item)
+            answers.append(reward_pb2.ScoreResponse(request_id=item["request_id"], score=score, correct=correct))
+        return answers
 
 
 class FakePolicy:
@@ -54,11 +60,11 @@ def sample(prompt_index: int, text: str, version: int = 1, tokens=(5, 6)) -> Sam
     return Sample(prompt_index, response)
 
 
-def make_trainer(tmp_path, **algorithm) -> Trainer:
-    pc = PipelineConfig(output_dir=str(tmp_path), group_size=4, rollout_batch_size=2)
-    pc.rewards = {"rule": {"weight": 1.0, "tags": []}}
+def make_trainer(tmp_path, rewards=None, dataset=None, group_size=4, **algorithm) -> Trainer:
+    pc = PipelineConfig(output_dir=str(tmp_path), group_size=group_size, rollout_batch_size=2)
+    pc.rewards = rewards or {"rule": {"weight": 1.0, "tags": []}}
     pc.algorithm = AlgorithmConfig(**algorithm)
-    dataset = [{"prompt": "p0", "ground_truth": "1"}, {"prompt": "p1", "ground_truth": "2"}]
+    dataset = dataset or [{"prompt": "p0", "ground_truth": "1"}, {"prompt": "p1", "ground_truth": "2"}]
     policy = FakePolicy()
     trainer = Trainer(pc, policy, FakePolicy(), SimpleNamespace(pad_token_id=0), dataset)
     trainer.rewards = FakeRewards()
@@ -72,6 +78,72 @@ def test_an_empty_response_never_scores_above_a_wrong_one(tmp_path):
     asyncio.run(trainer.score(samples, step=1))
     assert [s.reward for s in samples] == [1.0, -1.0, -1.0, -1.0]
     assert [item["response"] for item in trainer.rewards.items] == ["right", "wrong"]  # empty ones never sent
+
+
+def test_an_empty_response_never_scores_above_a_wrong_one_with_a_negative_weight(tmp_path):
+    """{r: 1.0, pen: -0.5}: a wrong answer with a penalty score of 0.8 totals -0.4; an empty one must not total 0."""
+    rewards = {"r": {"weight": 1.0, "tags": []}, "pen": {"weight": -0.5, "tags": []}}
+    trainer = make_trainer(tmp_path, rewards)
+    trainer.rewards = FakeRewards(lambda item: (0.8, None) if item["reward_name"] == "pen" else (0.0, 0.0))
+    samples = [sample(0, "wrong"), sample(0, "")]
+    asyncio.run(trainer.score(samples, step=1))
+    assert [s.reward for s in samples] == pytest.approx([-0.4, -0.4])
+
+
+def two_domains(tmp_path, rule, **algorithm) -> tuple[Trainer, list[Sample]]:
+    """Prompt 0 is math, prompt 1 code; each reward names its tag, so each is its own domain."""
+    rewards = {"math": {"weight": 1.0, "tags": ["math"]}, "code": {"weight": 1.0, "tags": ["code"]}}
+    dataset = [{"prompt": "p0", "ground_truth": "1", "tag": t} for t in ("math", "code")]
+    trainer = make_trainer(tmp_path, rewards, dataset, per_device_train_batch_size=8, **algorithm)
+    trainer.rewards = FakeRewards(rule)
+    samples = [sample(0, t) for t in ("1", "0", "1", "0")] + [sample(1, t) for t in ("3", "5", "3", "5")]
+    asyncio.run(trainer.score(samples, step=1))
+    return trainer, samples
+
+
+def test_advantages_are_whitened_per_domain_and_each_domains_reward_is_reported(tmp_path):
+    """Issue 23's example through the trainer: reinforce + whiten_advantages, math [1, 0, 1, 0] and code
+    [3, 5, 3, 5] (2 tokens each): the right math answers get a positive advantage (pooled they got a negative one)."""
+    rule = lambda item: (float(item["response"]), None)  # noqa: E731
+    trainer, samples = two_domains(tmp_path, rule, adv_estimator="reinforce", whiten_advantages=True)
+    assert [s.domain for s in samples] == ["math"] * 4 + ["code"] * 4
+    assert {item["reward_name"] for item in trainer.rewards.items[:4]} == {"math"}
+    metrics = trainer.train(samples)
+    adv = trainer.policy.batches[0].advantages[:, 2]  # the first response token
+    s = (8 * 0.25 / 7 + 1e-8) ** 0.5  # 8 tokens per domain, half one value half the other: var 2/7 (x 4 for code)
+    assert adv.tolist() == pytest.approx([0.5 / s, -0.5 / s] * 2 + [-0.5 / s, 0.5 / s] * 2, rel=1e-5)
+    assert metrics["extra"]["reward/math"] == 0.5 and metrics["extra"]["reward/code"] == 4.0
+    assert metrics["extra"]["math/samples_used"] == 4.0
+    # each domain's reward reaches WatchMetrics (the live table), the summary table and the plot
+    from fabric.trainer import report
+
+    row = {"step": 1, "reward_mean": 2.25, "extra": dict(report.to_proto(metrics).extra)}
+    assert sorted(report.domains([row])) == ["code", "math"]
+    assert report.domain_cell(row) == "code 4.00 math 0.50"
+    assert report.write_plot([row, {**row, "step": 2}], tmp_path / "metrics.png").stat().st_size > 0
+
+
+def test_a_samples_domain_is_the_reward_whose_tag_included_names_its_tag():
+    pc = PipelineConfig()
+    pc.rewards = {"math": {"weight": 1.0, "tags": ["math", "gsm"]}, "format": {"weight": 0.5, "tags": []},
+                  "gsm_strict": {"weight": 1.0, "tags": ["gsm"]}}  # fmt: skip
+    assert pc.domain_of("math") == "math" and pc.rewards_for("math") == ["math", "format"]
+    assert pc.domain_of("gsm") == "gsm_strict"  # named twice: the last, as ROLL's tag_2_domain dict
+    assert pc.domain_of("code") == "format" and pc.rewards_for("code") == ["format"]  # named by none
+    del pc.rewards["format"]
+    assert pc.domain_of("code") == "code" and pc.rewards_for("code") == []
+
+
+def test_the_difficulty_mask_uses_the_reward_workers_correctness(tmp_path):
+    """+-1 with a -0.1 penalty, thresholds (0.1, 0.95): math 2 of 4 right (rewards 0.9, -1.1: mean -0.1) is kept,
+    code 4 of 4 right (0.9 each) is dropped, as ROLL does; on the reward it would be the other way round."""
+    rule = lambda item: (0.9, 1.0) if item["response"] in ("1", "3", "5") else (-1.1, 0.0)  # noqa: E731
+    trainer, samples = two_domains(tmp_path, rule, difficulty_mask=True, difficulty_low_threshold=0.1,
+                                   difficulty_high_threshold=0.95)  # fmt: skip
+    assert [s.correct for s in samples] == [1.0, 0.0, 1.0, 0.0] + [1.0] * 4
+    trainer.train(samples)
+    mask = trainer.policy.batches[0].response_mask
+    assert mask.sum(1).tolist() == [2.0] * 4 + [0.0] * 4
 
 
 def test_stale_samples_leave_the_loss_and_their_groups_statistics(tmp_path):
@@ -99,6 +171,14 @@ def test_samples_split_into_mini_batches_per_epoch(tmp_path):
     assert metrics["extra"]["optimizer_steps"] == 12.0
     seen = torch.cat([b.input_ids[:, 0] for b in trainer.policy.batches[:4]])
     assert len(seen) == 8  # an epoch covers every sample once
+
+
+def test_seq_mean_token_sum_norm_divides_by_rolls_padded_width():
+    from fabric.trainer.server import loss_config
+
+    config = load_config(EXAMPLES / "roll_qwen2.5-7b_rlvr.yaml", ["loss_agg_mode=seq-mean-token-sum-norm"])
+    # ROLL's 7B example: sequence_length - 1 = 2048 + 4096 - 1, not response_length 4096 (a loss 1.5x ROLL's)
+    assert loss_config(pipeline_config(config)).norm_length == 6143
 
 
 def test_every_request_carries_the_sampling_settings_the_trainer_assumes():
