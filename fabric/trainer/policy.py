@@ -139,8 +139,8 @@ def clip_grad_norm(model_or_params, max_norm: float | None) -> float:
     if not params:
         return 0.0
     counted = [p.grad.detach() for p in params if param_is_not_tensor_parallel_duplicate(p)]
-    norms = torch._foreach_norm(counted) if counted else []  # one fused kernel, not one per tensor
-    squares = torch.stack([n.float() for n in norms]).square().sum() if norms else torch.zeros(())
+    norms = torch._foreach_norm(counted, 2, dtype=torch.float32) if counted else []  # fused, not one per tensor
+    squares = torch.stack(list(norms)).square().sum() if norms else torch.zeros(())
     squares = squares.to(params[0].grad.device)
     group = parallel_state.get_model_parallel_group()  # tensor x pipeline ranks holding one model's parts
     if torch.distributed.get_world_size(group) > 1:
