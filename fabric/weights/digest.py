@@ -59,3 +59,12 @@ def digest_bytes(raw: torch.Tensor) -> bytes:
 def tensor_digests(raws) -> list[bytes]:
     """One digest per tensor, in order, of flat uint8 views."""
     return [digest_bytes(raw) for raw in raws]
+
+
+def source_digests(source) -> list[bytes]:
+    """A WeightSource's digests, computed once per source (a source is one version's tensors) where they live."""
+    cached = getattr(source, "_tensor_digests", None)
+    if cached is None:
+        cached = tensor_digests(source._raw(i) for i in range(len(source.tensors)))
+        source._tensor_digests = cached
+    return cached
