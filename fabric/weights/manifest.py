@@ -158,9 +158,7 @@ def check_manifest(
                 )
             end = max(end, offset + length)
         if end != spec.nbytes:
-            raise invalid(
-                "header.manifest.chunks", f"chunks cover {end} of the {spec.nbytes} bytes of {spec.name!r}"
-            )
+            raise invalid("header.manifest.chunks", f"chunks cover {end} of the {spec.nbytes} bytes of {spec.name!r}")
 
 
 def expected_from_hf_config(hf_config, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

@@ -379,9 +379,7 @@ class VersionStore:
 
 def _check_digests(header: rollout_pb2.UpdateWeightsHeader) -> tuple[bytes, ...]:
     digests = tuple(header.tensor_digests)
-    if digests and (
-        len(digests) != len(header.manifest.tensors) or any(len(d) != DIGEST_BYTES for d in digests)
-    ):
+    if digests and (len(digests) != len(header.manifest.tensors) or any(len(d) != DIGEST_BYTES for d in digests)):
         raise invalid(
             "header.tensor_digests",
             f"one {DIGEST_BYTES}-byte digest per tensor of the manifest ({len(header.manifest.tensors)}), got "
