@@ -1,0 +1,77 @@
+"""Issue 21: nobody but the sender that announced an update on the authenticated stream can steer a gloo/nccl
+update. A real outsider process (no token) reads the sender's TCP store, plants a plan, joins the group as rank 0 and
+broadcasts its own bytes, while the real sender is held back just before it publishes its plan. The rollout server
+(fake engine that offers gloo, real gRPC, real staging file) must commit the trainer's bytes, never the outsider's."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+import torch.distributed as dist
+
+from fabric.weights import manifest as mf
+from fabric.weights.sender import push_weights
+from fabric.weights.staging import layout
+from fabric.weights.transports import collective
+from fabric.weights.transports.collective import CollectiveReceiver
+from tests.rollout.fake_engine import FakeEngine, fingerprint
+from tests.rollout.test_servicer import fake_server
+from tests.weights.test_versions import checkpoint, shm, source
+
+__all__ = ["shm"]
+
+
+class GlooEngine(FakeEngine):
+    def weight_transports(self, store) -> list:
+        return [CollectiveReceiver("gloo")]
+
+
+def layout_bytes(weights) -> int:
+    return layout([(t.name, mf.PROTO_TO_TORCH[t.dtype], tuple(t.shape)) for t in weights.manifest.tensors])[1]
+
+
+def test_a_gloo_push_commits(shm, monkeypatch):
+    monkeypatch.setenv("FABRIC_COLLECTIVE_KEEP", "0")
+
+    async def go():
+        async with fake_server(GlooEngine()) as (client, _, engine):
+            return await push_weights(source(3), [client.address], version=1, transport="gloo", timeout=60), engine
+
+    report, engine = asyncio.run(go())
+    assert report.ok and report.transport == "gloo", report.failed
+    assert engine.weights == fingerprint(checkpoint(3).items())
+
+
+def test_an_outsider_who_reaches_the_store_cannot_commit_its_weights(shm, monkeypatch):
+    monkeypatch.setenv("FABRIC_COLLECTIVE_KEEP", "0")
+    monkeypatch.setenv("FABRIC_COLLECTIVE_TIMEOUT_S", "20")
+    weights = source(4)
+    said: list[str] = []
+    real = dist.PrefixStore
+
+    class HeldSender(real):  # the sender, slower than the outsider: it publishes its plan once the outsider is done
+        def set(self, key, value):
+            if key == "go" and not said:
+                store = self.underlying_store
+                out = subprocess.run(
+                    [sys.executable, "-m", "tests.security.outsider", f"{store.host}:{store.port}",
+                     str(layout_bytes(weights)), str(collective.DEFAULT_BUCKET_BYTES)],
+                    capture_output=True, text=True, timeout=60,
+                )  # fmt: skip
+                said.append(out.stdout.strip() + out.stderr[-2000:])
+            return super().set(key, value)
+
+    monkeypatch.setattr(dist, "PrefixStore", HeldSender)
+
+    async def go():
+        async with fake_server(GlooEngine()) as (client, _, engine):
+            report = await push_weights(weights, [client.address], version=1, transport="gloo", timeout=90)
+            return report, engine
+
+    report, engine = asyncio.run(go())
+    assert said and said[0].startswith("outsider:"), said
+    assert engine.weights == fingerprint(checkpoint(4).items()), (said, report.results)  # never the outsider's
+    assert report.ok, (said, report.failed)
+    assert engine.commits == [1]
