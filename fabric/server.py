@@ -14,7 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from fabric import security
-from fabric.channels import MAX_CONCURRENT_RPCS, SERVER_OPTIONS
+from fabric.channels import MAX_CONCURRENT_RPCS, OPEN_CALL_SLOTS, SERVER_OPTIONS
 from fabric.errors import FabricError, invalid
 
 log = logging.getLogger(__name__)
@@ -33,16 +33,20 @@ class FabricServer:
         credentials: grpc.ServerCredentials | None = None,
         on_drain: Callable[[float], Awaitable[None]] | None = None,
         max_concurrent_rpcs: int | None = MAX_CONCURRENT_RPCS,
+        open_call_slots: int = OPEN_CALL_SLOTS,
     ):
         sec = security.current()  # the process's `security` section: token interceptor, TLS credentials
         if interceptors is None:
             interceptors = sec.server_interceptors()
         credentials = credentials or sec.server_credentials()
         self.service_names = list(service_names)
+        # Calls that need no token (health) have a budget of their own on top of everyone else's, so they cannot
+        # take the slots of authenticated calls.
+        total = max_concurrent_rpcs + open_call_slots if max_concurrent_rpcs is not None else None
         self.server = grpc.aio.server(
-            interceptors=[*interceptors, ErrorInterceptor()],
+            interceptors=[OpenCallBudget(open_call_slots), *interceptors, ErrorInterceptor()],
             options=SERVER_OPTIONS,
-            maximum_concurrent_rpcs=max_concurrent_rpcs,  # beyond it: RESOURCE_EXHAUSTED, not unbounded memory
+            maximum_concurrent_rpcs=total,  # beyond it: RESOURCE_EXHAUSTED, not unbounded memory
         )
         register(self.server)
         self.health = health.aio.HealthServicer()
@@ -101,6 +105,52 @@ def print_ready(kind: str) -> Callable[[str], None]:
         print(f"fabric {kind} server listening on {address}", flush=True)
 
     return ready
+
+
+class OpenCallBudget(grpc.aio.ServerInterceptor):
+    """At most `slots` calls at once to the methods open without a token (health); more get RESOURCE_EXHAUSTED."""
+
+    def __init__(self, slots: int):
+        self.slots = slots
+        self.active = 0
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or not handler_call_details.method.startswith(security.OPEN_METHOD_PREFIXES):
+            return handler
+        kwargs = dict(
+            request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        )
+        message = f"more than {self.slots} open health calls at once: close some (a Watch lasts until closed)"
+
+        if handler.unary_stream is not None:
+            inner_stream = handler.unary_stream
+
+            async def unary_stream(request, context):
+                if self.active >= self.slots:
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+                self.active += 1
+                try:
+                    async for response in _responses(inner_stream(request, context)):
+                        yield response
+                finally:
+                    self.active -= 1
+
+            return grpc.unary_stream_rpc_method_handler(unary_stream, **kwargs)
+        if handler.unary_unary is not None:
+            inner_unary = handler.unary_unary
+
+            async def unary_unary(request, context):
+                if self.active >= self.slots:
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+                self.active += 1
+                try:
+                    return await inner_unary(request, context)
+                finally:
+                    self.active -= 1
+
+            return grpc.unary_unary_rpc_method_handler(unary_unary, **kwargs)
+        return handler
 
 
 class _Unparseable:
