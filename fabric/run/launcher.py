@@ -8,12 +8,13 @@ no reward server is left does the run end. Everything a run writes goes under `o
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 from pathlib import Path
 
 import grpc
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, ValueNode
 from rich.console import Console
 from rich.live import Live
 
@@ -27,6 +28,34 @@ from fabric.v1 import trainer_pb2, trainer_pb2_grpc
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "default.yaml"
 EXIT_SERVER_DIED = 3
+
+
+def keep_env_interpolations(raw, resolved_cfg):
+    """`resolved_cfg` with every value that came from `${oc.env:...}` put back as written: the processes of the run
+    inherit the environment and resolve it themselves, and the secret it may hold is never written to disk."""
+
+    def walk(raw_node, value):
+        if isinstance(value, dict) and isinstance(raw_node, DictConfig):
+            return {k: walk(raw_node._get_node(k), v) if k in raw_node else v for k, v in value.items()}
+        if isinstance(value, list) and isinstance(raw_node, ListConfig) and len(raw_node) == len(value):
+            return [walk(raw_node._get_node(i), v) for i, v in enumerate(value)]
+        text = raw_node._value() if isinstance(raw_node, ValueNode) else None
+        return text if isinstance(text, str) and "oc.env" in text else value
+
+    return OmegaConf.create(walk(raw, OmegaConf.to_container(resolved_cfg, resolve=False)))
+
+
+def save_run_config(cfg, path: Path) -> None:
+    """The config every process of the run reads: resolved once, `${oc.env:...}` kept as written, mode 0600."""
+    write_private(path, OmegaConf.to_yaml(keep_env_interpolations(cfg, resolved_for_processes(cfg))))
+
+
+def write_private(path: Path, text: str) -> None:
+    """Writes a file only its owner can read (0600 from its creation on): what a run writes may hold secrets."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an older file of the same name keeps its mode through O_TRUNC
+    with os.fdopen(fd, "w") as file:
+        file.write(text)
 
 
 class RunFailed(RuntimeError):
@@ -51,7 +80,7 @@ class Launcher:
         prepare_task(cfg, log=lambda line: console.print(f"[dim]{line}"))
         check_before_start(cfg, self.pc)
         self.config_file = self.out / "config.yaml"
-        OmegaConf.save(resolved_for_processes(cfg), self.config_file)
+        save_run_config(cfg, self.config_file)
         self.servers: list[ServerProcess] = []
         self.trainer: ServerProcess | None = None
         self.lost: set[str] = set()
