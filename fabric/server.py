@@ -7,6 +7,7 @@ import asyncio
 import inspect
 import logging
 import signal
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
@@ -208,6 +209,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                             raise _unparseable(bad[0])
                     except FabricError as err:
                         await context.abort_with_status(err.to_status())
+                    except grpc.aio.AbortError:
+                        raise
+                    except Exception as exc:  # a bug, not the caller's: its text stays in the log
+                        await _internal(context, handler_call_details.method, exc)
 
                 return grpc.stream_stream_rpc_method_handler(stream_stream, **kwargs)
 
@@ -219,6 +224,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     return response
                 except FabricError as err:
                     await context.abort_with_status(err.to_status())
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:  # a bug, not the caller's: its text stays in the log
+                    await _internal(context, handler_call_details.method, exc)
 
             return grpc.stream_unary_rpc_method_handler(stream_unary, **kwargs)
 
@@ -234,6 +243,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                         yield response
                 except FabricError as err:
                     await context.abort_with_status(err.to_status())
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:  # a bug, not the caller's: its text stays in the log
+                    await _internal(context, handler_call_details.method, exc)
 
             return grpc.unary_stream_rpc_method_handler(unary_stream, **kwargs)
 
@@ -244,8 +257,19 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 return await inner(request, context)
             except FabricError as err:
                 await context.abort_with_status(err.to_status())
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:  # a bug, not the caller's: its text stays in the log
+                await _internal(context, handler_call_details.method, exc)
 
         return grpc.unary_unary_rpc_method_handler(unary_unary, **kwargs)
+
+
+async def _internal(context, method: str, exc: Exception) -> None:
+    """An unexpected error: the client gets a generic message and an id; the server's log has the id and the trace."""
+    error_id = uuid.uuid4().hex[:12]
+    log.error("unexpected error %s in %s", error_id, method, exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error (id {error_id}): the server's log has the details")
 
 
 async def _responses(result):
