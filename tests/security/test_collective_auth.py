@@ -32,21 +32,31 @@ def layout_bytes(weights) -> int:
     return layout([(t.name, mf.PROTO_TO_TORCH[t.dtype], tuple(t.shape)) for t in weights.manifest.tensors])[1]
 
 
-def test_a_gloo_push_commits(shm, monkeypatch):
-    monkeypatch.setenv("FABRIC_COLLECTIVE_KEEP", "0")
+def listening(port: int) -> list[str]:
+    """The local addresses a TCP port listens on (ss)."""
+    lines = subprocess.run(["ss", "-ltnH"], capture_output=True, text=True, check=True).stdout.splitlines()
+    return [line.split()[3].rsplit(":", 1)[0] for line in lines if line.split()[3].endswith(f":{port}")]
 
+
+def test_a_gloo_push_commits_and_the_store_listens_only_where_the_servers_are(shm):
     async def go():
         async with fake_server(GlooEngine()) as (client, _, engine):
-            return await push_weights(source(3), [client.address], version=1, transport="gloo", timeout=60), engine
+            report = await push_weights(source(3), [client.address], version=1, transport="gloo", timeout=60)
+            (session,) = collective._SESSIONS.values()  # kept for the next push: its store stays open
+            return report, engine, listening(session.master.port)
 
-    report, engine = asyncio.run(go())
+    try:
+        report, engine, addresses = asyncio.run(go())
+    finally:
+        collective.close_sessions()
     assert report.ok and report.transport == "gloo", report.failed
     assert engine.weights == fingerprint(checkpoint(3).items())
+    assert addresses == ["127.0.0.1"], addresses  # not every interface
 
 
 def test_an_outsider_who_reaches_the_store_cannot_commit_its_weights(shm, monkeypatch):
     monkeypatch.setenv("FABRIC_COLLECTIVE_KEEP", "0")
-    monkeypatch.setenv("FABRIC_COLLECTIVE_TIMEOUT_S", "20")
+    monkeypatch.setenv("FABRIC_COLLECTIVE_TIMEOUT_S", "60")  # the outsider process starts slowly on a loaded host
     weights = source(4)
     said: list[str] = []
     real = dist.PrefixStore
@@ -67,7 +77,7 @@ def test_an_outsider_who_reaches_the_store_cannot_commit_its_weights(shm, monkey
 
     async def go():
         async with fake_server(GlooEngine()) as (client, _, engine):
-            report = await push_weights(weights, [client.address], version=1, transport="gloo", timeout=90)
+            report = await push_weights(weights, [client.address], version=1, transport="gloo", timeout=150)
             return report, engine
 
     report, engine = asyncio.run(go())

@@ -201,17 +201,22 @@ def _store(host: str, port: int, timeout: float):
 
 
 def _master_store(host: str, timeout: float):
-    """(store, its listening socket): torch's own store listens on every interface; this one only on the address the
-    servers reach the sender at. The socket must stay open as long as the store (torch serves on that very fd)."""
+    """The sender's store. torch's own listens on every interface; this one only on the address the servers reach
+    the sender at: a socket bound there, handed over (the store owns and closes the fd from then on)."""
     from torch.distributed import TCPStore
 
     listener = socket.create_server((host, 0), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
     listener.listen(128)
-    store = TCPStore(
-        host, listener.getsockname()[1], None, True, datetime.timedelta(seconds=timeout), wait_for_workers=False,
-        master_listen_fd=listener.fileno(),
-    )  # fmt: skip
-    return store, listener
+    try:
+        store = TCPStore(
+            host, listener.getsockname()[1], None, True, datetime.timedelta(seconds=timeout), wait_for_workers=False,
+            master_listen_fd=listener.fileno(),
+        )  # fmt: skip
+    except BaseException:
+        listener.close()
+        raise
+    listener.detach()
+    return store
 
 
 # ---- the per-update secret: only the sender that announced the update on the authenticated stream can steer it ---
@@ -515,7 +520,7 @@ class _Session:
 
     def __init__(self, key: tuple, host: str, timeout: float):
         self.key, self.host, self.timeout = key, host, timeout
-        self.master, self.listener = _master_store(host, timeout)
+        self.master = _master_store(host, timeout)
         self.store_address = f"{host}:{self.master.port}"
         self.base = f"fabric-{uuid.uuid4().hex[:12]}"
         self.seq = 0
@@ -537,7 +542,6 @@ class _Session:
         self.drop_group()
         self.buffers = []
         self.master = None
-        self.listener.close()
 
 
 _SESSIONS: dict[tuple, _Session] = {}
