@@ -26,8 +26,13 @@ Sleep drops a server's group (its NCCL buffers are GPU memory).
 
 Buckets are byte ranges of the staging layout (fabric.weights.staging), so a receiver's bucket is a contiguous slice of
 its staging memory and needs no unpacking; the sender packs each bucket (a device-local copy) into one of two
-buffers kept with the group. No crc32c on this path: gloo runs over TCP, NCCL over NVLink/InfiniBand with their own
-integrity.
+buffers kept with the group. No crc32c per bucket: the header carries the sender's digest of every tensor
+(fabric.weights.digest), which each server checks on its own memory before it votes.
+
+The store is open to whoever reaches it, so it is trusted with nothing: it listens only on the sender's address
+towards the servers, and the header (on the authenticated UpdateWeights stream) carries a secret of this update that
+signs (HMAC) each server's check-in and the sender's plan; a server skips a plan that is not signed with it, and a
+sender a check-in that is not. The sender counts a server as updated only when its own broadcast succeeded.
 """
 
 from __future__ import annotations
