@@ -199,9 +199,11 @@ class Group:
         self.pg = None
 
 
-def _store(host: str, port: int, timeout: float):
+def _store(host: str, port: int, is_master: bool, timeout: float):
     from torch.distributed import TCPStore
 
+    if is_master:
+        return _master_store(host, timeout)  # on a port of its own: `port` is for a client
     return TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=timeout))
 
 
@@ -408,7 +410,7 @@ class CollectiveReceiver:
             held = self._held
             if held is None or not held.matches(rv, base, timeout):
                 self._drop_held()  # another sender, or another deadline: that group is done
-                held = self._held = _Held(rv.store_address, base, timeout, _store(host, port, timeout))
+                held = self._held = _Held(rv.store_address, base, timeout, _store(host, port, False, timeout))
             store = PrefixStore(f"{base}/{seq}/", held.client)
             holding = held.pg_id if held.group is not None and held.header_rank == rv.rank else ""
             checkin = {"rank": rv.rank, "holding": holding}
