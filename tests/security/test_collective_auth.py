@@ -9,9 +9,12 @@ import asyncio
 import subprocess
 import sys
 
+import grpc
 import torch.distributed as dist
 
+from fabric.v1 import rollout_pb2, rollout_pb2_grpc
 from fabric.weights import manifest as mf
+from fabric.weights.digest import source_digests
 from fabric.weights.sender import push_weights
 from fabric.weights.staging import layout
 from fabric.weights.transports import collective
@@ -85,3 +88,54 @@ def test_an_outsider_who_reaches_the_store_cannot_commit_its_weights(shm, monkey
     assert engine.weights == fingerprint(checkpoint(4).items()), (said, report.results)  # never the outsider's
     assert report.ok, (said, report.failed)
     assert engine.commits == [1]
+
+
+def hand_made_header(weights, store_port: int, **rendezvous) -> rollout_pb2.UpdateWeightsHeader:
+    fields = dict(backend="gloo", store_address=f"127.0.0.1:{store_port}", world_size=2, rank=1,
+                  timeout_s=30.0, group_id="hand#1", secret="s" * 64)  # fmt: skip
+    fields.update(rendezvous)
+    return rollout_pb2.UpdateWeightsHeader(
+        weight_version=1,
+        manifest=weights.manifest,
+        transport="gloo",
+        collective=rollout_pb2.CollectiveRendezvous(**fields),
+        tensor_digests=source_digests(weights),
+    )
+
+
+def update(address: str, header) -> asyncio.Future:
+    async def requests():
+        yield rollout_pb2.UpdateWeightsRequest(header=header)
+
+    channel = grpc.aio.insecure_channel(address)
+    return rollout_pb2_grpc.RolloutServiceStub(channel).UpdateWeights(requests(), timeout=60)
+
+
+def test_an_infinite_header_deadline_is_clamped_and_tiny_buckets_are_refused(shm):
+    weights = source(5)
+    master = collective._master_store("127.0.0.1", 30)
+
+    async def go():
+        async with fake_server(GlooEngine()) as (client, _, engine):
+            try:
+                await update(client.address, hand_made_header(weights, master.port, bucket_bytes=1))
+                tiny = None
+            except grpc.aio.AioRpcError as exc:
+                tiny = exc
+            call = update(client.address, hand_made_header(weights, master.port, timeout_s=float("inf")))
+            store = dist.PrefixStore("hand/1/", master)
+            for _ in range(300):  # the server checks in (an infinite deadline was an OverflowError)
+                if store.check(["ready/1"]):
+                    break
+                await asyncio.sleep(0.1)
+            checked_in = store.check(["ready/1"])
+            plan = {"ranks": {}, "world": 1, "pg": "none/", "reason": "test: left out"}
+            store.set("go", collective._signed("s" * 64, "go", "hand#1", plan))
+            return tiny, checked_in, await call, engine
+
+    tiny, checked_in, response, engine = asyncio.run(go())
+    assert tiny is not None and tiny.code() == grpc.StatusCode.INVALID_ARGUMENT and "bucket_bytes" in tiny.details()
+    assert checked_in
+    (result,) = response.results
+    assert not result.committed and "left out" in result.error.message, result
+    assert engine.commits == []
