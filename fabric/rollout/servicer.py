@@ -24,8 +24,8 @@ from fabric.v1 import rollout_pb2, rollout_pb2_grpc
 log = logging.getLogger(__name__)
 
 _END = object()  # ends a stream's response queue
-# Responses a stream may hold that its client has not read: past it, the stream's requests wait (backpressure);
-# what is already admitted still lands, so the queue stays under this plus the requests in flight.
+# Responses a stream may hold that its client has not read, plus its requests still owed answers: past it, the
+# stream's next request is not read (backpressure), so the queue stays under this times the samples per request.
 MAX_UNSENT_RESPONSES = 256
 
 # The engine's plain enums <-> the wire's.
@@ -53,8 +53,9 @@ class _Stream:
     taken: asyncio.Event = field(default_factory=asyncio.Event)  # set when the call takes a response off `out`
 
     async def room(self) -> None:
-        """Backpressure: while the client leaves MAX_UNSENT_RESPONSES unread, its next request is not read."""
-        while self.out.qsize() >= MAX_UNSENT_RESPONSES:
+        """Backpressure: while the client's unread responses and its requests still owed answers reach
+        MAX_UNSENT_RESPONSES, its next request is not read."""
+        while self.out.qsize() + len(self.live) >= MAX_UNSENT_RESPONSES:
             self.taken.clear()
             await self.taken.wait()
 
