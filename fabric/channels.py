@@ -4,6 +4,8 @@
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # Calls (streams included) one server runs at once; more are refused RESOURCE_EXHAUSTED.
 MAX_CONCURRENT_RPCS = 1024
+# Calls open without a token (health) run within a budget of their own, on top: they cannot starve the others.
+OPEN_CALL_SLOTS = 64
 SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

@@ -11,7 +11,8 @@ security:
 ```
 A process calls `configure(SecurityConfig.from_cfg(cfg))` once; servers (fabric.server.FabricServer) and every
 channel the fabric opens (`channel()` / `sync_channel()`) then follow it. Health checks stay open (no token), so load
-balancers and launchers can probe. With TLS on, the raw-TCP weight data plane is off (weights go over gRPC/TLS).
+balancers and launchers can probe. With TLS on, the weight paths TLS does not cover (raw TCP, gloo, NCCL) are not
+offered unless `unprotected_weight_paths` lists them (weights go over gRPC/TLS, or IPC on one host).
 """
 
 from __future__ import annotations
@@ -26,7 +27,13 @@ from fabric.channels import CHANNEL_OPTIONS
 from fabric.config.loader import ConfigError
 
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
-SECURITY_KEYS = {"token", "token_file", "tls_cert", "tls_key", "tls_ca", "require_client_cert", "server_name"}
+SECURITY_KEYS = {
+    "token", "token_file", "tls_cert", "tls_key", "tls_ca", "require_client_cert", "server_name",
+    "unprotected_weight_paths",
+}  # fmt: skip
+# Weight data paths that TLS does not cover (their bytes cross the network in clear, checked by digest only): under
+# TLS a rollout server offers them only when `security.unprotected_weight_paths` lists them.
+UNPROTECTED_WEIGHT_PATHS = ("tcp", "gloo", "nccl")
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,7 @@ class SecurityConfig:
     tls_ca: bytes | None = None
     require_client_cert: bool = False
     server_name: str | None = None  # TLS name to verify when addresses are IPs the certificate does not list
+    unprotected_weight_paths: frozenset[str] = frozenset()  # offered under TLS all the same (the config says so)
 
     @property
     def tls(self) -> bool:
@@ -73,7 +81,21 @@ class SecurityConfig:
         require = bool(section.get("require_client_cert", False))
         if require and (ca is None or cert is None):
             raise ConfigError("security.require_client_cert", "mutual TLS needs tls_ca, tls_cert and tls_key")
-        return cls(str(token) if token is not None else None, cert, key, ca, require, section.get("server_name"))
+        paths = section.get("unprotected_weight_paths") or []
+        if isinstance(paths, str) or not all(p in UNPROTECTED_WEIGHT_PATHS for p in paths):
+            raise ConfigError(
+                "security.unprotected_weight_paths",
+                f"a list of {', '.join(UNPROTECTED_WEIGHT_PATHS)} (paths offered under TLS though TLS does not "
+                f"cover them), got {paths!r}",
+            )
+        return cls(
+            str(token) if token is not None else None, cert, key, ca, require, section.get("server_name"),
+            frozenset(paths),
+        )  # fmt: skip
+
+    def offers_weight_path(self, name: str) -> bool:
+        """Under TLS, a path TLS does not cover is offered only when the config lists it."""
+        return not self.tls or name not in UNPROTECTED_WEIGHT_PATHS or name in self.unprotected_weight_paths
 
     # ---- server side ------------------------------------------------------------------------------------------
 

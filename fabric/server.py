@@ -7,6 +7,7 @@ import asyncio
 import inspect
 import logging
 import signal
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
@@ -14,7 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from fabric import security
-from fabric.channels import MAX_CONCURRENT_RPCS, SERVER_OPTIONS
+from fabric.channels import MAX_CONCURRENT_RPCS, OPEN_CALL_SLOTS, SERVER_OPTIONS
 from fabric.errors import FabricError, invalid
 
 log = logging.getLogger(__name__)
@@ -33,16 +34,20 @@ class FabricServer:
         credentials: grpc.ServerCredentials | None = None,
         on_drain: Callable[[float], Awaitable[None]] | None = None,
         max_concurrent_rpcs: int | None = MAX_CONCURRENT_RPCS,
+        open_call_slots: int = OPEN_CALL_SLOTS,
     ):
         sec = security.current()  # the process's `security` section: token interceptor, TLS credentials
         if interceptors is None:
             interceptors = sec.server_interceptors()
         credentials = credentials or sec.server_credentials()
         self.service_names = list(service_names)
+        # Calls that need no token (health) have a budget of their own on top of everyone else's, so they cannot
+        # take the slots of authenticated calls.
+        total = max_concurrent_rpcs + open_call_slots if max_concurrent_rpcs is not None else None
         self.server = grpc.aio.server(
-            interceptors=[*interceptors, ErrorInterceptor()],
+            interceptors=[OpenCallBudget(open_call_slots), *interceptors, ErrorInterceptor()],
             options=SERVER_OPTIONS,
-            maximum_concurrent_rpcs=max_concurrent_rpcs,  # beyond it: RESOURCE_EXHAUSTED, not unbounded memory
+            maximum_concurrent_rpcs=total,  # beyond it: RESOURCE_EXHAUSTED, not unbounded memory
         )
         register(self.server)
         self.health = health.aio.HealthServicer()
@@ -103,6 +108,52 @@ def print_ready(kind: str) -> Callable[[str], None]:
     return ready
 
 
+class OpenCallBudget(grpc.aio.ServerInterceptor):
+    """At most `slots` calls at once to the methods open without a token (health); more get RESOURCE_EXHAUSTED."""
+
+    def __init__(self, slots: int):
+        self.slots = slots
+        self.active = 0
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or not handler_call_details.method.startswith(security.OPEN_METHOD_PREFIXES):
+            return handler
+        kwargs = dict(
+            request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        )
+        message = f"more than {self.slots} open health calls at once: close some (a Watch lasts until closed)"
+
+        if handler.unary_stream is not None:
+            inner_stream = handler.unary_stream
+
+            async def unary_stream(request, context):
+                if self.active >= self.slots:
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+                self.active += 1
+                try:
+                    async for response in _responses(inner_stream(request, context)):
+                        yield response
+                finally:
+                    self.active -= 1
+
+            return grpc.unary_stream_rpc_method_handler(unary_stream, **kwargs)
+        if handler.unary_unary is not None:
+            inner_unary = handler.unary_unary
+
+            async def unary_unary(request, context):
+                if self.active >= self.slots:
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+                self.active += 1
+                try:
+                    return await inner_unary(request, context)
+                finally:
+                    self.active -= 1
+
+            return grpc.unary_unary_rpc_method_handler(unary_unary, **kwargs)
+        return handler
+
+
 class _Unparseable:
     """What the guarded deserializer hands on instead of raising: the bytes were no message of the RPC's type."""
 
@@ -158,6 +209,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                             raise _unparseable(bad[0])
                     except FabricError as err:
                         await context.abort_with_status(err.to_status())
+                    except grpc.aio.AbortError:
+                        raise
+                    except Exception as exc:  # a bug, not the caller's: its text stays in the log
+                        await _internal(context, handler_call_details.method, exc)
 
                 return grpc.stream_stream_rpc_method_handler(stream_stream, **kwargs)
 
@@ -169,6 +224,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     return response
                 except FabricError as err:
                     await context.abort_with_status(err.to_status())
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:  # a bug, not the caller's: its text stays in the log
+                    await _internal(context, handler_call_details.method, exc)
 
             return grpc.stream_unary_rpc_method_handler(stream_unary, **kwargs)
 
@@ -184,6 +243,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                         yield response
                 except FabricError as err:
                     await context.abort_with_status(err.to_status())
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:  # a bug, not the caller's: its text stays in the log
+                    await _internal(context, handler_call_details.method, exc)
 
             return grpc.unary_stream_rpc_method_handler(unary_stream, **kwargs)
 
@@ -194,8 +257,19 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 return await inner(request, context)
             except FabricError as err:
                 await context.abort_with_status(err.to_status())
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:  # a bug, not the caller's: its text stays in the log
+                await _internal(context, handler_call_details.method, exc)
 
         return grpc.unary_unary_rpc_method_handler(unary_unary, **kwargs)
+
+
+async def _internal(context, method: str, exc: Exception) -> None:
+    """An unexpected error: the client gets a generic message and an id; the server's log has the id and the trace."""
+    error_id = uuid.uuid4().hex[:12]
+    log.error("unexpected error %s in %s", error_id, method, exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error (id {error_id}): the server's log has the details")
 
 
 async def _responses(result):

@@ -19,8 +19,8 @@ def serve(**kwargs) -> tuple[FabricServer, str]:
 
 
 def test_calls_beyond_the_limit_are_resource_exhausted():
-    async def scenario():
-        server, address = serve(max_concurrent_rpcs=2)
+    async def scenario():  # health has a budget of its own (tests/security/test_health_budget.py): here 2 calls
+        server, address = serve(max_concurrent_rpcs=2, open_call_slots=2)
         await server.start()
         async with grpc.aio.insecure_channel(address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)

@@ -123,6 +123,7 @@ def role_section(cfg: DictConfig, role: str) -> DictConfig:
     return cfg[role]
 
 
+MAX_DEVICE_IDS = 1 << 16
 _RANGE_RE = re.compile(r"^\s*list\s*\(\s*range\s*\((.*)\)\s*\)\s*$")
 _LIST_RE = re.compile(r"^\s*list\s*\(\s*(\[.*\])\s*\)\s*$")
 
@@ -150,7 +151,10 @@ def parse_device_mapping(value: Any, key: str = "device_mapping") -> list[int]:
             args = [int(a) for a in match.group(1).split(",") if a.strip()]
             if not 1 <= len(args) <= 3:
                 raise ValueError
-            ids = list(range(*args))
+            span = range(*args)
+            if len(span) > MAX_DEVICE_IDS:  # measured before it is built: list(range(0, 10**9)) would not fit
+                raise ConfigError(key, f"{value!r} names {len(span)} devices; at most {MAX_DEVICE_IDS}")
+            ids = list(span)
         else:
             listed = _LIST_RE.match(text)
             text = listed.group(1) if listed else text
@@ -161,6 +165,8 @@ def parse_device_mapping(value: Any, key: str = "device_mapping") -> list[int]:
         if any(isinstance(v, bool) or v < 0 for v in ids):
             raise ValueError
         return ids
+    except ConfigError:
+        raise
     except (ValueError, SyntaxError, TypeError):
         raise ConfigError(
             key, f"cannot parse {value!r}: write list(range(0,8)), list([4,5,12,13]), [0,1,2] or 0,1,2"

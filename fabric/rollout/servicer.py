@@ -24,6 +24,9 @@ from fabric.v1 import rollout_pb2, rollout_pb2_grpc
 log = logging.getLogger(__name__)
 
 _END = object()  # ends a stream's response queue
+# Responses a stream may hold that its client has not read, plus its requests still owed answers: past it, the
+# stream's next request is not read (backpressure), so the queue stays under this times the samples per request.
+MAX_UNSENT_RESPONSES = 256
 
 # The engine's plain enums <-> the wire's.
 _FINISH_REASONS = {
@@ -47,6 +50,14 @@ class _Stream:
     out: asyncio.Queue = field(default_factory=asyncio.Queue)
     live: dict[str, _Request] = field(default_factory=dict)
     reading: bool = True
+    taken: asyncio.Event = field(default_factory=asyncio.Event)  # set when the call takes a response off `out`
+
+    async def room(self) -> None:
+        """Backpressure: while the client's unread responses and its requests still owed answers reach
+        MAX_UNSENT_RESPONSES, its next request is not read."""
+        while self.out.qsize() + len(self.live) >= MAX_UNSENT_RESPONSES:
+            self.taken.clear()
+            await self.taken.wait()
 
     def end_if_done(self) -> None:
         """The client sent its last request and every one is answered: end the stream."""
@@ -107,6 +118,7 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         try:
             while True:
                 item = await stream.out.get()
+                stream.taken.set()
                 if item is _END:
                     return
                 if isinstance(item, FabricError):
@@ -122,6 +134,7 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
     async def _read(self, stream: _Stream, request_iterator) -> None:
         try:
             async for request in request_iterator:
+                await stream.room()
                 refusal = self._asleep()
                 if refusal:  # stream-level: the whole call ends UNAVAILABLE
                     stream.out.put_nowait(refusal)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import grpc
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, ValueNode
 from rich.console import Console
 from rich.live import Live
 
@@ -33,6 +33,34 @@ EXIT_SERVER_DIED = 3
 def gpu_env(devices: str | None) -> dict[str, str] | None:
     """A process's CUDA_VISIBLE_DEVICES from its role's device_mapping (None: it sees what the launcher sees)."""
     return {"CUDA_VISIBLE_DEVICES": devices} if devices is not None else None
+
+
+def keep_env_interpolations(raw, resolved_cfg):
+    """`resolved_cfg` with every value that came from `${oc.env:...}` put back as written: the processes of the run
+    inherit the environment and resolve it themselves, and the secret it may hold is never written to disk."""
+
+    def walk(raw_node, value):
+        if isinstance(value, dict) and isinstance(raw_node, DictConfig):
+            return {k: walk(raw_node._get_node(k), v) if k in raw_node else v for k, v in value.items()}
+        if isinstance(value, list) and isinstance(raw_node, ListConfig) and len(raw_node) == len(value):
+            return [walk(raw_node._get_node(i), v) for i, v in enumerate(value)]
+        text = raw_node._value() if isinstance(raw_node, ValueNode) else None
+        return text if isinstance(text, str) and "oc.env" in text else value
+
+    return OmegaConf.create(walk(raw, OmegaConf.to_container(resolved_cfg, resolve=False)))
+
+
+def save_run_config(cfg, path: Path) -> None:
+    """The config every process of the run reads: resolved once, `${oc.env:...}` kept as written, mode 0600."""
+    write_private(path, OmegaConf.to_yaml(keep_env_interpolations(cfg, resolved_for_processes(cfg))))
+
+
+def write_private(path: Path, text: str) -> None:
+    """Writes a file only its owner can read (0600 from its creation on): what a run writes may hold secrets."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an older file of the same name keeps its mode through O_TRUNC
+    with os.fdopen(fd, "w") as file:
+        file.write(text)
 
 
 class RunFailed(RuntimeError):
@@ -61,7 +89,7 @@ class Launcher:
             for role in ("actor_train", "actor_infer")
         }
         self.config_file = self.out / "config.yaml"
-        OmegaConf.save(resolved_for_processes(cfg), self.config_file)
+        save_run_config(cfg, self.config_file)
         self.servers: list[ServerProcess] = []
         self.trainer: ServerProcess | None = None
         self.lost: set[str] = set()

@@ -50,7 +50,16 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
     async def SaveCheckpoint(self, request, context):
         t = self.trainer
-        path = Path(request.path) if request.path else t.pc.out / "checkpoints" / f"step_{t.step}"
+        out = Path(t.pc.out).resolve()
+        # a token holder names the folder, the trainer writes it: only under the trainer's own output folder
+        path = (out / request.path).resolve() if request.path else out / "checkpoints" / f"step_{t.step}"
+        if not path.is_relative_to(out) or path == out:
+            raise invalid(
+                "path",
+                f"{request.path!r} is outside the trainer's output folder {out}: name a folder inside it "
+                "(a relative path is taken from there)",
+                "PATH_OUTSIDE_OUTPUT",
+            )
         if path.exists() and any(path.iterdir()) and not (path / "config.json").exists():
             raise invalid("path", f"{path} exists and is not a checkpoint: pick an empty directory")
         async with t.lock:  # between steps: never a half-updated model

@@ -118,7 +118,7 @@ class UpdateWeightsRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[UpdateWeightsHeader, _Mapping]] = ..., chunk: _Optional[_Union[_weights_pb2.WeightChunk, _Mapping]] = ...) -> None: ...
 
 class UpdateWeightsHeader(_message.Message):
-    __slots__ = ("weight_version", "manifest", "relay_targets", "chunk_indices", "transport", "collective", "ipc")
+    __slots__ = ("weight_version", "manifest", "relay_targets", "chunk_indices", "transport", "collective", "ipc", "tensor_digests")
     WEIGHT_VERSION_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     RELAY_TARGETS_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +126,7 @@ class UpdateWeightsHeader(_message.Message):
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     COLLECTIVE_FIELD_NUMBER: _ClassVar[int]
     IPC_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_DIGESTS_FIELD_NUMBER: _ClassVar[int]
     weight_version: int
     manifest: _weights_pb2.WeightManifest
     relay_targets: _containers.RepeatedScalarFieldContainer[str]
@@ -133,7 +134,8 @@ class UpdateWeightsHeader(_message.Message):
     transport: str
     collective: CollectiveRendezvous
     ipc: IpcHandles
-    def __init__(self, weight_version: _Optional[int] = ..., manifest: _Optional[_Union[_weights_pb2.WeightManifest, _Mapping]] = ..., relay_targets: _Optional[_Iterable[str]] = ..., chunk_indices: _Optional[_Iterable[int]] = ..., transport: _Optional[str] = ..., collective: _Optional[_Union[CollectiveRendezvous, _Mapping]] = ..., ipc: _Optional[_Union[IpcHandles, _Mapping]] = ...) -> None: ...
+    tensor_digests: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, weight_version: _Optional[int] = ..., manifest: _Optional[_Union[_weights_pb2.WeightManifest, _Mapping]] = ..., relay_targets: _Optional[_Iterable[str]] = ..., chunk_indices: _Optional[_Iterable[int]] = ..., transport: _Optional[str] = ..., collective: _Optional[_Union[CollectiveRendezvous, _Mapping]] = ..., ipc: _Optional[_Union[IpcHandles, _Mapping]] = ..., tensor_digests: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class IpcHandles(_message.Message):
     __slots__ = ("gpu_uuid", "tensors")
@@ -144,7 +146,7 @@ class IpcHandles(_message.Message):
     def __init__(self, gpu_uuid: _Optional[str] = ..., tensors: _Optional[bytes] = ...) -> None: ...
 
 class CollectiveRendezvous(_message.Message):
-    __slots__ = ("backend", "store_address", "world_size", "rank", "bucket_bytes", "timeout_s", "group_id")
+    __slots__ = ("backend", "store_address", "world_size", "rank", "bucket_bytes", "timeout_s", "group_id", "secret")
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     STORE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -152,6 +154,7 @@ class CollectiveRendezvous(_message.Message):
     BUCKET_BYTES_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
     backend: str
     store_address: str
     world_size: int
@@ -159,7 +162,8 @@ class CollectiveRendezvous(_message.Message):
     bucket_bytes: int
     timeout_s: float
     group_id: str
-    def __init__(self, backend: _Optional[str] = ..., store_address: _Optional[str] = ..., world_size: _Optional[int] = ..., rank: _Optional[int] = ..., bucket_bytes: _Optional[int] = ..., timeout_s: _Optional[float] = ..., group_id: _Optional[str] = ...) -> None: ...
+    secret: str
+    def __init__(self, backend: _Optional[str] = ..., store_address: _Optional[str] = ..., world_size: _Optional[int] = ..., rank: _Optional[int] = ..., bucket_bytes: _Optional[int] = ..., timeout_s: _Optional[float] = ..., group_id: _Optional[str] = ..., secret: _Optional[str] = ...) -> None: ...
 
 class UpdateWeightsResponse(_message.Message):
     __slots__ = ("results",)

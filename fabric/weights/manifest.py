@@ -130,7 +130,7 @@ def check_manifest(
         )
     if manifest.total_bytes != total:
         raise invalid("header.manifest.total_bytes", f"{manifest.total_bytes} does not match the tensors' sum {total}")
-    covered = [0] * len(manifest.tensors)
+    ranges: list[list[tuple[int, int, int]]] = [[] for _ in manifest.tensors]
     for i, chunk in enumerate(manifest.chunks):
         if not 0 <= chunk.tensor_index < len(manifest.tensors):
             raise invalid(f"header.manifest.chunks[{i}]", f"tensor_index {chunk.tensor_index} out of range")
@@ -142,10 +142,23 @@ def check_manifest(
                 f"runs past the end of tensor {spec.name!r} ({spec.nbytes} bytes)",
                 "CHUNK_OUT_OF_BOUNDS",
             )
-        covered[chunk.tensor_index] += chunk.length
-    for spec, n in zip(manifest.tensors, covered, strict=True):
-        if n != spec.nbytes:
-            raise invalid("header.manifest.chunks", f"chunks cover {n} of the {spec.nbytes} bytes of {spec.name!r}")
+        ranges[chunk.tensor_index].append((chunk.offset, chunk.length, i))
+    # The chunks must tile each tensor: lengths that add up are not enough (two chunks over one half would leave
+    # the other half holding whatever the staging file held before).
+    for spec, spans in zip(manifest.tensors, ranges, strict=True):
+        end = 0
+        for offset, length, i in sorted(spans):
+            if offset != end and length:
+                what = "overlaps the chunk before it" if offset < end else f"leaves [{end}, {offset}) unsent"
+                raise invalid(
+                    f"header.manifest.chunks[{i}]",
+                    f"chunk [{offset}, {offset + length}) of tensor {spec.name!r} {what}: chunks must cover each "
+                    "tensor exactly once",
+                    "CHUNKS_DO_NOT_TILE",
+                )
+            end = max(end, offset + length)
+        if end != spec.nbytes:
+            raise invalid("header.manifest.chunks", f"chunks cover {end} of the {spec.nbytes} bytes of {spec.name!r}")
 
 
 def expected_from_hf_config(hf_config, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

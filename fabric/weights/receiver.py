@@ -33,10 +33,12 @@ class WeightReceiver:
         self.engine_transports = list(extra(self.store)) if extra is not None else []
 
     def _transports(self) -> list:
-        if self.tcp is None and not security.current().tls:  # the data plane has no encryption
+        config = security.current()
+        if self.tcp is None and config.offers_weight_path("tcp"):  # the data plane has no encryption
             host = host_of(self.server_name)
             self.tcp = TcpDataPlane(self.store, host, asyncio.get_running_loop())
-        return [*self.engine_transports, *([self.tcp] if self.tcp else []), self.grpc]
+        engine = [t for t in self.engine_transports if config.offers_weight_path(t.name)]
+        return [*engine, *([self.tcp] if self.tcp else []), self.grpc]
 
     def status(self) -> rollout_pb2.GetWeightsStatusResponse:
         response = rollout_pb2.GetWeightsStatusResponse()

@@ -19,11 +19,13 @@ import time
 from dataclasses import dataclass, field
 
 import grpc
+import torch
 
 from fabric.errors import FabricError, invalid, precondition, unavailable
 from fabric.rollout.engine import SleepState
 from fabric.v1 import rollout_pb2, weights_pb2
 from fabric.weights import manifest as mf
+from fabric.weights.digest import DIGEST_BYTES, digest_bytes
 from fabric.weights.staging import StagingBuffer, layout
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,8 @@ class StagedVersion:
     commit_seconds: float = 0.0
     failed: FabricError | None = None
     streams: int = 0  # open streams feeding it now; 0: a partial version left by a broken stream, kept to resume
+    tensor_digests: tuple[bytes, ...] = ()  # the sender's content digests (fabric.weights.digest); () : unchecked
+    content_checked: bool = False  # a transport that received into memory of its own checked the digests there
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -90,6 +94,7 @@ class VersionStore:
         if self.engine.sleep_state == SleepState.ASLEEP:
             raise unavailable("the server is asleep: WakeUp(tags=['weights']) before sending weights", "ASLEEP")
         mf.check_manifest(header.manifest, self.expected, self.optional)
+        digests = _check_digests(header)
         digest = mf.digest(header.manifest)
         with self._lock:
             staged = self.staged
@@ -100,6 +105,15 @@ class VersionStore:
                         f"(digest {staged.digest}): resend the same tensors and chunking, or use a new version",
                         "MANIFEST_CHANGED",
                         "header.manifest",
+                    )
+                if digests and not staged.tensor_digests:
+                    staged.tensor_digests = digests  # the whole version is checked at commit, what came before too
+                elif digests and digests != staged.tensor_digests:
+                    raise precondition(
+                        f"version {version} is already being staged with other content digests: resend the same "
+                        "tensors, or use a new version",
+                        "CONTENT_CHANGED",
+                        "header.tensor_digests",
                     )
                 staged.streams += 1
                 return staged  # a resume or a parallel stream of the same version
@@ -126,6 +140,7 @@ class VersionStore:
                 version, header.manifest, digest, self._buffer_locked(specs), bytearray(len(header.manifest.chunks))
             )
             self.staged.streams = 1
+            self.staged.tensor_digests = digests
             return self.staged
 
     def release(self, staged: StagedVersion | None) -> None:
@@ -240,7 +255,13 @@ class VersionStore:
         if staged.complete and not staged.committed and staged.failed is None:
             async with self._commit_lock:
                 if not staged.committed and staged.failed is None:
-                    await self._commit(staged)
+                    if staged.version <= self.serving_version:
+                        # a newer version committed while this one was arriving: serving it now would go back
+                        self.fail(staged, self._superseded(staged))
+                    elif not self._content_matches(staged):
+                        pass  # failed (and dropped) by the check
+                    else:
+                        await self._commit(staged)
         if not staged.complete and wait_for_others and staged.failed is None:
             try:  # parallel streams of one version: the last to finish commits, the others wait for it
                 await asyncio.wait_for(staged.done.wait(), timeout=PARALLEL_STREAM_WAIT_S)
@@ -252,6 +273,26 @@ class VersionStore:
         result.seconds = time.perf_counter() - started
         result.commit_seconds = staged.commit_seconds
         return result
+
+    @staticmethod
+    def _superseded(staged: StagedVersion) -> FabricError:
+        return precondition(
+            f"version {staged.version} arrived after a newer version committed: it is not served (versions never go "
+            "back); send a version newer than the serving one",
+            "STALE_VERSION",
+            "header.weight_version",
+        )
+
+    def _content_matches(self, staged: StagedVersion) -> bool:
+        """The staged bytes against the sender's digests (when it sent them); a mismatch fails and drops the version."""
+        if not staged.tensor_digests or staged.content_checked:
+            return True
+        assert staged.buffer is not None
+        bad = content_mismatch(staged, staged.buffer.tensor)
+        if bad is not None:
+            self.fail(staged, bad)
+            return False
+        return True
 
     def _update_info(self, staged: StagedVersion) -> dict:
         assert staged.buffer is not None  # complete versions keep their buffer until committed or dropped
@@ -334,3 +375,31 @@ class VersionStore:
             if self._spare is not None:
                 self._spare.close()
                 self._spare = None
+
+
+def _check_digests(header: rollout_pb2.UpdateWeightsHeader) -> tuple[bytes, ...]:
+    digests = tuple(header.tensor_digests)
+    if digests and (len(digests) != len(header.manifest.tensors) or any(len(d) != DIGEST_BYTES for d in digests)):
+        raise invalid(
+            "header.tensor_digests",
+            f"one {DIGEST_BYTES}-byte digest per tensor of the manifest ({len(header.manifest.tensors)}), got "
+            f"{len(digests)}: compute them with fabric.weights.digest.tensor_digests, or send none",
+            "BAD_DIGESTS",
+        )
+    return digests
+
+
+def content_mismatch(staged: StagedVersion, tensor_bytes) -> FabricError | None:
+    """The first tensor whose bytes (`tensor_bytes(i)`: any tensor, any device) do not match the sender's digest."""
+    for i, want in enumerate(staged.tensor_digests):
+        got = digest_bytes(tensor_bytes(i).reshape(-1).view(torch.uint8))
+        if got != want:
+            name = staged.manifest.tensors[i].name
+            return FabricError(
+                grpc.StatusCode.DATA_LOSS,
+                f"the bytes of tensor {name!r} received for version {staged.version} do not match the sender's "
+                "digest (written by someone else, or never written): the version is dropped, resend it",
+                "CONTENT_MISMATCH",
+                "header.tensor_digests",
+            )
+    return None

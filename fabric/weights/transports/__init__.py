@@ -22,6 +22,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 from fabric.v1 import rollout_pb2
+from fabric.weights.digest import source_digests
 
 if TYPE_CHECKING:
     from fabric.weights.sender import PushReport, WeightSource
@@ -105,6 +106,8 @@ class SendJob:
             relay_targets=self.relay_targets,
             chunk_indices=self.chunks or [],
             transport=transport,
+            # ipc lands in the engine's memory, not the staging file: it checks its own (issue 21, the lead's)
+            tensor_digests=[] if transport == "ipc" else source_digests(self.source),
         )
 
     @property

@@ -26,8 +26,13 @@ Sleep drops a server's group (its NCCL buffers are GPU memory).
 
 Buckets are byte ranges of the staging layout (fabric.weights.staging), so a receiver's bucket is a contiguous slice of
 its staging memory and needs no unpacking; the sender packs each bucket (a device-local copy) into one of two
-buffers kept with the group. No crc32c on this path: gloo runs over TCP, NCCL over NVLink/InfiniBand with their own
-integrity.
+buffers kept with the group. No crc32c per bucket: the header carries the sender's digest of every tensor
+(fabric.weights.digest), which each server checks on its own memory before it votes.
+
+The store is open to whoever reaches it, so it is trusted with nothing: it listens only on the sender's address
+towards the servers, and the header (on the authenticated UpdateWeights stream) carries a secret of this update that
+signs (HMAC) each server's check-in and the sender's plan; a server skips a plan that is not signed with it, and a
+sender a check-in that is not. The sender counts a server as updated only when its own broadcast succeeded.
 """
 
 from __future__ import annotations
@@ -36,9 +41,12 @@ import asyncio
 import atexit
 import contextlib
 import datetime
+import hashlib
+import hmac
 import json
 import logging
 import os
+import secrets
 import socket
 import threading
 import time
@@ -48,12 +56,17 @@ import torch
 
 from fabric.errors import FabricError, invalid
 from fabric.v1 import rollout_pb2
+from fabric.weights.digest import source_digests
 from fabric.weights.staging import DTYPES_BY_NAME, layout
+from fabric.weights.versions import content_mismatch
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BUCKET_BYTES = 1 << 30  # ROLL's 1 GiB
 DEFAULT_TIMEOUT_S = 60.0  # forming the group, and each collective after it
+MAX_TIMEOUT_S = 600.0  # a header's timeout_s is clamped to this (it holds the server's group as long)
+MIN_BUCKET_BYTES = 64 * 1024  # smaller buckets from a header are refused (one list entry and one broadcast each)
+MIN_SECRET_CHARS = 32
 BACKENDS = ("gloo", "nccl")
 # NCCL in torch: a collective that times out makes the watchdog tear the process down by default. The fabric has its own
 # deadlines and aborts the group itself, so the watchdog only cleans up (2) and never kills a rollout server.
@@ -189,10 +202,54 @@ class Group:
 def _store(host: str, port: int, is_master: bool, timeout: float):
     from torch.distributed import TCPStore
 
-    delta = datetime.timedelta(seconds=timeout)
     if is_master:
-        return TCPStore(host, port, is_master=True, wait_for_workers=False, timeout=delta)
-    return TCPStore(host, port, is_master=False, timeout=delta)
+        return _master_store(host, timeout)  # on a port of its own: `port` is for a client
+    return TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=timeout))
+
+
+def _master_store(host: str, timeout: float):
+    """The sender's store. torch's own listens on every interface; this one only on the address the servers reach
+    the sender at: a socket bound there, handed over (the store owns and closes the fd from then on)."""
+    from torch.distributed import TCPStore
+
+    listener = socket.create_server((host, 0), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    listener.listen(128)
+    try:
+        store = TCPStore(
+            host, listener.getsockname()[1], None, True, datetime.timedelta(seconds=timeout), wait_for_workers=False,
+            master_listen_fd=listener.fileno(),
+        )  # fmt: skip
+    except BaseException:
+        listener.close()
+        raise
+    listener.detach()
+    return store
+
+
+# ---- the per-update secret: only the sender that announced the update on the authenticated stream can steer it ---
+
+
+def _mac(secret: str, *parts: str) -> str:
+    return hmac.new(secret.encode(), "\x00".join(parts).encode(), hashlib.sha256).hexdigest()
+
+
+def _signed(secret: str, kind: str, group_id: str, body: dict) -> bytes:
+    text = json.dumps(body, sort_keys=True)
+    return json.dumps({"body": text, "mac": _mac(secret, kind, group_id, text)}).encode()
+
+
+def _verified(secret: str, kind: str, group_id: str, raw: bytes) -> dict | None:
+    """The body of a value signed with this update's secret, or None (planted by someone else, or garbled)."""
+    try:
+        value = json.loads(raw)
+        text, mac = value["body"], value["mac"]
+        expected = _mac(secret, kind, group_id, str(text))
+        if isinstance(text, str) and isinstance(mac, str) and hmac.compare_digest(mac, expected):
+            body = json.loads(text)
+            return body if isinstance(body, dict) else None
+    except (ValueError, KeyError, TypeError):
+        pass
+    return None
 
 
 # ---- receiver --------------------------------------------------------------------------------------------------
@@ -261,6 +318,7 @@ class CollectiveReceiver:
     async def receive(self, store, header, staged, request_iterator, time_remaining):
         started = time.perf_counter()
         rv = header.collective
+        err = None
         if rv.backend != self.backend or not rv.store_address or rv.world_size < 2 or not 1 <= rv.rank < rv.world_size:
             err = invalid(
                 "header.collective",
@@ -268,9 +326,25 @@ class CollectiveReceiver:
                 f"1 <= rank < world_size (got backend {rv.backend!r}, rank {rv.rank} of {rv.world_size})",
                 "BAD_RENDEZVOUS",
             )
+        elif len(rv.secret) < MIN_SECRET_CHARS or not header.tensor_digests:
+            err = invalid(
+                "header.collective.secret",
+                f"a {self.backend} update needs this update's secret (at least {MIN_SECRET_CHARS} characters) and "
+                "header.tensor_digests: the store is open to anyone who reaches it, so the server trusts only what "
+                "the secret signs and commits only bytes that match the digests",
+                "BAD_RENDEZVOUS",
+            )
+        elif 0 < rv.bucket_bytes < MIN_BUCKET_BYTES:
+            err = invalid(
+                "header.collective.bucket_bytes",
+                f"{rv.bucket_bytes} is below the minimum of {MIN_BUCKET_BYTES} bytes a bucket",
+                "BAD_RENDEZVOUS",
+            )
+        if err is not None:
             store.fail(staged, err)
             raise err
-        timeout = rv.timeout_s if rv.timeout_s > 0 else DEFAULT_TIMEOUT_S
+        # every wait of the update uses it: a huge or infinite one would hold this server's group that long
+        timeout = min(rv.timeout_s, MAX_TIMEOUT_S) if rv.timeout_s > 0 else DEFAULT_TIMEOUT_S
         # The thread writes into the staged buffer: this call must not return (and let the store reuse the buffer)
         # before it ends, which its deadlines bound, even when the sender's stream is cancelled.
         work = asyncio.ensure_future(asyncio.to_thread(self._run, staged, rv, timeout))
@@ -313,8 +387,7 @@ class CollectiveReceiver:
             if not buffer.size:
                 return torch.empty(0, dtype=torch.uint8)
             return torch.frombuffer(buffer.read(0, 0, buffer.size), dtype=torch.uint8)
-        specs = [(t.name, DTYPES_BY_NAME[_dtype_name(t.dtype)], tuple(t.shape)) for t in staged.manifest.tensors]
-        return self.staging.allocate(staged.version, specs)
+        return self.staging.allocate(staged.version, _specs(staged))
 
     def _run(self, staged, rv, timeout: float) -> tuple[Exception | None, dict]:
         """Joins (or reuses) the group and receives every bucket; returns (the error or None, timings)."""
@@ -340,9 +413,9 @@ class CollectiveReceiver:
                 held = self._held = _Held(rv.store_address, base, timeout, _store(host, port, False, timeout))
             store = PrefixStore(f"{base}/{seq}/", held.client)
             holding = held.pg_id if held.group is not None and held.header_rank == rv.rank else ""
-            store.set(f"ready/{rv.rank}", holding)
-            store.wait(["go"], datetime.timedelta(seconds=max(deadline - time.monotonic(), 0.1)))
-            plan = json.loads(store.get("go"))
+            checkin = {"rank": rv.rank, "holding": holding}
+            store.set(f"ready/{rv.rank}", _signed(rv.secret, "ready", rv.group_id, checkin))
+            plan = _wait_plan(store, rv, deadline)
             timings["checkin_s"] = time.perf_counter() - t0
             rank = plan["ranks"].get(str(rv.rank))
             if rank is None:
@@ -378,8 +451,15 @@ class CollectiveReceiver:
                 group.wait_all(time.monotonic() + timeout)
             timings["transfer_s"] = time.perf_counter() - t
             t = time.perf_counter()
-            if not group.vote(True, time.monotonic() + timeout):
-                raise CollectiveError("another rank of the group did not receive everything: nobody commits")
+            slots = layout(_specs(staged))[0]
+            bad = content_mismatch(staged, lambda i: target[slots[i].offset : slots[i].offset + slots[i].nbytes])
+            timings["digest_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            if not group.vote(bad is None, time.monotonic() + timeout):  # every rank votes, even one that failed
+                raise CollectiveError(
+                    bad.message if bad is not None else "another rank of the group did not receive everything"
+                )
+            staged.content_checked = True
             timings["vote_s"] = time.perf_counter() - t
             if "#" not in rv.group_id:  # the sender keeps no group (FABRIC_COLLECTIVE_KEEP=0): neither does this end
                 t = time.perf_counter()
@@ -391,14 +471,29 @@ class CollectiveReceiver:
             return exc if isinstance(exc, Exception) else CollectiveError(str(exc))
 
 
+def _wait_plan(store, rv, deadline: float) -> dict:
+    """The sender's plan, signed with this update's secret; a plan someone else wrote is skipped until the deadline."""
+    store.wait(["go"], datetime.timedelta(seconds=max(deadline - time.monotonic(), 0.1)))
+    while True:
+        plan = _verified(rv.secret, "go", rv.group_id, store.get("go"))
+        if plan is not None:
+            return plan
+        if time.monotonic() > deadline:
+            raise CollectiveError("no plan signed with this update's secret arrived (the store holds someone else's)")
+        time.sleep(0.01)
+
+
+def _specs(staged) -> list:
+    return [(t.name, DTYPES_BY_NAME[_dtype_name(t.dtype)], tuple(t.shape)) for t in staged.manifest.tensors]
+
+
 def _mark_all(store, staged) -> None:
     for i, chunk in enumerate(staged.manifest.chunks):
         store.mark(staged, i, chunk.length)
 
 
 def _layout_size(staged) -> int:
-    specs = [(t.name, DTYPES_BY_NAME[_dtype_name(t.dtype)], tuple(t.shape)) for t in staged.manifest.tensors]
-    return layout(specs)[1]
+    return layout(_specs(staged))[1]
 
 
 def _dtype_name(proto_dtype) -> str:
@@ -432,7 +527,7 @@ class _Session:
 
     def __init__(self, key: tuple, host: str, timeout: float):
         self.key, self.host, self.timeout = key, host, timeout
-        self.master = _store(host, 0, True, timeout)
+        self.master = _master_store(host, timeout)
         self.store_address = f"{host}:{self.master.port}"
         self.base = f"fabric-{uuid.uuid4().hex[:12]}"
         self.seq = 0
@@ -601,6 +696,9 @@ async def send_group(backend, source, version, targets, timeout, report, bucket_
     from torch.distributed import PrefixStore
 
     store = PrefixStore(f"{session.base}/{seq}/", session.master)
+    group_id = f"{session.base}#{seq}" if keep else session.base
+    secret = secrets.token_hex(32)  # this update's: it travels only on the authenticated UpdateWeights streams
+    digests = await asyncio.to_thread(source_digests, source)
     timings = {"kept_session": int(kept), "session_s": time.perf_counter() - t_start}
 
     async def stream(rank: int, address: str):
@@ -610,9 +708,9 @@ async def send_group(backend, source, version, targets, timeout, report, bucket_
             transport=backend,
             collective=rollout_pb2.CollectiveRendezvous(
                 backend=backend, store_address=session.store_address, world_size=world, rank=rank,
-                bucket_bytes=bucket_bytes, timeout_s=group_timeout,
-                group_id=f"{session.base}#{seq}" if keep else session.base,
+                bucket_bytes=bucket_bytes, timeout_s=group_timeout, group_id=group_id, secret=secret,
             ),
+            tensor_digests=digests,
         )  # fmt: skip
 
         async def requests():
@@ -631,7 +729,9 @@ async def send_group(backend, source, version, targets, timeout, report, bucket_
     while time.monotonic() < deadline:
         for rank in tasks:
             if rank not in holding and store.check([f"ready/{rank}"]):
-                holding[rank] = store.get(f"ready/{rank}").decode()
+                body = _verified(secret, "ready", group_id, store.get(f"ready/{rank}"))
+                if body is not None and body.get("rank") == rank:  # else planted: wait for the server's own
+                    holding[rank] = str(body.get("holding", ""))
         if all(r in holding or tasks[r].done() for r in tasks):
             break
         await asyncio.sleep(0.001)
@@ -643,10 +743,10 @@ async def send_group(backend, source, version, targets, timeout, report, bucket_
     if reuse:
         pg = session.pg_id
     else:
-        pg = f"{session.base}/pg{seq}/"
+        pg = f"{session.base}/pg{seq}-{secrets.token_hex(8)}/"
     ranks = {str(r): i for i, r in enumerate(ready, start=1)}
     plan = {"ranks": ranks, "world": len(ranks) + 1, "pg": pg, "reason": reason}
-    store.set("go", json.dumps(plan))
+    store.set("go", _signed(secret, "go", group_id, plan))
     stats = {"bytes": 0, "transfer_s": 0.0, "formed": 0}
     error = None
     if ranks:
@@ -670,12 +770,16 @@ async def send_group(backend, source, version, targets, timeout, report, bucket_
             except Exception as exc:  # noqa: BLE001 - a server that died or refused: its own failure
                 rs = [_failure(address, version, exc, "PUSH_FAILED")]
             if error is not None and rank in holding:
+                # this sender's own broadcast failed: whatever the server says, it did not get this sender's
+                # bytes, so it is not counted as updated (a server that committed anyway is reported as such)
                 for r in rs:
-                    if not r.error.code and not r.committed:
+                    if not r.error.code:
+                        said = " (the server says it committed: not by this sender's send)" if r.committed else ""
                         failed = FabricError(
-                            _code(), f"{address}: {backend} group failed: {error}", "COLLECTIVE_FAILED"
+                            _code(), f"{address}: {backend} group failed: {error}{said}", "COLLECTIVE_FAILED"
                         )
                         r.error.CopyFrom(failed.to_proto())
+                        r.committed = False
             results.extend(rs)
     finally:
         if keep:

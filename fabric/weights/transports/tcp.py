@@ -24,6 +24,7 @@ import threading
 import time
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from fabric import security
 from fabric.addresses import host_of
@@ -40,6 +41,11 @@ RELAYS = True  # a receiver forwards each chunk down the chain as it lands (TcpR
 MAGIC = b"FWT1"
 _LEN = struct.Struct("<I")
 MAX_FRAME = 64 * 1024 * 1024
+# Before the token is checked a connection holds at most this much, this long, and only so many connections exist.
+MAX_TOKEN_BYTES = 4096
+HEADER_TIMEOUT_S = 10.0
+MAX_CONNECTIONS = 32
+DATA_TIMEOUT_S = 300.0  # after the token: the longest silence between two reads of an update in flight
 
 
 def send_frame(sock: socket.socket, payload: bytes) -> None:
@@ -63,11 +69,15 @@ def recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-def recv_frame(sock: socket.socket) -> bytes:
+def recv_frame(sock: socket.socket, limit: int = MAX_FRAME) -> bytes:
     (n,) = _LEN.unpack(recv_exact(sock, 4))
-    if n > MAX_FRAME:
-        raise ConnectionError(f"frame of {n} bytes exceeds the {MAX_FRAME} limit")
+    if n > limit:
+        raise FrameTooLarge(f"frame of {n} bytes exceeds the {limit} limit")
     return recv_exact(sock, n)
+
+
+class FrameTooLarge(ConnectionError):
+    pass
 
 
 def tune(sock: socket.socket) -> None:
@@ -92,6 +102,7 @@ class TcpDataPlane:
         self.listener = socket.create_server((host, 0), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
         self.listener.listen(16)
         self.port = self.listener.getsockname()[1]
+        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         threading.Thread(target=self._accept_loop, name="weights-tcp", daemon=True).start()
 
     def offer(self) -> rollout_pb2.WeightTransportOffer:
@@ -106,7 +117,17 @@ class TcpDataPlane:
                 conn, _ = self.listener.accept()
             except OSError:
                 return
-            threading.Thread(target=self._serve, args=(conn,), name="weights-tcp-conn", daemon=True).start()
+            if not self.slots.acquire(blocking=False):  # every slot taken: refuse at once, hold nothing
+                log.warning("weight data plane: %d connections open, refusing one more", MAX_CONNECTIONS)
+                conn.close()
+                continue
+            threading.Thread(target=self._serve_slot, args=(conn,), name="weights-tcp-conn", daemon=True).start()
+
+    def _serve_slot(self, conn: socket.socket) -> None:
+        try:
+            self._serve(conn)
+        finally:
+            self.slots.release()
 
     def _call(self, make_coro):
         return asyncio.run_coroutine_threadsafe(make_coro(), self.loop).result()
@@ -117,14 +138,28 @@ class TcpDataPlane:
         staged = relay = None
         try:
             with conn:
+                conn.settimeout(HEADER_TIMEOUT_S)  # before the token: a silent peer is dropped soon
                 if recv_exact(conn, 4) != MAGIC:
                     return
-                token = recv_frame(conn).decode()
-                request = rollout_pb2.UpdateWeightsRequest.FromString(recv_frame(conn))
+                try:
+                    given = recv_frame(conn, MAX_TOKEN_BYTES)
+                except FrameTooLarge as exc:
+                    given = None
+                    log.warning("weight data plane: %s (token frame)", exc)
+                if given is None or (self.token and not hmac.compare_digest(given, self.token.encode())):
+                    self._reply(conn, 0, FabricError(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token"))
+                    return
+                token = given.decode("utf-8", "replace")
+                conn.settimeout(DATA_TIMEOUT_S)
+                request = rollout_pb2.UpdateWeightsRequest()
                 header = request.header
                 try:
-                    if self.token and not hmac.compare_digest(token, self.token):
-                        raise FabricError(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token", "UNAUTHENTICATED")
+                    try:
+                        request.ParseFromString(recv_frame(conn))
+                    except DecodeError:
+                        message = "the header frame is not an UpdateWeightsRequest"
+                        raise invalid("header", message, "BAD_FRAME") from None
+                    header = request.header
                     if not request.HasField("header"):
                         raise invalid("header", "the first frame must carry the header", "MISSING_HEADER")
                     staged = self._call(lambda: _begin(self.store, header))
