@@ -30,6 +30,7 @@ class ScoreResult:
     info: str = ""
     # Per-token rewards over response_token_ids; None lets the servicer place `score` on the last token (ROLL's way).
     token_level_rewards: list[float] | None = None
+    correct: float | None = None
 
 
 class Scorer:
