@@ -7,7 +7,8 @@ its last "user\\n"), the judge prompt is `judge_prompt` with {question}, {respon
 truth) filled in, sent as one user message through the judge model's chat template, and the reward is 1.0 when
 the judge's reply contains "yes" (any case), else 0.0 (ROLL's _extract_score_v2); the correctness score is the same.
 
-Config keys: `judge_address` (host:port, or a list, of rollout servers serving the judge model; required),
+Config keys: `judge_address` (host:port, or a list, of rollout servers serving the judge model; required;
+`actor_infer`: the run's own rollout servers, which `fabric run` fills in),
 `judge_prompt` (ROLL's prompt name `Qwen2.5-7B-Instruct-RLVR-prompt`, or a template of your own with the three
 fields; required: ROLL's fallback prompt asks for a 0-10 score that its parser then reads as yes/no),
 `judge_model_type` (`inference` only: ROLL's `api` calls an OpenAI-style endpoint, which the fabric does not),
@@ -56,6 +57,9 @@ Your output must be strictly **'YES'** or **'NO'**, with no additional words, pu
 """  # noqa: E501, W291 - ROLL's prompt, its long lines and trailing spaces kept
 PROMPTS = {"Qwen2.5-7B-Instruct-RLVR-prompt": QWEN2_5_7B_INSTRUCT_RLVR_PROMPT}
 SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k")
+# judge_address meaning "the run's own rollout servers": `fabric run` replaces it with their addresses (a demo's
+# shortcut: the policy judges itself; a real judge is another model behind its own `fabric serve rollout`).
+JUDGE_ON_ACTOR_INFER = "actor_infer"
 
 
 def judge_verdict(reply: str) -> float:
@@ -118,6 +122,12 @@ class LLMJudgeScorer(Scorer):
         self._clients: list[RolloutClient] = []
 
     async def start(self) -> None:
+        if JUDGE_ON_ACTOR_INFER in self.addresses:
+            raise ConfigError(
+                self.config.key("judge_address"),
+                f"{JUDGE_ON_ACTOR_INFER} names the run's own rollout servers, which only `fabric run` knows; "
+                "give host:port of a rollout server serving the judge model",
+            )
         if self.config.model_name_or_path:
             from transformers import AutoTokenizer
 

@@ -113,3 +113,16 @@ def test_served_ifeval_refuses_a_ground_truth_it_cannot_check(rlvr_reward_server
     assert "JSON object" in responses[0].error.message
     assert "did you mean 'validate_lowercase'?" in responses[1].error.message
     assert "verify_keywords needs keyword_list" in responses[2].error.message
+
+
+def test_the_multi_domain_example_gold_answers_score_full_marks(rlvr_reward_server):
+    from fabric.tasks.multi_domain import examples
+
+    rows = [row for row in examples(seed=0, per_domain=8) if row["tag"] in ("ifeval", "KodCode")]
+    names = {"ifeval": "ifeval", "KodCode": "code"}
+    items = [{"prompt": r["prompt"], "response": r["response"], "ground_truth": r["ground_truth"],
+              "reward_name": names[r["tag"]]} for r in rows]  # fmt: skip
+    responses = score(rlvr_reward_server.address, items)
+    assert [(r.reward_name, r.score) for r in responses] == [(item["reward_name"], 1.0) for item in items], [
+        r.info or r.error.message for r in responses
+    ]
