@@ -17,7 +17,7 @@ from pathlib import Path
 # ROLL's ifeval data writes every constraint key, null where the check does not use it.
 IFEVAL_KEYS = ("N", "quantifier", "end_phrase", "keyword_list", "word", "forbidden_words", "letter", "i",
                "first_word", "postscript_marker", "options", "section_splitter", "original_prompt")  # fmt: skip
-IFEVAL = [  # (prompt, check, its arguments, a response that follows it)
+IFEVAL: list[tuple[str, str, dict, str]] = [  # (prompt, check, its arguments, a response that follows it)
     ("Say hi in lowercase only.", "validate_lowercase", {}, "hi there"),
     ("Reply in capital letters.", "validate_uppercase", {}, "OK THEN"),
     ("Answer with no commas.", "validate_no_commas", {}, "yes indeed"),
