@@ -238,9 +238,6 @@ class IFEvalScorer(RuleScorer):
         super().__init__(config)
         self.model = f"ifeval rules ({len(CHECKS)} checks)"
 
-    def validate(self, item: ScoreItem) -> None:
-        parse_constraint(item.ground_truth)
-
     def score_one(self, item: ScoreItem) -> ScoreResult:
         reward, correct, info = ifeval_reward(item.response, item.ground_truth)
         return ScoreResult(reward, info, correct=correct)

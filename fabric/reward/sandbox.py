@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fabric.config import ConfigError
-from fabric.errors import internal, invalid
+from fabric.errors import FabricError, internal, invalid
 from fabric.reward.scorer import ScoreItem, Scorer, ScoreResult
 
 LAUNCHER = str(Path(__file__).with_name("sandbox_exec.py"))
@@ -211,33 +211,28 @@ def same_output(actual: str, expected: str) -> bool:
     ]
 
 
+CODE_CASES = ("assert", "pytest", "check_based", "text")  # cases with assert_code; any other case_type: stdin/stdout
+
+
 def parse_tests(ground_truth: str) -> tuple[str, list]:
     """ground_truth -> (case_type, test_cases); FabricError (INVALID_ARGUMENT) says what is wrong."""
     try:
         spec = json.loads(ground_truth)
-    except ValueError:
-        spec = None
-    if not isinstance(spec, dict) or "test_cases" not in spec:
-        raise invalid("ground_truth", 'expected JSON {"case_type": "assert", "test_cases": [...]} (ROLL\'s fields)')
-    case_type = str(spec.get("case_type") or "")
-    cases = spec["test_cases"]
-    if isinstance(cases, str):  # ROLL's data stores them JSON-encoded
-        cases = json.loads(cases)
+        cases = spec["test_cases"]
+        if isinstance(cases, str):  # ROLL's data stores them JSON-encoded
+            cases = json.loads(cases)
+    except (ValueError, TypeError, KeyError):
+        raise invalid("ground_truth", 'expected JSON {"case_type": "assert", "test_cases": [...]}') from None
     if not isinstance(cases, list) or not cases:
         raise invalid("ground_truth", "test_cases: expected a non-empty list")
-    if str(spec.get("test_case_function") or "None") != "None" and case_type not in (
-        "assert", "pytest", "check_based", "text"
-    ):  # fmt: skip
-        raise invalid("ground_truth", "call-based stdin/stdout tests (test_case_function) are not supported")
-    key = "assert_code" if case_type in ("assert", "pytest", "check_based") else ""
-    for case in cases:
-        ok = (isinstance(case, dict) and isinstance(case.get("assert_code"), str)) or isinstance(case, str)
-        if case_type == "text":
-            pass
-        elif key and not ok:
+    case_type = str(spec.get("case_type") or "")
+    if case_type in CODE_CASES:
+        if not all(isinstance(c, str) or isinstance(c, dict) and isinstance(c.get("assert_code"), str) for c in cases):
             raise invalid("ground_truth", f"{case_type} test cases need assert_code")
-        elif not key and not (isinstance(case, dict) and "stdin" in case and "expected_stdout" in case):
-            raise invalid("ground_truth", "stdin/stdout test cases need stdin and expected_stdout")
+    elif str(spec.get("test_case_function") or "None") != "None":
+        raise invalid("ground_truth", "call-based stdin/stdout tests (test_case_function) are not supported")
+    elif not all(isinstance(c, dict) and "stdin" in c and "expected_stdout" in c for c in cases):
+        raise invalid("ground_truth", "stdin/stdout test cases need stdin and expected_stdout")
     return case_type, cases
 
 
@@ -278,12 +273,14 @@ class CodeSandboxScorer(Scorer):
         why = self.runner.unusable()
         if why:
             raise ConfigError(self.config.key("worker_cls"), f"{why}; run the reward server as root")
-        result = await self.runner.run("print('ok')")
-        if result.stdout.strip() != "ok":
-            raise ConfigError(
-                self.config.key("python"),
-                f"{self.runner.python} did not run in the sandbox ({(result.stderr or result.limit).strip()[-200:]})",
-            )
+        try:  # a first program, so that a sandbox that cannot work here stops the server, not every item
+            result = await self.runner.run("print('ok')")
+            detail = "" if result.stdout == "ok\n" else (result.stderr or result.limit).strip()[-200:]
+        except FabricError as exc:
+            detail = exc.message
+        if detail:
+            key = "python" if self.runner.python in detail else "worker_cls"
+            raise ConfigError(self.config.key(key), f"the code sandbox cannot run a program here: {detail}")
 
     async def _score(self, item: ScoreItem) -> ScoreResult:
         case_type, cases = parse_tests(item.ground_truth)

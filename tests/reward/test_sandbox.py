@@ -147,7 +147,20 @@ def test_served_code_reward_refuses_tests_it_cannot_read(rlvr_reward_server):
         {"prompt": "p", "response": ADD, "ground_truth": "assert add(1, 2) == 3", "reward_name": "code"},
         code_item(ADD, "assert", []),
         code_item(ADD, "assert", [{"stdin": "1"}]),
+        code_item(ADD, "", []) | {"ground_truth": json.dumps({"test_cases": "[oops"})},  # not JSON inside
     ]
     responses = score(rlvr_reward_server.address, bad)
-    assert [(r.error.code, r.error.field) for r in responses] == [(3, "ground_truth")] * 3
+    assert [(r.error.code, r.error.field) for r in responses] == [(3, "ground_truth")] * 4
     assert "test_cases" in responses[1].error.message and "assert_code" in responses[2].error.message
+
+
+def test_a_sandbox_that_cannot_run_the_interpreter_stops_the_scorer_naming_the_key(tmp_path):
+    from fabric.config import ConfigError, load_config
+    from fabric.config.reward import load_reward_configs
+    from fabric.reward.scorer import build_scorer
+
+    path = tmp_path / "c.yaml"
+    path.write_text("rewards:\n  code: {worker_cls: code_sandbox, python: /no/such/python3}\n")
+    scorer = build_scorer(load_reward_configs(load_config(path))["code"])
+    with pytest.raises(ConfigError, match=r"rewards\.code\.python.*cannot run a program here.*/no/such/python3"):
+        asyncio.run(scorer.start())
