@@ -115,10 +115,12 @@ class MathRuleScorer(Scorer):
             score, info, gold_ok = await asyncio.wait_for(future, self.timeout_s + 5.0)
         except TimeoutError:
             self._recycle_pool(pool)
-            return ScoreResult(0.0, f"timeout after {self.timeout_s:g} s (worker killed): scored 0")
+            return ScoreResult(0.0, f"timeout after {self.timeout_s:g} s (worker killed): scored 0", correct=0.0)
         except BrokenProcessPool:
             # Its pool was recycled under it because of another item: run it again on the new one.
-            return await self._score_one(item, retry=False) if retry else ScoreResult(0.0, "worker restarted: scored 0")
+            if retry:
+                return await self._score_one(item, retry=False)
+            return ScoreResult(0.0, "worker restarted: scored 0", correct=0.0)
         except Exception as exc:  # noqa: BLE001
             return exc
         if not gold_ok:
@@ -127,7 +129,7 @@ class MathRuleScorer(Scorer):
                 f"{item.ground_truth[:80]!r} does not parse as math; write a number or LaTeX such as \\frac{{1}}{{2}}",
                 "GROUND_TRUTH_UNPARSABLE",
             )
-        return ScoreResult(score, info)
+        return ScoreResult(score, info, correct=score)  # math-verify: 1 or 0
 
     async def score_batch(self, items: list[ScoreItem]) -> list[ScoreResult | BaseException]:
         return list(await asyncio.gather(*(self._score_one(item) for item in items)))
@@ -152,10 +154,10 @@ class AnswerTagScorer(RuleScorer):
     def score_one(self, item: ScoreItem) -> ScoreResult:
         answer = extract_answer(item.response)
         if answer is None:
-            return ScoreResult(self.wrong_score, "no <answer>...</answer> tag")
+            return ScoreResult(self.wrong_score, "no <answer>...</answer> tag", correct=0.0)
         if answer == item.ground_truth.strip():
-            return ScoreResult(self.correct_score)
-        return ScoreResult(self.format_score, "tag present, answer wrong")
+            return ScoreResult(self.correct_score, correct=1.0)
+        return ScoreResult(self.format_score, "tag present, answer wrong", correct=0.0)
 
 
 # ---- crossthinkqa_rule: ROLL's CrossThinkQARuleRewardWorker -------------------------------------------------------
@@ -228,4 +230,4 @@ class CrossThinkQAScorer(RuleScorer):
         reward, correct, boxed = crossthinkqa_reward(text, item.ground_truth.strip(), self.reward_type)
         length = len(item.response_token_ids) or len(item.response)
         total = reward + _repetition_penalty(text) + self.length_coef * _length_reward(length)
-        return ScoreResult(total, f"correct={correct} boxed={boxed}")
+        return ScoreResult(total, f"correct={correct} boxed={boxed}", correct=float(correct))
