@@ -161,9 +161,10 @@ class LLMJudgeScorer(Scorer):
         try:
             async for response in client.generate(requests, timeout=self.timeout_s):
                 index = int(response.request_id)
-                if response.HasField("error"):
-                    code = grpc.StatusCode.INTERNAL
-                    out[index] = FabricError(code, f"the judge refused the item: {response.error.message}", "JUDGE")
+                if response.HasField("error"):  # passed on with its status, so a transient refusal is retried
+                    code = next((c for c in grpc.StatusCode if c.value[0] == response.error.code), None)
+                    message = f"the judge at {client.address} refused the item: {response.error.message}"
+                    out[index] = FabricError(code or grpc.StatusCode.INTERNAL, message, response.error.reason)
                     continue
                 verdict = judge_verdict(response.text)
                 out[index] = ScoreResult(verdict, f"judge: {response.text.strip()[:200]}", correct=verdict)

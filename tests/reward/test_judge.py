@@ -108,6 +108,18 @@ def test_an_unreachable_judge_fails_each_item_with_unavailable(tmp_path):
     assert all(getattr(r, "code", None) is not None and r.code.name == "UNAVAILABLE" for r in results)
 
 
+def test_a_judge_refusal_keeps_its_status_so_the_pool_can_retry_it(tmp_path):
+    async def go():
+        async with serving(JudgeEngine(), infer_batch_size=1, max_queue_length=1) as (server, _):
+            return await judged(judge_config(tmp_path, [server.address]), ITEMS)
+
+    results = asyncio.run(go())
+    refused = [r for r in results if not isinstance(r, ScoreResult)]
+    assert refused and all(r.code.name == "RESOURCE_EXHAUSTED" and "queue full" in str(r) for r in refused), results
+    expected = [1.0, 0.0, 1.0, 0.0]
+    assert all(r.score == expected[k] for k, r in enumerate(results) if isinstance(r, ScoreResult))
+
+
 @pytest.mark.parametrize("reply, verdict", [("YES", 1.0), ("Yes.", 1.0), ("NO", 0.0), ("no", 0.0), ("maybe", 0.0)])
 def test_the_verdict_is_roll_yes_no_parse(reply, verdict):
     assert judge_verdict(reply) == verdict
