@@ -39,3 +39,13 @@ def test_overrides_apply_as_a_dotlist():
     cfg = load_config(EXAMPLES / "default.yaml", ["max_steps=3", "output_dir=/tmp/x", "response_length=10"])
     pc = pipeline_config(cfg)
     assert (pc.max_steps, pc.output_dir, pc.sampling["max_new_tokens"]) == (3, "/tmp/x", 10)  # ${} follows
+
+
+def test_multi_domain_rewards_each_take_one_domain_of_its_dataset():
+    from fabric.tasks.multi_domain import examples
+
+    rewards = load_reward_configs(load_config(EXAMPLES / "multi_domain.yaml"), "rewards")
+    assert {name: r.tag_included for name, r in rewards.items()} == {
+        "math": ["math"], "ifeval": ["ifeval"], "code": ["KodCode"], "judge": ["RLVR"]
+    }  # fmt: skip
+    assert {row["tag"] for row in examples()} == {"math", "ifeval", "KodCode", "RLVR"}

@@ -3,7 +3,8 @@
 ```yaml
 rewards:
   math:
-    worker_cls: math_rule            # or answer_tag, crossthinkqa_rule, hf_reward_model, a ROLL worker class with a
+    worker_cls: math_rule            # or answer_tag, crossthinkqa_rule, ifeval, llm_judge, code_sandbox,
+                                     # hf_reward_model, a ROLL worker class with a
                                      # counterpart here, or a dotted path to a Scorer subclass
     infer_batch_size: 16
     tag_included: [math]             # accepted as in ROLL and shown at start
@@ -36,12 +37,15 @@ SCORERS = {
     "answer_tag": "fabric.reward.rules:AnswerTagScorer",
     "crossthinkqa_rule": "fabric.reward.rules:CrossThinkQAScorer",
     "hf_reward_model": "fabric.reward.hf:HFRewardModelScorer",
+    "ifeval": "fabric.reward.ifeval:IFEvalScorer",
+    "llm_judge": "fabric.reward.judge:LLMJudgeScorer",
+    "code_sandbox": "fabric.reward.sandbox:CodeSandboxScorer",
 }
 # ROLL's worker classes that have a counterpart here, so a ROLL `rewards` section loads unchanged.
 ROLL_WORKERS = {cls: name for cls, name in roll_keys.ROLL_REWARD_WORKERS.items() if name}
 SUPPORTED = (
-    "math_rule (ROLL's MathRuleRewardWorker), crossthinkqa_rule (CrossThinkQARuleRewardWorker), answer_tag, "
-    "hf_reward_model, or a dotted path to a fabric.reward.scorer.Scorer subclass"
+    "math_rule, crossthinkqa_rule, ifeval, llm_judge, code_sandbox (or ROLL's worker class of each), "
+    "answer_tag, hf_reward_model, or a Scorer subclass's dotted path"
 )
 # Keys every reward understands; a scorer reads its own extra keys through RewardConfig.get_*.
 COMMON_KEYS = {

@@ -231,10 +231,10 @@ REWARD_REFUSED = {
 ROLL_REWARD_WORKERS = {
     "MathRuleRewardWorker": "math_rule",
     "CrossThinkQARuleRewardWorker": "crossthinkqa_rule",
-    "CodeSandboxRewardWorker": None,
-    "GeneralRuleRewardWorker": None,
+    "CodeSandboxRewardWorker": "code_sandbox",
+    "GeneralRuleRewardWorker": "ifeval",
     "GeneralValRuleRewardWorker": None,
-    "LLMJudgeRewardWorker": None,
+    "LLMJudgeRewardWorker": "llm_judge",
     "DetectionRewardWorker": None,
     "VideoR1RewardWorker": None,
     "MultipleChoiceBoxedRuleRewardWorker": None,

@@ -23,6 +23,7 @@ from fabric.config import ConfigError, load_config, parse_device_mapping
 from fabric.config.check import resolved_for_processes
 from fabric.config.pipeline import pipeline_config
 from fabric.procs import ServerProcess, start_all
+from fabric.reward.judge import JUDGE_ON_ACTOR_INFER
 from fabric.trainer import report
 from fabric.v1 import trainer_pb2, trainer_pb2_grpc
 
@@ -90,6 +91,9 @@ class Launcher:
         }
         self.config_file = self.out / "config.yaml"
         save_run_config(cfg, self.config_file)
+        # LLM judges asking the run's own rollout servers (judge_address: actor_infer): told their addresses
+        rewards = cfg.get("rewards") or {}
+        self.self_judges = [str(n) for n, r in rewards.items() if r.get("judge_address") == JUDGE_ON_ACTOR_INFER]
         self.servers: list[ServerProcess] = []
         self.trainer: ServerProcess | None = None
         self.lost: set[str] = set()
@@ -121,17 +125,30 @@ class Launcher:
             )
             for i in range(self.pc.num_rollout_servers)
         ]
-        rewards = [
-            ServerProcess("reward", self.config_file, name=f"reward-{i}", log_path=logs / f"reward-{i}.log")
-            for i in range(self.pc.num_reward_servers)
-        ]
-        self.servers = rollouts + rewards
+        self.servers = list(rollouts)
         with self.console.status(
-            f"starting {len(rollouts)} rollout and {len(rewards)} reward server(s) "
+            f"starting {len(rollouts)} rollout and {self.pc.num_reward_servers} reward server(s) "
             f"(a vLLM engine takes a while to load)"
         ):
             started = time.perf_counter()
-            addresses = start_all(self.servers, timeout=self.pc.server_start_timeout_s)
+            overrides: list[str] = []
+            if self.self_judges:  # the judges need the rollout servers' addresses: those start first
+                judged = start_all(rollouts, timeout=self.pc.server_start_timeout_s)
+                overrides = [f"rewards.{name}.judge_address=[{','.join(judged)}]" for name in self.self_judges]
+            rewards = [
+                ServerProcess(
+                    "reward",
+                    self.config_file,
+                    name=f"reward-{i}",
+                    overrides=overrides,
+                    log_path=logs / f"reward-{i}.log",
+                )
+                for i in range(self.pc.num_reward_servers)
+            ]
+            self.servers += rewards
+            addresses = start_all(rewards if self.self_judges else self.servers, self.pc.server_start_timeout_s)
+            if self.self_judges:
+                addresses = judged + addresses
         for server in self.servers:
             self.console.print(f"  {server.name:10s} {server.address}  pid {server.process.pid}")
         self.console.print(f"servers ready in {time.perf_counter() - started:.0f} s")

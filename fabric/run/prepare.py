@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from fabric.config import ConfigError
 
-TASKS = ("arithmetic",)
+TASKS = ("arithmetic", "multi_domain")
 
 
 def prepare_task(cfg: DictConfig, log=print) -> None:
@@ -35,7 +35,10 @@ def prepare_task(cfg: DictConfig, log=print) -> None:
         make_tiny_model(model_dir, seed=int(task.get("seed", 0)))
     dataset = task.get("dataset")
     if dataset and not Path(dataset).exists():
-        from fabric.tasks import arithmetic
+        from fabric.tasks import arithmetic, multi_domain
 
         log(f"writing the {name} dataset to {dataset}")
-        arithmetic.write_dataset(dataset, seed=int(task.get("seed", 0)), max_operand=task.get("max_operand"))
+        if name == "multi_domain":
+            multi_domain.write_dataset(dataset, seed=int(task.get("seed", 0)), per_domain=task.get("per_domain", 8))
+        else:
+            arithmetic.write_dataset(dataset, seed=int(task.get("seed", 0)), max_operand=task.get("max_operand"))

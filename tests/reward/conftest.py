@@ -21,3 +21,11 @@ def reward_server():
     server = serve("reward", CONFIG, OVERRIDES)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def rlvr_reward_server():
+    """ifeval and code_sandbox (ROLL's class names) on one server."""
+    server = serve("reward", Path(__file__).resolve().parent / "rlvr_rewards.yaml")
+    yield server
+    server.stop()
