@@ -295,7 +295,12 @@ def main(argv: list[str]) -> None:
         native_main(argv[1], argv[2])
         return
     out = Path(argv[0] if argv else "runs/gpu_one")
-    names = (argv[1] if len(argv) > 1 else "0.5B,7B").split(",")
+    # "0.5B,7B" runs every way on both; "0.5B:fabric+async,7B:fabric+llm" picks ways per layout
+    plan = {}
+    for item in (argv[1] if len(argv) > 1 else "0.5B,7B").split(","):
+        name, _, ways = item.partition(":")
+        plan[name] = set(ways.split("+")) if ways else {"fabric", "async", "llm"}
+    names = list(plan)
     budget = float(argv[2]) if len(argv) > 2 else 560.0
     out.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + budget
@@ -307,6 +312,8 @@ def main(argv: list[str]) -> None:
             ("inprocess_async", native_part, (out, name, model, "async")),
             ("inprocess_llm", native_part, (out, name, model, "llm")),
         ):
+            if part.removeprefix("inprocess_") not in plan[name]:
+                continue
             if time.monotonic() > deadline:
                 record(f"{name}.{part}.skipped", "device-call budget spent")
                 continue
