@@ -19,6 +19,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from fabric.shm import descendant_pids
 from fabric.v1 import rollout_pb2, rollout_pb2_grpc, trainer_pb2, trainer_pb2_grpc
 from tests.references import hf_greedy
 
@@ -40,7 +41,17 @@ class Run:
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, "COLUMNS": "200"},
         )  # fmt: skip
+        self.started: set[tuple[int, str]] = set()  # (pid, start time): every process seen below the launcher
         threading.Thread(target=self._pump, daemon=True).start()
+        threading.Thread(target=self._note_processes, daemon=True).start()
+
+    def _note_processes(self):
+        while self.proc.poll() is None:
+            self.started |= {(pid, start) for pid in descendant_pids(self.proc.pid) if (start := _start_time(pid))}
+            time.sleep(0.5)
+
+    def left_behind(self) -> list[int]:
+        return [pid for pid, start in self.started if _start_time(pid) == start]
 
     def _pump(self):
         for line in self.proc.stdout:
@@ -64,6 +75,13 @@ class Run:
     @property
     def text(self) -> str:
         return "\n".join(self.lines)
+
+
+def _start_time(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
 
 
 def greedy(address: str, prompts: list[str]) -> list[list[int]]:
@@ -135,10 +153,11 @@ def test_run_is_steered_survives_a_dead_rollout_server_and_cleans_up(run):
     assert (final / "model.safetensors").exists() and (final / "tokenizer.json").exists()
     assert re.search(r"done in \d+ s: 10 steps; mean reward of the first 5 steps [\d.]+, of the last 5", run.text)
 
-    # nothing left behind
+    # nothing left behind: the launcher returned once every process it started was gone
     for _, pid in servers.values():
         with pytest.raises(ProcessLookupError):
             os.killpg(pid, 0)
+    assert len(run.started) > 4 and run.left_behind() == []
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ from fabric import security
 from fabric.config import ConfigError, load_config
 from fabric.config.check import resolved_for_processes
 from fabric.config.pipeline import pipeline_config
-from fabric.procs import ServerProcess, start_all
+from fabric.procs import ServerProcess, become_subreaper, end_descendants, start_all
 from fabric.trainer import report
 from fabric.v1 import trainer_pb2, trainer_pb2_grpc
 
@@ -160,6 +160,11 @@ class Launcher:
         for proc in [self.trainer, *self.servers]:
             if proc is not None:
                 proc.stop(grace=20)
+        # What escaped the servers' process groups (and so their stop) ends here too: the run is over only when
+        # every process it started is gone.
+        killed = end_descendants(grace=10)
+        if killed:
+            self.console.print(f"[yellow]killed {len(killed)} process(es) left after the servers stopped: {killed}")
 
 
 def check_before_start(cfg, pc) -> None:
@@ -186,6 +191,7 @@ def _numbers(row: dict) -> dict:
 
 def cli_main(args) -> int:
     console = Console(width=max(130, Console().width))
+    become_subreaper()  # orphans of the processes it starts come back to it, so stop_all can wait for them
     config = Path(args.config) if args.config else DEFAULT_CONFIG
     launcher = Launcher(config, list(args.overrides), console, trainer_nproc=getattr(args, "trainer_nproc", 1) or 1)
     loop = asyncio.new_event_loop()
