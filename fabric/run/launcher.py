@@ -191,7 +191,6 @@ def _numbers(row: dict) -> dict:
 
 def cli_main(args) -> int:
     console = Console(width=max(130, Console().width))
-    become_subreaper()  # orphans of the processes it starts come back to it, so stop_all can wait for them
     config = Path(args.config) if args.config else DEFAULT_CONFIG
     launcher = Launcher(config, list(args.overrides), console, trainer_nproc=getattr(args, "trainer_nproc", 1) or 1)
     loop = asyncio.new_event_loop()
@@ -204,6 +203,7 @@ def cli_main(args) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     started = time.perf_counter()
     try:
+        become_subreaper()  # orphans of the processes it starts come back to it, so stop_all can wait for them
         rollout, reward = launcher.start_servers()
         address = launcher.start_trainer(rollout, reward)
         console.print(
