@@ -39,11 +39,12 @@ lint: setup
 	$(BIN)/mypy  # fabric/, configured in pyproject.toml ([tool.mypy])
 	$(BIN)/python tools/import_cycles.py  # no new import cycle in fabric/; the known ones (tools/import_cycles.txt) only shrink
 
+# The slowest tests are listed at the end, so that a change that costs the suite minutes is seen where it happens.
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" --durations=10
 
 tiny-model: setup
 	$(BIN)/fabric make-tiny-model .cache/tiny-model
