@@ -159,13 +159,13 @@ class ServerProcess:
                 pass
         # Engine children exit on their own once the server has stopped them (cleaning their shared memory):
         # give them what is left of the grace, then kill the rest, and wait until the group is really gone.
-        _wait_group_gone(self.proc.pid, max(deadline - time.monotonic(), 1.0))
+        _wait_group_gone(self.proc, max(deadline - time.monotonic(), 1.0))
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
         code = self.proc.wait()
-        _wait_group_gone(self.proc.pid, 10.0)
+        _wait_group_gone(self.proc, 10.0)
         release(self.shm_owned)
         return code
 
@@ -178,18 +178,17 @@ class ServerProcess:
         self.stop()
 
 
-def _wait_group_gone(pgid: int, timeout: float) -> bool:
-    """True once no process of the group is left (a killed process is gone when its parent or init reaped it)."""
+def _wait_group_gone(proc: subprocess.Popen, timeout: float) -> bool:
+    """True once no process of the group led by `proc` is left. An exited process counts until its parent reaps it:
+    `proc` is reaped by its Popen, orphans reparented here (fabric run is their subreaper) by _reaped."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
+    while True:
+        others = [pid for pid in group_pids(proc.pid) if pid != proc.pid and not _reaped(pid)]
+        if proc.poll() is not None and not others:
             return True
-        except PermissionError:
+        if time.monotonic() > deadline:
             return False
-        time.sleep(0.05)
-    return False
+        time.sleep(0.1)
 
 
 def become_subreaper() -> bool:
@@ -224,18 +223,14 @@ def end_descendants(grace: float = 10.0) -> list[int]:
 
 
 def _reaped(pid: int) -> bool:
-    """Reaps `pid` if it is a child of ours that has exited; True if it is gone (or a zombie someone else reaps)."""
+    """Reaps `pid` if it is an exited child of ours; True once it is gone (an exited process that another parent has
+    not reaped yet still counts)."""
     try:
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done:
+        if os.waitpid(pid, os.WNOHANG)[0]:
             return True
     except ChildProcessError:  # not our child: its parent reaps it
         pass
-    try:
-        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state == "Z"
+    return not (Path("/proc") / str(pid)).exists()
 
 
 def start_all(servers: Sequence[ServerProcess], timeout: float = 300.0) -> list[str]:
