@@ -44,7 +44,7 @@ def run_vllm(script: str, args: list[str], prompts: list[str]):
         capture_output=True,
         text=True,
         env=env,
-        timeout=240,
+        timeout=420,  # one engine start, then greedy and sampled decoding: minutes on a loaded 2-core host
     )
     lines = [line for line in result.stdout.splitlines() if line.startswith("FABRIC_RESULT ")]
     assert result.returncode == 0 and lines, result.stderr[-3000:]
