@@ -17,9 +17,10 @@ import time
 
 import pytest
 
+from fabric.procs import ServerProcess, start_all
 from fabric.weights.sender import WeightSource, push_weights
 from fabric.weights.transports import collective, ipc
-from tests.weights.test_update import status
+from tests.weights.test_update import rollout_config, status
 
 SMALL_BUCKETS = str(64 * 1024)  # the tiny model (~2 MB) in tens of buckets, so a test can act mid-broadcast
 
@@ -153,9 +154,19 @@ def test_buckets_cover_the_layout_once():
 
 
 @pytest.fixture(scope="module")
-def cluster(rollout_trio):
-    """The shared rollout servers (tests/weights/conftest.py): three that offer gloo, one that offers no collective."""
-    return {"procs": rollout_trio.procs, "plain": rollout_trio.plain, "trio": rollout_trio}
+def cluster(tiny_model, tmp_path_factory):
+    """Three rollout servers that offer gloo, and one that offers no collective (FABRIC_OFFER_COLLECTIVES=0)."""
+    tmp = tmp_path_factory.mktemp("collective")
+    config = rollout_config(tiny_model, tmp / "rollout.yaml")
+    procs = [ServerProcess("rollout", config, name=f"gloo-{i}", log_path=tmp / f"g{i}.log") for i in range(3)]
+    plain = ServerProcess(
+        "rollout", config, name="plain", log_path=tmp / "plain.log", env={"FABRIC_OFFER_COLLECTIVES": "0"}
+    )
+    start_all([*procs, plain], timeout=600)
+    state = {"procs": procs, "plain": plain, "config": config, "tmp": tmp}
+    yield state
+    for proc in [*state["procs"], plain]:
+        proc.stop()
 
 
 @pytest.fixture(scope="module")
@@ -383,7 +394,9 @@ def test_receiver_killed_mid_broadcast_fails_the_group_and_a_restarted_server_is
     # The next push forms a new group of the servers that answer; a restarted server is behind and gets it.
     report = push(tiny_model_b, survivors, baseline + 1)
     assert report.ok, report.failed
-    restarted = cluster["trio"].restart(2)
+    restarted = ServerProcess("rollout", cluster["config"], name="gloo-2b", log_path=cluster["tmp"] / "g2b.log")
+    cluster["procs"][2] = restarted
+    restarted.start().wait_ready(600)
     everyone = addresses(cluster)
     report = push(tiny_model_b, everyone, baseline + 1)  # the current version
     assert report.ok, report.failed

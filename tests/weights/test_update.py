@@ -18,24 +18,63 @@ import grpc
 import pytest
 import torch
 
+from fabric.procs import ServerProcess, start_all
 from fabric.v1 import rollout_pb2, rollout_pb2_grpc
 from fabric.weights.manifest import TORCH_TO_PROTO
 from fabric.weights.sender import WeightSource, push_weights
 from fabric.weights.transports import tcp
 from tests.references import hf_greedy
-from tests.weights.conftest import MAX_NEW
 
 pytestmark = pytest.mark.slow
 PROMPTS = ["Add 3 and 4.\n", "Add 12 and 30.\n"]
+MAX_NEW = 8
+
+
+def rollout_config(model: str, path) -> str:
+    path.write_text(
+        "actor_infer:\n"
+        f"  pretrain: {model}\n"
+        f"  generating_args: {{max_new_tokens: {MAX_NEW}, temperature: 0.0}}\n"
+        "  strategy_args:\n"
+        "    strategy_name: vllm\n"
+        "    strategy_config: {block_size: 32, dtype: float32, max_model_len: 256, enforce_eager: true,\n"
+        "                      gpu_memory_utilization: 0.1}\n"
+        "  infer_batch_size: 8\n"
+    )
+    return str(path)
 
 
 @pytest.fixture(scope="module")
-def servers(rollout_trio, tiny_model):
-    """The shared servers (tests/weights/conftest.py), serving tiny_model: an earlier module may have left another."""
-    addresses = rollout_trio.addresses
-    report = push(WeightSource.from_hf_checkpoint(tiny_model), addresses, version=next_version(*addresses))
-    assert report.ok, report.failed
-    return addresses
+def servers(tiny_model, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("weights")
+    config = rollout_config(tiny_model, tmp / "rollout.yaml")
+    # Each server stages in a directory of its own, so a test can find (and sabotage) one server's staging files.
+    procs = [
+        ServerProcess(
+            "rollout",
+            config,
+            name=f"rollout-{i}",
+            log_path=tmp / f"s{i}.log",
+            env={"FABRIC_SHM_DIR": str(staging_dir(tmp, i))},
+        )
+        for i in range(3)
+    ]
+    addresses = start_all(procs, timeout=400)
+    STAGING_DIRS.update({address: staging_dir(tmp, i) for i, address in enumerate(addresses)})
+    yield addresses
+    for proc in procs:
+        assert proc.stop() == 0, proc.last_lines()
+    for address in addresses:  # a server stopped with SIGTERM deletes its staging files
+        assert list(STAGING_DIRS[address].iterdir()) == [], address
+
+
+STAGING_DIRS: dict = {}
+
+
+def staging_dir(tmp, i: int):
+    path = tmp / f"staging-{i}"
+    path.mkdir(exist_ok=True)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -296,7 +335,7 @@ def test_a_partial_newer_version_left_by_a_dead_sender_does_not_lock_the_server_
 
 
 def test_a_commit_that_fails_inside_vllm_ends_the_update_and_the_previous_version_keeps_serving(
-    rollout_trio, servers, tiny_model, tiny_model_b, reference
+    servers, tiny_model, tiny_model_b, reference
 ):
     """The staged version's file vanishes before its commit (a tmp cleaner wiping /dev/shm, say), so vLLM's worker
     fails inside the update. The update must be ended in the engine (else the next one is refused as "already
@@ -318,7 +357,7 @@ def test_a_commit_that_fails_inside_vllm_ends_the_update_and_the_previous_versio
     # The staged file is the one holding the new checkpoint's first chunk (the serving one holds the old weights;
     # the staged version may reuse a spare file of the same layout, so it need not be a new file).
     first = source.chunk_view(0).tobytes()
-    (staged_file,) = [f for f in rollout_trio.staging[target].iterdir() if f.read_bytes()[: len(first)] == first]
+    (staged_file,) = [f for f in STAGING_DIRS[target].iterdir() if f.read_bytes()[: len(first)] == first]
     staged_file.unlink()
 
     failed = push(source, [target], version=serving + 1, transport="grpc")  # sends the last chunk: commit
