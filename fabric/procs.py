@@ -6,6 +6,7 @@ does, and none of them leaves a process behind.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import signal
@@ -17,9 +18,11 @@ from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 
-from fabric.shm import group_pids, release, shm_used_by
+from fabric.shm import descendant_pids, group_pids, release, shm_used_by
 
 READY_RE = re.compile(r"fabric (\w+) server listening on (\S+)")
+SHM_NOTE_S = 1.0  # how often a live server's shared memory is noted (vLLM's queues live as long as the engine)
+PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
 
 
 class ServerProcess:
@@ -56,7 +59,10 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
         self.address: str | None = None
         self.tail: deque[str] = deque(maxlen=200)
+        self.shm_owned: set[str] = set()  # every segment the group used while it lived: what stop() releases
         self._ready = threading.Event()
+        self._stopping = threading.Event()
+        self._noter: threading.Thread | None = None
 
     def start(self) -> ServerProcess:
         self.proc = subprocess.Popen(
@@ -72,7 +78,19 @@ class ServerProcess:
             process_group=None if self.own_session else 0,
         )
         threading.Thread(target=self._pump, daemon=True).start()
+        self._noter = threading.Thread(target=self._note_shm, daemon=True)
+        self._noter.start()
         return self
+
+    def _note_shm(self) -> None:
+        """Notes what the group uses in /dev/shm while it lives: a group SIGKILLed from outside (a test, an OOM
+        kill) cannot be asked any more, and its processes cleaned nothing up."""
+        pgid = self.process.pid
+        while not self._stopping.wait(SHM_NOTE_S):
+            pids = group_pids(pgid)
+            if not pids:
+                return
+            self.shm_owned |= shm_used_by(pids)
 
     def _pump(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None  # started by start() with stdout=PIPE
@@ -129,7 +147,10 @@ class ServerProcess:
         if self.proc is None:
             return None
         deadline = time.monotonic() + grace
-        owned = shm_used_by(group_pids(self.proc.pid))  # what to release if its processes leave it behind
+        self._stopping.set()
+        if self._noter is not None:
+            self._noter.join()
+        self.shm_owned |= shm_used_by(group_pids(self.proc.pid))  # what to release if its processes leave it
         if self.proc.poll() is None:
             self.signal(signal.SIGTERM)
             try:
@@ -138,14 +159,14 @@ class ServerProcess:
                 pass
         # Engine children exit on their own once the server has stopped them (cleaning their shared memory):
         # give them what is left of the grace, then kill the rest, and wait until the group is really gone.
-        _wait_group_gone(self.proc.pid, max(deadline - time.monotonic(), 1.0))
+        _wait_group_gone(self.proc, max(deadline - time.monotonic(), 1.0))
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
         code = self.proc.wait()
-        _wait_group_gone(self.proc.pid, 10.0)
-        release(owned)
+        _wait_group_gone(self.proc, 10.0)
+        release(self.shm_owned)
         return code
 
     def __enter__(self) -> ServerProcess:
@@ -157,18 +178,59 @@ class ServerProcess:
         self.stop()
 
 
-def _wait_group_gone(pgid: int, timeout: float) -> bool:
-    """True once no process of the group is left (a killed process is gone when its parent or init reaped it)."""
+def _wait_group_gone(proc: subprocess.Popen, timeout: float) -> bool:
+    """True once no process of the group led by `proc` is left. An exited process counts until its parent reaps it:
+    `proc` is reaped by its Popen, orphans reparented here (fabric run is their subreaper) by _reaped."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
+    while True:
+        others = [pid for pid in group_pids(proc.pid) if pid != proc.pid and not _reaped(pid)]
+        if proc.poll() is not None and not others:
             return True
-        except PermissionError:
+        if time.monotonic() > deadline:
             return False
-        time.sleep(0.05)
-    return False
+        time.sleep(0.1)
+
+
+def become_subreaper() -> bool:
+    """Makes this process the one that inherits its descendants' orphans (Linux), whatever group or session they
+    moved to, so that end_descendants() can wait for them. False where the system has no such thing."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def end_descendants(grace: float = 10.0) -> list[int]:
+    """Returns once no process below this one is left: waits `grace` seconds for them to exit on their own, then
+    SIGKILLs the rest. Orphans reparented here (become_subreaper) are reaped. Returns the pids it had to kill."""
+    me = os.getpid()
+    killed: list[int] = []
+    for wait in (grace, 10.0):  # on their own, then after SIGKILL
+        deadline = time.monotonic() + wait
+        while left := [pid for pid in descendant_pids(me) if pid != me and not _reaped(pid)]:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        else:
+            return killed
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            except ProcessLookupError:
+                pass
+    raise RuntimeError(f"processes {left} outlived SIGKILL")
+
+
+def _reaped(pid: int) -> bool:
+    """Reaps `pid` if it is an exited child of ours; True once it is gone (an exited process that another parent has
+    not reaped yet still counts)."""
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0]:
+            return True
+    except ChildProcessError:  # not our child: its parent reaps it
+        pass
+    return not (Path("/proc") / str(pid)).exists()
 
 
 def start_all(servers: Sequence[ServerProcess], timeout: float = 300.0) -> list[str]:

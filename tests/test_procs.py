@@ -4,7 +4,11 @@ the shared memory they leave (what `make run` and the tests rely on to leave not
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 from fabric.procs import ServerProcess
 from fabric.shm import SHM_DIR
@@ -39,3 +43,68 @@ def test_stop_returns_once_every_process_of_the_group_is_gone_and_its_shared_mem
         alive = False
     assert not alive, "a process of the stopped server's group is still there"
     assert not segment.exists(), "the stopped server's shared memory is still in /dev/shm"
+
+
+# A "server" holding a segment open: SIGKILLed from outside, it cleans nothing up, and its group is gone by the
+# time whoever started it stops it.
+HOLDER = """
+exec 3>{shm}
+echo leak >&3
+echo "fabric test server listening on 127.0.0.1:1"
+wait
+sleep 60
+"""
+
+
+def test_a_sigkilled_group_s_shared_memory_is_released_by_stop(tmp_path):
+    segment = SHM_DIR / f"psm_fabric_test_killed_{os.getpid()}"
+    script = tmp_path / "server.sh"
+    script.write_text(HOLDER.format(shm=segment))
+    server = ServerProcess("test", "unused", prefix=["bash", str(script)], own_session=False)
+    server.start()
+    try:
+        server.wait_ready(timeout=30)
+        deadline = time.monotonic() + 10
+        while segment.name not in server.shm_owned:  # noted while the group lives
+            assert time.monotonic() < deadline, "the live server's segment was never noted"
+            time.sleep(0.1)
+        os.killpg(server.process.pid, signal.SIGKILL)
+        server.process.wait(timeout=10)
+    finally:
+        server.stop(grace=1)
+    assert not segment.exists(), "the SIGKILLed server's shared memory is still in /dev/shm"
+
+
+# A "server" whose child moves to a session of its own: stopping the server's group does not reach it.
+ESCAPER = """
+setsid bash -c 'echo $$ > {pidfile}; exec sleep 60' &
+while [ ! -s {pidfile} ]; do sleep 0.05; done  # it has left the group
+echo "fabric test server listening on 127.0.0.1:1"
+wait
+"""
+
+# What `fabric run` does around the processes it starts (fabric/run/launcher.py: cli_main, Launcher.stop_all).
+LAUNCHER = """
+import sys
+from fabric.procs import ServerProcess, become_subreaper, end_descendants
+assert become_subreaper()
+server = ServerProcess("test", "unused", prefix=["bash", sys.argv[1]]).start()
+server.wait_ready(30)
+server.stop(grace=1)
+print("killed", end_descendants(grace=1))
+"""
+
+
+def test_a_launcher_returns_only_once_every_process_it_started_is_gone(tmp_path):
+    pidfile = tmp_path / "escaped.pid"
+    script = tmp_path / "server.sh"
+    script.write_text(ESCAPER.format(pidfile=pidfile))
+    out = subprocess.run([sys.executable, "-c", LAUNCHER, str(script)], capture_output=True, text=True, timeout=60)
+    escaped = int(pidfile.read_text())
+    try:
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert f"killed [{escaped}]" in out.stdout, (escaped, out.stdout + out.stderr)
+        assert not Path(f"/proc/{escaped}").exists(), "a process the launcher started outlived it"
+    finally:
+        if Path(f"/proc/{escaped}").exists():
+            os.kill(escaped, signal.SIGKILL)

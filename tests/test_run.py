@@ -19,6 +19,8 @@ from pathlib import Path
 import grpc
 import pytest
 
+from fabric import cli
+from fabric.shm import descendant_pids
 from fabric.v1 import rollout_pb2, rollout_pb2_grpc, trainer_pb2, trainer_pb2_grpc
 from tests.references import hf_greedy
 
@@ -40,7 +42,17 @@ class Run:
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, "COLUMNS": "200"},
         )  # fmt: skip
+        self.started: set[tuple[int, str]] = set()  # (pid, start time): every process seen below the launcher
         threading.Thread(target=self._pump, daemon=True).start()
+        threading.Thread(target=self._note_processes, daemon=True).start()
+
+    def _note_processes(self):
+        while self.proc.poll() is None:
+            self.started |= {(pid, start) for pid in descendant_pids(self.proc.pid) if (start := _start_time(pid))}
+            time.sleep(0.5)
+
+    def left_behind(self) -> list[int]:
+        return [pid for pid, start in self.started if _start_time(pid) == start]
 
     def _pump(self):
         for line in self.proc.stdout:
@@ -64,6 +76,13 @@ class Run:
     @property
     def text(self) -> str:
         return "\n".join(self.lines)
+
+
+def _start_time(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
 
 
 def greedy(address: str, prompts: list[str]) -> list[list[int]]:
@@ -135,10 +154,11 @@ def test_run_is_steered_survives_a_dead_rollout_server_and_cleans_up(run):
     assert (final / "model.safetensors").exists() and (final / "tokenizer.json").exists()
     assert re.search(r"done in \d+ s: 10 steps; mean reward of the first 5 steps [\d.]+, of the last 5", run.text)
 
-    # nothing left behind
+    # nothing left behind: the launcher returned once every process it started was gone
     for _, pid in servers.values():
         with pytest.raises(ProcessLookupError):
             os.killpg(pid, 0)
+    assert len(run.started) > 4 and run.left_behind() == []
 
 
 @pytest.mark.parametrize(
@@ -151,22 +171,29 @@ def test_run_is_steered_survives_a_dead_rollout_server_and_cleans_up(run):
         ("actor_infer.strategy_args.strategy_name=sglang", "strategy_name"),
     ],
 )
-def test_config_mistakes_are_one_clear_line(tmp_path, override, message):
-    out = subprocess.run([sys.executable, "-m", "fabric.cli", "run", f"output_dir={tmp_path}", override],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert out.returncode == 2
-    last = (out.stdout + out.stderr).strip().splitlines()[-1]
-    assert last.startswith("fabric: config key") and message in last, out.stdout + out.stderr
-    assert "Traceback" not in out.stdout + out.stderr
+def test_config_mistakes_are_one_clear_line(tmp_path, capsys, override, message):
+    code, stdout, stderr = fabric_run(capsys, f"output_dir={tmp_path}", override)
+    output = stdout + stderr
+    assert code == 2
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("fabric: config key") and message in last, output
+    assert "Traceback" not in output
 
 
-def test_a_missing_model_is_one_clear_line(tmp_path):
+def test_a_missing_model_is_one_clear_line(tmp_path, capsys):
     config = tmp_path / "c.yaml"
     text = (ROOT / "examples" / "default.yaml").read_text()
     text = re.sub(r"(?ms)^task:.*?\n\n", "", text).replace("${task.model_dir}", str(tmp_path / "no-model"))
     text = text.replace('"${task.dataset}"', str(tmp_path / "data.jsonl"))
     config.write_text(text)
-    out = subprocess.run([sys.executable, "-m", "fabric.cli", "run", "--config", str(config),
-                          f"output_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert out.returncode == 2, out.stdout + out.stderr
-    assert "config key 'actor_train.pretrain': not an HF model directory" in out.stderr.strip().splitlines()[-1]
+    code, stdout, stderr = fabric_run(capsys, "--config", str(config), f"output_dir={tmp_path}")
+    assert code == 2, stdout + stderr
+    assert "config key 'actor_train.pretrain': not an HF model directory" in stderr.strip().splitlines()[-1]
+
+
+def fabric_run(capsys, *args: str) -> tuple[int, str, str]:
+    """`fabric run ARGS` in this process (a config refused before anything starts): exit code, stdout, stderr. In
+    process, as the CLI's entry point calls it, to spare each case the ~10 s import of vLLM and megatron."""
+    code = cli.main(["run", *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err

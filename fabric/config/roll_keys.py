@@ -200,8 +200,6 @@ MODEL_ARGS_REFUSED = {
     "model_config_kwargs": Refused("model config overrides are not supported: edit the model's config.json"),
 }  # fmt: skip
 
-# strategy_config keys that are ROLL's, not vLLM's: ROLL's vllm strategy pops them before building the engine.
-STRATEGY_CONFIG_POPPED = {"sleep_level", "VLLM_USE_V1"}
 # vLLM engine arguments the fabric cannot honour.
 STRATEGY_CONFIG_REFUSED = {
     "distributed_executor_backend": Refused(

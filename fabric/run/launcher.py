@@ -22,7 +22,7 @@ from fabric import security
 from fabric.config import ConfigError, load_config, parse_device_mapping
 from fabric.config.check import resolved_for_processes
 from fabric.config.pipeline import pipeline_config
-from fabric.procs import ServerProcess, start_all
+from fabric.procs import ServerProcess, become_subreaper, end_descendants, start_all
 from fabric.reward.judge import JUDGE_ON_ACTOR_INFER
 from fabric.trainer import report
 from fabric.v1 import trainer_pb2, trainer_pb2_grpc
@@ -242,6 +242,11 @@ class Launcher:
         for proc in [self.trainer, *self.servers]:
             if proc is not None:
                 proc.stop(grace=20)
+        # What escaped the servers' process groups (and so their stop) ends here too: the run is over only when
+        # every process it started is gone.
+        killed = end_descendants(grace=10)
+        if killed:
+            self.console.print(f"[yellow]killed {len(killed)} process(es) left after the servers stopped: {killed}")
 
 
 def check_before_start(cfg, pc) -> None:
@@ -280,6 +285,7 @@ def cli_main(args) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     started = time.perf_counter()
     try:
+        become_subreaper()  # orphans of the processes it starts come back to it, so stop_all can wait for them
         rollout, reward = launcher.start_servers()
         address = launcher.start_trainer(rollout, reward)
         console.print(

@@ -459,26 +459,6 @@ class Trainer:
         self.gen_clock.forget_before(t_end)
         return metrics
 
-    async def run_step(self, step: int) -> dict:
-        """One step strictly in turn (generate, score, train, push): what the loop does with max_staleness 0, in one
-        call (for tests and tools that drive a Trainer step by step)."""
-        batch = self.batch(step)
-        batch.prompts = self.next_prompts()
-        batch.started = time.perf_counter()
-        sampling = rollout_pb2.SamplingParams(**self.sampling, logprobs=True)
-        requests = [
-            rollout_pb2.GenerateRequest(request_id=f"s{step}-p{k}", prompt=self.dataset[i]["prompt"], sampling=sampling)
-            for k, i in enumerate(batch.prompts)
-        ]
-        assert self.rollouts is not None
-        async for response in self.rollouts.generate(requests):
-            if response.HasField("error"):
-                raise RuntimeError(f"rollout refused {response.request_id}: {response.error.message}")
-            k = int(response.request_id.rsplit("-p", 1)[1])
-            batch.add(Sample(batch.prompts[k], response))
-        await batch.scoring
-        return await self.finish_step(batch)
-
     async def score(self, samples: list[Sample], step: int) -> None:
         lowest: dict[str, float] = {}
         self.score_empty(await self.score_items(samples, step, lowest), lowest)

@@ -4,21 +4,18 @@ its tests skip with the reason and the fix), and real rollout and reward servers
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
-import sys
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from fabric.procs import ServerProcess, start_all
+from tests.servers import TEST_ENV
+
 ROOT = Path(__file__).resolve().parents[2]
-FABRIC = Path(sys.executable).parent / "fabric"
 GOCODE = Path("/usr/share/gocode/src")
 
 
@@ -103,53 +100,6 @@ def client(request) -> ClientKind:
     return kind
 
 
-class ServerProcess:
-    """`fabric serve KIND --config FILE --port 0`, ready once it prints its address; stopped with SIGTERM."""
-
-    def __init__(self, kind: str, config: Path, log_path: Path):
-        self.kind = kind
-        self.log_path = log_path
-        self.log = log_path.open("w")
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        self.proc = subprocess.Popen(
-            [str(FABRIC), "serve", kind, "--config", str(config), "--port", "0"],
-            stdout=subprocess.PIPE,
-            stderr=self.log,
-            text=True,
-            env=env,
-            start_new_session=True,
-        )
-        self.address: str | None = None
-        self._ready = threading.Event()
-        threading.Thread(target=self._read_stdout, daemon=True).start()
-
-    def _read_stdout(self) -> None:
-        prefix = f"fabric {self.kind} server listening on "
-        for line in self.proc.stdout:
-            if line.startswith(prefix):
-                self.address = line[len(prefix) :].strip()
-                self._ready.set()
-            self.log.write(line)
-        self._ready.set()
-
-    def wait_ready(self, timeout: float) -> str:
-        if not self._ready.wait(timeout) or self.address is None:
-            self.stop()
-            tail = self.log_path.read_text()[-3000:]
-            raise RuntimeError(f"{self.kind} server did not report its address in {timeout:.0f} s; log tail:\n{tail}")
-        return self.address
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)  # its own session: the engine processes it started
-                self.proc.wait(10)
-        self.log.close()
-
-
 @pytest.fixture(scope="module")
 def servers(tiny_model, tmp_path_factory) -> Iterator[dict[str, str]]:
     """A real rollout server (vLLM on the tiny model) and a real reward server, started side by side."""
@@ -167,11 +117,13 @@ actor_infer:
     (tmp / "reward.yaml").write_text(
         "rewards: {answer_tag: {worker_cls: answer_tag}, math: {worker_cls: math_rule, num_workers: 1}}\n"
     )
-    started = [ServerProcess(kind, tmp / f"{kind}.yaml", tmp / f"{kind}.log") for kind in ("rollout", "reward")]
+    started = [
+        ServerProcess(kind, tmp / f"{kind}.yaml", env=TEST_ENV, log_path=tmp / f"{kind}.log", own_session=False)
+        for kind in ("rollout", "reward")
+    ]
+    addresses = start_all(started, timeout=240)  # stops both if either fails
     try:
-        deadline = time.monotonic() + 240
-        addresses = {s.kind: s.wait_ready(max(1.0, deadline - time.monotonic())) for s in started}
-        yield addresses
+        yield dict(zip(("rollout", "reward"), addresses, strict=True))
     finally:
         for server in started:
             server.stop()

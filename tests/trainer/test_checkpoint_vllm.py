@@ -29,6 +29,13 @@ def trained(megatron, tiny_model, tmp_path_factory):
     return policy, policy.save(tmp_path_factory.mktemp("trained") / "ckpt"), [r["prompt"] for r in rows[:16]]
 
 
+@pytest.fixture(scope="module")
+def decoded(trained):
+    """The checkpoint's greedy completions and samples at temperature 0.7, from one vLLM engine."""
+    _, checkpoint, prompts = trained
+    return run_vllm("vllm_decode.py", [str(checkpoint), "12", "0.7"], prompts)
+
+
 def run_vllm(script: str, args: list[str], prompts: list[str]):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_CPU_KVCACHE_SPACE": "1"}
     result = subprocess.run(
@@ -37,26 +44,26 @@ def run_vllm(script: str, args: list[str], prompts: list[str]):
         capture_output=True,
         text=True,
         env=env,
-        timeout=240,
+        timeout=420,  # one engine start, then greedy and sampled decoding: minutes on a loaded 2-core host
     )
     lines = [line for line in result.stdout.splitlines() if line.startswith("FABRIC_RESULT ")]
     assert result.returncode == 0 and lines, result.stderr[-3000:]
     return json.loads(lines[0].removeprefix("FABRIC_RESULT "))
 
 
-def test_trained_checkpoint_greedy_output_equals_in_vllm_and_transformers(trained):
-    policy, checkpoint, prompts = trained
+def test_trained_checkpoint_greedy_output_equals_in_vllm_and_transformers(trained, decoded):
+    policy, _, prompts = trained
     expected = GreedyEvaluator(policy, max_new_tokens=12).generate(prompts)
     assert sum(arithmetic.extract_answer(text) is not None for text in expected) >= 12  # trained: not noise
-    assert run_vllm("vllm_greedy.py", [str(checkpoint), "12"], prompts) == expected
+    assert decoded["greedy"] == expected
 
 
-def test_rollout_logprobs_match_the_trainers_at_temperature_0_7(trained):
+def test_rollout_logprobs_match_the_trainers_at_temperature_0_7(trained, decoded):
     """vLLM's processed logprobs (the fabric's logprobs_mode) are the sampled distribution's, after temperature:
     they match the trainer's logprobs at the same temperature. vLLM's default raw logprobs are the temperature-1
     ones, which the trainer's at T = 1 reproduce: against the trainer at T = 0.7 they differ far more."""
-    policy, _, prompts = trained
-    got = run_vllm("vllm_sample.py", [str(trained[1]), "12", "0.7"], prompts)
+    policy = trained[0]
+    got = decoded
     assert got["mode"] == "processed_logprobs"
     rows = got["rows"]
     batch = TrainBatch.from_token_lists([r["prompt"] for r in rows], [r["tokens"] for r in rows], pad_id=0)

@@ -1,5 +1,6 @@
-"""Samples of a model directory with vLLM at a temperature, with each sampled token's logprob, as JSON on stdout
-(run as a script: vLLM spawns an engine). The logprobs mode is the one the fabric's rollout engine asks for."""
+"""Greedy completions of a model directory with vLLM, and samples at a temperature with each sampled token's logprob,
+from one engine, as JSON on stdout (run as a script: vLLM spawns an engine). The logprobs mode is the one the
+fabric's rollout engine asks for (it changes what logprobs are returned, not what greedy picks)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ def main() -> None:
     llm = LLM(
         model=model_dir, block_size=32, max_model_len=128, enforce_eager=True, dtype="float32", logprobs_mode=mode
     )
+    greedy = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens), use_tqdm=False)
     params = [
         SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=k, logprobs=0) for k in range(len(prompts))
     ]
@@ -29,7 +31,8 @@ def main() -> None:
         out = result.outputs[0]
         logprobs = [step[token].logprob for step, token in zip(out.logprobs, out.token_ids, strict=True)]
         rows.append({"prompt": result.prompt_token_ids, "tokens": list(out.token_ids), "logprobs": logprobs})
-    print("FABRIC_RESULT " + json.dumps({"mode": mode, "rows": rows}), flush=True)
+    result = {"greedy": [r.outputs[0].text for r in greedy], "mode": mode, "rows": rows}
+    print("FABRIC_RESULT " + json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":
