@@ -7,6 +7,7 @@ Every problem is a ConfigError naming the key and the fix, so a CLI can print on
 from __future__ import annotations
 
 import ast
+import os
 import re
 import warnings
 from collections.abc import Sequence
@@ -35,6 +36,43 @@ class ConfigError(ValueError):
     def __init__(self, key: str, message: str):
         super().__init__(f"config key '{key}': {message}" if key else message)
         self.key = key
+
+
+def number(value: Any, key: str, kind: Any = float, minimum: float | None = None, above: float | None = None) -> Any:
+    """`value` as `kind` (int or float), or a ConfigError naming `key` (never a TypeError/ValueError)."""
+    if isinstance(value, bool):
+        raise ConfigError(key, f"must be a number, got {value!r}")
+    try:
+        value = kind(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(key, f"must be {'an integer' if kind is int else 'a number'}, got {value!r}") from None
+    if minimum is not None and value < minimum:
+        raise ConfigError(key, f"must be >= {minimum}, got {value}")
+    if above is not None and value <= above:
+        raise ConfigError(key, f"must be > {above}, got {value}")
+    return value
+
+
+_ENV_REF = re.compile(r"\$\{oc\.env:([^,}\s]+)")
+FROM_ENV = "(from the environment)"
+
+
+def env_redacted(cfg: DictConfig, exc: ConfigError) -> ConfigError:
+    """`exc` with every value that `cfg` takes from `${oc.env:...}` shown as "(from the environment)": a bad
+    value's message must not print a secret."""
+    names = set(_ENV_REF.findall(OmegaConf.to_yaml(cfg, resolve=False)))
+    values = {os.environ[name] for name in names if os.environ.get(name)}
+    # Quoted anywhere; bare only when long enough not to match ordinary words and numbers of the message.
+    forms = {repr(v) for v in values} | {v for v in values if len(v) >= 4}
+    if not forms:
+        return exc
+    pattern = "|".join(re.escape(f) for f in sorted(forms, key=len, reverse=True))
+    message = re.sub(pattern, FROM_ENV, str(exc))
+    if message == str(exc):
+        return exc
+    redacted = ConfigError("", message)
+    redacted.key = exc.key
+    return redacted
 
 
 def _error(exc: OmegaConfBaseException, key: str = "") -> ConfigError:

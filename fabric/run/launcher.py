@@ -21,6 +21,7 @@ from rich.live import Live
 from fabric import security
 from fabric.config import ConfigError, load_config, parse_device_mapping
 from fabric.config.check import resolved_for_processes
+from fabric.config.loader import env_redacted
 from fabric.config.pipeline import pipeline_config
 from fabric.procs import ServerProcess, become_subreaper, end_descendants, start_all
 from fabric.reward.judge import JUDGE_ON_ACTOR_INFER
@@ -77,7 +78,10 @@ class Launcher:
         self.console = console
         self.trainer_nproc = trainer_nproc  # > 1: the trainer runs under torchrun (data x tensor parallel)
         cfg = load_config(config_path, overrides)
-        self.pc = pipeline_config(cfg)
+        try:
+            self.pc = pipeline_config(cfg)
+        except ConfigError as exc:
+            raise env_redacted(cfg, exc) from None  # a bad value from `${oc.env:...}` is not printed
         security.configure(
             security.SecurityConfig.from_cfg(cfg)
         )  # every config error surfaces here, before any process starts
