@@ -83,6 +83,71 @@ def _error(exc: OmegaConfBaseException, key: str = "") -> ConfigError:
     return ConfigError(full_key, message)
 
 
+SEARCH_PATH_FLAG = "--config-search-path"
+
+
+def _default_names(entry: Any) -> list[str]:
+    """The config paths (group/option, no .yaml) one `defaults:` entry names, as Hydra reads them."""
+
+    def group(text: str) -> str:
+        for prefix in ("optional ", "override "):
+            text = text.strip().removeprefix(prefix)
+        return text.split("@")[0].strip()
+
+    if isinstance(entry, str):
+        return [] if entry.strip() == "_self_" else [group(entry)]
+    if isinstance(entry, dict):
+        names = []
+        for key, option in entry.items():
+            options = option if isinstance(option, list) else [option]
+            names += [group(str(key)) + ("" if o in (None, "???") else f"/{o}") for o in options]
+        return names
+    return []
+
+
+def _check_search_paths(path: Path, allowed: Sequence[str | Path]) -> None:
+    """Refuses a `defaults:` entry or `hydra.searchpath` that reaches outside the config's folder (a config from
+    elsewhere must not read any file it names): one line naming the flag that allows the folder."""
+    root = path.parent.resolve()
+    roots = [root, *(Path(d).resolve() for d in allowed)]
+
+    def refuse(target: Path, what: str, where: Path) -> None:
+        if not any(target.is_relative_to(r) for r in roots):
+            raise ConfigError(
+                "defaults" if what.startswith("defaults") else "hydra.searchpath",
+                f"{what} in {where} reaches {target}, outside the config's folder {root}: "
+                f"pass {SEARCH_PATH_FLAG} {target.parent} to allow that folder",
+            )
+
+    files, seen = [path.resolve()], set()
+    while files:
+        current = files.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        try:
+            raw = yaml.safe_load(current.read_text()) or {}
+        except (yaml.YAMLError, OSError):
+            continue  # Hydra's composition reports it
+        if not isinstance(raw, dict):
+            continue
+        hydra = raw.get("hydra")
+        hydra = hydra if isinstance(hydra, dict) else {}
+        for entry in hydra.get("searchpath") or []:
+            text = str(entry)
+            if text.startswith("pkg://"):
+                raise ConfigError("hydra.searchpath", f"'{text}' in {current}: copy the package's configs under {root}")
+            folder = Path(text.removeprefix("file://"))
+            for base in [Path("/")] if folder.is_absolute() else [root, Path.cwd()]:  # either reading
+                refuse((base / folder).resolve(), f"hydra.searchpath '{text}'", current)
+        for entry in raw.get("defaults") or []:
+            for name in _default_names(entry):
+                base = root if name.startswith("/") else current.parent  # Hydra: relative to the entry's file
+                target = (base / f"{name.lstrip('/')}.yaml").resolve()  # symlinks followed
+                refuse(target, f"defaults entry '{name}'", current)
+                files.append(target)
+
+
 def _compose_hydra(path: Path) -> DictConfig:
     """The file composed with Hydra's compose API, as ROLL's launch scripts do (`initialize(config_path=DIR)`,
     `compose(config_name=STEM)`): the `defaults:` list merged in order, the file itself last unless `_self_`
@@ -108,8 +173,15 @@ def _compose_hydra(path: Path) -> DictConfig:
     return cast(DictConfig, OmegaConf.create(OmegaConf.to_container(cfg, resolve=False)))
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), base: dict | None = None) -> DictConfig:
+def load_config(
+    path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    base: dict | None = None,
+    search_paths: Sequence[str | Path] | None = (),
+) -> DictConfig:
     """Loads YAML (and/or a base dict), composes its Hydra `defaults:`, applies dotlist overrides.
+    `defaults:` and `hydra.searchpath` may name files only under the config's folder and `search_paths`
+    (the CLI's --config-search-path).
 
     Interpolations are left for the reader: a section is resolved when a process reads it (`resolved`), so a
     `${oc.env:VAR}` in a section this process never reads does not stop it. `check.check_config` resolves every
@@ -126,6 +198,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), b
         if not isinstance(raw, dict):
             raise ConfigError("", f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
         try:
+            if raw.get("defaults"):
+                _check_search_paths(path, search_paths or ())
             parts.append(_compose_hydra(path) if raw.get("defaults") else OmegaConf.load(path))
         except OmegaConfBaseException as exc:
             raise ConfigError("", f"cannot parse {path}: {str(exc).splitlines()[0]}") from None
