@@ -10,10 +10,24 @@ import os
 import sys
 
 from fabric.config import ConfigError
+from fabric.config.loader import SEARCH_PATH_FLAG
+
+
+def _add_search_path(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        SEARCH_PATH_FLAG,
+        dest="config_search_path",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a folder outside the config's own that its `defaults:` / hydra.searchpath may load (repeatable; "
+        "ROLL's examples load ../config/...)",
+    )
 
 
 def _add_server_args(p: argparse.ArgumentParser, role: str) -> None:
     p.add_argument("--config", required=True, help="ROLL-style YAML file")
+    _add_search_path(p)
     p.add_argument("--role", default=role, help=f"config section to serve (default: {role})")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for a cluster)")
     p.add_argument("--port", type=int, default=0, help="port to bind (0: any free port, printed at start)")
@@ -41,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run every process of a config on this node (default: the embedded demo)")
     p.add_argument("--config", default=None, help="ROLL-style YAML (default: examples/default.yaml)")
+    _add_search_path(p)
     p.add_argument(
         "--trainer-nproc",
         type=int,
@@ -52,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="run the GRPO loop against running rollout and reward servers")
     p.add_argument("--config", required=True, help="ROLL-style YAML file")
+    _add_search_path(p)
     p.add_argument("--rollout", action="append", help="rollout server HOST:PORT (repeatable; else cluster.rollout)")
     p.add_argument("--reward", action="append", help="reward server HOST:PORT (repeatable; else cluster.reward)")
     p.add_argument("--port", type=int, default=None, help="TrainerService port (default cluster.trainer_port or 0)")
@@ -68,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check", help="check a config for the named processes without starting anything")
     p.add_argument("--config", required=True, help="ROLL-style YAML file")
+    _add_search_path(p)
     p.add_argument(
         "--role", default="all", choices=["rollout", "reward", "train", "all"], help="which processes (default all)"
     )
@@ -101,7 +118,7 @@ def check_main(args) -> int:
     from fabric.config.check import check_config
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, search_paths=args.config_search_path)
     except ConfigError as exc:
         print(f"fabric: {exc}", file=sys.stderr)
         return 2
@@ -127,9 +144,9 @@ def check_before_start(args) -> None:
     if args.command == "serve":
         role = {"rollout": "rollout", "reward": "reward"}[args.server]
         sections = {"rollout_section": args.role} if role == "rollout" else {"reward_section": args.role}
-        check_or_raise(load_config(args.config, args.overrides), role, **sections)
+        check_or_raise(load_config(args.config, args.overrides, search_paths=args.config_search_path), role, **sections)
     elif args.command == "train":
-        check_or_raise(load_config(args.config, args.overrides), "train")
+        check_or_raise(load_config(args.config, args.overrides, search_paths=args.config_search_path), "train")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from fabric.config.loader import ConfigError
+from fabric.config.loader import number as _number
 
 log = logging.getLogger(__name__)
 
@@ -107,20 +108,6 @@ class AlgorithmConfig:
 def _select(cfg: DictConfig, path: str, default=None):
     value = OmegaConf.select(cfg, path, default=default)
     return default if value is None else value
-
-
-def _number(value, key: str, kind=float, minimum: float | None = None, above: float | None = None):
-    if isinstance(value, bool):
-        raise ConfigError(key, f"must be a number, got {value!r}")
-    try:
-        value = kind(value)
-    except (TypeError, ValueError):
-        raise ConfigError(key, f"must be a number, got {value!r}") from None
-    if minimum is not None and value < minimum:
-        raise ConfigError(key, f"must be >= {minimum}, got {value}")
-    if above is not None and value <= above:
-        raise ConfigError(key, f"must be > {above}, got {value}")
-    return value
 
 
 def _flag(value, key: str) -> bool:

@@ -23,7 +23,7 @@ from typing import cast
 from omegaconf import DictConfig, OmegaConf
 
 from fabric.config import roll_keys
-from fabric.config.loader import ConfigError, resolved
+from fabric.config.loader import ConfigError, env_redacted, resolved
 
 ROLES = ("rollout", "reward", "train", "all")
 log = logging.getLogger("fabric.config")
@@ -210,6 +210,7 @@ def check_config(
         except ConfigError as exc:
             if not any(str(exc) == str(e) for e in report.errors):
                 report.errors.append(exc)
+    report.errors = [env_redacted(cfg, e) for e in report.errors]
     return report
 
 

@@ -7,6 +7,7 @@ Every problem is a ConfigError naming the key and the fix, so a CLI can print on
 from __future__ import annotations
 
 import ast
+import os
 import re
 import warnings
 from collections.abc import Sequence
@@ -37,12 +38,114 @@ class ConfigError(ValueError):
         self.key = key
 
 
+def number(value: Any, key: str, kind: Any = float, minimum: float | None = None, above: float | None = None) -> Any:
+    """`value` as `kind` (int or float), or a ConfigError naming `key` (never a TypeError/ValueError)."""
+    if isinstance(value, bool):
+        raise ConfigError(key, f"must be a number, got {value!r}")
+    try:
+        value = kind(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(key, f"must be {'an integer' if kind is int else 'a number'}, got {value!r}") from None
+    if minimum is not None and value < minimum:
+        raise ConfigError(key, f"must be >= {minimum}, got {value}")
+    if above is not None and value <= above:
+        raise ConfigError(key, f"must be > {above}, got {value}")
+    return value
+
+
+_ENV_REF = re.compile(r"\$\{oc\.env:([^,}\s]+)")
+FROM_ENV = "(from the environment)"
+
+
+def env_redacted(cfg: DictConfig, exc: ConfigError) -> ConfigError:
+    """`exc` with every value that `cfg` takes from `${oc.env:...}` shown as "(from the environment)": a bad
+    value's message must not print a secret."""
+    names = set(_ENV_REF.findall(OmegaConf.to_yaml(cfg, resolve=False)))
+    values = {os.environ[name] for name in names if os.environ.get(name)}
+    # Quoted anywhere; bare only when long enough not to match ordinary words and numbers of the message.
+    forms = {repr(v) for v in values} | {v for v in values if len(v) >= 4}
+    if not forms:
+        return exc
+    pattern = "|".join(re.escape(f) for f in sorted(forms, key=len, reverse=True))
+    message = re.sub(pattern, FROM_ENV, str(exc))
+    if message == str(exc):
+        return exc
+    redacted = ConfigError("", message)
+    redacted.key = exc.key
+    return redacted
+
+
 def _error(exc: OmegaConfBaseException, key: str = "") -> ConfigError:
     full_key = str(getattr(exc, "full_key", "") or key or "")
     message = str(exc).splitlines()[0]
     if "oc.env" in str(exc) or "environment variable" in message.lower():
         message += " (set the variable, or override the key: key=value)"
     return ConfigError(full_key, message)
+
+
+SEARCH_PATH_FLAG = "--config-search-path"
+
+
+def _default_names(entry: Any) -> list[str]:
+    """The config paths (group/option, no .yaml) one `defaults:` entry names, as Hydra reads them."""
+
+    def group(text: str) -> str:
+        for prefix in ("optional ", "override "):
+            text = text.strip().removeprefix(prefix)
+        return text.split("@")[0].strip()
+
+    if isinstance(entry, str):
+        return [] if entry.strip() == "_self_" else [group(entry)]
+    if isinstance(entry, dict):
+        names = []
+        for key, option in entry.items():
+            options = option if isinstance(option, list) else [option]
+            names += [group(str(key)) + ("" if o in (None, "???") else f"/{o}") for o in options]
+        return names
+    return []
+
+
+def _check_search_paths(path: Path, allowed: Sequence[str | Path]) -> None:
+    """Refuses a `defaults:` entry or `hydra.searchpath` that reaches outside the config's folder (a config from
+    elsewhere must not read any file it names): one line naming the flag that allows the folder."""
+    root = path.parent.resolve()
+    roots = [root, *(Path(d).resolve() for d in allowed)]
+
+    def refuse(target: Path, what: str, where: Path) -> None:
+        if not any(target.is_relative_to(r) for r in roots):
+            raise ConfigError(
+                "defaults" if what.startswith("defaults") else "hydra.searchpath",
+                f"{what} in {where} reaches {target}, outside the config's folder {root}: "
+                f"pass {SEARCH_PATH_FLAG} {target.parent} to allow that folder",
+            )
+
+    files, seen = [path.resolve()], set()
+    while files:
+        current = files.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        try:
+            raw = yaml.safe_load(current.read_text()) or {}
+        except (yaml.YAMLError, OSError):
+            continue  # Hydra's composition reports it
+        if not isinstance(raw, dict):
+            continue
+        hydra = raw.get("hydra")
+        hydra = hydra if isinstance(hydra, dict) else {}
+        for entry in hydra.get("searchpath") or []:
+            text = str(entry)
+            if text.startswith("pkg://"):
+                raise ConfigError("hydra.searchpath", f"'{text}' in {current}: copy the package's configs under {root}")
+            folder = Path(text.removeprefix("file://"))
+            for base in [Path("/")] if folder.is_absolute() else [root, Path.cwd()]:  # either reading
+                refuse((base / folder).resolve(), f"hydra.searchpath '{text}'", current)
+        for entry in raw.get("defaults") or []:
+            for name in _default_names(entry):
+                base = root if name.startswith("/") else current.parent  # Hydra: relative to the entry's file
+                target = (base / f"{name.lstrip('/')}.yaml").resolve()  # symlinks followed
+                refuse(target, f"defaults entry '{name}'", current)
+                files.append(target)
 
 
 def _compose_hydra(path: Path) -> DictConfig:
@@ -70,8 +173,15 @@ def _compose_hydra(path: Path) -> DictConfig:
     return cast(DictConfig, OmegaConf.create(OmegaConf.to_container(cfg, resolve=False)))
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), base: dict | None = None) -> DictConfig:
+def load_config(
+    path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    base: dict | None = None,
+    search_paths: Sequence[str | Path] | None = (),
+) -> DictConfig:
     """Loads YAML (and/or a base dict), composes its Hydra `defaults:`, applies dotlist overrides.
+    `defaults:` and `hydra.searchpath` may name files only under the config's folder and `search_paths`
+    (the CLI's --config-search-path).
 
     Interpolations are left for the reader: a section is resolved when a process reads it (`resolved`), so a
     `${oc.env:VAR}` in a section this process never reads does not stop it. `check.check_config` resolves every
@@ -88,6 +198,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), b
         if not isinstance(raw, dict):
             raise ConfigError("", f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
         try:
+            if raw.get("defaults"):
+                _check_search_paths(path, search_paths or ())
             parts.append(_compose_hydra(path) if raw.get("defaults") else OmegaConf.load(path))
         except OmegaConfBaseException as exc:
             raise ConfigError("", f"cannot parse {path}: {str(exc).splitlines()[0]}") from None

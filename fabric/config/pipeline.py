@@ -39,7 +39,7 @@ from typing import Any, cast
 from omegaconf import DictConfig, OmegaConf
 
 from fabric.config.algorithm import ALGORITHM_KEYS, AlgorithmConfig, algorithm_config, check_batch_sizes
-from fabric.config.loader import ConfigError, parse_device_mapping
+from fabric.config.loader import ConfigError, number, parse_device_mapping
 
 TOP_LEVEL_KEYS = {
     # ROLL's pipeline keys (accepted; the ones the fabric uses are read below)
@@ -164,13 +164,7 @@ def _get(cfg: DictConfig, path: str, default=None):
 
 
 def _positive(value, key: str, kind=int):
-    try:
-        value = kind(value)
-    except (TypeError, ValueError):
-        raise ConfigError(key, f"must be a number, got {value!r}") from None
-    if value <= 0:
-        raise ConfigError(key, f"must be > 0, got {value}")
-    return value
+    return number(value, key, kind, above=0)
 
 
 def _response_length(cfg: DictConfig):
@@ -216,13 +210,13 @@ def pipeline_config(cfg: DictConfig) -> PipelineConfig:
         raise ConfigError("actor_train.data_args.file_name", "no dataset: a JSONL file of {prompt, ground_truth}")
     pc = PipelineConfig(
         exp_name=str(_get(cfg, "exp_name", "fabric")),
-        seed=int(_get(cfg, "seed", 42)),
+        seed=number(_get(cfg, "seed", 42), "seed", int),
         max_steps=_positive(_get(cfg, "max_steps", 10), "max_steps"),
         rollout_batch_size=_positive(_get(cfg, "rollout_batch_size", 16), "rollout_batch_size"),
         group_size=_positive(_get(cfg, "num_return_sequences_in_group", 8), "num_return_sequences_in_group"),
         prompt_length=_positive(_get(cfg, "prompt_length", 64), "prompt_length"),
         response_length=_positive(_response_length(cfg), "response_length"),
-        save_steps=int(_get(cfg, "save_steps", 0) or 0),
+        save_steps=number(_get(cfg, "save_steps", 0) or 0, "save_steps", int),
         pretrain=str(pretrain),
         dataset=str(dataset),
         dtype={"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(
@@ -244,6 +238,8 @@ def pipeline_config(cfg: DictConfig) -> PipelineConfig:
         if k
         in {"max_new_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty", "num_return_sequences"}
     }
+    max_new_tokens_key = "actor_infer.generating_args.max_new_tokens"
+    pc.sampling["max_new_tokens"] = number(pc.sampling["max_new_tokens"], max_new_tokens_key, int, minimum=1)
     if pc.sampling["max_new_tokens"] > pc.response_length:
         raise ConfigError(
             "actor_infer.generating_args.max_new_tokens",
@@ -257,13 +253,16 @@ def pipeline_config(cfg: DictConfig) -> PipelineConfig:
     for name, spec in rewards.items():
         spec = spec or {}
         tags = spec.get("tag_included") or []
-        pc.rewards[str(name)] = {"weight": float(spec.get("weight", 1.0)), "tags": [str(t) for t in tags]}
+        pc.rewards[str(name)] = {
+            "weight": number(spec.get("weight", 1.0), f"rewards.{name}.weight"),
+            "tags": [str(t) for t in tags],
+        }
     cluster = cfg.get("cluster") or {}
     pc.rollout_addresses = [str(a) for a in cluster.get("rollout") or []]
     pc.reward_addresses = [str(a) for a in cluster.get("reward") or []]
-    pc.num_rollout_servers = int(cluster.get("num_rollout_servers", 1))
-    pc.num_reward_servers = int(cluster.get("num_reward_servers", 1))
-    pc.trainer_port = int(cluster.get("trainer_port", 0))
+    pc.num_rollout_servers = number(cluster.get("num_rollout_servers", 1), "cluster.num_rollout_servers", int)
+    pc.num_reward_servers = number(cluster.get("num_reward_servers", 1), "cluster.num_reward_servers", int)
+    pc.trainer_port = number(cluster.get("trainer_port", 0), "cluster.trainer_port", int)
     pc.host = str(cluster.get("host", "127.0.0.1"))
     sync = cfg.get("weight_sync") or {}
     pc.sync_mode = sync.get("mode")
@@ -274,20 +273,22 @@ def pipeline_config(cfg: DictConfig) -> PipelineConfig:
 
     if pc.sync_transport not in CHOICES:
         raise ConfigError("weight_sync.transport", f"'{pc.sync_transport}': use one of {', '.join(CHOICES)}")
-    pc.chunk_mib = float(sync.get("chunk_mib", 4.0))
+    pc.chunk_mib = number(sync.get("chunk_mib", 4.0), "weight_sync.chunk_mib")
     timeouts = cfg.get("timeouts") or {}
-    pc.generate_timeout_s = float(timeouts.get("generate_s", pc.generate_timeout_s))
-    pc.score_timeout_s = float(timeouts.get("score_s", pc.score_timeout_s))
-    pc.push_timeout_s = float(timeouts.get("push_s", pc.push_timeout_s))
-    pc.rpc_timeout_s = float(timeouts.get("rpc_s", pc.rpc_timeout_s))
-    pc.server_start_timeout_s = float(timeouts.get("server_start_s", pc.server_start_timeout_s))
+    pc.generate_timeout_s = number(timeouts.get("generate_s", pc.generate_timeout_s), "timeouts.generate_s")
+    pc.score_timeout_s = number(timeouts.get("score_s", pc.score_timeout_s), "timeouts.score_s")
+    pc.push_timeout_s = number(timeouts.get("push_s", pc.push_timeout_s), "timeouts.push_s")
+    pc.rpc_timeout_s = number(timeouts.get("rpc_s", pc.rpc_timeout_s), "timeouts.rpc_s")
+    pc.server_start_timeout_s = number(
+        timeouts.get("server_start_s", pc.server_start_timeout_s), "timeouts.server_start_s"
+    )
     pc.stale_policy = str(cfg.get("stale_samples", "drop"))
     if pc.stale_policy not in ("drop", "use"):
         raise ConfigError("stale_samples", f"'{pc.stale_policy}': use drop (leave them out of the loss) or use")
     sft = cfg.get("sft_warmup") or {}
-    pc.sft_steps = 0 if sft.get("skip") else int(sft.get("steps", 0))
+    pc.sft_steps = 0 if sft.get("skip") else number(sft.get("steps", 0), "sft_warmup.steps", int)
     pc.sft_learning_rate = sft.get("learning_rate")
-    pc.sft_batch_size = int(sft.get("batch_size", 64))
+    pc.sft_batch_size = number(sft.get("batch_size", 64), "sft_warmup.batch_size", int)
     async_config(cfg, pc)
     colocation_config(cfg, pc)
     train_speed_config(train, pc)
@@ -302,7 +303,9 @@ def train_speed_config(train: DictConfig, pc: PipelineConfig) -> None:
     fit max_tokens_per_microbatch_in_train counted as rows x longest row rounded up to sequence_length_round_in_train)
     and megatron's activation recompute (strategy_config.recompute_granularity: full or selective)."""
     pc.use_dynamic_batching_in_train = bool(_get(train, "use_dynamic_batching_in_train", False))
-    pc.max_tokens_per_microbatch_in_train = int(_get(train, "max_tokens_per_microbatch_in_train", 0))
+    pc.max_tokens_per_microbatch_in_train = number(
+        _get(train, "max_tokens_per_microbatch_in_train", 0), "actor_train.max_tokens_per_microbatch_in_train", int
+    )
     round_to = _get(train, "sequence_length_round_in_train", 128)
     pc.sequence_length_round_in_train = _positive(round_to, "actor_train.sequence_length_round_in_train")
     if pc.use_dynamic_batching_in_train and pc.max_tokens_per_microbatch_in_train <= 0:
@@ -341,7 +344,7 @@ def async_config(cfg: DictConfig, pc: PipelineConfig) -> None:
         if ratio < 0:
             raise ConfigError("async_generation_ratio", f"must be >= 0, got {ratio}")
         mapped = math.ceil(ratio)
-        if k is not None and int(k) != mapped:
+        if k is not None and number(k, "async_training.max_staleness", int) != mapped:
             raise ConfigError(
                 "async_training.max_staleness",
                 f"{k} contradicts async_generation_ratio {ratio:g} (= max_staleness {mapped}): set one of them",
@@ -365,7 +368,7 @@ def async_config(cfg: DictConfig, pc: PipelineConfig) -> None:
             "async_training.off_policy_correction",
             f"'{pc.off_policy_correction}': use one of {', '.join(OFF_POLICY_CORRECTIONS)}",
         )
-    pc.importance_cap = float(section.get("importance_cap", pc.importance_cap))
+    pc.importance_cap = number(section.get("importance_cap", pc.importance_cap), "async_training.importance_cap")
     if pc.importance_cap < 1.0:
         raise ConfigError("async_training.importance_cap", f"must be >= 1, got {pc.importance_cap}")
 

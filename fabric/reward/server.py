@@ -89,7 +89,7 @@ class RewardServer:
 
 
 async def _serve(args) -> None:
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, search_paths=args.config_search_path)
     security.configure(security.SecurityConfig.from_cfg(cfg))  # token / TLS for the server and its channels
     server = await RewardServer.create(cfg, args.role, args.host, args.port)
     await server.serve_forever()

@@ -63,7 +63,7 @@ async def serve(
 
 
 def cli_main(args) -> int:
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, search_paths=args.config_search_path)
     security.configure(security.SecurityConfig.from_cfg(cfg))  # token / TLS for the server and its channels
     config = load_rollout_config(cfg, args.role)
     check_generating_args(config.generating_args, config.role)

@@ -21,6 +21,7 @@ from rich.live import Live
 from fabric import security
 from fabric.config import ConfigError, load_config, parse_device_mapping
 from fabric.config.check import resolved_for_processes
+from fabric.config.loader import env_redacted
 from fabric.config.pipeline import pipeline_config
 from fabric.procs import ServerProcess, become_subreaper, end_descendants, start_all
 from fabric.reward.judge import JUDGE_ON_ACTOR_INFER
@@ -71,13 +72,23 @@ class RunFailed(RuntimeError):
 
 
 class Launcher:
-    def __init__(self, config_path: Path, overrides: list[str], console: Console, trainer_nproc: int = 1):
+    def __init__(
+        self,
+        config_path: Path,
+        overrides: list[str],
+        console: Console,
+        trainer_nproc: int = 1,
+        search_paths: list[str] | None = None,
+    ):
         from fabric.run.prepare import prepare_task
 
         self.console = console
         self.trainer_nproc = trainer_nproc  # > 1: the trainer runs under torchrun (data x tensor parallel)
-        cfg = load_config(config_path, overrides)
-        self.pc = pipeline_config(cfg)
+        cfg = load_config(config_path, overrides, search_paths=search_paths)
+        try:
+            self.pc = pipeline_config(cfg)
+        except ConfigError as exc:
+            raise env_redacted(cfg, exc) from None  # a bad value from `${oc.env:...}` is not printed
         security.configure(
             security.SecurityConfig.from_cfg(cfg)
         )  # every config error surfaces here, before any process starts
@@ -274,7 +285,13 @@ def _numbers(row: dict) -> dict:
 def cli_main(args) -> int:
     console = Console(width=max(130, Console().width))
     config = Path(args.config) if args.config else DEFAULT_CONFIG
-    launcher = Launcher(config, list(args.overrides), console, trainer_nproc=getattr(args, "trainer_nproc", 1) or 1)
+    launcher = Launcher(
+        config,
+        list(args.overrides),
+        console,
+        trainer_nproc=getattr(args, "trainer_nproc", 1) or 1,
+        search_paths=getattr(args, "config_search_path", None),
+    )
     loop = asyncio.new_event_loop()
     stop = {"signal": None}
 

@@ -150,7 +150,7 @@ def cli_main(args) -> int:
     import os
     import sys
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, search_paths=args.config_search_path)
     pc = pipeline_config(cfg)
     parallel = distributed.parallel_config(cfg)
     nproc = getattr(args, "nproc_per_node", None) or 1

@@ -6,6 +6,18 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 MEGATRON = HERE / "roll" / "rlvr_megatron" / "rlvr_config.yaml"
+# ROLL's shared fragments, which its example configs load as `../config/...`: outside the config's folder, so
+# allowed explicitly (--config-search-path).
+ROLL_CONFIG = HERE / "roll" / "config"
+SEARCH = ["--config-search-path", str(ROLL_CONFIG)]
+
+
+def load_roll(*args, **kwargs):
+    """load_config with ROLL's shared fragments allowed."""
+    from fabric.config import load_config
+
+    return load_config(*args, search_paths=[ROLL_CONFIG], **kwargs)
+
 
 # A second file in another ROLL shape: fsdp2 trainer, a VL model's actor_infer, a reward mix.
 FSDP2_VL = """

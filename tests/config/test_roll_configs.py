@@ -10,17 +10,17 @@ from fabric import cli
 from fabric.config import ConfigError, load_config, parse_device_mapping, resolved
 from fabric.config.check import check_config, resolved_for_processes
 from fabric.config.rollout import load_rollout_config
-from tests.config.configs import AGENTIC, ENVS_FRAGMENT, FSDP2_VL, MEGATRON, dataset, write
+from tests.config.configs import AGENTIC, ENVS_FRAGMENT, FSDP2_VL, MEGATRON, SEARCH, dataset, load_roll, write
 
 
 def megatron(tmp_path, tiny_model, *overrides):
-    return load_config(
+    return load_roll(
         MEGATRON, [f"pretrain={tiny_model}", f"actor_train.data_args.file_name=[{dataset(tmp_path)}]", *overrides]
     )
 
 
 def test_hydra_defaults_are_composed_as_hydra_does():
-    cfg = load_config(MEGATRON)
+    cfg = load_roll(MEGATRON)
     assert cfg.deepspeed_zero2.zero_optimization.stage == 2  # from the fragment
     assert cfg.logging_steps == 5  # only in the fragment
     assert cfg.seed == 42  # the primary config wins (Hydra's default without `_self_`)
@@ -30,12 +30,12 @@ def test_hydra_defaults_are_composed_as_hydra_does():
 def test_missing_defaults_file_names_the_key(tmp_path):
     path = write(tmp_path, "a/c.yaml", "defaults:\n  - ../config/nope@_here_\nseed: 1\n")
     with pytest.raises(ConfigError) as err:
-        load_config(path)
+        load_config(path, search_paths=[tmp_path / "config"])
     assert err.value.key == "defaults" and "nope" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_model_comes_from_top_level_pretrain(tmp_path):
-    rc = load_rollout_config(load_config(MEGATRON, ["pretrain=/models/qwen"]))
+    rc = load_rollout_config(load_roll(MEGATRON, ["pretrain=/models/qwen"]))
     assert rc.model == "/models/qwen" and rc.model_key == "pretrain"
     assert rc.sleep_level == 2 and "sleep_level" not in rc.strategy_config
     assert "VLLM_USE_V1" not in rc.strategy_config  # ROLL pops it: not a vLLM engine argument
@@ -60,7 +60,7 @@ def test_whole_megatron_pipeline_checks_clean_with_one_warning_line(tmp_path, ti
 
 
 def test_unset_env_and_now_in_unread_sections_do_not_stop_a_server():
-    cfg = load_config(MEGATRON, ["pretrain=/models/qwen"])
+    cfg = load_roll(MEGATRON, ["pretrain=/models/qwen"])
     for role in ("rollout", "reward"):
         assert check_config(cfg, role, engine=False).ok
     assert "${now:" not in str(resolved(cfg, "checkpoint_config"))  # resolvable when asked
@@ -70,7 +70,7 @@ def test_unset_env_and_now_in_unread_sections_do_not_stop_a_server():
 
 def test_unset_env_in_a_read_section_names_the_key(monkeypatch):
     monkeypatch.delenv("FABRIC_TEST_UNSET", raising=False)
-    cfg = load_config(MEGATRON, ["actor_infer.strategy_args.strategy_config.max_model_len=${oc.env:FABRIC_TEST_UNSET}"])
+    cfg = load_roll(MEGATRON, ["actor_infer.strategy_args.strategy_config.max_model_len=${oc.env:FABRIC_TEST_UNSET}"])
     report = check_config(cfg, "rollout", engine=False)
     (error,) = report.errors
     assert error.key == "actor_infer.strategy_args.strategy_config.max_model_len"
@@ -101,7 +101,7 @@ def test_sequence_length_gives_response_length(tmp_path, tiny_model):
 
 def test_agentic_pipeline_is_refused_in_one_line_for_training_and_its_actor_infer_serves(tmp_path):
     write(tmp_path, "config/envs.yaml", ENVS_FRAGMENT)
-    cfg = load_config(write(tmp_path, "agentic/agent.yaml", AGENTIC))
+    cfg = load_config(write(tmp_path, "agentic/agent.yaml", AGENTIC), search_paths=[tmp_path / "config"])
     assert cfg.custom_envs.FrozenLake.env_type == "frozen_lake"  # composed from the defaults list
     for role in ("train", "all"):
         errors = check_config(cfg, role, engine=False).errors
@@ -121,7 +121,7 @@ PIPELINE_KEYS = [
 
 @pytest.mark.parametrize("key, pipeline", PIPELINE_KEYS, ids=[k for k, _ in PIPELINE_KEYS])
 def test_other_pipelines_keys_are_known_and_refused_for_training_naming_the_pipeline(key, pipeline):
-    cfg = load_config(MEGATRON, ["pretrain=/models/qwen", f"{key}=x"])
+    cfg = load_roll(MEGATRON, ["pretrain=/models/qwen", f"{key}=x"])
     for role in ("rollout", "reward"):
         assert not check_config(cfg, role, engine=False, files=False).errors, f"{key} refused for {role}"
     for role in ("train", "all"):
@@ -166,7 +166,7 @@ HOSTILE = [
 
 @pytest.mark.parametrize("override, key, words", HOSTILE, ids=[h[0].split("=")[0] for h in HOSTILE])
 def test_hostile_config_is_refused_naming_the_key(tmp_path, override, key, words):
-    cfg = load_config(MEGATRON, ["pretrain=/models/qwen", override])
+    cfg = load_roll(MEGATRON, ["pretrain=/models/qwen", override])
     report = check_config(cfg, "all", engine=False, files=False)
     assert report.errors, f"{override} was accepted"
     error = next((e for e in report.errors if key in e.key), None)
@@ -193,7 +193,7 @@ def test_device_mapping_never_evaluates_code(text):
 
 
 def test_cli_check_ok_prints_one_line_per_section(tmp_path, tiny_model, capsys):
-    code = cli.main(["check", "--config", str(MEGATRON), "--role", "rollout", f"pretrain={tiny_model}"])
+    code = cli.main(["check", "--config", str(MEGATRON), *SEARCH, "--role", "rollout", f"pretrain={tiny_model}"])
     out, err = capsys.readouterr()
     assert code == 0, err
     lines = out.strip().splitlines()
@@ -203,7 +203,7 @@ def test_cli_check_ok_prints_one_line_per_section(tmp_path, tiny_model, capsys):
 
 def test_cli_check_bad_prints_one_line_per_problem_and_exits_2(capsys):
     bad = ["actor_infer.infer_batch_sise=4", "rewards.math_rule.batch_wait_ms=soon", "max_step=1"]
-    code = cli.main(["check", "--config", str(MEGATRON), "--role", "all", "pretrain=/nonexistent", *bad])
+    code = cli.main(["check", "--config", str(MEGATRON), *SEARCH, "--role", "all", "pretrain=/nonexistent", *bad])
     out, err = capsys.readouterr()
     assert code == 2 and out == ""
     problems = [line for line in err.splitlines() if line.startswith("fabric: ")]
@@ -214,16 +214,16 @@ def test_cli_check_bad_prints_one_line_per_problem_and_exits_2(capsys):
 
 def test_serve_and_train_check_before_starting_anything(tmp_path, capsys):
     # A bad key exits 2 before the server or trainer module is even imported (so before any engine starts).
-    for argv in (["serve", "rollout", "--config", str(MEGATRON), "actor_infer.infer_batch_sise=4"],
-                 ["serve", "reward", "--config", str(MEGATRON), "rewards.math_rule.infer_batch_sise=4"],
-                 ["train", "--config", str(MEGATRON), "use_topr_loss=true"]):  # fmt: skip
+    for argv in (["serve", "rollout", "--config", str(MEGATRON), *SEARCH, "actor_infer.infer_batch_sise=4"],
+                 ["serve", "reward", "--config", str(MEGATRON), *SEARCH, "rewards.math_rule.infer_batch_sise=4"],
+                 ["train", "--config", str(MEGATRON), *SEARCH, "use_topr_loss=true"]):  # fmt: skip
         assert cli.main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("fabric: config key"), err
 
 
 def test_run_refuses_bad_max_new_tokens_before_starting_servers(tmp_path, tiny_model, capsys):
-    argv = ["run", "--config", str(MEGATRON), f"pretrain={tiny_model}", f"output_dir={tmp_path}/out",
+    argv = ["run", "--config", str(MEGATRON), *SEARCH, f"pretrain={tiny_model}", f"output_dir={tmp_path}/out",
             f"actor_train.data_args.file_name=[{dataset(tmp_path)}]",
             "actor_infer.generating_args.max_new_tokens=-5"]  # fmt: skip
     assert cli.main(argv) == 2

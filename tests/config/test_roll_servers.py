@@ -11,7 +11,7 @@ import pytest
 
 from fabric.reward.client import RewardClient
 from fabric.rollout.client import GenerateRequest, RolloutClient, SamplingParams
-from tests.config.configs import AGENTIC, ENVS_FRAGMENT, MEGATRON, write
+from tests.config.configs import AGENTIC, ENVS_FRAGMENT, MEGATRON, SEARCH, write
 from tests.servers import serve
 
 pytestmark = pytest.mark.slow
@@ -19,14 +19,14 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def roll_rollout(tiny_model):
-    server = serve("rollout", MEGATRON, [f"pretrain={tiny_model}"], timeout=600)
+    server = serve("rollout", MEGATRON, [*SEARCH, f"pretrain={tiny_model}"], timeout=600)
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="module")
 def roll_reward(tiny_model):
-    server = serve("reward", MEGATRON, [f"pretrain={tiny_model}"])
+    server = serve("reward", MEGATRON, [*SEARCH, f"pretrain={tiny_model}"])
     yield server
     server.stop()
 
@@ -69,7 +69,10 @@ def test_rollout_server_serves_an_agentic_configs_actor_infer(tmp_path, tiny_mod
     unset-until-now `${now:...}`) serves its actor_infer."""
     write(tmp_path, "config/envs.yaml", ENVS_FRAGMENT)
     config = write(tmp_path, "agentic/agent.yaml", AGENTIC)
-    server = serve("rollout", config, [f"pretrain={tiny_model}", "actor_infer.device_mapping=null"], timeout=600)
+    search = ["--config-search-path", str(tmp_path / "config")]
+    server = serve(
+        "rollout", config, [*search, f"pretrain={tiny_model}", "actor_infer.device_mapping=null"], timeout=600
+    )
     try:
 
         async def go():

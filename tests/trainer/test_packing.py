@@ -192,10 +192,10 @@ def test_unknown_attention_and_recompute_are_refused(megatron, tiny_model):
 
 
 def test_roll_keys_reach_the_policy_config(tmp_path, tiny_model):
-    from fabric.config import ConfigError, load_config
+    from fabric.config import ConfigError
     from fabric.config.pipeline import pipeline_config
     from fabric.trainer.server import optim_config
-    from tests.config.configs import MEGATRON, dataset
+    from tests.config.configs import MEGATRON, dataset, load_roll
 
     base = [f"pretrain={tiny_model}", f"actor_train.data_args.file_name=[{dataset(tmp_path)}]"]
     keys = [
@@ -206,7 +206,7 @@ def test_roll_keys_reach_the_policy_config(tmp_path, tiny_model):
         "actor_train.strategy_args.strategy_config.recompute_method=block",
         "actor_train.strategy_args.strategy_config.recompute_num_layers=2",
     ]
-    pc = pipeline_config(load_config(MEGATRON, base + keys))
+    pc = pipeline_config(load_roll(MEGATRON, base + keys))
     assert (pc.recompute_granularity, pc.recompute_method, pc.recompute_num_layers) == ("full", "block", 2)
     optim = optim_config(pc)
     assert (optim.use_dynamic_batching, optim.max_tokens_per_microbatch, optim.sequence_length_round) == (
@@ -214,13 +214,13 @@ def test_roll_keys_reach_the_policy_config(tmp_path, tiny_model):
         4096,
         64,
     )
-    plain = pipeline_config(load_config(MEGATRON, base))
+    plain = pipeline_config(load_roll(MEGATRON, base))
     assert plain.recompute_granularity is None and not optim_config(plain).use_dynamic_batching
     with pytest.raises(ConfigError, match="max_tokens_per_microbatch_in_train.*must be > 0"):
-        pipeline_config(load_config(MEGATRON, base + keys[:1]))
+        pipeline_config(load_roll(MEGATRON, base + keys[:1]))
     with pytest.raises(ConfigError, match="recompute_method.*need granularity full"):
-        pipeline_config(load_config(MEGATRON, base + keys[-2:]))
+        pipeline_config(load_roll(MEGATRON, base + keys[-2:]))
     with pytest.raises(ConfigError, match="recompute_granularity.*'layer': use full or selective"):
         pipeline_config(
-            load_config(MEGATRON, base + ["actor_train.strategy_args.strategy_config.recompute_granularity=layer"])
+            load_roll(MEGATRON, base + ["actor_train.strategy_args.strategy_config.recompute_granularity=layer"])
         )
