@@ -32,6 +32,7 @@ cluster:                            # where the other processes are (fabric run 
 from __future__ import annotations
 
 import difflib
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -69,6 +70,8 @@ OFF_POLICY_CORRECTIONS = ("tis", "decoupled", "none")
 
 # ---- the trainer's algorithm keys: read by fabric/config/algorithm.py (ROLL's meaning and defaults) ----
 TOP_LEVEL_KEYS = TOP_LEVEL_KEYS | ALGORITHM_KEYS
+
+log = logging.getLogger(__name__)
 
 
 def check_keys(section: Any, allowed: set[str], where: str) -> None:
@@ -375,18 +378,20 @@ def async_config(cfg: DictConfig, pc: PipelineConfig) -> None:
 
 def colocation_config(cfg: DictConfig, pc: PipelineConfig) -> None:
     """ROLL colocates actor_train and actor_infer when their device_mappings share a device: generation and training
-    then take turns on it, the rollout servers asleep (actor_infer's sleep_level) while the trainer trains."""
+    then take turns on it, the rollout servers asleep (actor_infer's sleep_level) while the trainer trains. With
+    async_training overlapping them (max_staleness > 0) nothing sleeps: both stay on the devices they share."""
     train = parse_device_mapping(_get(cfg, "actor_train.device_mapping"), "actor_train.device_mapping")
     infer = parse_device_mapping(_get(cfg, "actor_infer.device_mapping"), "actor_infer.device_mapping")
     shared = sorted(set(train) & set(infer))
-    pc.colocate = bool(shared)
     level = _get(cfg, "actor_infer.strategy_args.strategy_config.sleep_level", 1)
     if level not in (1, 2):
         raise ConfigError("actor_infer.strategy_args.strategy_config.sleep_level", f"must be 1 or 2, got {level!r}")
     pc.sleep_level = int(level)
-    if pc.colocate and pc.max_staleness > 0:
-        raise ConfigError(
-            "async_training.max_staleness",
-            f"{pc.max_staleness} with actor_train and actor_infer on the same devices {shared}:"
-            " colocated generation and training take turns; use 0, or give actor_infer devices of its own",
+    pc.colocate = bool(shared) and pc.max_staleness == 0
+    if shared and pc.max_staleness > 0:
+        log.warning(
+            "actor_train and actor_infer share devices %s but async_training.max_staleness is %d: generation overlaps "
+            "training, so the rollout servers stay awake (no sleep); both must fit in the devices' memory",
+            shared,
+            pc.max_staleness,
         )

@@ -9,9 +9,6 @@ import socket
 import struct
 import time
 
-import pytest
-
-from fabric import security
 from fabric.v1 import rollout_pb2
 from fabric.weights.sender import push_weights, weights_status
 from fabric.weights.transports import tcp
@@ -20,15 +17,6 @@ from tests.rollout.test_servicer import fake_server
 from tests.weights.test_versions import checkpoint, shm, source
 
 __all__ = ["shm"]
-TOKEN = "data-plane-token"
-
-
-@pytest.fixture
-def token():
-    saved = security.current()
-    security.configure(security.SecurityConfig(token=TOKEN))
-    yield
-    security.configure(saved)
 
 
 def outsider(port: int, payload: bytes) -> socket.socket:

@@ -7,23 +7,11 @@ from __future__ import annotations
 import asyncio
 
 import grpc
-import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from fabric import security
 from fabric.channels import MAX_CONCURRENT_RPCS
 from fabric.v1 import rollout_pb2, rollout_pb2_grpc
 from tests.rollout.test_servicer import fake_server
-
-TOKEN = "health-token"
-
-
-@pytest.fixture
-def token():
-    saved = security.current()
-    security.configure(security.SecurityConfig(token=TOKEN))
-    yield
-    security.configure(saved)
 
 
 def test_unauthenticated_health_watches_cannot_lock_token_holders_out(token):

@@ -15,7 +15,6 @@ import torch
 
 from fabric.config import ConfigError, load_config
 from fabric.config.pipeline import PipelineConfig, pipeline_config
-from fabric.trainer import loop as loop_module
 from fabric.trainer.algorithm import off_policy_weights
 from fabric.trainer.loop import Trainer
 from fabric.v1 import reward_pb2
@@ -83,13 +82,6 @@ class InProcessRewards:
 async def rollout_server(engine: FakeEngine, **config):
     async with serving(engine, grace=0, **config) as (server, _):
         yield server
-
-
-@pytest.fixture
-def env(tmp_path, monkeypatch):
-    monkeypatch.setenv("FABRIC_SHM_DIR", str(tmp_path))
-    monkeypatch.setattr(loop_module, "RewardPool", InProcessRewards)
-    return tmp_path
 
 
 def make_trainer(tmp_path, steps=4, k=0, train_seconds=0.05, **pc_overrides) -> Trainer:

@@ -15,13 +15,12 @@ from contextlib import AsyncExitStack
 
 import pytest
 
-from fabric.trainer import loop as loop_module
 from fabric.weights import sender as sender_module
 from fabric.weights import transports
 from fabric.weights.sender import WeightSource, push_weights, weights_status
 from fabric.weights.transports import grpc_stream
 from tests.rollout.fake_engine import FakeEngine
-from tests.trainer.test_async import InProcessRewards, make_trainer, rollout_server, run
+from tests.trainer.test_async import make_trainer, rollout_server, run
 from tests.weights.test_versions import checkpoint
 
 
@@ -39,13 +38,6 @@ def _path(name: str, relays: bool) -> types.ModuleType:
     if relays:  # a path that claims to relay but answers for its head only: the accounting must catch it
         module.RELAYS = True  # type: ignore[attr-defined]
     return module
-
-
-@pytest.fixture
-def env(tmp_path, monkeypatch):
-    monkeypatch.setenv("FABRIC_SHM_DIR", str(tmp_path))
-    monkeypatch.setattr(loop_module, "RewardPool", InProcessRewards)
-    return tmp_path
 
 
 @pytest.fixture
@@ -149,7 +141,7 @@ def test_colocated_servers_sleep_while_the_trainer_trains_and_wake_for_the_new_v
         assert {"gpu_free_gib_generating", "gpu_free_gib_asleep", "trainer_peak_gib"} <= set(m["extra"])
 
 
-def test_colocation_follows_roll_device_mappings_and_refuses_overlap_with_async():
+def test_colocation_follows_roll_device_mappings_and_async_keeps_the_servers_awake():
     from fabric.config import ConfigError, load_config
     from fabric.config.pipeline import pipeline_config
     from tests.test_examples import EXAMPLES
@@ -161,5 +153,9 @@ def test_colocation_follows_roll_device_mappings_and_refuses_overlap_with_async(
     assert pc.colocate and pc.sleep_level == 2
     apart = ["actor_train.device_mapping=[0]", "actor_infer.device_mapping=[1]"]
     assert not pipeline_config(load_config(EXAMPLES / "default.yaml", apart)).colocate
-    with pytest.raises(ConfigError, match="async_training.max_staleness.*same devices"):
-        pipeline_config(load_config(EXAMPLES / "default.yaml", [*same, "async_training.max_staleness=1"]))
+    overlapping = pipeline_config(load_config(EXAMPLES / "default.yaml", [*same, "async_training.max_staleness=1"]))
+    assert not overlapping.colocate and overlapping.max_staleness == 1  # generation overlaps training: no sleep
+    with pytest.raises(ConfigError, match="sleep_level"):
+        pipeline_config(
+            load_config(EXAMPLES / "default.yaml", [*same, "actor_infer.strategy_args.strategy_config.sleep_level=3"])
+        )
