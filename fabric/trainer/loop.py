@@ -418,6 +418,10 @@ class Trainer:
         self.batches.pop(batch.step, None)
         t_ready = time.perf_counter()
         ordered = [batch.samples[(k, j)] for k in range(len(batch.prompts or [])) for j in range(self.pc.group_size)]
+        if self.pc.max_staleness == 0:  # in turn: every sample is of the version just pushed, or a server missed it
+            behind = [sample_versions(s.response)[0] < self.version for s in ordered]
+            if any(behind):
+                raise RuntimeError(behind_servers_message(ordered, behind, self.version))
         colocation = None
         if self.pc.colocate:  # generation and training take turns on the device: the servers sleep meanwhile
             colocation = Colocation(self.rollouts.alive, self.pc.sleep_level, self.pc.rpc_timeout_s)
@@ -515,8 +519,6 @@ class Trainer:
         first = torch.tensor([sample_versions(s.response)[0] for s in samples])
         staleness = (self.version - first).clamp(min=0)  # versions between the policy and the sample's first
         stale = staleness > self.pc.max_staleness  # beyond the bound (k = 0: any older version)
-        if self.pc.max_staleness == 0 and bool(stale.any()):
-            raise RuntimeError(behind_servers_message(samples, stale.tolist(), self.version))
         off_policy = first != self.version
         valid = ~stale if self.pc.stale_policy == "drop" else torch.ones_like(stale)
         truncated = torch.tensor([s.response.finish_reason == rollout_pb2.FINISH_REASON_LENGTH for s in samples])
