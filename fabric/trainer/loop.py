@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from fabric.config.pipeline import PipelineConfig
+from fabric.config.sampling import sampling_settings
 from fabric.errors import precondition
 from fabric.routing import RewardPool, RolloutPool
 from fabric.trainer import report
@@ -43,13 +44,6 @@ from fabric.v1 import rollout_pb2, trainer_pb2
 log = logging.getLogger(__name__)
 
 FINAL_STATES = (trainer_pb2.TRAINER_STATE_FINISHED, trainer_pb2.TRAINER_STATE_FAILED)
-SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": -1}  # what the trainer's logprobs assume
-
-
-def sampling_settings(generating: dict) -> dict:
-    """The config's sampling settings with the ones the trainer's logprobs depend on made explicit, so that every
-    request carries them and no server default can differ from what the trainer computes with."""
-    return {**SAMPLING_DEFAULTS, **generating}
 
 
 @dataclass
