@@ -16,7 +16,7 @@ import asyncio
 import hashlib
 import itertools
 import logging
-from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -98,7 +98,7 @@ class RolloutPool:
 
     async def generate(
         self, requests: Sequence[rollout_pb2.GenerateRequest] | AsyncIterable[rollout_pb2.GenerateRequest]
-    ) -> AsyncIterator[rollout_pb2.GenerateResponse]:
+    ) -> AsyncGenerator[rollout_pb2.GenerateResponse, None]:
         """Yields every sample of every request exactly once (sample_index as the caller asked), or the request's
         error response; completion order. Each request must set sampling.num_return_sequences.
 

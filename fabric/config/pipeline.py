@@ -41,6 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fabric.config.algorithm import ALGORITHM_KEYS, AlgorithmConfig, algorithm_config, check_batch_sizes
 from fabric.config.loader import ConfigError, number, parse_device_mapping
+from fabric.config.sampling import TRAINER_SAMPLING_KEYS
 
 TOP_LEVEL_KEYS = {
     # ROLL's pipeline keys (accepted; the ones the fabric uses are read below)
@@ -235,12 +236,7 @@ def pipeline_config(cfg: DictConfig) -> PipelineConfig:
     )
     generating.setdefault("max_new_tokens", pc.response_length)
     generating["num_return_sequences"] = pc.group_size
-    pc.sampling = {
-        k: v
-        for k, v in generating.items()
-        if k
-        in {"max_new_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty", "num_return_sequences"}
-    }
+    pc.sampling = {k: v for k, v in generating.items() if k in TRAINER_SAMPLING_KEYS}
     max_new_tokens_key = "actor_infer.generating_args.max_new_tokens"
     pc.sampling["max_new_tokens"] = number(pc.sampling["max_new_tokens"], max_new_tokens_key, int, minimum=1)
     if pc.sampling["max_new_tokens"] > pc.response_length:

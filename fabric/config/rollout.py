@@ -30,25 +30,9 @@ from omegaconf import DictConfig
 
 from fabric.config import roll_keys
 from fabric.config.loader import ConfigError, parse_device_mapping, resolved, role_section
+from fabric.config.sampling import IGNORED_SAMPLING_KEYS, SAMPLING_KEYS
 from fabric.rollout.engine import ENGINES, engine_names
 
-# generating_args keys -> fabric.v1.SamplingParams fields (ROLL's names; `stop_strings` is ROLL's name for `stop`).
-GENERATING_KEYS = {
-    "max_new_tokens": "max_new_tokens",
-    "temperature": "temperature",
-    "top_p": "top_p",
-    "top_k": "top_k",
-    "num_beams": "num_beams",
-    "num_return_sequences": "num_return_sequences",
-    "seed": "seed",
-    "logprobs": "logprobs",
-    "stop": "stop",
-    "stop_strings": "stop",
-    "repetition_penalty": "repetition_penalty",
-}
-# ROLL GeneratingArguments keys that mean nothing to vLLM sampling: accepted so ROLL configs load, then ignored.
-# (ROLL's vllm strategy does not pass them to vLLM either.)
-IGNORED_GENERATING_KEYS = {"do_sample", "length_penalty", "early_stopping", "max_length", "min_new_tokens"}
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "bfloat16": "bfloat16", "float16": "float16",
           "float32": "float32", "auto": "auto"}  # fmt: skip
 DEFAULT_INFER_BATCH_SIZE = 256
@@ -192,13 +176,13 @@ def _generating_args(raw: dict, role: str) -> dict[str, Any]:
     request validation (the same rules a request's `sampling` meets), at start."""
     out: dict[str, Any] = {}
     for name, value in raw.items():
-        if name in IGNORED_GENERATING_KEYS or value is None:
+        if name in IGNORED_SAMPLING_KEYS or value is None:
             continue
-        if name not in GENERATING_KEYS:
-            known = set(GENERATING_KEYS) | IGNORED_GENERATING_KEYS | {"include_stop_str_in_output"}
+        if name not in SAMPLING_KEYS:
+            known = set(SAMPLING_KEYS) | IGNORED_SAMPLING_KEYS | {"include_stop_str_in_output"}
             hint = roll_keys.did_you_mean(name, known) or f"known keys: {', '.join(sorted(known))}"
             raise ConfigError(f"{role}.generating_args.{name}", f"unknown generating argument; {hint}")
-        target = GENERATING_KEYS[name]
+        target = SAMPLING_KEYS[name].field
         if target == "stop":
             value = [value] if isinstance(value, str) else list(value)
         out[target] = value

@@ -106,7 +106,7 @@ def apply_cpu_compat() -> bool:
     from megatron.core.tensor_parallel import random as mp_random
     from megatron.core.transformer import utils as transformer_utils
 
-    torch.cuda.current_device = _cpu_current_device
+    torch.cuda.current_device = _cpu_current_device  # type: ignore[assignment]  # megatron passes it to torch as a device
     for module in (transformer_utils, fused_softmax):  # fused_softmax imported the functions by name
         module.get_default_causal_mask = _cpu_default_causal_mask
         module.get_sliding_window_causal_mask = _cpu_sliding_window_causal_mask

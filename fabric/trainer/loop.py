@@ -24,6 +24,7 @@ The rollout servers may start with `load_format: dummy`: the first push (version
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -33,6 +34,7 @@ from pathlib import Path
 import torch
 
 from fabric.config.pipeline import PipelineConfig
+from fabric.config.sampling import sampling_settings
 from fabric.errors import precondition
 from fabric.routing import RewardPool, RolloutPool
 from fabric.trainer import report
@@ -43,13 +45,6 @@ from fabric.v1 import rollout_pb2, trainer_pb2
 log = logging.getLogger(__name__)
 
 FINAL_STATES = (trainer_pb2.TRAINER_STATE_FINISHED, trainer_pb2.TRAINER_STATE_FAILED)
-SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": -1}  # what the trainer's logprobs assume
-
-
-def sampling_settings(generating: dict) -> dict:
-    """The config's sampling settings with the ones the trainer's logprobs depend on made explicit, so that every
-    request carries them and no server default can differ from what the trainer computes with."""
-    return {**SAMPLING_DEFAULTS, **generating}
 
 
 @dataclass
@@ -194,10 +189,10 @@ class Trainer:
         self.stop_requested = False
         self.save_on_stop = False
         self.lock = asyncio.Lock()  # held while the weights change: a checkpoint waits for a whole step
-        self.rollouts: RolloutPool | None = None
-        self.rewards: RewardPool | None = None
+        self._rollouts: RolloutPool | None = None  # set by run()
+        self._rewards: RewardPool | None = None
         self.metrics_path = pc.out / "metrics.jsonl"
-        self.serving_dtype = None
+        self.serving_dtype: torch.dtype | None = None
         a = pc.algorithm
         self.kl_ctrl = KLController(a.init_kl_coef, a.target_kl, a.kl_horizon)
         self.sampling = sampling_settings(pc.sampling)
@@ -209,6 +204,26 @@ class Trainer:
         self.released_version = 0
         self.gen_clock = BusyClock()
         self.run_started = self.last_step_end = time.perf_counter()
+
+    @property
+    def rollouts(self) -> RolloutPool:
+        if self._rollouts is None:
+            raise RuntimeError("no rollout servers: the run has not started")
+        return self._rollouts
+
+    @rollouts.setter
+    def rollouts(self, pool: RolloutPool) -> None:
+        self._rollouts = pool
+
+    @property
+    def rewards(self) -> RewardPool:
+        if self._rewards is None:
+            raise RuntimeError("no reward servers: the run has not started")
+        return self._rewards
+
+    @rewards.setter
+    def rewards(self, pool: RewardPool) -> None:
+        self._rewards = pool
 
     # ---- control (the TrainerService calls these) --------------------------------------------------------------
 
@@ -258,6 +273,7 @@ class Trainer:
                 if self.stop_requested:
                     break
                 batch = self.batch(self.step + 1)
+                assert batch.scoring is not None  # batch() starts it
                 await self.wait_for(batch.scoring, tasks)
                 async with self.lock:
                     metrics = await self.finish_step(batch)
@@ -282,7 +298,7 @@ class Trainer:
             await self.rewards.close()
 
     def next_prompts(self) -> list[int]:
-        picked = []
+        picked: list[int] = []
         while len(picked) < self.pc.rollout_batch_size:
             if not self.order:
                 self.order = list(range(len(self.dataset)))
@@ -313,7 +329,7 @@ class Trainer:
         for step in range(1, self.pc.max_steps + 1):
             needed = self.first_version + step - 1 - k
             async with self.version_cond:
-                await self.version_cond.wait_for(lambda n=needed: self.released_version >= n or self.stop_requested)
+                await self.version_cond.wait_for(functools.partial(self.released_or_stopped, needed))
             await self.resume_event.wait()
             if self.stop_requested:
                 return
@@ -328,6 +344,9 @@ class Trainer:
                     )
                 )
 
+    def released_or_stopped(self, version: int) -> bool:
+        return self.released_version >= version or self.stop_requested
+
     def submit(self, request: rollout_pb2.GenerateRequest) -> None:
         self.gen_clock.add(request.sampling.num_return_sequences, time.perf_counter())
         self.requests.put_nowait(request)
@@ -339,7 +358,6 @@ class Trainer:
     async def consume(self) -> None:
         """Reads the run's one Generate stream (through the pool: failover, nothing lost or twice) and hands each
         sample to its step's batch, whose scorer sends it to the reward servers at once."""
-        assert self.rollouts is not None
         stream = self.rollouts.generate(self.request_stream())
         try:
             async for response in stream:
@@ -351,27 +369,28 @@ class Trainer:
                 batch = self.batches.get(step)
                 if batch is None or batch.prompts is None:
                     continue
+                prompt = batch.prompts[k]
                 first, last = sample_versions(response)
                 if first != last:
                     batch.spanning += 1
                     if self.pc.partial_rollout == "regenerate":  # generated again under one version
                         batch.regenerated += 1
                         again = rollout_pb2.GenerateRequest()
-                        again.CopyFrom(self.regen_template(batch, k))
+                        again.CopyFrom(self.regen_template(prompt))
                         again.request_id = f"s{step}-p{k}-j{index}-r{batch.regenerated}"
                         if again.sampling.HasField("seed"):
                             again.sampling.seed += index
                         self.submit(again)
                         continue
                 response.sample_index = index
-                batch.add(Sample(batch.prompts[k], response))
+                batch.add(Sample(prompt, response))
         finally:
             await stream.aclose()
 
-    def regen_template(self, batch: StepBatch, k: int) -> rollout_pb2.GenerateRequest:
+    def regen_template(self, prompt_index: int) -> rollout_pb2.GenerateRequest:
         sampling = rollout_pb2.SamplingParams(**self.sampling, logprobs=True)
         sampling.num_return_sequences = 1
-        return rollout_pb2.GenerateRequest(prompt=self.dataset[batch.prompts[k]]["prompt"], sampling=sampling)
+        return rollout_pb2.GenerateRequest(prompt=self.dataset[prompt_index]["prompt"], sampling=sampling)
 
     async def score_stream(self, batch: StepBatch) -> None:
         """Scores the batch's samples as they arrive: whatever came in while the previous call ran goes in the next

@@ -316,9 +316,11 @@ def read_hf_state_dict(model_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
 def _to_megatron(mapping: ParamMapping, hf: Mapping[str, torch.Tensor], shape, tp_rank: int, tp_size: int):
     tensors = [hf[n] for n in mapping.hf_names]
     if mapping.kind == "qkv":
-        return convert.qkv_to_megatron(*tensors, shape, tp_rank, tp_size)
+        q, k, v = tensors
+        return convert.qkv_to_megatron(q, k, v, shape, tp_rank, tp_size)
     if mapping.kind == "fc1":
-        return convert.fc1_to_megatron(*tensors, tp_rank, tp_size)
+        gate, up = tensors
+        return convert.fc1_to_megatron(gate, up, tp_rank, tp_size)
     return convert.split_for_tp(tensors[0], mapping.kind, tp_rank, tp_size)
 
 
@@ -386,6 +388,7 @@ def iter_hf_weights(model, include_tied_lm_head: bool = True) -> Iterator[tuple[
     for mapping in param_mappings(model):
         kind = mapping.kind
         shards = [s.detach() for s in _gather_tp(params[mapping.megatron_name])]
+        tensors: tuple[torch.Tensor, ...]
         if kind == "qkv":
             tensors = convert.qkv_to_hf(shards, shape)
         elif kind == "fc1":

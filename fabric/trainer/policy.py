@@ -29,6 +29,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -94,15 +95,15 @@ class TrainBatch:
 
     def rows(self, index: torch.Tensor) -> TrainBatch:
         """The rows at `index` (a mini-batch)."""
-        return TrainBatch(**{f.name: _pick(getattr(self, f.name), index) for f in fields(self)})
+        return _batch({f.name: _pick(getattr(self, f.name), index) for f in fields(self)})
 
     def slice(self, start: int, stop: int) -> TrainBatch:
-        return TrainBatch(**{f.name: _rows(getattr(self, f.name), start, stop) for f in fields(self)})
+        return _batch({f.name: _rows(getattr(self, f.name), start, stop) for f in fields(self)})
 
     def narrow(self, length: int) -> TrainBatch:
         """The first `length` columns (a micro-batch trimmed to its longest row); [B] advantages are kept."""
-        return TrainBatch(
-            **{
+        return _batch(
+            {
                 f.name: (v if v is None or v.ndim == 1 else v[:, :length])
                 for f in fields(self)
                 for v in (getattr(self, f.name),)
@@ -110,9 +111,12 @@ class TrainBatch:
         )
 
     def to(self, device) -> TrainBatch:
-        return TrainBatch(
-            **{f.name: (None if (v := getattr(self, f.name)) is None else v.to(device)) for f in fields(self)}
-        )
+        return _batch({f.name: (None if (v := getattr(self, f.name)) is None else v.to(device)) for f in fields(self)})
+
+
+def _batch(columns: dict[str, Any]) -> TrainBatch:
+    """A TrainBatch from its fields by name, each mapped from a batch's (so None exactly where that one had None)."""
+    return TrainBatch(**columns)
 
 
 def _pick(value: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | None:
@@ -204,7 +208,8 @@ class MainParamsAdamW:
                 main = torch.nn.Parameter(param.detach().clone().float())
                 copy_tensor_model_parallel_attributes(main, param)
                 self.main_params.append(main)
-        decay, plain = [], []
+        decay: list[torch.nn.Parameter] = []
+        plain: list[torch.nn.Parameter] = []
         for (name, param), main in zip(named, self.main_params, strict=True):
             (plain if no_weight_decay(name, param) else decay).append(main)
         groups = [
@@ -281,7 +286,7 @@ class Policy:
     def reset_optimizer(self) -> None:
         """A fresh optimizer (no moments; fp32 main params copied from the current weights), e.g. after the
         supervised warm-up, whose AdamW state must not carry into RL. A schedule attached is re-attached."""
-        if self.optimizer is None:
+        if self.optimizer is None or self.optim is None:
             raise RuntimeError("this Policy is frozen (no optimizer)")
         self.optimizer = MainParamsAdamW(self.model, self.optim)
         if self.scheduler is not None:
@@ -365,6 +370,7 @@ class Policy:
 
         def micro_loss(mb: TrainBatch, logprobs: torch.Tensor, counts: dict):
             old = mb.old_logprobs if mb.old_logprobs is not None else logprobs.detach()
+            assert mb.advantages is not None  # checked on the whole batch above
             return losses.policy_loss(
                 logprobs,
                 old,
@@ -472,6 +478,8 @@ class Policy:
         return out
 
     def set_lr(self, lr: float) -> None:
+        if self.optimizer is None:
+            raise RuntimeError("this Policy is frozen (no optimizer)")
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 

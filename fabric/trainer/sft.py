@@ -55,6 +55,8 @@ def sft_warmup(
     tokenizer = _tokenizer(policy, tokenizer)
     rng = random.Random(seed)
     order: list[int] = []
+    if policy.optimizer is None:
+        raise ValueError("sft_warmup needs a trainable policy; this one is frozen (no optimizer)")
     previous_lr = policy.optimizer.param_groups[0]["lr"]
     if lr is not None:
         policy.set_lr(lr)

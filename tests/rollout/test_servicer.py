@@ -117,7 +117,7 @@ def test_abort_answers_live_samples_with_finish_reason_abort():
     async def go():
         async with fake_server(FakeEngine(token_seconds=0.01)) as (client, servicer, _):
             stream = asyncio.ensure_future(collect(client, [request("long", tokens=1000, n=2)]))
-            while servicer.running == 0:
+            while servicer.scheduler.running == 0:
                 await asyncio.sleep(0.01)
             aborted = await client.abort(["long", "nobody"])
             with pytest.raises(grpc.aio.AioRpcError) as empty:
@@ -173,7 +173,7 @@ def test_a_full_queue_refuses_with_resource_exhausted():
         ):
             requests = [request(f"q{i}", tokens=50) for i in range(3)]
             responses = await collect(client, requests)
-            return responses, servicer.running, len(servicer.pending)
+            return responses, servicer.scheduler.running, len(servicer.scheduler.pending)
 
     responses, running, pending = asyncio.run(go())
     refused = [r for r in responses if r.error.code]
@@ -188,7 +188,7 @@ def test_drain_finishes_what_fits_in_the_grace_aborts_the_rest_and_refuses_new_w
     async def go():
         async with fake_server(FakeEngine(token_seconds=0.01)) as (client, servicer, _):
             stream = asyncio.ensure_future(collect(client, [request("short", tokens=5), request("long", tokens=5000)]))
-            while servicer.running < 2:
+            while servicer.scheduler.running < 2:
                 await asyncio.sleep(0.01)
             await servicer.drain(grace=0.5)
             responses = await stream

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
-from fabric.rollout import servicer as rollout_servicer
+from fabric.rollout import scheduler
 from fabric.v1 import rollout_pb2, rollout_pb2_grpc
 from tests.rollout.fake_engine import FakeEngine
 from tests.rollout.test_servicer import fake_server
@@ -30,11 +30,11 @@ def test_a_client_that_does_not_read_is_held_back_and_loses_nothing():
             peak = 0
             for _ in range(40):  # 4 s without reading
                 await asyncio.sleep(0.1)
-                peak = max([peak, *(s.out.qsize() for s in servicer.streams)])
+                peak = max([peak, *(s.out.qsize() for s in servicer.scheduler.streams)])
             got = [r async for r in call]
             return peak, got
 
     peak, got = asyncio.run(go())
-    assert peak <= rollout_servicer.MAX_UNSENT_RESPONSES + 64, peak
+    assert peak <= scheduler.MAX_UNSENT_RESPONSES + 64, peak
     assert len(got) == REQUESTS and all(not r.HasField("error") for r in got)
     assert sorted(int(r.request_id) for r in got) == list(range(REQUESTS))

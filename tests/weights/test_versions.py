@@ -189,9 +189,9 @@ def test_a_sample_that_spans_an_update_reports_the_first_and_last_version_it_ran
         async with fake_server(FakeEngine(token_seconds=0.01)) as (client, servicer, engine):
             assert (await push_weights(source(1), [client.address])).ok
             stream = asyncio.ensure_future(collect(client, [request("long", tokens=300), request("short", tokens=1)]))
-            while servicer.running < 2:
+            while servicer.scheduler.running < 2:
                 await asyncio.sleep(0.01)
-            while servicer.running > 1:  # "short" is done: only "long" is in the engine
+            while servicer.scheduler.running > 1:  # "short" is done: only "long" is in the engine
                 await asyncio.sleep(0.01)
             assert (await push_weights(source(2), [client.address])).ok
             return await stream

@@ -51,6 +51,7 @@ import socket
 import threading
 import time
 import uuid
+from typing import Any
 
 import torch
 
@@ -119,8 +120,10 @@ class Group:
         self.backend, self.rank, self.world, self.timeout = backend, rank, world, timeout
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         delta = datetime.timedelta(seconds=timeout)
+        # A ProcessGroupGloo or ProcessGroupNCCL (None once closed): torch's stubs lack their broadcast/allreduce.
+        self.pg: Any
         if backend == "gloo":
-            opts = dist.ProcessGroupGloo._Options()
+            opts = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]  # the stubs call it Options
             opts._timeout = delta
             opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
             self.pg = dist.ProcessGroupGloo(store, rank, world, opts)
@@ -128,9 +131,11 @@ class Group:
             saved = {k: os.environ.get(k) for k in NCCL_ENV}
             os.environ.update(NCCL_ENV)
             try:
-                opts = dist.ProcessGroupNCCL.Options()
-                opts._timeout = datetime.timedelta(seconds=timeout + 30)  # ours fires first; the watchdog cleans up
-                self.pg = dist.ProcessGroupNCCL(store, rank, world, opts)
+                opts_nccl = dist.ProcessGroupNCCL.Options()
+                opts_nccl._timeout = datetime.timedelta(
+                    seconds=timeout + 30
+                )  # ours fires first; the watchdog cleans up
+                self.pg = dist.ProcessGroupNCCL(store, rank, world, opts_nccl)
             finally:
                 for k, v in saved.items():
                     if v is None:
@@ -159,7 +164,7 @@ class Group:
 
         flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=self.device)
         opts = dist.AllreduceOptions()
-        opts.reduceOp = dist.ReduceOp.MIN
+        opts.reduceOp = dist.ReduceOp.MIN  # type: ignore[assignment]  # the stubs want a ReduceOp; torch takes this
         work = self.pg.allreduce([flag], opts)
         if self.backend == "gloo":
             work.wait()
@@ -414,7 +419,8 @@ class CollectiveReceiver:
             store = PrefixStore(f"{base}/{seq}/", held.client)
             holding = held.pg_id if held.group is not None and held.header_rank == rv.rank else ""
             checkin = {"rank": rv.rank, "holding": holding}
-            store.set(f"ready/{rv.rank}", _signed(rv.secret, "ready", rv.group_id, checkin))
+            # torch's stub says str; the store takes bytes
+            store.set(f"ready/{rv.rank}", _signed(rv.secret, "ready", rv.group_id, checkin))  # type: ignore[arg-type]
             plan = _wait_plan(store, rv, deadline)
             timings["checkin_s"] = time.perf_counter() - t0
             rank = plan["ranks"].get(str(rv.rank))
@@ -556,7 +562,7 @@ _SESSIONS_LOCK = threading.Lock()
 MAX_IDLE_S = 3600.0  # a group unused this long is formed again (FABRIC_COLLECTIVE_MAX_IDLE_S)
 
 
-def _take_session(backend: str, addresses: list[str], device, timeout: float) -> tuple[_Session, bool]:
+def _take_session(backend: str, addresses: list[str], device, timeout: float) -> tuple[_Session | None, bool]:
     """The session for these servers (new, or the one kept from the last update), marked busy; (session, kept).
     A session for other servers of the same backend and device is closed: one group per sender and device."""
     key = (backend, tuple(addresses), str(device), float(timeout))
