@@ -15,12 +15,15 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fabric.config.loader import ConfigError
 from fabric.config.rollout import RolloutConfig
 from fabric.errors import did_you_mean
 from fabric.rollout.engine import FinishReason, Sample, Sampling, SleepState
+
+if TYPE_CHECKING:
+    from fabric.weights.transports.ipc import DeviceStaging
 
 log = logging.getLogger(__name__)
 
@@ -143,10 +146,10 @@ class VLLMEngine:
         self.weight_version: int = 0
         self.sleep_state = SleepState.AWAKE
         self.sleep_level: int = 0
-        self.engine = None
-        self.tokenizer = None
+        self.engine: Any = None  # vLLM's AsyncLLM, once started (vLLM is imported lazily, so not named here)
+        self.tokenizer: Any = None
         self.vocab_size = 0
-        self.device_staging = None  # fabric.weights.transports.ipc.DeviceStaging on a CUDA host (NCCL and IPC land)
+        self.device_staging: DeviceStaging | None = None  # on a CUDA host: where NCCL and IPC land
         self.transports: list = []  # the engine's own weight transports (weight_transports)
 
     @classmethod
@@ -214,6 +217,8 @@ class VLLMEngine:
         final = None
         async for output in self.engine.generate(engine_input, self.sampling_params(sampling, index), engine_id):
             final = output
+        if final is None:  # vLLM ends every request with a final output, aborted ones included
+            raise RuntimeError(f"vLLM gave no output for request {engine_id}")
         completion = final.outputs[0]
         logprobs = completion.logprobs
         return Sample(
