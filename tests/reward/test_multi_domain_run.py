@@ -30,6 +30,9 @@ def test_the_multi_domain_example_runs_end_to_end(tmp_path):
     assert proc.returncode == 0, output[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2] and all(row["samples"] == 32 for row in rows)
+    for row in rows:  # each domain's reward in the metrics (and so in the plot), a domain per reward
+        assert {f"reward/{d}" for d in ("math", "ifeval", "code", "judge")} <= set(row["extra"]), row["extra"]
+    assert (tmp_path / "metrics.png").stat().st_size > 0
     tags = [json.loads(line)["tag"] for line in (tmp_path / "data" / "train.jsonl").read_text().splitlines()]
     assert sorted(tags) == sorted(["math", "ifeval", "KodCode", "RLVR"] * 2)
     # the launcher gave the judge the run's rollout server (judge_address: actor_infer)
