@@ -33,4 +33,7 @@ def test_unauthenticated_health_watches_cannot_lock_token_holders_out(token):
 
     served, refused, info = asyncio.run(go())
     assert info.model  # the token holder is served
-    assert served >= 1 and refused and {e.code() for e in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+    # Health's own budget refuses the extra watches; a stream the HTTP/2 transport itself cut answers CANCELLED
+    codes = {e.code() for e in refused}
+    assert served >= 1 and grpc.StatusCode.RESOURCE_EXHAUSTED in codes
+    assert codes <= {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED}
