@@ -12,7 +12,6 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-from fabric import security
 from fabric.v1 import rollout_pb2, rollout_pb2_grpc
 
 GiB = 2**30
@@ -20,18 +19,14 @@ GiB = 2**30
 
 @dataclass
 class Colocation:
-    addresses: list[str]
+    stubs: list[rollout_pb2_grpc.RolloutServiceStub]  # the rollout pool's own, one per live server
     level: int
     timeout: float
     seconds: dict[str, float] = field(default_factory=dict)
     memory: dict[str, float] = field(default_factory=dict)
 
     async def _each(self, call) -> list:
-        async def one(address: str):
-            async with security.channel(address) as channel:
-                return await call(rollout_pb2_grpc.RolloutServiceStub(channel))
-
-        return await asyncio.gather(*(one(a) for a in self.addresses))
+        return await asyncio.gather(*(call(stub) for stub in self.stubs))
 
     async def free_gib(self) -> float:
         """The least free device memory any server reports (0 on CPU)."""

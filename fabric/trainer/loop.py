@@ -443,7 +443,8 @@ class Trainer:
                 raise RuntimeError(behind_servers_message(ordered, behind, self.version))
         colocation = None
         if self.pc.colocate:  # generation and training take turns on the device: the servers sleep meanwhile
-            colocation = Colocation(self.rollouts.alive, self.pc.sleep_level, self.pc.rpc_timeout_s)
+            stubs = [self.rollouts.servers[a].stub for a in self.rollouts.alive]
+            colocation = Colocation(stubs, self.pc.sleep_level, self.pc.rpc_timeout_s)
             await colocation.sleep()
         metrics = await asyncio.to_thread(self.train, ordered)
         t_trained = time.perf_counter()
