@@ -86,14 +86,12 @@ def rates(rounds: list[tuple[float, int]]) -> dict:
 # ---- the fabric: a rollout server, gRPC generation and IPC pushes --------------------------------------------------
 
 
-def grpc_round(address: str) -> tuple[float, int]:
+def grpc_round(address: str, logprobs: bool = True) -> tuple[float, int]:
     from fabric.rollout.client import GenerateRequest, RolloutClient, SamplingParams
 
+    sampling = SamplingParams(max_new_tokens=MAX_NEW, temperature=0.0, logprobs=logprobs)
     requests = [
-        GenerateRequest(
-            request_id=str(i), prompt_token_ids=p, sampling=SamplingParams(max_new_tokens=MAX_NEW, temperature=0.0)
-        )
-        for i, p in enumerate(PROMPTS)
+        GenerateRequest(request_id=str(i), prompt_token_ids=p, sampling=sampling) for i, p in enumerate(PROMPTS)
     ]
 
     async def go() -> int:
@@ -134,6 +132,7 @@ def top_frames(path: Path, n: int = 25) -> list:
 
 def fabric_part(out: Path, name: str, model: Path) -> None:
     from fabric.procs import ServerProcess
+    from fabric.weights.channels import ChannelCache
     from fabric.weights.sender import push_weights, weights_status
 
     log = out / f"rollout-{name}.log"
@@ -146,18 +145,33 @@ def fabric_part(out: Path, name: str, model: Path) -> None:
         record(f"{name}.server_start_s", time.perf_counter() - started)
         grpc_round(server.address)  # warm-up
         profiler = profile(server.process.pid, out / f"pyspy-{name}.txt")
+        # what the trainer asks (the sampled token's logprob), then without logprobs (what in-process users quote)
         record(f"{name}.fabric_grpc", rates([grpc_round(server.address) for _ in range(ROUNDS)]))
         if profiler is not None:
             profiler.wait(60)
             record(f"{name}.server_profile_top", top_frames(out / f"pyspy-{name}.txt"))
+        record(f"{name}.fabric_grpc_nolp", rates([grpc_round(server.address, False) for _ in range(ROUNDS)]))
 
         source = random_source(model, "cuda:0")
-        pushes = []
-        for version in range(1, 7):
-            t0 = time.perf_counter()
-            report = asyncio.run(push_weights(source, [server.address], version=version, transport="ipc"))
-            pushes.append({"seconds": time.perf_counter() - t0, "ok": report.ok, "transport": report.transport,
-                           "errors": [r.error.message for r in report.failed]})  # fmt: skip
+
+        async def pushes_in_one_loop(source) -> list:
+            # as the trainer pushes: one event loop, its control channels kept from one version to the next
+            done = []
+            channels = ChannelCache()
+            try:
+                for version in range(1, 7):
+                    t0 = time.perf_counter()
+                    report = await push_weights(
+                        source, [server.address], version=version, transport="ipc", channels=channels
+                    )
+                    done.append({"seconds": time.perf_counter() - t0, "ok": report.ok, "transport": report.transport,
+                                 "phases": {k: round(v, 5) for k, v in report.phases.items()},
+                                 "errors": [r.error.message for r in report.failed]})  # fmt: skip
+            finally:
+                await channels.close()
+            return done
+
+        pushes = asyncio.run(pushes_in_one_loop(source))
         record(f"{name}.ipc_pushes", pushes)
         record(f"{name}.ipc_serving_version", asyncio.run(weights_status(server.address)).serving_version)
         record(f"{name}.ipc_server_timings", server_timings(log, "ipc"))
@@ -207,7 +221,9 @@ def correctness(out: Path) -> None:
 
 
 def native_main(kind: str, config_path: str) -> None:
-    """Child: one engine, a warm-up and ROUNDS rounds; prints one JSON line with the rounds."""
+    """Child: one engine with the fabric's own engine arguments (sleep mode, processed logprobs, its weight-transfer
+    backend), a warm-up, then ROUNDS rounds with the sampled token's logprob (as the fabric's trainer asks) and
+    ROUNDS without; prints one JSON line {"lp": rounds, "nolp": rounds}."""
     from vllm import SamplingParams
 
     from fabric.config import load_config
@@ -215,43 +231,51 @@ def native_main(kind: str, config_path: str) -> None:
     from fabric.rollout.vllm.engine import build_engine_args, check_engine_args
 
     config = load_rollout_config(load_config(config_path), "actor_infer")
-    rounds = []
-    if kind == "async":  # the engine exactly as the fabric builds it, called in-process
+    args = build_engine_args(config)
+    rounds: dict[str, list] = {"lp": [], "nolp": []}
+
+    def params(variant: str, **extra) -> SamplingParams:
+        return SamplingParams(max_tokens=MAX_NEW, temperature=0.0, logprobs=0 if variant == "lp" else None, **extra)
+
+    if kind == "async":  # vLLM's AsyncLLM as the fabric builds it, called in-process
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
         from vllm.v1.engine.async_llm import AsyncLLM
 
         async def main() -> None:
-            engine = AsyncLLM.from_vllm_config(check_engine_args(config, build_engine_args(config)))
+            engine = AsyncLLM.from_vllm_config(check_engine_args(config, args))
 
-            async def one(tag: str, i: int, ids: list[int]) -> int:
-                params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, output_kind=RequestOutputKind.FINAL_ONLY)
+            async def one(tag: str, i: int, ids: list[int], variant: str) -> int:
                 (prompt,) = engine.renderer.render_cmpl([TokensPrompt(prompt_token_ids=ids)])
-                async for output in engine.generate(prompt, params, f"{tag}-{i}"):
+                async for output in engine.generate(
+                    prompt, params(variant, output_kind=RequestOutputKind.FINAL_ONLY), f"{tag}-{i}"
+                ):
                     final = output
                 return len(final.outputs[0].token_ids)
 
-            for r in range(ROUNDS + 1):
-                start = time.perf_counter()
-                tokens = sum(await asyncio.gather(*(one(f"r{r}", i, p) for i, p in enumerate(PROMPTS))))
-                if r:
-                    rounds.append((time.perf_counter() - start, tokens))
+            for variant in ("lp", "nolp"):
+                for r in range(ROUNDS + 1):
+                    start = time.perf_counter()
+                    jobs = (one(f"{variant}{r}", i, p, variant) for i, p in enumerate(PROMPTS))
+                    tokens = sum(await asyncio.gather(*jobs))
+                    if r:
+                        rounds[variant].append((time.perf_counter() - start, tokens))
             engine.shutdown()
 
         asyncio.run(main())
-    else:  # vLLM's offline LLM with its own defaults (the in-process figure users quote)
+    else:  # vLLM's offline LLM, the in-process engine ROLL drives
         from vllm import LLM
         from vllm.inputs import TokensPrompt
 
-        args = {**config.strategy_config, "model": config.model}
         llm = LLM(**args)
-        params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
         prompts = [TokensPrompt(prompt_token_ids=p) for p in PROMPTS]
-        for r in range(ROUNDS + 1):
-            start = time.perf_counter()
-            outs = llm.generate(prompts, params, use_tqdm=False)
-            if r:
-                rounds.append((time.perf_counter() - start, sum(len(o.outputs[0].token_ids) for o in outs)))
+        for variant in ("lp", "nolp"):
+            for r in range(ROUNDS + 1):
+                start = time.perf_counter()
+                outs = llm.generate(prompts, params(variant), use_tqdm=False)
+                if r:
+                    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+                    rounds[variant].append((time.perf_counter() - start, tokens))
     print("RESULT " + json.dumps(rounds), flush=True)
 
 
@@ -265,29 +289,32 @@ def native_part(out: Path, name: str, model: Path, kind: str) -> None:
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if not lines:
         raise RuntimeError(f"in-process {kind} failed (exit {proc.returncode}): {proc.stderr.strip()[-400:]}")
-    record(f"{name}.inprocess_{kind}", {**rates(json.loads(lines[-1][7:])), "wall_s": time.perf_counter() - started})
+    rounds = json.loads(lines[-1][7:])
+    record(f"{name}.inprocess_{kind}", {**rates(rounds["lp"]), "wall_s": time.perf_counter() - started})
+    record(f"{name}.inprocess_{kind}_nolp", rates(rounds["nolp"]))
 
 
 # ---- the run ----------------------------------------------------------------------------------------------------
 
 
 def summary(names: list[str]) -> None:
-    print("\n| layout | fabric gRPC tok/s | AsyncLLM in-process (fabric's args) | LLM offline (vLLM defaults) | "
-          "fabric / AsyncLLM | fabric / LLM | IPC full update (median of 5) |")  # fmt: skip
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| layout | logprobs | fabric gRPC tok/s | AsyncLLM in-process | LLM offline | fabric / AsyncLLM | "
+          "fabric / LLM | IPC full update (median of 5) |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+
+    def f(x, spec=".0f"):
+        return format(x, spec) if x else "-"
+
     for name in names:
-        fab = (RESULTS.get(f"{name}.fabric_grpc") or {}).get("best_tok_s")
-        asy = (RESULTS.get(f"{name}.inprocess_async") or {}).get("best_tok_s")
-        llm = (RESULTS.get(f"{name}.inprocess_llm") or {}).get("best_tok_s")
-
-        def f(x, spec=".0f"):
-            return format(x, spec) if x else "-"
-
-        ratio_a = fab / asy if fab and asy else None
-        ratio_l = fab / llm if fab and llm else None
         ipc = RESULTS.get(f"{name}.ipc_full_update_median_s")
-        print(f"| {name} | {f(fab)} | {f(asy)} | {f(llm)} | {f(ratio_a, '.3f')} | {f(ratio_l, '.3f')} | "
-              f"{f(ipc, '.4f')} s |")  # fmt: skip
+        for suffix, label in (("", "sampled token's"), ("_nolp", "none")):
+            fab = (RESULTS.get(f"{name}.fabric_grpc{suffix}") or {}).get("best_tok_s")
+            asy = (RESULTS.get(f"{name}.inprocess_async{suffix}") or {}).get("best_tok_s")
+            llm = (RESULTS.get(f"{name}.inprocess_llm{suffix}") or {}).get("best_tok_s")
+            ratio_a = fab / asy if fab and asy else None
+            ratio_l = fab / llm if fab and llm else None
+            print(f"| {name} | {label} | {f(fab)} | {f(asy)} | {f(llm)} | {f(ratio_a, '.3f')} | {f(ratio_l, '.3f')} | "
+                  f"{f(ipc, '.4f')} s |")  # fmt: skip
 
 
 def main(argv: list[str]) -> None:

@@ -27,11 +27,11 @@ from pathlib import Path
 import grpc
 import torch
 
-from fabric import security
 from fabric.errors import FabricError
 from fabric.v1 import rollout_pb2, rollout_pb2_grpc, weights_pb2
 from fabric.weights import manifest as mf
 from fabric.weights import transports
+from fabric.weights.channels import ChannelCache, open_channel
 from fabric.weights.staging import DTYPES_BY_NAME
 
 DEFAULT_TIMEOUT_S = 600.0
@@ -203,6 +203,7 @@ class PushReport:
     results: list[rollout_pb2.WeightUpdateResult] = field(default_factory=list)
     bytes_sent: int = 0  # the sender's egress: chunk bytes it wrote to the network
     seconds: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)  # where the sender's time went (status_s, pack_s, ...)
 
     @property
     def ok(self) -> bool:
@@ -217,8 +218,10 @@ class PushReport:
         return self.bytes_sent / self.seconds / 1e9 if self.seconds else 0.0
 
 
-async def weights_status(target: str, timeout: float = 10.0) -> rollout_pb2.GetWeightsStatusResponse:
-    async with security.channel(target) as channel:
+async def weights_status(
+    target: str, timeout: float = 10.0, channels: ChannelCache | None = None
+) -> rollout_pb2.GetWeightsStatusResponse:
+    async with open_channel(target, channels) as channel:
         return await rollout_pb2_grpc.RolloutServiceStub(channel).GetWeightsStatus(
             rollout_pb2.GetWeightsStatusRequest(), timeout=timeout
         )
@@ -251,10 +254,14 @@ _REFUSALS = {
 }
 
 
-async def _status_or_error(target: str) -> rollout_pb2.GetWeightsStatusResponse | Exception:
+async def _status_or_error(
+    target: str, channels: ChannelCache | None
+) -> rollout_pb2.GetWeightsStatusResponse | Exception:
     try:
-        return await weights_status(target)
+        return await weights_status(target, channels=channels)
     except (grpc.aio.AioRpcError, OSError) as exc:
+        if channels is not None:
+            await channels.forget(target)
         return exc
 
 
@@ -299,8 +306,10 @@ async def push_weights(
     transport: str = "auto",
     streams: int = 1,
     timeout: float = DEFAULT_TIMEOUT_S,
+    channels: ChannelCache | None = None,
 ) -> PushReport:
-    """Pushes one version to every target; see the module doc for mode and transport.
+    """Pushes one version to every target; see the module doc for mode and transport. `channels`: keep the control
+    channels open across pushes (a trainer pushing version after version), else each push opens its own.
 
     A target that cannot be reached, or dies during the push, gets a failed result (the others go on); the caller
     decides what a partial update means (the trainer drops those servers from routing)."""
@@ -310,10 +319,12 @@ async def push_weights(
         raise ValueError(f"mode must be relay or direct, got {mode!r}")
     if transport not in transports.CHOICES:
         raise ValueError(f"transport must be one of {', '.join(transports.CHOICES)}, got {transport!r}")
-    found = await asyncio.gather(*(_status_or_error(t) for t in targets))
+    began = time.perf_counter()
+    found = await asyncio.gather(*(_status_or_error(t, channels) for t in targets))
     if version is None:
         version = max((s.serving_version for s in found if not isinstance(s, Exception)), default=0) + 1
     report = PushReport(version, "", "", list(targets))
+    report.phases["status_s"] = time.perf_counter() - began
     pending = _triage(targets, found, version, report, already_committed=True)
     groups: dict[str, list[tuple[str, rollout_pb2.GetWeightsStatusResponse]]] = defaultdict(list)
     reasons: dict[str, str] = {}
@@ -327,7 +338,8 @@ async def push_weights(
         return report
     start = time.perf_counter()
     sends = [
-        _send_group(name, group, source, version, mode, streams, timeout, report) for name, group in groups.items()
+        _send_group(name, group, source, version, mode, streams, timeout, report, channels)
+        for name, group in groups.items()
     ]
     for name, results in zip(groups, await asyncio.gather(*sends), strict=True):
         for result in results:
@@ -338,10 +350,10 @@ async def push_weights(
     return report
 
 
-async def _send_group(name, group, source, version, mode, streams, timeout, report) -> list:
+async def _send_group(name, group, source, version, mode, streams, timeout, report, channels) -> list:
     """The targets that take one path, each accounted for: a server the path answered nothing for gets a failed
     result (NO_RESULT), never a silent success."""
-    results = await _send_path(name, group, source, version, mode, streams, timeout, report)
+    results = await _send_path(name, group, source, version, mode, streams, timeout, report, channels)
     if len(results) < len(group):
         answered = {r.server for r in results}
         missing = [t for t, _ in group if t not in answered][len(results) - len(group) :]
@@ -353,7 +365,7 @@ async def _send_group(name, group, source, version, mode, streams, timeout, repo
     return results
 
 
-async def _send_path(name, group, source, version, mode, streams, timeout, report) -> list:
+async def _send_path(name, group, source, version, mode, streams, timeout, report, channels) -> list:
     """A collective sends to all at once; a host path relays down a chain or sends to each directly."""
     module = transports.sender(name)
     if hasattr(module, "send_group"):
@@ -361,24 +373,30 @@ async def _send_path(name, group, source, version, mode, streams, timeout, repor
     # Only a path whose receivers forward chunks can relay; any other (ipc: the bytes never leave the GPU) sends to
     # each server directly, whatever the mode, so no server is left out of a chain that cannot reach it.
     if mode == "relay" and len(group) > 1 and getattr(module, "RELAYS", False):
-        return await _relay(module, source, version, group, timeout, report)
+        return await _relay(module, source, version, group, timeout, report, channels)
 
     async def direct(target, status):
         chunks = needed_chunks(source, version, [status])
         try:
-            return await _send_parallel(module, source, version, target, chunks, status, timeout, report, streams)
+            return await _send_parallel(
+                module, source, version, target, chunks, status, timeout, report, streams, channels
+            )
         except (grpc.aio.AioRpcError, OSError) as exc:
+            if channels is not None:
+                await channels.forget(target)
             return [_failure(target, version, exc, "PUSH_FAILED")]
 
     return [r for results in await asyncio.gather(*(direct(t, s) for t, s in group)) for r in results]
 
 
-def _job(source, version, target, relay_targets, chunks, status, name, timeout, report) -> transports.SendJob:
+def _job(
+    source, version, target, relay_targets, chunks, status, name, timeout, report, channels=None
+) -> transports.SendJob:
     offer = transports.offers_of(status)[name]
-    return transports.SendJob(source, version, target, relay_targets, chunks, offer, timeout, report)
+    return transports.SendJob(source, version, target, relay_targets, chunks, offer, timeout, report, channels)
 
 
-async def _relay(module, source, version, pending, timeout, report) -> list:
+async def _relay(module, source, version, pending, timeout, report, channels=None) -> list:
     """One stream down the chain of pending servers. When the head itself fails (dead, unreachable) the rest of the
     chain is asked again where it stands and the next server becomes the head; chunks already staged there are not
     sent again."""
@@ -394,18 +412,19 @@ async def _relay(module, source, version, pending, timeout, report) -> list:
             if not _is_transient(exc):  # the head refused the update itself: the next one would refuse it too
                 return results + [_failure(t, version, exc, "NOT_SENT") for t in names[1:]]
         rest = names[1:]
-        found = await asyncio.gather(*(_status_or_error(t) for t in rest))
+        found = await asyncio.gather(*(_status_or_error(t, channels) for t in rest))
         skipped = PushReport(version, "", "", rest)
         pending = _triage(rest, found, version, skipped, already_committed=False)  # committed: before the break
         results.extend(skipped.results)
     return results
 
 
-async def _send_parallel(module, source, version, target, chunks, status, timeout, report, streams):
+async def _send_parallel(module, source, version, target, chunks, status, timeout, report, streams, channels=None):
     """Several streams to one target, each a share of the chunks; the last to finish commits on the server."""
     indices = chunks if chunks is not None else list(range(len(source.manifest.chunks)))
     if streams <= 1 or len(indices) < 2:
-        return await module.send(_job(source, version, target, [], chunks, status, module.NAME, timeout, report))
+        job = _job(source, version, target, [], chunks, status, module.NAME, timeout, report, channels)
+        return await module.send(job)
     shares = [indices[i::streams] for i in range(streams)]
     results = await asyncio.gather(
         *(

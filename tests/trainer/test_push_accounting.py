@@ -159,3 +159,35 @@ def test_colocation_follows_roll_device_mappings_and_async_keeps_the_servers_awa
         pipeline_config(
             load_config(EXAMPLES / "default.yaml", [*same, "actor_infer.strategy_args.strategy_config.sleep_level=3"])
         )
+
+
+def test_kept_control_channels_serve_push_after_push_and_a_server_gone_is_named_and_forgotten(env):
+    """A trainer keeps one control channel per server across versions (ChannelCache); a server that went away
+    fails that push by name (UNREACHABLE), and its channel is dropped so that the next push connects afresh."""
+    from fabric.weights.channels import ChannelCache
+
+    async def go():
+        channels = ChannelCache()
+        try:
+            async with rollout_server(FakeEngine()) as server:
+                target = server.address
+                reports = [
+                    await push_weights(
+                        WeightSource(checkpoint(v).items()), [target], version=v, transport="grpc", channels=channels
+                    )
+                    for v in (1, 2)
+                ]
+                kept = dict(channels._channels)
+                serving = (await weights_status(target, channels=channels)).serving_version
+            gone = await push_weights(WeightSource(checkpoint(3).items()), [target], version=3, channels=channels)
+            return target, reports, kept, serving, gone, dict(channels._channels)
+        finally:
+            await channels.close()
+
+    target, reports, kept, serving, gone, after = asyncio.run(go())
+    assert all(r.ok for r in reports), [r.error.message for rep in reports for r in rep.failed]
+    assert list(kept) == [target] and serving == 2
+    assert "status_s" in reports[0].phases
+    assert not gone.ok and gone.failed[0].server == target
+    assert gone.failed[0].error.reason == "UNREACHABLE", gone.failed[0].error
+    assert target not in after

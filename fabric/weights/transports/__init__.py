@@ -16,12 +16,16 @@ collective). docs/architecture.md has the walk-through.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING
 
+import grpc
+
 from fabric.v1 import rollout_pb2
+from fabric.weights.channels import ChannelCache, open_channel
 from fabric.weights.digest import source_digests
 
 if TYPE_CHECKING:
@@ -98,6 +102,11 @@ class SendJob:
     offer: rollout_pb2.WeightTransportOffer
     timeout: float
     report: PushReport  # bytes_sent is added to
+    channels: ChannelCache | None = None  # the pusher's kept control channels, if it keeps them
+
+    def channel(self) -> contextlib.AbstractAsyncContextManager[grpc.aio.Channel]:
+        """The control channel to the target: the kept one, or one for this stream only."""
+        return open_channel(self.target, self.channels)
 
     def header(self, transport: str) -> rollout_pb2.UpdateWeightsHeader:
         return rollout_pb2.UpdateWeightsHeader(

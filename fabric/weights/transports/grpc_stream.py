@@ -75,7 +75,7 @@ async def send(job: SendJob) -> list[rollout_pb2.WeightUpdateResult]:
             job.report.bytes_sent += len(chunk.data)
             yield rollout_pb2.UpdateWeightsRequest(chunk=chunk)
 
-    async with security.channel(job.target) as channel:
+    async with job.channel() as channel:
         response = await rollout_pb2_grpc.RolloutServiceStub(channel).UpdateWeights(requests(), timeout=job.timeout)
     return list(response.results)
 
