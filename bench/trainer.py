@@ -470,14 +470,62 @@ def cpu_main(batch_size: int = 32, repeats: int = 20) -> None:
             print(f"{name:28s} {cells[0]:>20s} {cells[1]:>20s} {min(mg) / min(hf_times):11.2f}x")
 
 
+def profile_main(peak_tflops: float = 989.0) -> None:
+    """One step of the Policy and of transformers under torch.profiler (the 1.5B layout, real vocabulary): the
+    kernels and ops that take the GPU time, and how much of the step the GPU was busy."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from fabric.trainer.compat import init_megatron
+
+    init_megatron(seed=0)
+    device = torch.device("cuda", torch.cuda.current_device())
+    hf_config = _hf_config(QWEN25_15B)
+    from transformers import Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        reference = Qwen2ForCausalLM(hf_config)
+    state = {k: v.detach().to("cpu", copy=True) for k, v in reference.state_dict().items()}
+    del reference
+    _free(device)
+    batch = _batch(16, 1024, QWEN25_15B["vocab_size"], variable=False)
+    setups = {
+        "Policy SDPA": lambda: _policy_setup(
+            hf_config, state, batch, device, torch.bfloat16, optim_kw=dict(micro_batch_size=4)
+        ),
+        "transformers": lambda: _hf_setup(hf_config, state, batch, 4, device),
+    }
+    for name, setup in setups.items():
+        _free(device)
+        step, _, keep = setup()
+        step()
+        step()
+        _sync(device)
+        start = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            step()
+            _sync(device)
+        wall = time.perf_counter() - start
+        events = prof.key_averages()
+        gpu_total = sum(e.self_device_time_total for e in events) / 1e6
+        print(f"\n=== {name}: step {wall:.3f} s under the profiler, GPU busy {gpu_total:.3f} s "
+              f"({gpu_total / wall:.0%})", flush=True)  # fmt: skip
+        print(events.table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=70), flush=True)
+        del step, keep
+    _free(device)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="the GPU rows on a tiny model (CPU or GPU): a dry run")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="the device's dense bf16 peak (H200: 989)")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per row (after one warm-up step)")
     parser.add_argument("--budget", type=float, default=180.0, help="seconds; rows not started by then are skipped")
+    parser.add_argument("--profile", action="store_true", help="CUDA: one step of each under torch.profiler")
     args = parser.parse_args(argv or [])
-    if torch.cuda.is_available() or args.smoke:
+    if args.profile:
+        profile_main(args.peak_tflops)
+    elif torch.cuda.is_available() or args.smoke:
         gpu_main(args.smoke, args.peak_tflops, args.repeats, args.budget)
     else:
         cpu_main()
