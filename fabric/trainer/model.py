@@ -119,11 +119,12 @@ def transformer_config_from_hf(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         use_cpu_initialization=torch.device(device).type == "cpu",
-        # The fused kernels below need apex or Transformer Engine; the plain torch paths run everywhere.
-        bias_activation_fusion=False,
+        # SwiGLU and the residual add fused by torch.compile (megatron's jit_fuser) on CUDA; eager elsewhere (CPU).
+        bias_activation_fusion=_compile_fusions(device),
+        bias_dropout_fusion=_compile_fusions(device),
+        # These need apex or Transformer Engine; the plain torch paths run everywhere.
         masked_softmax_fusion=False,
         persist_layer_norm=False,
-        bias_dropout_fusion=False,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         cuda_graph_scope=[],  # the default "full" means the same but warns that it is deprecated
@@ -131,6 +132,11 @@ def transformer_config_from_hf(
         recompute_method=recompute_method,
         recompute_num_layers=recompute_num_layers,
     )
+
+
+def _compile_fusions(device) -> bool:
+    """megatron's torch.compile'd fusions (SwiGLU, bias-dropout-add) on CUDA, unless FABRIC_TRAINER_COMPILE=0."""
+    return torch.device(device).type == "cuda" and os.environ.get("FABRIC_TRAINER_COMPILE", "1") != "0"
 
 
 @functools.cache
@@ -488,28 +494,88 @@ def save_hf_checkpoint(model, hf_config_dir_or_config, tokenizer_dir, out_dir, s
 # ---- logprobs: chunked over the vocabulary, padded or packed ------------------------------------------------------
 
 LOGPROB_CHUNK_TOKENS = 4096  # rows of [tokens, vocab] logits alive at once (fp32: 2.5 GB at a 152k vocabulary)
+# Logits a micro-batch may keep for its backward pass (in the model's dtype: 1.2 GB for 4,096 tokens of a 152k
+# vocabulary in bf16). Within it the backward pass reuses them; past it each chunk's logits are recomputed there.
+SAVED_LOGITS_BYTES = 4 << 30
+
+
+class _TokenLogprob(torch.autograd.Function):
+    """log softmax(logits / T)[target] per row, in fp32 from logits of any dtype, keeping only the logits (as they
+    are) and one logsumexp per row for the backward pass: no fp32 [tokens, vocab] copy is kept, and the gradient
+    (onehot - softmax) * g / T is made in one pass, in the logits' dtype. Exact in fp32; the same maths as megatron's
+    vocab-parallel cross entropy on one tensor-parallel rank."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+        picked, lse = _logprob_forward()(logits, targets, temperature)
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.temperature = temperature
+        return picked
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, targets, lse = ctx.saved_tensors
+        return _logprob_backward()(logits, targets, lse, grad, ctx.temperature), None, None
+
+
+def _logprob_forward_eager(logits: torch.Tensor, targets: torch.Tensor, temperature: float):
+    scaled = logits.float() / temperature
+    lse = torch.logsumexp(scaled, dim=-1)
+    return scaled.gather(-1, targets[:, None])[:, 0] - lse, lse
+
+
+def _logprob_backward_eager(
+    logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor, temperature: float
+):
+    softmax = torch.exp(logits.float() / temperature - lse[:, None])
+    onehot = torch.arange(logits.shape[-1], device=logits.device)[None] == targets[:, None]
+    return ((onehot.float() - softmax) * (grad.float() / temperature)[:, None]).to(logits.dtype)
+
+
+@functools.cache
+def _logprob_forward():
+    return _compiled(_logprob_forward_eager)
+
+
+@functools.cache
+def _logprob_backward():
+    return _compiled(_logprob_backward_eager)
+
+
+def _compiled(fn):
+    """torch.compile on CUDA (one fused kernel per pass over the logits); as it is elsewhere (CPU tests)."""
+    if not torch.cuda.is_available() or os.environ.get("FABRIC_TRAINER_COMPILE", "1") == "0":
+        return fn
+    return torch.compile(fn, dynamic=True)
 
 
 def _chunk_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
     """logprobs of targets [N] from final hidden states [N, 1, H], LOGPROB_CHUNK_TOKENS rows at a time.
 
-    Each chunk's logits are made, used and dropped; under grad the chunk is checkpointed, so the backward pass
-    recomputes its logits instead of keeping them: never [N, vocab] in fp32 at once. megatron's vocab-parallel
-    cross entropy keeps it exact with the vocabulary split over TP ranks."""
-    from megatron.core import tensor_parallel
+    Each chunk's logits are made and turned into logprobs (`_TokenLogprob`, one tensor-parallel rank) without an fp32
+    [tokens, vocab] copy kept; under grad the logits stay for the backward pass while the micro-batch's fit
+    SAVED_LOGITS_BYTES, and past that each chunk is checkpointed (its logits recomputed in the backward pass).
+    With tensor parallelism megatron's vocab-parallel cross entropy keeps it exact over the split vocabulary."""
+    from megatron.core import parallel_state, tensor_parallel
 
     weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
+    one_rank = parallel_state.get_tensor_model_parallel_world_size() == 1
 
     def chunk(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         logits, _ = model.output_layer(h, weight=weight)
+        if one_rank:
+            return _TokenLogprob.apply(logits[:, 0], t, float(temperature))
         # A fresh float32 tensor, which the cross entropy may modify in place (float() of fp32 logits would not copy).
         scaled = logits.float() / temperature if temperature != 1.0 or logits.dtype == torch.float32 else logits.float()
         return -tensor_parallel.vocab_parallel_cross_entropy(scaled, t[:, None])[:, 0]
 
+    grad = torch.is_grad_enabled() and hidden.requires_grad
+    vocab = weight.shape[0] if weight is not None else model.output_layer.weight.shape[0]
+    keep_logits = hidden.shape[0] * vocab * hidden.element_size() <= SAVED_LOGITS_BYTES
     parts = []
     for start in range(0, hidden.shape[0], LOGPROB_CHUNK_TOKENS):
         h, t = hidden[start : start + LOGPROB_CHUNK_TOKENS], targets[start : start + LOGPROB_CHUNK_TOKENS]
-        if torch.is_grad_enabled() and h.requires_grad:
+        if grad and not keep_logits:
             parts.append(torch.utils.checkpoint.checkpoint(chunk, h, t, use_reentrant=False))
         else:
             parts.append(chunk(h, t))

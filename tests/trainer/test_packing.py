@@ -111,8 +111,10 @@ def test_sdpa_core_attention_equals_megatron_unfused(sdpa, unfused):
         mine(q, k, v, torch.ones(3, 1, 9, 9, dtype=torch.bool))
 
 
-def test_chunked_logprobs_equal_full_logits(sdpa, batch, monkeypatch):
+@pytest.mark.parametrize("saved_logits_bytes", [model.SAVED_LOGITS_BYTES, 0], ids=["logits-kept", "recomputed"])
+def test_chunked_logprobs_equal_full_logits(sdpa, batch, monkeypatch, saved_logits_bytes):
     monkeypatch.setattr(model, "LOGPROB_CHUNK_TOKENS", 7)  # many chunks, one ending mid-row
+    monkeypatch.setattr(model, "SAVED_LOGITS_BYTES", saved_logits_bytes)
     net = sdpa.model
     results = []
     for fn in (
@@ -128,6 +130,32 @@ def test_chunked_logprobs_equal_full_logits(sdpa, batch, monkeypatch):
         torch.testing.assert_close(logprobs, results[2][0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(grad, results[2][1], rtol=1e-5, atol=1e-5 * float(results[2][1].abs().max()))
     net.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_logprob_equals_megatrons_cross_entropy_with_its_gradient(megatron, dtype):
+    """The fused logprob (logits kept as they are, the gradient made in one pass) against megatron's vocab-parallel
+    cross entropy on fp32 logits: the same numbers in fp32, and within bf16 rounding of the gradient in bf16."""
+    from megatron.core import tensor_parallel
+
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(37, 301, generator=g)).to(dtype)
+    targets = torch.randint(0, 301, (37,), generator=g)
+    weights = torch.randn(37, generator=g)
+    results = []
+    for fused in (True, False):
+        x = logits.clone().requires_grad_(True)
+        if fused:
+            lp = model._TokenLogprob.apply(x, targets, 0.7)
+        else:
+            lp = -tensor_parallel.vocab_parallel_cross_entropy(x.float()[:, None] / 0.7, targets[:, None])[:, 0]
+        (lp * weights).sum().backward()
+        results.append((lp.detach(), x.grad))
+    (lp_fused, grad_fused), (lp_ref, grad_ref) = results
+    assert lp_fused.dtype == torch.float32 and grad_fused.dtype == dtype
+    torch.testing.assert_close(lp_fused, lp_ref, rtol=1e-6, atol=1e-6)
+    tol = 1e-6 if dtype == torch.float32 else 8e-3  # bf16: one rounding of each element
+    torch.testing.assert_close(grad_fused.float(), grad_ref.float(), rtol=tol, atol=tol)
 
 
 def test_logprobs_packed_skip_empty_rows(sdpa, batch):
