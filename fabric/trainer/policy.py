@@ -233,21 +233,32 @@ class MainParamsAdamW:
         return self.adamw.state
 
     def zero_grad(self) -> None:
-        for param in self.model_params:
+        """Drops the model's gradients; a separate fp32 main copy keeps its gradient buffer, which the next step
+        overwrites (or drops, for a parameter that got no gradient)."""
+        for param, main in zip(self.model_params, self.main_params, strict=True):
             param.grad = None
-        for main in self.main_params:
-            main.grad = None
+            if main is param:
+                main.grad = None
 
     def step(self) -> tuple[float, bool]:
         """Clips and applies the model's gradients. Returns (grad norm before clipping, skipped: not finite).
 
         Under megatron's DDP the gradients are its reduced fp32 buffers (`param.main_grad`), used in place."""
+        copies: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])  # (fp32 main grads, model grads)
         for param, main in zip(self.model_params, self.main_params, strict=True):
             reduced = getattr(param, "main_grad", None)
             if reduced is not None:
                 main.grad = reduced if reduced.dtype == torch.float32 else reduced.float()
             elif main is not param:
-                main.grad = None if param.grad is None else param.grad.detach().float()
+                if param.grad is None:
+                    main.grad = None
+                    continue
+                if main.grad is None:  # kept from step to step: one fused copy per step, no new allocation
+                    main.grad = torch.empty_like(main)
+                copies[0].append(main.grad)
+                copies[1].append(param.grad.detach())
+        if copies[0]:
+            torch._foreach_copy_(*copies)
         grad_norm = clip_grad_norm(self.main_params, self.optim.grad_clip)
         if not math.isfinite(grad_norm):  # a non-finite gradient would poison the weights: keep the old ones
             self.zero_grad()
