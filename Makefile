@@ -60,8 +60,8 @@ clean:
 
 # On a CUDA host (vLLM installed beside the fabric, README "On GPU nodes"), figures and logs in runs/gpu: IPC
 # correctness and speed and generation beside in-process vLLM (bench.gpu_one), the demo and the colocated example
-# checked end to end (bench.check_run: every server at every version, no stale sample, the reward rising); with two
-# GPUs also the NCCL paths (bench.gpu_sync).
+# checked end to end (bench.check_run: every server at every version, no stale sample, the reward rising), the
+# trainer beside transformers (bench.trainer); with two GPUs also the NCCL paths (bench.gpu_sync).
 GPU_PYTHON ?= python3
 gpu-check:
 	$(GPU_PYTHON) -m pytest -q tests/gpu
@@ -70,6 +70,7 @@ gpu-check:
 	$(GPU_PYTHON) -m bench.check_run runs/gpu/demo
 	$(GPU_PYTHON) -m fabric.cli run --config examples/gpu_colocated.yaml output_dir=runs/gpu/colocated
 	$(GPU_PYTHON) -m bench.check_run runs/gpu/colocated
+	$(GPU_PYTHON) -m bench.trainer
 	@if [ "$$(nvidia-smi -L | wc -l)" -ge 2 ]; then \
 	  $(GPU_PYTHON) -m bench.gpu_sync nccl-check runs/gpu && $(GPU_PYTHON) -m bench.gpu_sync layouts runs/gpu; fi
 
