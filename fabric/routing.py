@@ -66,6 +66,15 @@ class RolloutPool:
     def alive(self) -> list[str]:
         return [a for a, s in self.servers.items() if s.alive]
 
+    @property
+    def lost(self) -> list[str]:
+        """The servers out of routing (dead, or not re-admitted yet)."""
+        return [a for a, s in self.servers.items() if not s.alive]
+
+    def stubs(self) -> list[rollout_pb2_grpc.RolloutServiceStub]:
+        """The live servers' stubs, for calls beside Generate (sleep, wake-up) on the pool's own channels."""
+        return [s.stub for s in self.servers.values() if s.alive]
+
     def mark_dead(self, address: str, reason: str) -> None:
         server = self.servers[address]
         if server.alive:

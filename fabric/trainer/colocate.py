@@ -12,6 +12,8 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
+import torch
+
 from fabric.v1 import rollout_pb2, rollout_pb2_grpc
 
 GiB = 2**30
@@ -46,3 +48,12 @@ class Colocation:
         started = time.perf_counter()
         await self._each(lambda stub: stub.WakeUp(rollout_pb2.WakeUpRequest(tags=tags), timeout=self.timeout))
         self.seconds[f"wake_{tags[0]}_seconds"] = time.perf_counter() - started
+
+
+def trainer_peak_gib() -> float:
+    """The trainer's peak device memory since the last call (0 on CPU)."""
+    if not torch.cuda.is_available():
+        return 0.0
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    torch.cuda.reset_peak_memory_stats()
+    return peak

@@ -14,7 +14,9 @@ import torch
 from fabric.config import load_config
 from fabric.config.algorithm import AlgorithmConfig
 from fabric.config.pipeline import PipelineConfig, pipeline_config
-from fabric.trainer.loop import Sample, Trainer, sampling_settings
+from fabric.config.sampling import sampling_settings
+from fabric.trainer.loop import Trainer
+from fabric.trainer.rollout_stream import Sample
 from fabric.v1 import reward_pb2, rollout_pb2
 from tests.test_examples import EXAMPLES
 
