@@ -159,6 +159,7 @@ class Trainer:
                 queue.put_nowait(None)
             await self.rollouts.close()
             await self.rewards.close()
+            await self.sync.close()
 
     async def finish_step(self, batch: StepBatch) -> dict:
         """Trains on a whole, scored batch, pushes the next version (an in-flight update when later steps are

@@ -16,6 +16,7 @@ import torch
 
 from fabric.routing import RolloutPool
 from fabric.trainer.colocate import Colocation
+from fabric.weights.channels import ChannelCache
 from fabric.weights.sender import WeightSource, push_weights, serving_dtype, weights_status
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,8 @@ class WeightSync:
         self.version = 0
         self.serving_dtype: torch.dtype | None = None
         self._pool: RolloutPool | None = None
+        # Control channels kept from one version to the next: a colocated IPC update is mostly control plane.
+        self.channels = ChannelCache()
 
     @property
     def pool(self) -> RolloutPool:
@@ -68,7 +71,8 @@ class WeightSync:
         started = time.perf_counter()
         if self.serving_dtype is None:
             found = await asyncio.gather(
-                *(weights_status(t, timeout=s.rpc_timeout_s) for t in targets), return_exceptions=True
+                *(weights_status(t, timeout=s.rpc_timeout_s, channels=self.channels) for t in targets),
+                return_exceptions=True,
             )
             statuses = [r for r in found if not isinstance(r, BaseException)]
             if not statuses:
@@ -77,7 +81,13 @@ class WeightSync:
         source = await asyncio.to_thread(WeightSource, self.policy.hf_weights(), s.chunk_bytes, self.serving_dtype)
         version = self.version + 1 if version is None else version
         result = await push_weights(
-            source, targets, version=version, mode=s.mode, transport=s.transport, timeout=s.push_timeout_s
+            source,
+            targets,
+            version=version,
+            mode=s.mode,
+            transport=s.transport,
+            timeout=s.push_timeout_s,
+            channels=self.channels,
         )
         for failed in result.failed:
             self.pool.mark_dead(
@@ -105,3 +115,6 @@ class WeightSync:
                 continue
             await self.pool.admit(address)
             log.info("rollout server %s re-admitted at version %d", address, self.version)
+
+    async def close(self) -> None:
+        await self.channels.close()
