@@ -132,6 +132,38 @@ def test_n_samples_per_request_with_indices(server):
         assert len({tuple(r.token_ids) for r in mine}) > 1, "three samples at temperature 1 should differ"
 
 
+def test_text_decoded_at_the_end_equals_vllms_own_detokenizer(server):
+    """Without stop strings the server decodes each sample's text once at the end (vLLM's per-step detokenizing is
+    off); with one, vLLM detokenizes as it generates. The same seeded samples, both ways: the same tokens and the
+    same text, for samples that end on EOS (the stop token left out of the text) and at max_new_tokens."""
+
+    def requests(tag: str, stop: list[str]):
+        return [
+            GenerateRequest(
+                request_id=f"{tag}{seed}",
+                prompt="Add 3 and 4.\n",
+                sampling=SamplingParams(max_new_tokens=200, temperature=1.0, seed=seed, stop=stop),
+            )
+            for seed in range(8)  # the queue takes 8 at once (infer_batch_size + max_queue_length)
+        ]
+
+    async def go():
+        async with RolloutClient(server.address) as client:
+            plain = await collect(client, requests("p", []))
+            detok = await collect(client, requests("d", ["never appears \x01"]))
+            return {r.request_id[1:]: r for r in plain}, {r.request_id[1:]: r for r in detok}
+
+    plain, detok = run(go())
+    reasons = set()
+    for seed, ours in plain.items():
+        theirs = detok[seed]
+        assert list(ours.token_ids) == list(theirs.token_ids), seed
+        assert ours.finish_reason == theirs.finish_reason, seed
+        assert ours.text == theirs.text, (seed, ours.text, theirs.text)
+        reasons.add(ours.finish_reason)
+    assert reasons == {rollout_pb2.FINISH_REASON_STOP, rollout_pb2.FINISH_REASON_LENGTH}, reasons
+
+
 def test_long_request_runs_to_length(server):
     """Precondition of the ordering and abort tests: the long request does not stop early."""
 

@@ -207,6 +207,9 @@ class VLLMEngine:
             logprobs=0 if sampling.logprobs else None,  # 0: the sampled token's logprob only
             flat_logprobs=True,  # one flat list per sample instead of a dict per token
             output_kind=RequestOutputKind.FINAL_ONLY,
+            # vLLM detokenizes every step, each logprob's token too: half the server's GIL time (py-spy). Without
+            # stop strings (the only thing that needs text while generating) the text is decoded once, at the end.
+            detokenize=bool(sampling.stop),
         )
 
     async def generate(self, engine_id: str, prompt_token_ids: Sequence[int], sampling: Sampling, index: int) -> Sample:
@@ -221,12 +224,30 @@ class VLLMEngine:
             raise RuntimeError(f"vLLM gave no output for request {engine_id}")
         completion = final.outputs[0]
         logprobs = completion.logprobs
+        token_ids = list(completion.token_ids)
+        finish_reason = FINISH_REASONS.get(completion.finish_reason, FinishReason.UNSPECIFIED)
         return Sample(
-            token_ids=list(completion.token_ids),
-            text=completion.text,
+            token_ids=token_ids,
+            text=completion.text if sampling.stop else self.final_text(prompt_token_ids, token_ids, finish_reason),
             logprobs=list(logprobs.logprobs) if logprobs is not None else [],
-            finish_reason=FINISH_REASONS.get(completion.finish_reason, FinishReason.UNSPECIFIED),
+            finish_reason=finish_reason,
         )
+
+    def final_text(self, prompt_ids: Sequence[int], token_ids: list[int], finish_reason: FinishReason) -> str:
+        """The text vLLM's detokenizer would have made, decoded once: special tokens skipped, a stop token (EOS or a
+        stop_token_id: a stop without stop strings) left out unless include_stop_str_in_output, and, as vLLM's
+        incremental detokenizer (tokenizers' DecodeStream primed with the prompt), no trailing character whose
+        bytes are not all there."""
+        if finish_reason == FinishReason.STOP and token_ids and not self.config.include_stop_str_in_output:
+            token_ids = token_ids[:-1]
+        backend = getattr(self.tokenizer, "_tokenizer", None)
+        if backend is not None and hasattr(backend, "decode_batch"):  # a fast (tokenizers) tokenizer
+            try:
+                stream = _decode_stream(backend, prompt_ids)
+                return "".join(piece for t in token_ids if (piece := stream.step(backend, t)))
+            except Exception as exc:  # noqa: BLE001 - a token the stream cannot take (vLLM resets it): plain decode
+                log.debug("decode stream failed (%r): decoding the sample whole", exc)
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
     async def abort(self, engine_ids: Sequence[str]) -> None:
         """Aborts requests; each one's generate() returns its tokens so far with finish reason abort."""
@@ -323,6 +344,19 @@ class VLLMEngine:
         self.weight_version = version
         if self.device_staging is not None:
             self.device_staging.committed(version)
+
+
+def _decode_stream(backend, prompt_ids: Sequence[int]):
+    """tokenizers' DecodeStream primed with the prompt, as vLLM's fast incremental detokenizer starts."""
+    from tokenizers.decoders import DecodeStream
+
+    try:
+        return DecodeStream(ids=list(prompt_ids), skip_special_tokens=True)
+    except TypeError:  # an older tokenizers: prime it by stepping through the prompt's last tokens
+        stream = DecodeStream(skip_special_tokens=True)
+        for token in list(prompt_ids)[-8:]:
+            stream.step(backend, token)
+        return stream
 
 
 def _cuda_device():
