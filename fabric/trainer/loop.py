@@ -33,13 +33,13 @@ from pathlib import Path
 
 import torch
 
-from fabric.config.pipeline import PipelineConfig
 from fabric.config.sampling import sampling_settings
 from fabric.errors import precondition
 from fabric.routing import RewardPool, RolloutPool
 from fabric.trainer import report
 from fabric.trainer.algorithm import KLController, off_policy_weights
 from fabric.trainer.colocate import Colocation
+from fabric.trainer.config import PipelineConfig
 from fabric.v1 import rollout_pb2, trainer_pb2
 
 log = logging.getLogger(__name__)

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from fabric.config import load_config
-from fabric.config.algorithm import AlgorithmConfig
-from fabric.config.pipeline import PipelineConfig, pipeline_config
+from fabric.trainer.algorithm_config import AlgorithmConfig
+from fabric.trainer.config import PipelineConfig, pipeline_config
 from fabric.trainer.loop import Sample, Trainer, sampling_settings
 from fabric.v1 import reward_pb2, rollout_pb2
 from tests.test_examples import EXAMPLES
