@@ -90,6 +90,47 @@ def test_an_outsider_who_reaches_the_store_cannot_commit_its_weights(shm, monkey
     assert engine.commits == [1]
 
 
+def test_an_outsider_who_floods_the_store_with_keys_gets_the_update_refused_and_the_store_closed(shm, monkeypatch):
+    """torch's TCPStore has no quota on keys: the sender counts them, refuses the update past its bound (nothing
+    commits) and closes the store with what was written to it; the next push opens a new one and commits."""
+    monkeypatch.setenv("FABRIC_COLLECTIVE_TIMEOUT_S", "60")  # the outsider process starts slowly on a loaded host
+    flooded: list[tuple[str, int]] = []
+    real = dist.PrefixStore
+
+    class FloodedAtCheckIn(real):  # once the server has checked in, the outsider floods the store
+        def get(self, key):
+            if key.startswith("ready/") and not flooded:
+                store = self.underlying_store
+                out = subprocess.run(
+                    [sys.executable, "-m", "tests.security.outsider", "flood", f"{store.host}:{store.port}",
+                     "2000", "4096"],
+                    capture_output=True, text=True, timeout=60,
+                )  # fmt: skip
+                flooded.append((out.stdout.strip() + out.stderr[-2000:], store.port))
+            return super().get(key)
+
+    async def go():
+        async with fake_server(GlooEngine()) as (client, _, engine):
+            monkeypatch.setattr(dist, "PrefixStore", FloodedAtCheckIn)
+            first = await push_weights(source(4), [client.address], version=1, transport="gloo", timeout=150)
+            monkeypatch.setattr(dist, "PrefixStore", real)
+            closed = listening(flooded[0][1]) if flooded else None
+            second = await push_weights(source(5), [client.address], version=2, transport="gloo", timeout=150)
+            return first, closed, second, engine
+
+    try:
+        first, closed, second, engine = asyncio.run(go())
+    finally:
+        collective.close_sessions()
+    assert flooded and flooded[0][0].startswith("outsider: set 2000 keys"), flooded
+    (result,) = first.results
+    assert not first.ok and not result.committed, first.results
+    assert "keys, more than the" in result.error.message and "store closed" in result.error.message, result.error
+    assert closed == [], closed  # the flooded store is gone, and its keys with it
+    assert second.ok, second.failed  # the trainer goes on: a new store, a new group
+    assert engine.commits == [2] and engine.weights == fingerprint(checkpoint(5).items())
+
+
 def hand_made_header(weights, store_port: int, **rendezvous) -> rollout_pb2.UpdateWeightsHeader:
     fields = dict(backend="gloo", store_address=f"127.0.0.1:{store_port}", world_size=2, rank=1,
                   timeout_s=30.0, group_id="hand#1", secret="s" * 64)  # fmt: skip
