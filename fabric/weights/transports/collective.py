@@ -86,7 +86,7 @@ AFTER_BUCKET = None
 
 STORE_KEYS_BASE = 64  # keys a store may hold beyond STORE_KEYS_PER_RANK per rank (FABRIC_COLLECTIVE_MAX_STORE_KEYS)
 STORE_KEYS_PER_RANK = 16  # an update's check-ins and plan, and a process group's rendezvous (a few per rank)
-STORE_GUARD_S = 1.0  # how often the guard thread counts the keys of the stores kept between updates
+STORE_GUARD_S = 1.0  # how often the guard thread counts the keys of every store this sender holds
 
 
 def max_store_keys(world: int) -> int:
@@ -560,6 +560,8 @@ class _Session:
         self.buffers: list[torch.Tensor] = []
         self.busy = False
         self.last_used = time.monotonic()
+        self.flood = ""  # set by the guard thread: why the store is taken as flooded
+        _start_guard(self)
 
     def drop_group(self, abort: bool = True) -> None:
         if self.group is not None:
@@ -591,6 +593,7 @@ class _Session:
         self.drop_group()
         self.buffers = []
         self.master = None
+        _LIVE.discard(self)
 
 
 _SESSIONS: dict[tuple, _Session] = {}
@@ -598,24 +601,42 @@ _SESSIONS_LOCK = threading.Lock()
 MAX_IDLE_S = 3600.0  # a group unused this long is formed again (FABRIC_COLLECTIVE_MAX_IDLE_S)
 
 
+_LIVE: set[_Session] = set()  # every store this process holds as a sender, watched by the guard thread
+_GUARD: list[threading.Thread] = []
+
+
+def _start_guard(session: _Session) -> None:
+    with _SESSIONS_LOCK:
+        _LIVE.add(session)
+        if not _GUARD:
+            _GUARD.append(threading.Thread(target=_guard, name="collective-store-guard", daemon=True))
+            _GUARD[0].start()
+
+
 def _guard() -> None:
-    """Closes a kept store that someone else filled with keys, between updates (its memory goes with it)."""
+    """Counts the keys of every store this sender holds: a flooded store kept between updates is closed (its memory
+    goes with it); one an update is using is marked, and its group aborted, so the update stops and refuses."""
     while True:
         time.sleep(STORE_GUARD_S)
         with _SESSIONS_LOCK:
-            idle = [(k, s) for k, s in _SESSIONS.items() if not s.busy]
-        for key, session in idle:
+            live = list(_LIVE)
+        for session in live:
             why = session.flooded()
-            if why:
-                with _SESSIONS_LOCK:
-                    if _SESSIONS.get(key) is not session or session.busy:
-                        continue
-                    del _SESSIONS[key]
-                log.warning("%s", why)
+            if not why:
+                continue
+            with _SESSIONS_LOCK:
+                idle = not session.busy and _SESSIONS.get(session.key) is session
+                if idle:
+                    del _SESSIONS[session.key]
+                elif session.busy and not session.flood:
+                    session.flood = why
+                else:
+                    continue
+            log.warning("%s", why)
+            if idle:
                 session.close()
-
-
-_GUARD: list[threading.Thread] = []
+            elif session.group is not None:
+                session.group.abort()  # a broadcast under way fails at once instead of at the vote
 
 
 def _take_session(backend: str, addresses: list[str], device, timeout: float) -> tuple[_Session | None, bool]:
@@ -651,9 +672,6 @@ def _put_session(session: _Session) -> None:
                 return
             old.close()
         _SESSIONS[session.key] = session
-        if not _GUARD:
-            _GUARD.append(threading.Thread(target=_guard, name="collective-store-guard", daemon=True))
-            _GUARD[0].start()
 
 
 def close_sessions() -> None:
@@ -728,7 +746,7 @@ def _broadcast_all(session, plan, timeout, source, bucket_bytes, stats) -> None:
         if backend == "nccl":
             group.wait_all(time.monotonic() + timeout)
         stats["transfer_s"] = time.perf_counter() - t
-        flooded = session.flooded()
+        flooded = session.flood or session.flooded()
         if flooded:  # the vote would pass: refuse it here, so nobody commits
             raise StoreFlooded(flooded)
         t = time.perf_counter()
@@ -818,7 +836,7 @@ async def send_group(backend, source, version, targets, timeout, report, bucket_
         pg = f"{session.base}/pg{seq}-{secrets.token_hex(8)}/"
     ranks = {str(r): i for i, r in enumerate(ready, start=1)}
     error: Exception | None = None
-    if flooded := session.flooded():  # nobody joins: every server is left out with the reason, nothing is sent
+    if flooded := session.flood or session.flooded():  # nobody joins: each server is left out with the reason
         error, ranks, reason = StoreFlooded(flooded), {}, flooded
         log.warning("%s broadcast of version %d refused: %s", backend, version, flooded)
     plan = {"ranks": ranks, "world": len(ranks) + 1, "pg": pg, "reason": reason}
@@ -829,8 +847,8 @@ async def send_group(backend, source, version, targets, timeout, report, bucket_
             await asyncio.to_thread(_broadcast_all, session, plan, group_timeout, source, bucket_bytes, stats)
             session.members = ready
         except Exception as exc:
-            error = exc
-            log.warning("%s broadcast of version %d failed: %s", backend, version, exc)
+            error = StoreFlooded(session.flood) if session.flood else exc  # the guard aborted it: say why
+            log.warning("%s broadcast of version %d failed: %s", backend, version, error)
     else:
         session.drop_group()
     t = time.perf_counter()
@@ -864,6 +882,7 @@ async def send_group(backend, source, version, targets, timeout, report, bucket_
         else:
             t_close = time.perf_counter()
             session.drop_group(abort=False)
+            _LIVE.discard(session)
             timings["close_s"] = time.perf_counter() - t_close
         with contextlib.suppress(Exception):  # this update's check-in keys: the store stays small
             for rank in tasks:
