@@ -123,11 +123,12 @@ def test_an_outsider_who_floods_the_store_with_keys_gets_the_update_refused_and_
             closed = listening(flooded[0][1]) if flooded else None
             second = await push_weights(source(5), [client.address], version=2, transport="gloo", timeout=150)
             (kept,) = collective._SESSIONS.values()
-            said = await asyncio.to_thread(flood, kept.port)  # between updates: the guard closes it
+            port = kept.master.port
+            said = await asyncio.to_thread(flood, port)  # between updates: the guard closes it
             deadline = time.monotonic() + 10
-            while listening(kept.port) and time.monotonic() < deadline:
+            while listening(port) and time.monotonic() < deadline:
                 await asyncio.sleep(0.2)
-            closed_between = (said, listening(kept.port), dict(collective._SESSIONS))
+            closed_between = (said, listening(port), dict(collective._SESSIONS))
             third = await push_weights(source(6), [client.address], version=3, transport="gloo", timeout=150)
             return first, closed, second, closed_between, third, engine
 

@@ -84,8 +84,10 @@ NCCL_ENV = {
 # Test hook: called by the sender after each bucket is sent (index); lets a test stall or kill it mid-broadcast.
 AFTER_BUCKET = None
 
-STORE_KEYS_BASE = 64  # keys a store may hold beyond STORE_KEYS_PER_RANK per rank (FABRIC_COLLECTIVE_MAX_STORE_KEYS)
-STORE_KEYS_PER_RANK = 16  # an update's check-ins and plan, and a process group's rendezvous (a few per rank)
+# An update writes a check-in per server and a plan, a group's rendezvous a few keys per rank, and the keys of groups
+# formed before stay (measured: 3 keys after gloo updates to 2 servers); each key holds at most 8 MiB (torch's cap).
+STORE_KEYS_BASE = 32  # keys a store may hold beyond STORE_KEYS_PER_RANK per rank (FABRIC_COLLECTIVE_MAX_STORE_KEYS)
+STORE_KEYS_PER_RANK = 8
 STORE_GUARD_S = 1.0  # how often the guard thread counts the keys of every store this sender holds
 
 
