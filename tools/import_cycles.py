@@ -50,12 +50,13 @@ def imports(name: str, path: Path, known: dict[str, Path]) -> dict[str, int]:
                 anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join([*anchor, base] if base else anchor)
             found = {base} | {f"{base}.{alias.name}" for alias in node.names}  # a submodule imported by name
-        found |= {".".join(t.split(".")[:i]) for t in found for i in range(1, t.count(".") + 1)}
-        for target in found:
-            if target in known and target != name:
-                targets[target] = min(targets.get(target, node.lineno), node.lineno)  # type: ignore[attr-defined]
-        if _type_checking(node):
-            todo.extend(node.orelse)  # type: ignore[attr-defined]
+        if found:
+            found |= {".".join(t.split(".")[:i]) for t in found for i in range(1, t.count(".") + 1)}
+            line = getattr(node, "lineno", 0)
+            for target in found & known.keys() - {name}:
+                targets[target] = min(targets.get(target, line), line)
+        if isinstance(node, ast.If) and _type_checking(node):
+            todo.extend(node.orelse)
         else:
             todo.extend(ast.iter_child_nodes(node))
     return targets
