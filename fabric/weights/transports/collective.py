@@ -62,7 +62,8 @@ import torch
 from fabric.errors import FabricError, invalid
 from fabric.v1 import rollout_pb2
 from fabric.weights.digest import source_digests
-from fabric.weights.staging import DTYPES_BY_NAME, layout
+from fabric.weights.manifest import PROTO_TO_TORCH
+from fabric.weights.staging import layout
 from fabric.weights.versions import content_mismatch
 
 log = logging.getLogger(__name__)
@@ -509,7 +510,7 @@ def _wait_plan(store, rv, deadline: float) -> dict:
 
 
 def _specs(staged) -> list:
-    return [(t.name, DTYPES_BY_NAME[_dtype_name(t.dtype)], tuple(t.shape)) for t in staged.manifest.tensors]
+    return [(t.name, PROTO_TO_TORCH[t.dtype], tuple(t.shape)) for t in staged.manifest.tensors]
 
 
 def _mark_all(store, staged) -> None:
@@ -519,13 +520,6 @@ def _mark_all(store, staged) -> None:
 
 def _layout_size(staged) -> int:
     return layout(_specs(staged))[1]
-
-
-def _dtype_name(proto_dtype) -> str:
-    from fabric.weights.manifest import PROTO_TO_TORCH
-    from fabric.weights.staging import DTYPE_NAMES
-
-    return DTYPE_NAMES[PROTO_TO_TORCH[proto_dtype]]
 
 
 def _code():
