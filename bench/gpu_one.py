@@ -227,7 +227,7 @@ def native_main(kind: str, config_path: str) -> None:
     from vllm import SamplingParams
 
     from fabric.config import load_config
-    from fabric.config.rollout import load_rollout_config
+    from fabric.rollout.config import load_rollout_config
     from fabric.rollout.vllm.engine import build_engine_args, check_engine_args
 
     config = load_rollout_config(load_config(config_path), "actor_infer")

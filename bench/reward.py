@@ -77,7 +77,7 @@ async def through_server(address: str, items: list[dict]) -> tuple[float, list[f
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from fabric.config import load_config
-    from fabric.config.reward import load_reward_configs
+    from fabric.reward.config import load_reward_configs
     from fabric.reward.hf import HFRewardModelScorer
     from tests.servers import serve
 

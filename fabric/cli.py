@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 def check_main(args) -> int:
     """`fabric check`: exit 0 with one line per section, or exit 2 with one line per problem."""
     from fabric.config import load_config
-    from fabric.config.check import check_config
+    from fabric.run.check import check_config
 
     try:
         cfg = load_config(args.config, args.overrides, search_paths=args.config_search_path)
@@ -139,7 +139,7 @@ def check_before_start(args) -> None:
     """`fabric serve` and `fabric train` check what they will read before starting anything (ConfigError, exit 2,
     one line per problem); `fabric run` does it in its launcher, after preparing the task's model and data."""
     from fabric.config import load_config
-    from fabric.config.check import check_or_raise
+    from fabric.run.check import check_or_raise
 
     if args.command == "serve":
         role = {"rollout": "rollout", "reward": "reward"}[args.server]

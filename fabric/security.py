@@ -24,7 +24,7 @@ from pathlib import Path
 import grpc
 
 from fabric.channels import CHANNEL_OPTIONS
-from fabric.config.loader import ConfigError
+from fabric.config.loader import ConfigError, check_keys
 
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
 SECURITY_KEYS = {
@@ -55,8 +55,6 @@ class SecurityConfig:
         section = cfg.get("security") if cfg is not None else None
         if not section:
             return cls()
-        from fabric.config.pipeline import check_keys
-
         check_keys(section, SECURITY_KEYS, "security")
 
         def read(key: str) -> bytes | None:

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from fabric.config import load_config
-from fabric.config.pipeline import pipeline_config
-from fabric.config.reward import load_reward_configs
-from fabric.config.rollout import load_rollout_config
+from fabric.reward.config import load_reward_configs
+from fabric.rollout.config import load_rollout_config
+from fabric.trainer.config import pipeline_config
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

@@ -1,10 +1,9 @@
-"""Import cycles among fabric's modules: every import counts, those inside functions and under `if TYPE_CHECKING:`
-too (a cycle that holds only through them is still one the reader has to know), and importing a.b.c imports the
-packages a and a.b first, as Python does. Fails when a cycle is not within one of the known ones
-(tools/import_cycles.txt, one cycle's modules a line): the known list may only shrink.
+"""Import cycles among fabric's modules: none allowed. Every import counts, those inside functions too (a cycle
+that holds only through them is still one the reader has to know); imports under `if TYPE_CHECKING:` do not (they
+never run). Importing a.b.c imports the packages a and a.b first, as Python does. Fails on any cycle, naming its
+modules and the import lines that close it.
 
     python tools/import_cycles.py            # check (make lint)
-    python tools/import_cycles.py --write    # rewrite the known list from today's cycles (only to shrink it)
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "fabric"
-KNOWN = Path(__file__).with_name("import_cycles.txt")
 
 
 def modules() -> dict[str, Path]:
@@ -26,31 +24,51 @@ def modules() -> dict[str, Path]:
     return found
 
 
-def imports(name: str, path: Path, known: dict[str, Path]) -> set[str]:
-    """The fabric modules `name` imports, anywhere in its body."""
+def _type_checking(node: ast.AST) -> bool:
+    """`if TYPE_CHECKING:` (or `typing.TYPE_CHECKING`): its body is for the type checker only."""
+    if not isinstance(node, ast.If):
+        return False
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def imports(name: str, path: Path, known: dict[str, Path]) -> dict[str, int]:
+    """The fabric modules `name` imports anywhere in its body that runs, each with the line of its first import."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    targets: set[str] = set()
+    targets: dict[str, int] = {}
     todo: list[ast.AST] = [ast.parse(path.read_text(), str(path))]
     while todo:
         node = todo.pop()
+        found: set[str] = set()
         if isinstance(node, ast.Import):
-            targets |= {alias.name for alias in node.names}
+            found = {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
                 anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join([*anchor, base] if base else anchor)
-            targets.add(base)
-            targets |= {f"{base}.{alias.name}" for alias in node.names}  # a submodule imported by name
-        todo.extend(ast.iter_child_nodes(node))
-    parents = {".".join(t.split(".")[:i]) for t in targets for i in range(1, t.count(".") + 1)}
-    return {t for t in targets | parents if t in known and t != name}
+            found = {base} | {f"{base}.{alias.name}" for alias in node.names}  # a submodule imported by name
+        if found:
+            found |= {".".join(t.split(".")[:i]) for t in found for i in range(1, t.count(".") + 1)}
+            line = getattr(node, "lineno", 0)
+            for target in found & known.keys() - {name}:
+                targets[target] = min(targets.get(target, line), line)
+        if isinstance(node, ast.If) and _type_checking(node):
+            todo.extend(node.orelse)
+        else:
+            todo.extend(ast.iter_child_nodes(node))
+    return targets
 
 
-def cycles() -> list[list[str]]:
-    """The strongly connected components of more than one module (Tarjan's algorithm)."""
+def graph() -> dict[str, dict[str, int]]:
     known = modules()
-    graph = {name: imports(name, path, known) for name, path in known.items()}
+    return {name: imports(name, path, known) for name, path in known.items()}
+
+
+def cycles(edges: dict[str, dict[str, int]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan's algorithm)."""
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     stack: list[str] = []
@@ -59,7 +77,7 @@ def cycles() -> list[list[str]]:
     def visit(node: str) -> None:
         index[node] = low[node] = len(index)
         stack.append(node)
-        for nxt in graph[node]:
+        for nxt in edges[node]:
             if nxt not in index:
                 visit(nxt)
                 low[node] = min(low[node], low[nxt])
@@ -76,26 +94,26 @@ def cycles() -> list[list[str]]:
                 found.append(sorted(component))
 
     sys.setrecursionlimit(10_000)
-    for name in graph:
+    for name in edges:
         if name not in index:
             visit(name)
     return sorted(found)
 
 
 def main(argv: list[str]) -> int:
-    now = cycles()
-    if "--write" in argv:
-        KNOWN.write_text("".join(" ".join(c) + "\n" for c in now))
-        print(f"{KNOWN.name}: {len(now)} cycle(s) written")
-        return 0
-    allowed = [set(line.split()) for line in KNOWN.read_text().splitlines() if line.strip()]
-    new = [c for c in now if not any(set(c) <= a for a in allowed)]
-    for c in new:
-        print(f"import cycle not in {KNOWN.relative_to(ROOT)}: {' <-> '.join(c)}")
-    if not new and (stale := [a for a in allowed if not any(set(c) == a for c in now)]):
-        print(f"{len(stale)} known cycle(s) shrank or went: `python tools/import_cycles.py --write` locks that in")
-    print(f"import cycles: {len(now)} (known {len(allowed)}), new {len(new)}")
-    return 1 if new else 0
+    edges = graph()
+    found = cycles(edges)
+    for component in found:
+        members = set(component)
+        lines = [
+            f"  {a} -> {b} ({modules()[a].relative_to(ROOT)}:{line})"
+            for a in component
+            for b, line in sorted(edges[a].items())
+            if b in members
+        ]
+        print(f"import cycle: {' <-> '.join(component)}", *lines, sep="\n")
+    print(f"import cycles: {len(found)}")
+    return 1 if found else 0
 
 
 if __name__ == "__main__":

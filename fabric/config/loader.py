@@ -7,10 +7,11 @@ Every problem is a ConfigError naming the key and the fix, so a CLI can print on
 from __future__ import annotations
 
 import ast
+import difflib
 import os
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, cast
@@ -36,6 +37,25 @@ class ConfigError(ValueError):
     def __init__(self, key: str, message: str):
         super().__init__(f"config key '{key}': {message}" if key else message)
         self.key = key
+
+
+def did_you_mean(key: str, known: Iterable[str], cutoff: float = 0.75) -> str:
+    """ "did you mean 'x'?" for the closest known key, or ''."""
+    match = difflib.get_close_matches(str(key), sorted(map(str, known)), n=1, cutoff=cutoff)
+    return f"did you mean {match[0]!r}?" if match else ""
+
+
+def check_keys(section: Any, allowed: set[str], where: str) -> None:
+    """Unknown keys are errors with the closest allowed key as a suggestion."""
+    if section is None:
+        return
+    if not isinstance(section, DictConfig):
+        raise ConfigError(where, f"must be a mapping, got {type(section).__name__}")
+    for key in map(str, section.keys()):
+        if key not in allowed:
+            hint = did_you_mean(key, allowed, cutoff=0.6) or f"allowed keys: {', '.join(sorted(allowed))}"
+            path = f"{where}.{key}" if where else str(key)
+            raise ConfigError(path, f"unknown key; {hint}")
 
 
 def number(value: Any, key: str, kind: Any = float, minimum: float | None = None, above: float | None = None) -> Any:

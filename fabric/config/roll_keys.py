@@ -11,12 +11,13 @@ To make the fabric implement a key listed here as ignored, read it where it belo
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from fabric.config.loader import ConfigError
+from omegaconf import DictConfig, OmegaConf
+
+from fabric.config.loader import ConfigError, did_you_mean, resolved
 
 
 @dataclass(frozen=True)
@@ -38,15 +39,15 @@ OFF = (None, False, 0, 0.0, "")
 
 # ---- top level -------------------------------------------------------------------------------------------------
 
-# Read by the fabric (pipeline.py and the readers of each section); `pretrain` fills every role's model as in ROLL.
+# Read by the fabric (fabric.trainer.config and each section's reader); `pretrain` fills every role's model as in ROLL.
 TOP_LEVEL_USED = {
     "exp_name", "seed", "output_dir", "max_steps", "save_steps", "rollout_batch_size", "num_return_sequences_in_group",
     "prompt_length", "response_length", "sequence_length", "ppo_epochs", "pretrain", "reward_pretrain",
     "max_grad_norm", "actor_train", "actor_infer", "reference", "rewards",
-    "async_generation_ratio",  # -> async_training.max_staleness = ceil(ratio) (fabric/config/pipeline.py)
+    "async_generation_ratio",  # -> async_training.max_staleness = ceil(ratio) (fabric/trainer/config.py)
 }  # fmt: skip
 
-# The trainer's algorithm keys (fabric/config/pipeline.py and fabric/trainer decide about these, not this module).
+# The trainer's algorithm keys (fabric/trainer/config.py and fabric/trainer decide about these, not this module).
 TOP_LEVEL_TRAINER = {
     "adv_estimator", "whiten_advantages", "whiten_rewards", "norm_mean_type", "norm_std_type", "reward_clip",
     "advantage_clip", "value_clip", "dual_clip_loss", "pg_clip", "pg_clip_low", "pg_clip_high", "use_pg_clip_range",
@@ -240,11 +241,6 @@ ROLL_REWARD_WORKERS = {
 }
 
 
-def did_you_mean(key: str, known: Iterable[str]) -> str:
-    match = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.75)
-    return f"did you mean {match[0]!r}?" if match else ""
-
-
 def sort_keys(
     section: Mapping,
     where: str,
@@ -272,3 +268,45 @@ def sort_keys(
             hint = did_you_mean(name, known | ignored | set(refused))
             raise ConfigError(path, f"unknown {what}; {hint or 'see the README, section ROLL configs'}")
     return out
+
+
+def top_level(cfg: DictConfig, known: set[str], role: str = "all") -> tuple[list[str], list[ConfigError]]:
+    """The top-level keys sorted: (ignored keys that are set, problems). `known`: the keys the trainer's config
+    accepts (fabric.trainer.config.TOP_LEVEL_KEYS).
+    Another ROLL pipeline's keys and the refused keys concern the trainer: checked for the train and all roles only;
+    a typo is one for every role."""
+    errors: list[ConfigError] = []
+    ignored: list[str] = []
+    keys = [str(k) for k in cfg.keys()]
+    raw = cast(dict, OmegaConf.to_container(cfg, resolve=False))
+    trains = role in ("train", "all")
+    markers = PIPELINE_MARKERS
+    pipeline = sorted((k for k in keys if k in PIPELINE_KEYS), key=lambda k: markers.index(k) if k in markers else 99)
+    if pipeline and trains:
+        errors.append(other_pipeline(pipeline[0]))
+    everything = known | TOP_LEVEL_USED | TOP_LEVEL_TRAINER
+    for key in keys:
+        if key in PIPELINE_KEYS:
+            continue
+        try:
+            if key in TOP_LEVEL_REFUSED:
+                if not trains:
+                    continue
+                rule = TOP_LEVEL_REFUSED[key]
+                if not rule.allows(resolved(cfg, key)):
+                    errors.append(ConfigError(key, rule.why))
+            elif key in TOP_LEVEL_IGNORED:
+                if raw[key] is not None:
+                    ignored.append(key)
+            elif key not in everything:
+                pool = everything | set(TOP_LEVEL_IGNORED) | set(TOP_LEVEL_REFUSED)
+                hint = did_you_mean(key, pool)
+                errors.append(
+                    ConfigError(
+                        key,
+                        f"unknown key; {hint or 'not a ROLL pipeline key nor a fabric one (README: ROLL configs)'}",
+                    )
+                )
+        except ConfigError as exc:
+            errors.append(exc)
+    return ignored, errors

@@ -1,6 +1,6 @@
 """The one table of sampling keys: ROLL's `generating_args` names, the fabric.v1.SamplingParams field each sets,
 whether the trainer sends it, and the default the trainer's logprobs assume. The rollout server
-(fabric.config.rollout), the pipeline config (fabric.config.pipeline) and the trainer (fabric.trainer.loop) read it
+(fabric.rollout.config), the pipeline config (fabric.trainer.config) and the trainer (fabric.trainer.loop) read it
 from here. A leaf: it imports nothing from the fabric.
 """
 

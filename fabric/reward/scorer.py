@@ -12,7 +12,7 @@ import importlib
 from dataclasses import dataclass, field
 
 from fabric.config import ConfigError
-from fabric.config.reward import RewardConfig
+from fabric.reward.config import RewardConfig
 
 
 @dataclass

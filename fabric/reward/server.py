@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from fabric import security
 from fabric.config import load_config
-from fabric.config.reward import load_reward_configs
+from fabric.reward.config import load_reward_configs
 from fabric.reward.scorer import Scorer, build_scorer
 from fabric.reward.servicer import RewardServicer
 from fabric.server import FabricServer, print_ready

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    from fabric.config.rollout import RolloutConfig
+    from fabric.rollout.config import RolloutConfig
+    from fabric.weights.staging import UpdateInfo
 
 WAKE_TAGS = ("weights", "kv_cache")
 
@@ -128,6 +129,6 @@ class RolloutEngine(Protocol):
     async def wake_up(self, tags: Sequence[str]) -> None:
         """ROLL's two-step wake-up: ["weights"], then ["kv_cache"]; [] wakes all."""
 
-    async def commit_weights(self, update_info: dict, version: int) -> None:
-        """Loads a staged version (fabric.weights.staging's update_info) atomically; on failure the engine must
+    async def commit_weights(self, update_info: UpdateInfo, version: int) -> None:
+        """Loads a staged version (fabric.weights.staging.UpdateInfo) atomically; on failure the engine must
         be left serving the previous version, ready for the next commit."""

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from fabric import security
 from fabric.config import load_config
-from fabric.config.rollout import RolloutConfig, load_rollout_config
+from fabric.rollout.config import RolloutConfig, load_rollout_config
 from fabric.rollout.engine import create_engine
 from fabric.rollout.servicer import RolloutServicer
 from fabric.rollout.validation import check_generating_args

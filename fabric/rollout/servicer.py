@@ -13,8 +13,8 @@ import asyncio
 import json
 import logging
 
-from fabric.config.rollout import RolloutConfig
 from fabric.errors import FabricError, invalid, precondition, unavailable
+from fabric.rollout.config import RolloutConfig
 from fabric.rollout.engine import WAKE_TAGS, FinishReason, RolloutEngine, SleepState
 from fabric.rollout.scheduler import END, Answer, Scheduler, Stream
 from fabric.rollout.validation import resolve_request

@@ -20,12 +20,12 @@ from rich.live import Live
 
 from fabric import security
 from fabric.config import ConfigError, load_config, parse_device_mapping
-from fabric.config.check import resolved_for_processes
 from fabric.config.loader import env_redacted
-from fabric.config.pipeline import pipeline_config
 from fabric.procs import ServerProcess, become_subreaper, end_descendants, start_all
 from fabric.reward.judge import JUDGE_ON_ACTOR_INFER
+from fabric.run.check import resolved_for_processes
 from fabric.trainer import report
+from fabric.trainer.config import pipeline_config
 from fabric.v1 import trainer_pb2, trainer_pb2_grpc
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "default.yaml"
@@ -263,7 +263,7 @@ class Launcher:
 def check_before_start(cfg, pc) -> None:
     """Every process's config, checked here (fabric check's checks), so a mistake is one line per problem before
     anything starts (the servers would refuse it too, but only after a long start, and in a log file)."""
-    from fabric.config.check import check_or_raise
+    from fabric.run.check import check_or_raise
 
     check_or_raise(cfg, "all")
     if pc.num_rollout_servers < 1 or pc.num_reward_servers < 1:

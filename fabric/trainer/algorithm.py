@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fabric.config.algorithm import AlgorithmConfig
 from fabric.trainer import losses
+from fabric.trainer.algorithm_config import AlgorithmConfig
 
 
 class KLController:

@@ -22,12 +22,12 @@ import logging
 import time
 from pathlib import Path
 
-from fabric.config.pipeline import PipelineConfig
 from fabric.errors import precondition
 from fabric.routing import RewardPool, RolloutPool
 from fabric.trainer import report
 from fabric.trainer.algorithm import KLController
 from fabric.trainer.colocate import trainer_peak_gib
+from fabric.trainer.config import PipelineConfig
 from fabric.trainer.rollout_stream import RolloutStream, Sample, StepBatch, check_in_turn
 from fabric.trainer.scoring import Scorer
 from fabric.trainer.settings import reward_settings, step_settings, stream_settings, sync_settings

@@ -15,9 +15,9 @@ import torch
 
 from fabric import security
 from fabric.config import ConfigError, load_config
-from fabric.config.pipeline import PipelineConfig, pipeline_config
 from fabric.config.sampling import sampling_settings
 from fabric.trainer import distributed, report
+from fabric.trainer.config import PipelineConfig, pipeline_config
 from fabric.trainer.data import load_dataset
 from fabric.trainer.loop import Trainer
 from fabric.v1 import trainer_pb2

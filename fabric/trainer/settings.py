@@ -3,8 +3,8 @@ that maps PipelineConfig's fields onto them; `server.py` does the same for the p
 
 from __future__ import annotations
 
-from fabric.config.pipeline import PipelineConfig
 from fabric.config.sampling import sampling_settings
+from fabric.trainer.config import PipelineConfig
 from fabric.trainer.rollout_stream import StreamSettings
 from fabric.trainer.scoring import RewardSettings
 from fabric.trainer.step import StepSettings

@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from fabric.config.algorithm import AlgorithmConfig
 from fabric.trainer import losses
 from fabric.trainer.algorithm import KLController, compute_advantages, off_policy_weights
+from fabric.trainer.algorithm_config import AlgorithmConfig
 from fabric.trainer.rollout_stream import Sample, staleness
 from fabric.v1 import rollout_pb2
 

@@ -14,6 +14,7 @@ from fabric import security
 from fabric.addresses import host_of
 from fabric.errors import invalid
 from fabric.v1 import rollout_pb2
+from fabric.weights.transports.base import Receiver, UpdateReceiver
 from fabric.weights.transports.grpc_stream import GrpcStreamReceiver
 from fabric.weights.transports.tcp import TcpDataPlane
 from fabric.weights.versions import VersionStore
@@ -30,15 +31,19 @@ class WeightReceiver:
         self.tcp: TcpDataPlane | None = None
         # Transports whose bytes arrive inside the engine (its workers join a collective, or map an IPC handle).
         extra = getattr(engine, "weight_transports", None)
-        self.engine_transports = list(extra(self.store)) if extra is not None else []
+        self.engine_transports: list[UpdateReceiver] = list(extra(self.store)) if extra is not None else []
 
-    def _transports(self) -> list:
+    def _update_receivers(self) -> list[UpdateReceiver]:
+        """The paths whose update runs inside an UpdateWeights call, best first."""
         config = security.current()
-        if self.tcp is None and config.offers_weight_path("tcp"):  # the data plane has no encryption
+        return [*(t for t in self.engine_transports if config.offers_weight_path(t.name)), self.grpc]
+
+    def _transports(self) -> list[Receiver]:
+        if self.tcp is None and security.current().offers_weight_path("tcp"):  # the data plane has no encryption
             host = host_of(self.server_name)
             self.tcp = TcpDataPlane(self.store, host, asyncio.get_running_loop())
-        engine = [t for t in self.engine_transports if config.offers_weight_path(t.name)]
-        return [*engine, *([self.tcp] if self.tcp else []), self.grpc]
+        *engine, grpc = self._update_receivers()
+        return [*engine, *([self.tcp] if self.tcp else []), grpc]
 
     def status(self) -> rollout_pb2.GetWeightsStatusResponse:
         response = rollout_pb2.GetWeightsStatusResponse()
@@ -53,7 +58,7 @@ class WeightReceiver:
     async def update_weights(self, request_iterator, time_remaining: float | None) -> rollout_pb2.UpdateWeightsResponse:
         """The UpdateWeights stream: a header, then chunks (gRPC transport) or nothing (the bytes take the path
         the header names). Raises FabricError for a bad request; the serving version is untouched."""
-        transports = {t.name: t for t in self._transports()}
+        transports = {t.name: t for t in self._update_receivers()}
         first = await _next_or_none(request_iterator)
         if first is None or not first.HasField("header"):
             raise invalid(
@@ -64,8 +69,8 @@ class WeightReceiver:
         header = first.header
         name = header.transport or "grpc"
         transport = transports.get(name)
-        if transport is None or not hasattr(transport, "receive"):
-            offered = ", ".join(n for n, t in transports.items() if hasattr(t, "receive"))
+        if transport is None:
+            offered = ", ".join(transports)
             raise invalid(
                 "header.transport",
                 f"{name!r} is not a path this server receives on through UpdateWeights (use one of {offered}; "
@@ -82,7 +87,8 @@ class WeightReceiver:
 
     def close(self) -> None:
         """Stops the data plane and deletes every staging file."""
-        for transport in [*self.engine_transports, *([self.tcp] if self.tcp else [])]:
+        transports: list[Receiver] = [*self.engine_transports, *([self.tcp] if self.tcp else [])]
+        for transport in transports:
             transport.close()
         self.store.close()
 

@@ -367,12 +367,12 @@ async def _send_group(name, group, source, version, mode, streams, timeout, repo
 
 async def _send_path(name, group, source, version, mode, streams, timeout, report, channels) -> list:
     """A collective sends to all at once; a host path relays down a chain or sends to each directly."""
-    module = transports.sender(name)
-    if hasattr(module, "send_group"):
-        return await module.send_group(source, version, group, timeout, report)
+    if name in transports.GROUP_PATHS:
+        return await transports.group_sender(name).send_group(source, version, group, timeout, report)
+    module = transports.stream_sender(name)
     # Only a path whose receivers forward chunks can relay; any other (ipc: the bytes never leave the GPU) sends to
     # each server directly, whatever the mode, so no server is left out of a chain that cannot reach it.
-    if mode == "relay" and len(group) > 1 and getattr(module, "RELAYS", False):
+    if mode == "relay" and len(group) > 1 and module.RELAYS:
         return await _relay(module, source, version, group, timeout, report, channels)
 
     async def direct(target, status):

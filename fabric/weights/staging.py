@@ -2,7 +2,8 @@
 
 The receiver writes chunks straight into it (one copy from the wire), and the vLLM worker process maps the same
 file by path to load the weights (no copy through the engine's RPC pipe). The contract between the two sides is
-`update_info()` / `tensors_from_update_info()`: a path and a list of (name, dtype, shape, byte offset).
+`update_info()` / `tensors_from_update_info()`: an `UpdateInfo`, a path and a list of (name, dtype, shape, byte
+offset); a version a GPU path staged in device memory (NCCL, CUDA IPC) is a `DeviceUpdateInfo`.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ import mmap
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -22,6 +24,29 @@ ALIGN = 64  # tensor start alignment inside the file: views stay aligned for eve
 
 DTYPE_NAMES: dict[torch.dtype, str] = {dtype: str(dtype).removeprefix("torch.") for dtype in TORCH_TO_PROTO}
 DTYPES_BY_NAME = {v: k for k, v in DTYPE_NAMES.items()}
+
+
+@dataclass(frozen=True)
+class UpdateInfo:
+    """Where a whole staged version lies, for the engine's commit: the staging file and its layout."""
+
+    path: str
+    size: int
+    tensors: list  # [name, dtype name, shape, byte offset] per tensor
+    # Tied embeddings: also load the input embedding as lm_head.weight, or the head would stay stale.
+    tie_lm_head: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plain form vLLM's update_info carries to the worker (fabric.rollout.vllm.transfer)."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class DeviceUpdateInfo(UpdateInfo):
+    """A version a GPU path (NCCL, CUDA IPC) staged in the server's device memory: `size` and `tensors` describe
+    the flat device buffer, `ipc` its CUDA IPC handle (fabric.weights.transports.ipc.share)."""
+
+    ipc: dict = field(default_factory=dict)
 
 
 def shm_dir() -> str:
@@ -94,13 +119,10 @@ class StagingBuffer:
         for i, slot in enumerate(self.slots):
             yield slot.name, self.tensor(i)
 
-    def update_info(self) -> dict:
+    def update_info(self, tie_lm_head: bool = False) -> UpdateInfo:
         """What a vLLM worker needs to map this buffer: plain data, cheap to send over the engine's RPC."""
-        return {
-            "path": self.path,
-            "size": self.size,
-            "tensors": [[s.name, DTYPE_NAMES[s.dtype], list(s.shape), s.offset] for s in self.slots],
-        }
+        tensors = [[s.name, DTYPE_NAMES[s.dtype], list(s.shape), s.offset] for s in self.slots]
+        return UpdateInfo(self.path, self.size, tensors, tie_lm_head)
 
     def close(self) -> None:
         """Unmaps and deletes the file. Views handed out before must not be used after."""
@@ -137,8 +159,11 @@ def _map(path: str, size: int) -> torch.Tensor:
     return _mapped[1]
 
 
-def tensors_from_update_info(info: dict) -> Iterator[tuple[str, torch.Tensor]]:
-    """Worker side: maps the staging file and yields (name, tensor) views over it."""
+def tensors_from_update_info(info: UpdateInfo | dict) -> Iterator[tuple[str, torch.Tensor]]:
+    """Worker side: maps the staging file and yields (name, tensor) views over it (from the UpdateInfo, or the plain
+    form the vLLM worker receives)."""
+    if isinstance(info, UpdateInfo):
+        info = info.to_dict()
     size = int(info["size"])
     if size == 0:
         return

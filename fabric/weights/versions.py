@@ -26,7 +26,7 @@ from fabric.rollout.engine import SleepState
 from fabric.v1 import rollout_pb2, weights_pb2
 from fabric.weights import manifest as mf
 from fabric.weights.digest import DIGEST_BYTES, digest_bytes
-from fabric.weights.staging import StagingBuffer, layout
+from fabric.weights.staging import StagingBuffer, UpdateInfo, layout
 
 log = logging.getLogger(__name__)
 
@@ -294,11 +294,11 @@ class VersionStore:
             return False
         return True
 
-    def _update_info(self, staged: StagedVersion) -> dict:
+    def _update_info(self, staged: StagedVersion) -> UpdateInfo:
         assert staged.buffer is not None  # complete versions keep their buffer until committed or dropped
-        info = staged.buffer.update_info()
-        info["tie_lm_head"] = self.tied and "lm_head.weight" not in {t.name for t in staged.manifest.tensors}
-        return info
+        return staged.buffer.update_info(
+            tie_lm_head=self.tied and "lm_head.weight" not in {t.name for t in staged.manifest.tensors}
+        )
 
     async def _commit(self, staged: StagedVersion) -> None:
         start = time.perf_counter()

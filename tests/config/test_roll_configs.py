@@ -8,8 +8,8 @@ import pytest
 
 from fabric import cli
 from fabric.config import ConfigError, load_config, parse_device_mapping, resolved
-from fabric.config.check import check_config, resolved_for_processes
-from fabric.config.rollout import load_rollout_config
+from fabric.rollout.config import load_rollout_config
+from fabric.run.check import check_config, resolved_for_processes
 from tests.config.configs import AGENTIC, ENVS_FRAGMENT, FSDP2_VL, MEGATRON, SEARCH, dataset, load_roll, write
 
 
@@ -56,7 +56,7 @@ def test_whole_megatron_pipeline_checks_clean_with_one_warning_line(tmp_path, ti
         assert key in warning
     assert "reward_norm" not in warning.replace("reward_normal", "")  # null: not set, not listed
     for key in ("adv_estimator", "whiten_advantages", "difficulty_low_threshold", "max_len_mask", "entropy_loss_coef"):
-        assert key not in warning  # the trainer's keys (fabric/config/algorithm.py)
+        assert key not in warning  # the trainer's keys (fabric/trainer/algorithm_config.py)
 
 
 def test_unset_env_and_now_in_unread_sections_do_not_stop_a_server():
@@ -90,7 +90,7 @@ def test_fsdp2_is_refused_for_training_but_its_actor_infer_serves(tmp_path, tiny
 
 
 def test_sequence_length_gives_response_length(tmp_path, tiny_model):
-    from fabric.config.pipeline import pipeline_config
+    from fabric.trainer.config import pipeline_config
 
     cfg = load_config(
         write(tmp_path, "vl.yaml", FSDP2_VL, model=tiny_model),

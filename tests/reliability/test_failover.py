@@ -15,9 +15,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from fabric.config.pipeline import PipelineConfig
 from fabric.procs import ServerProcess
 from fabric.routing import RewardPool, RolloutPool
+from fabric.trainer.config import PipelineConfig
 from fabric.trainer.loop import Trainer
 from fabric.v1 import rollout_pb2, rollout_pb2_grpc
 

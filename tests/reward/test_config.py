@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fabric.config import ConfigError, load_config
-from fabric.config.reward import load_reward_configs
+from fabric.reward.config import load_reward_configs
 from fabric.reward.rules import as_latex
 from fabric.reward.scorer import build_scorer
 
@@ -60,7 +60,7 @@ def test_bad_sections_name_the_key(tmp_path, yaml, key, text):
     ("yaml", "key", "text"),
     [
         ("rewards: {a: {worker_cls: no.such.module.Scorer}}", "rewards.a.worker_cls", "cannot load"),
-        ("rewards: {a: {worker_cls: fabric.config.reward.RewardConfig}}", "rewards.a.worker_cls", "not a subclass"),
+        ("rewards: {a: {worker_cls: fabric.reward.config.RewardConfig}}", "rewards.a.worker_cls", "not a subclass"),
         ("rewards: {a: {worker_cls: hf_reward_model}}", "rewards.a.model_args.model_name_or_path", "missing"),
         ("rewards: {a: {worker_cls: hf_reward_model, pretrain: /nonexistent}}",
          "rewards.a.model_args.model_name_or_path", "not a model directory"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from fabric.config import load_config
-from fabric.config.reward import load_reward_configs
+from fabric.reward.config import load_reward_configs
 from fabric.reward.scorer import ScoreItem, build_scorer
 
 CONFIG = """rewards:

@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from fabric.config import ConfigError, load_config
-from fabric.config.reward import load_reward_configs
+from fabric.reward.config import load_reward_configs
 from fabric.reward.judge import judge_verdict
 from fabric.reward.scorer import ScoreItem, ScoreResult, build_scorer
 from fabric.rollout.engine import FinishReason, Sample
@@ -137,7 +137,7 @@ def test_the_verdict_is_roll_yes_no_parse(reply, verdict):
     ],
 )
 def test_judge_config_errors_name_the_key(tmp_path, keys, bad_key, words):
-    from fabric.config.reward import unknown_options
+    from fabric.reward.config import unknown_options
 
     with pytest.raises(ConfigError) as err:
         config = judge_config(tmp_path, ["127.0.0.1:1"], **keys)

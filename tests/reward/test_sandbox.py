@@ -156,7 +156,7 @@ def test_served_code_reward_refuses_tests_it_cannot_read(rlvr_reward_server):
 
 def test_a_sandbox_that_cannot_run_the_interpreter_stops_the_scorer_naming_the_key(tmp_path):
     from fabric.config import ConfigError, load_config
-    from fabric.config.reward import load_reward_configs
+    from fabric.reward.config import load_reward_configs
     from fabric.reward.scorer import build_scorer
 
     path = tmp_path / "c.yaml"

@@ -91,7 +91,7 @@ def rm_items(count: int) -> list[dict]:
 
 def test_hf_reward_model_scores_through_grpc_equal_in_process_scores_and_are_batched(reward_server):
     from fabric.config import load_config
-    from fabric.config.reward import load_reward_configs
+    from fabric.reward.config import load_reward_configs
     from fabric.reward.hf import HFRewardModelScorer
 
     items = rm_items(24)

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from fabric.rollout.engine import FinishReason, Sample, Sampling, SleepState
-from fabric.weights.staging import tensors_from_update_info
+from fabric.weights.staging import UpdateInfo, tensors_from_update_info
 
 VOCAB_SIZE = 64
 MAX_MODEL_LEN = 8192
@@ -120,7 +120,7 @@ class FakeEngine:
         else:
             self.sleep_state = SleepState.WEIGHTS_ONLY
 
-    async def commit_weights(self, update_info: dict, version: int) -> None:
+    async def commit_weights(self, update_info: UpdateInfo, version: int) -> None:
         new = fingerprint(tensors_from_update_info(update_info))
         if self.fail_next_commits:  # as a load that fails half way: the first half of the layers hold new weights
             self.fail_next_commits -= 1

@@ -7,7 +7,7 @@ import pytest
 
 from fabric import cli
 from fabric.config import ConfigError, load_config
-from fabric.config.rollout import load_rollout_config
+from fabric.rollout.config import load_rollout_config
 from fabric.rollout.validation import check_generating_args, resolve_request
 from fabric.v1 import rollout_pb2
 from tests.rollout.configs import write_config

@@ -10,9 +10,9 @@ from contextlib import asynccontextmanager
 import grpc
 import pytest
 
-from fabric.config.rollout import RolloutConfig
 from fabric.errors import error_info
 from fabric.rollout.client import GenerateRequest, RolloutClient, SamplingParams
+from fabric.rollout.config import RolloutConfig
 from fabric.rollout.engine import RolloutEngine
 from fabric.rollout.servicer import RolloutServicer
 from fabric.server import FabricServer

@@ -1,7 +1,9 @@
 """An outsider on the machine (no token, not the trainer): finds a weight update's rendezvous in the sender's TCP
-store, plants its own plan, joins the group as rank 0 and broadcasts its own bytes. Prints one line: what it did.
+store, plants its own plan, joins the group as rank 0 and broadcasts its own bytes; or floods the store with keys to
+grow the trainer's memory. Prints one line: what it did.
 
     python -m tests.security.outsider HOST:PORT LAYOUT_BYTES BUCKET_BYTES
+    python -m tests.security.outsider flood HOST:PORT KEYS VALUE_BYTES
 """
 
 from __future__ import annotations
@@ -17,7 +19,23 @@ from torch.distributed import PrefixStore, TCPStore
 from fabric.weights.transports.collective import Group, buckets
 
 
+def flood(address: str, keys: int, value_bytes: int) -> int:
+    host, port = address.rsplit(":", 1)
+    client = TCPStore(host, int(port), is_master=False, timeout=datetime.timedelta(seconds=10))
+    value = b"x" * value_bytes
+    for i in range(keys):
+        try:
+            client.set(f"outsider/{i}", value)
+        except Exception as exc:  # noqa: BLE001 - the store went away under it
+            print(f"outsider: cut off after {i} keys ({type(exc).__name__})")
+            return 0
+    print(f"outsider: set {keys} keys of {value_bytes} bytes")
+    return 0
+
+
 def main() -> int:
+    if sys.argv[1] == "flood":
+        return flood(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     address, size, bucket_bytes = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     host, port = address.rsplit(":", 1)
     client = TCPStore(host, int(port), is_master=False, timeout=datetime.timedelta(seconds=10))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import time
 
 import grpc
 import torch.distributed as dist
@@ -88,6 +89,63 @@ def test_an_outsider_who_reaches_the_store_cannot_commit_its_weights(shm, monkey
     assert engine.weights == fingerprint(checkpoint(4).items()), (said, report.results)  # never the outsider's
     assert report.ok, (said, report.failed)
     assert engine.commits == [1]
+
+
+def flood(port: int, keys: int = 2000) -> str:
+    """A real outsider process sets `keys` keys of 4 KiB in the store at `port`; what it says."""
+    out = subprocess.run(
+        [sys.executable, "-m", "tests.security.outsider", "flood", f"127.0.0.1:{port}", str(keys), "4096"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    return out.stdout.strip() + out.stderr[-2000:]
+
+
+def test_an_outsider_who_floods_the_store_with_keys_gets_the_update_refused_and_the_store_closed(shm, monkeypatch):
+    """torch's TCPStore has no quota on keys: the sender counts them, refuses the update past its bound (nothing
+    commits) and closes the store with what was written to it; the next push opens a new one and commits. A store
+    kept between updates that gets flooded is closed by the guard thread."""
+    monkeypatch.setenv("FABRIC_COLLECTIVE_TIMEOUT_S", "60")  # the outsider process starts slowly on a loaded host
+    flooded: list[tuple[str, int]] = []
+    real = dist.PrefixStore
+
+    class FloodedAtCheckIn(real):  # once the server has checked in, the outsider floods the store
+        def get(self, key):
+            if key.startswith("ready/") and not flooded:
+                port = self.underlying_store.port
+                flooded.append((flood(port), port))
+            return super().get(key)
+
+    async def go():
+        async with fake_server(GlooEngine()) as (client, _, engine):
+            monkeypatch.setattr(dist, "PrefixStore", FloodedAtCheckIn)
+            first = await push_weights(source(4), [client.address], version=1, transport="gloo", timeout=150)
+            monkeypatch.setattr(dist, "PrefixStore", real)
+            closed = listening(flooded[0][1]) if flooded else None
+            second = await push_weights(source(5), [client.address], version=2, transport="gloo", timeout=150)
+            (kept,) = collective._SESSIONS.values()
+            port = kept.master.port
+            said = await asyncio.to_thread(flood, port)  # between updates: the guard closes it
+            deadline = time.monotonic() + 10
+            while listening(port) and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+            closed_between = (said, listening(port), dict(collective._SESSIONS))
+            third = await push_weights(source(6), [client.address], version=3, transport="gloo", timeout=150)
+            return first, closed, second, closed_between, third, engine
+
+    try:
+        first, closed, second, closed_between, third, engine = asyncio.run(go())
+    finally:
+        collective.close_sessions()
+    assert flooded and flooded[0][0].startswith("outsider: set 2000 keys"), flooded
+    (result,) = first.results
+    assert not first.ok and not result.committed, first.results
+    assert "keys, more than the" in result.error.message and "store closed" in result.error.message, result.error
+    assert closed == [], closed  # the flooded store is gone, and its keys with it
+    assert second.ok, second.failed  # the trainer goes on: a new store, a new group
+    said, still_listening, sessions = closed_between
+    assert said.startswith("outsider:") and still_listening == [] and sessions == {}, closed_between
+    assert third.ok, third.failed
+    assert engine.commits == [2, 3] and engine.weights == fingerprint(checkpoint(6).items())
 
 
 def hand_made_header(weights, store_port: int, **rendezvous) -> rollout_pb2.UpdateWeightsHeader:

@@ -10,9 +10,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from fabric.config.algorithm import AlgorithmConfig, algorithm_config
 from fabric.trainer import losses
 from fabric.trainer.algorithm import KLController, compute_advantages, lr_scheduler
+from fabric.trainer.algorithm_config import AlgorithmConfig, algorithm_config
 
 DTYPES = [torch.float32, torch.bfloat16]
 

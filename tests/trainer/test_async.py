@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from fabric.config import ConfigError, load_config
-from fabric.config.pipeline import PipelineConfig, pipeline_config
 from fabric.trainer.algorithm import off_policy_weights
+from fabric.trainer.config import PipelineConfig, pipeline_config
 from fabric.trainer.loop import Trainer
 from fabric.v1 import reward_pb2
 from tests.rollout.fake_engine import FakeEngine

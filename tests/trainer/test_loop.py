@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from fabric.config import load_config
-from fabric.config.algorithm import AlgorithmConfig
-from fabric.config.pipeline import PipelineConfig, pipeline_config
 from fabric.config.sampling import sampling_settings
+from fabric.trainer.algorithm_config import AlgorithmConfig
+from fabric.trainer.config import PipelineConfig, pipeline_config
 from fabric.trainer.loop import Trainer
 from fabric.trainer.rollout_stream import Sample
 from fabric.v1 import reward_pb2, rollout_pb2

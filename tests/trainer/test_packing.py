@@ -221,7 +221,7 @@ def test_unknown_attention_and_recompute_are_refused(megatron, tiny_model):
 
 def test_roll_keys_reach_the_policy_config(tmp_path, tiny_model):
     from fabric.config import ConfigError
-    from fabric.config.pipeline import pipeline_config
+    from fabric.trainer.config import pipeline_config
     from fabric.trainer.server import optim_config
     from tests.config.configs import MEGATRON, dataset, load_roll
 

@@ -11,7 +11,7 @@ import pytest
 import fabric.trainer
 
 PARTS = ["rollout_stream", "scoring", "step", "sync"]
-FORBIDDEN = {"fabric.trainer.loop", "fabric.trainer.settings", "fabric.config.pipeline"}
+FORBIDDEN = {"fabric.trainer.loop", "fabric.trainer.settings", "fabric.trainer.config"}
 
 
 def imported_modules(path: Path) -> set[str]:

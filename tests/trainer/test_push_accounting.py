@@ -35,8 +35,8 @@ def _path(name: str, relays: bool) -> types.ModuleType:
     module.NAME = "grpc"  # type: ignore[attr-defined]
     module.unusable = grpc_stream.unusable  # type: ignore[attr-defined]
     module.send = _head_only_send  # type: ignore[attr-defined]
-    if relays:  # a path that claims to relay but answers for its head only: the accounting must catch it
-        module.RELAYS = True  # type: ignore[attr-defined]
+    # relays: a path that claims to relay but answers for its head only: the accounting must catch it
+    module.RELAYS = relays  # type: ignore[attr-defined]
     return module
 
 
@@ -143,7 +143,7 @@ def test_colocated_servers_sleep_while_the_trainer_trains_and_wake_for_the_new_v
 
 def test_colocation_follows_roll_device_mappings_and_async_keeps_the_servers_awake():
     from fabric.config import ConfigError, load_config
-    from fabric.config.pipeline import pipeline_config
+    from fabric.trainer.config import pipeline_config
     from tests.test_examples import EXAMPLES
 
     same = ["actor_train.device_mapping=[0]", "actor_infer.device_mapping=[0]"]

@@ -14,7 +14,7 @@ def main() -> None:
     from vllm import LLM, SamplingParams
 
     from fabric.config import load_config
-    from fabric.config.rollout import load_rollout_config
+    from fabric.rollout.config import load_rollout_config
     from fabric.rollout.vllm.engine import build_engine_args
 
     cfg = load_config(None, base={"actor_infer": {"pretrain": model_dir, "strategy_args": {"strategy_name": "vllm"}}})

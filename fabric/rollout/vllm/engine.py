@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fabric.config.loader import ConfigError
-from fabric.config.rollout import RolloutConfig
 from fabric.errors import did_you_mean
+from fabric.rollout.config import RolloutConfig
 from fabric.rollout.engine import FinishReason, Sample, Sampling, SleepState
 
 if TYPE_CHECKING:
+    from fabric.weights.staging import UpdateInfo
     from fabric.weights.transports.ipc import DeviceStaging
 
 log = logging.getLogger(__name__)
@@ -325,16 +326,16 @@ class VLLMEngine:
         else:
             self.sleep_state = SleepState.WEIGHTS_ONLY
 
-    async def commit_weights(self, update_info: dict, version: int) -> None:
+    async def commit_weights(self, update_info: UpdateInfo, version: int) -> None:
         """Loads a staged version through the fabric's vLLM weight-transfer backend (the lead's receiver calls it)."""
         from fabric.rollout.vllm import transfer
 
         started = time.perf_counter()
-        device_info = self.device_staging.info(version) if self.device_staging is not None else None
+        device_info = self.device_staging.info(version, update_info) if self.device_staging is not None else None
         if device_info is not None:  # staged in this process's GPU memory (NCCL, IPC): the worker maps it by handle
-            update_info = {**update_info, **device_info}
+            update_info = device_info
         info_s = time.perf_counter() - started
-        phases = await transfer.commit(self.engine, update_info, version)
+        phases = await transfer.commit(self.engine, update_info.to_dict(), version)
         log.info(
             "commit of version %d: info_s %.4f, %s",
             version,

@@ -1,17 +1,14 @@
 """Weight transports: the paths the bulk bytes of an update can take from a sender to a rollout server.
 
 gRPC stays the control plane whatever the path (header, version, commit, results, resume); a transport only moves
-bytes. Each transport is one module holding both ends:
+bytes. Each transport is one module holding both ends, typed by the Protocols of fabric.weights.transports.base:
+the receiving end a `Receiver` / `UpdateReceiver` object the rollout server owns, the sending end the module
+itself, a `StreamSender` (one stream per target, `send(job)`) or a `GroupSender` (one collective for all,
+`send_group(...)`).
 
-    receiver side   an object the rollout server's WeightReceiver owns, whose `offer()` is advertised in
-                    GetWeightsStatus.transports (None while it cannot receive), and `close()`
-    sender side     NAME; `unusable(offer, source) -> str | None` (why this sender cannot use a server's offer);
-                    and either `send(job) -> results` (one stream, which may relay down a chain of servers) or
-                    `send_group(source, version, targets, timeout, report) -> results` (one collective for all)
-
-Adding one: a module here, a line in SENDERS (and in PREFERENCE if `auto` may pick it), and its receiver in
-fabric.weights.receiver (or an engine's `weight_transports()` when the engine's workers must join, as for a
-collective). docs/architecture.md has the walk-through.
+Adding one: a module here, a line in SENDERS (and in GROUP_PATHS for a collective, in PREFERENCE if `auto` may pick
+it), and its receiver in fabric.weights.receiver (or an engine's `weight_transports()` when the engine's workers
+must join, as for a collective). docs/architecture.md has the walk-through.
 """
 
 from __future__ import annotations
@@ -19,8 +16,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 from dataclasses import dataclass
-from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import grpc
 
@@ -30,8 +26,9 @@ from fabric.weights.digest import source_digests
 
 if TYPE_CHECKING:
     from fabric.weights.sender import PushReport, WeightSource
+    from fabric.weights.transports.base import GroupSender, StreamSender
 
-# name -> module with the sender side
+# name -> the module of its sending end (base.StreamSender, or base.GroupSender for the names in GROUP_PATHS)
 SENDERS: dict[str, str] = {
     "grpc": "fabric.weights.transports.grpc_stream",
     "tcp": "fabric.weights.transports.tcp",
@@ -42,11 +39,20 @@ SENDERS: dict[str, str] = {
 }
 # What `auto` picks, best first, among the paths both ends can use.
 PREFERENCE: tuple[str, ...] = ("ipc", "nccl", "tcp", "grpc")
-CHOICES = ("auto", "grpc", "tcp", "gloo", "nccl", "ipc")
+GROUP_PATHS = frozenset({"gloo", "nccl"})  # one collective for all targets; the others a stream per target
+CHOICES = ("auto", *SENDERS)
 
 
-def sender(name: str) -> ModuleType:
-    return importlib.import_module(SENDERS[name])
+def stream_sender(name: str) -> StreamSender:
+    return cast("StreamSender", importlib.import_module(SENDERS[name]))
+
+
+def group_sender(name: str) -> GroupSender:
+    return cast("GroupSender", importlib.import_module(SENDERS[name]))
+
+
+def sender(name: str) -> StreamSender | GroupSender:
+    return group_sender(name) if name in GROUP_PATHS else stream_sender(name)
 
 
 def offers_of(status: rollout_pb2.GetWeightsStatusResponse) -> dict[str, rollout_pb2.WeightTransportOffer]:

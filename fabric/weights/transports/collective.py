@@ -33,6 +33,10 @@ The store is open to whoever reaches it, so it is trusted with nothing: it liste
 towards the servers, and the header (on the authenticated UpdateWeights stream) carries a secret of this update that
 signs (HMAC) each server's check-in and the sender's plan; a server skips a plan that is not signed with it, and a
 sender a check-in that is not. The sender counts a server as updated only when its own broadcast succeeded.
+torch's TCPStore caps each value it receives at 8 MiB but not the number of keys (nor a value grown by `append`), so
+the sender bounds the keys: an update checks the count before it publishes its plan and before the vote, and a store
+past `max_store_keys(world)` (someone else writing to it) refuses the update (nobody commits) and is closed, with
+everything written to it; a guard thread does the same for the stores kept between updates.
 """
 
 from __future__ import annotations
@@ -58,7 +62,8 @@ import torch
 from fabric.errors import FabricError, invalid
 from fabric.v1 import rollout_pb2
 from fabric.weights.digest import source_digests
-from fabric.weights.staging import DTYPES_BY_NAME, layout
+from fabric.weights.manifest import PROTO_TO_TORCH
+from fabric.weights.staging import layout
 from fabric.weights.versions import content_mismatch
 
 log = logging.getLogger(__name__)
@@ -80,9 +85,24 @@ NCCL_ENV = {
 # Test hook: called by the sender after each bucket is sent (index); lets a test stall or kill it mid-broadcast.
 AFTER_BUCKET = None
 
+# An update writes a check-in per server and a plan, a group's rendezvous a few keys per rank, and the keys of groups
+# formed before stay (measured: 3 keys after gloo updates to 2 servers); each key holds at most 8 MiB (torch's cap).
+STORE_KEYS_BASE = 32  # keys a store may hold beyond STORE_KEYS_PER_RANK per rank (FABRIC_COLLECTIVE_MAX_STORE_KEYS)
+STORE_KEYS_PER_RANK = 8
+STORE_GUARD_S = 1.0  # how often the guard thread counts the keys of every store this sender holds
+
+
+def max_store_keys(world: int) -> int:
+    """The most keys the sender's store of a group of `world` ranks may hold before it is taken as flooded."""
+    return int(os.environ.get("FABRIC_COLLECTIVE_MAX_STORE_KEYS") or STORE_KEYS_BASE + STORE_KEYS_PER_RANK * world)
+
 
 class CollectiveError(RuntimeError):
     pass
+
+
+class StoreFlooded(CollectiveError):
+    """The sender's store holds more keys than an update writes: the update is refused and the store closed."""
 
 
 def buckets(size: int, bucket_bytes: int) -> list[tuple[int, int]]:
@@ -490,7 +510,7 @@ def _wait_plan(store, rv, deadline: float) -> dict:
 
 
 def _specs(staged) -> list:
-    return [(t.name, DTYPES_BY_NAME[_dtype_name(t.dtype)], tuple(t.shape)) for t in staged.manifest.tensors]
+    return [(t.name, PROTO_TO_TORCH[t.dtype], tuple(t.shape)) for t in staged.manifest.tensors]
 
 
 def _mark_all(store, staged) -> None:
@@ -500,13 +520,6 @@ def _mark_all(store, staged) -> None:
 
 def _layout_size(staged) -> int:
     return layout(_specs(staged))[1]
-
-
-def _dtype_name(proto_dtype) -> str:
-    from fabric.weights.manifest import PROTO_TO_TORCH
-    from fabric.weights.staging import DTYPE_NAMES
-
-    return DTYPE_NAMES[PROTO_TO_TORCH[proto_dtype]]
 
 
 def _code():
@@ -543,6 +556,8 @@ class _Session:
         self.buffers: list[torch.Tensor] = []
         self.busy = False
         self.last_used = time.monotonic()
+        self.flood = ""  # set by the guard thread: why the store is taken as flooded
+        _start_guard(self)
 
     def drop_group(self, abort: bool = True) -> None:
         if self.group is not None:
@@ -551,15 +566,73 @@ class _Session:
             self.group.close()
         self.group, self.pg_id, self.members = None, "", ()
 
+    def flooded(self) -> str:
+        """Why the store is taken as flooded ('' while it is not): more keys than this group's updates write."""
+        limit = max_store_keys(len(self.key[1]) + 1)
+        try:
+            count = self.master.num_keys() if self.master is not None else 0
+        except Exception as exc:  # noqa: BLE001 - a store that cannot answer is not trusted either
+            return f"the collective store at {self.host}:{self.port} does not answer ({exc})"
+        if count <= limit:
+            return ""
+        return (
+            f"the collective store at {self.host}:{self.port} holds {count} keys, more than the {limit} an update "
+            "writes: something else is writing to it; the update is refused and the store closed (the next push "
+            "opens a new one)"
+        )
+
+    @property
+    def port(self) -> int:
+        return int(self.store_address.rsplit(":", 1)[1])
+
     def close(self) -> None:
         self.drop_group()
         self.buffers = []
         self.master = None
+        _LIVE.discard(self)
 
 
 _SESSIONS: dict[tuple, _Session] = {}
 _SESSIONS_LOCK = threading.Lock()
 MAX_IDLE_S = 3600.0  # a group unused this long is formed again (FABRIC_COLLECTIVE_MAX_IDLE_S)
+
+
+_LIVE: set[_Session] = set()  # every store this process holds as a sender, watched by the guard thread
+_GUARD: list[threading.Thread] = []
+
+
+def _start_guard(session: _Session) -> None:
+    with _SESSIONS_LOCK:
+        _LIVE.add(session)
+        if not _GUARD:
+            _GUARD.append(threading.Thread(target=_guard, name="collective-store-guard", daemon=True))
+            _GUARD[0].start()
+
+
+def _guard() -> None:
+    """Counts the keys of every store this sender holds: a flooded store kept between updates is closed (its memory
+    goes with it); one an update is using is marked, and its group aborted, so the update stops and refuses."""
+    while True:
+        time.sleep(STORE_GUARD_S)
+        with _SESSIONS_LOCK:
+            live = list(_LIVE)
+        for session in live:
+            why = session.flooded()
+            if not why:
+                continue
+            with _SESSIONS_LOCK:
+                idle = not session.busy and _SESSIONS.get(session.key) is session
+                if idle:
+                    del _SESSIONS[session.key]
+                elif session.busy and not session.flood:
+                    session.flood = why
+                else:
+                    continue
+            log.warning("%s", why)
+            if idle:
+                session.close()
+            elif session.group is not None:
+                session.group.abort()  # a broadcast under way fails at once instead of at the vote
 
 
 def _take_session(backend: str, addresses: list[str], device, timeout: float) -> tuple[_Session | None, bool]:
@@ -669,6 +742,9 @@ def _broadcast_all(session, plan, timeout, source, bucket_bytes, stats) -> None:
         if backend == "nccl":
             group.wait_all(time.monotonic() + timeout)
         stats["transfer_s"] = time.perf_counter() - t
+        flooded = session.flood or session.flooded()
+        if flooded:  # the vote would pass: refuse it here, so nobody commits
+            raise StoreFlooded(flooded)
         t = time.perf_counter()
         if not group.vote(True, time.monotonic() + timeout):
             raise CollectiveError("a server did not receive everything: nobody commits")
@@ -691,6 +767,10 @@ async def send_group(backend, source, version, targets, timeout, report, bucket_
     device = source.device if backend == "nccl" else torch.device("cpu")
     keep = os.environ.get("FABRIC_COLLECTIVE_KEEP", "1") != "0"
     session, kept = _take_session(backend, addresses, device, group_timeout) if keep else (None, False)
+    if session is not None and (flooded := session.flooded()):  # filled between updates: start on a new store
+        log.warning("%s", flooded)
+        session.close()
+        session, kept = None, False
     if session is None:
         host = local_address_towards(_split(addresses[0])[0])
         key = (backend, tuple(addresses), str(device), float(group_timeout))
@@ -751,17 +831,20 @@ async def send_group(backend, source, version, targets, timeout, report, bucket_
     else:
         pg = f"{session.base}/pg{seq}-{secrets.token_hex(8)}/"
     ranks = {str(r): i for i, r in enumerate(ready, start=1)}
+    error: Exception | None = None
+    if flooded := session.flood or session.flooded():  # nobody joins: each server is left out with the reason
+        error, ranks, reason = StoreFlooded(flooded), {}, flooded
+        log.warning("%s broadcast of version %d refused: %s", backend, version, flooded)
     plan = {"ranks": ranks, "world": len(ranks) + 1, "pg": pg, "reason": reason}
     store.set("go", _signed(secret, "go", group_id, plan))
     stats = {"bytes": 0, "transfer_s": 0.0, "formed": 0}
-    error = None
     if ranks:
         try:
             await asyncio.to_thread(_broadcast_all, session, plan, group_timeout, source, bucket_bytes, stats)
             session.members = ready
         except Exception as exc:
-            error = exc
-            log.warning("%s broadcast of version %d failed: %s", backend, version, exc)
+            error = StoreFlooded(session.flood) if session.flood else exc  # the guard aborted it: say why
+            log.warning("%s broadcast of version %d failed: %s", backend, version, error)
     else:
         session.drop_group()
     t = time.perf_counter()
@@ -788,11 +871,14 @@ async def send_group(backend, source, version, targets, timeout, report, bucket_
                         r.committed = False
             results.extend(rs)
     finally:
-        if keep:
+        if isinstance(error, StoreFlooded):
+            session.close()  # the store goes with what was written to it; the next push opens a new one
+        elif keep:
             _put_session(session)
         else:
             t_close = time.perf_counter()
             session.drop_group(abort=False)
+            _LIVE.discard(session)
             timings["close_s"] = time.perf_counter() - t_close
         with contextlib.suppress(Exception):  # this update's check-in keys: the store stays small
             for rank in tasks:

@@ -33,11 +33,12 @@ import torch
 from fabric.errors import FabricError, invalid
 from fabric.v1 import rollout_pb2, rollout_pb2_grpc
 from fabric.weights.manifest import PROTO_TO_TORCH, build_manifest
-from fabric.weights.staging import DTYPE_NAMES, DTYPES_BY_NAME, layout
+from fabric.weights.staging import DTYPE_NAMES, DTYPES_BY_NAME, DeviceUpdateInfo, UpdateInfo, layout
 
 log = logging.getLogger(__name__)
 
 NAME = "ipc"
+RELAYS = False  # the bytes never leave the GPU: each server maps the sender's buffer itself
 
 
 # ---- plain-value CUDA IPC handles ------------------------------------------------------------------------------
@@ -171,15 +172,15 @@ class DeviceStaging:
                 if entry is not None and self._spare is None:
                     self._spare = entry[1]
 
-    def info(self, version: int) -> dict | None:
-        """The update_info fields that point the vLLM worker at the version's GPU buffer (None: not staged here)."""
+    def info(self, version: int, host: UpdateInfo) -> DeviceUpdateInfo | None:
+        """`host` pointed at the version's GPU buffer instead, for the vLLM worker (None: not staged here)."""
         with self._lock:
             entry = self._buffers.get(version)
         if entry is None:
             return None
         tensors, flat = entry
         torch.cuda.synchronize(self.device)
-        return {"ipc": share(flat), "tensors": tensors, "size": flat.numel()}
+        return DeviceUpdateInfo(host.path, flat.numel(), tensors, host.tie_lm_head, ipc=share(flat))
 
     def committed(self, version: int) -> None:
         """`version` serves now: its buffer stays (rollback), an older one becomes the spare."""

@@ -20,7 +20,7 @@ from fabric.config.loader import number as _number
 
 log = logging.getLogger(__name__)
 
-# Top-level ROLL keys this module reads (pipeline.py adds them to the accepted keys).
+# Top-level ROLL keys this module reads (fabric.trainer.config adds them to the accepted keys).
 ALGORITHM_KEYS = {
     "ppo_epochs", "adv_estimator", "gamma", "lambd", "norm_mean_type", "norm_std_type", "whiten_advantages",
     "whiten_rewards", "advantage_clip", "reward_clip", "pg_clip", "use_pg_clip_range", "pg_clip_low", "pg_clip_high",

@@ -29,7 +29,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from fabric.config import roll_keys
-from fabric.config.loader import ConfigError, parse_device_mapping, resolved, role_section
+from fabric.config.loader import ConfigError, did_you_mean, parse_device_mapping, resolved, role_section
 
 # Short names of the built-in scorers -> "module:Class".
 SCORERS = {
@@ -131,7 +131,7 @@ def unknown_options(rc: RewardConfig) -> list[str]:
             if value is not None and rc.key(key) not in rc.ignored:
                 rc.ignored.append(rc.key(key))
             continue
-        hint = roll_keys.did_you_mean(key, COMMON_KEYS | read)
+        hint = did_you_mean(key, COMMON_KEYS | read)
         raise ConfigError(rc.key(key), f"unknown key for {rc.worker_cls}; {hint or 'see the README, section rewards'}")
     return rc.ignored
 

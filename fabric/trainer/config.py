@@ -13,7 +13,7 @@ prompt_length: 64
 response_length: 16
 ppo_epochs: 1
 pg_clip: 0.2
-adv_estimator: grpo                 # the algorithm keys: ROLL's (fabric/config/algorithm.py, the README's table)
+adv_estimator: grpo                 # the algorithm keys: ROLL's (trainer/algorithm_config.py, the README's table)
 use_kl_loss: false                  # KL to the frozen reference in the loss: kl_loss_coef x k3 (ROLL's)
 actor_train:
   pretrain: /models/tiny
@@ -31,7 +31,6 @@ cluster:                            # where the other processes are (fabric run 
 
 from __future__ import annotations
 
-import difflib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,9 +38,11 @@ from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
-from fabric.config.algorithm import ALGORITHM_KEYS, AlgorithmConfig, algorithm_config, check_batch_sizes
-from fabric.config.loader import ConfigError, number, parse_device_mapping
+from fabric.config.loader import ConfigError, check_keys, number, parse_device_mapping
+from fabric.config.roll_keys import top_level
 from fabric.config.sampling import TRAINER_SAMPLING_KEYS
+from fabric.trainer.algorithm_config import ALGORITHM_KEYS, AlgorithmConfig, algorithm_config, check_batch_sizes
+from fabric.weights.transports import CHOICES
 
 TOP_LEVEL_KEYS = {
     # ROLL's pipeline keys (accepted; the ones the fabric uses are read below)
@@ -69,24 +70,10 @@ ASYNC_KEYS = {"max_staleness", "partial_rollout", "off_policy_correction", "impo
 PARTIAL_ROLLOUTS = ("keep", "regenerate")
 OFF_POLICY_CORRECTIONS = ("tis", "decoupled", "none")
 
-# ---- the trainer's algorithm keys: read by fabric/config/algorithm.py (ROLL's meaning and defaults) ----
+# ---- the trainer's algorithm keys: read by fabric/trainer/algorithm_config.py (ROLL's meaning and defaults) ----
 TOP_LEVEL_KEYS = TOP_LEVEL_KEYS | ALGORITHM_KEYS
 
 log = logging.getLogger(__name__)
-
-
-def check_keys(section: Any, allowed: set[str], where: str) -> None:
-    """Unknown keys are errors with the closest allowed key as a suggestion."""
-    if section is None:
-        return
-    if not isinstance(section, DictConfig):
-        raise ConfigError(where, f"must be a mapping, got {type(section).__name__}")
-    for key in map(str, section.keys()):
-        if key not in allowed:
-            match = difflib.get_close_matches(str(key), sorted(allowed), n=1)
-            hint = f"did you mean '{match[0]}'?" if match else f"allowed keys: {', '.join(sorted(allowed))}"
-            path = f"{where}.{key}" if where else str(key)
-            raise ConfigError(path, f"unknown key; {hint}")
 
 
 @dataclass
@@ -183,8 +170,6 @@ def _response_length(cfg: DictConfig):
 
 
 def pipeline_config(cfg: DictConfig) -> PipelineConfig:
-    from fabric.config.check import top_level  # ROLL's keys, used / ignored / refused: fabric/config/roll_keys.py
-
     errors = top_level(cfg, TOP_LEVEL_KEYS)[1]
     if errors:
         raise errors[0]
@@ -268,8 +253,6 @@ def pipeline_config(cfg: DictConfig) -> PipelineConfig:
     if pc.sync_mode not in (None, "relay", "direct"):
         raise ConfigError("weight_sync.mode", f"'{pc.sync_mode}': use relay or direct")
     pc.sync_transport = str(sync.get("transport", "auto"))
-    from fabric.weights.transports import CHOICES
-
     if pc.sync_transport not in CHOICES:
         raise ConfigError("weight_sync.transport", f"'{pc.sync_transport}': use one of {', '.join(CHOICES)}")
     pc.chunk_mib = number(sync.get("chunk_mib", 4.0), "weight_sync.chunk_mib")
@@ -291,7 +274,7 @@ def pipeline_config(cfg: DictConfig) -> PipelineConfig:
     async_config(cfg, pc)
     colocation_config(cfg, pc)
     train_speed_config(train, pc)
-    # ---- the trainer's algorithm keys (fabric/config/algorithm.py) ----
+    # ---- the trainer's algorithm keys (fabric/trainer/algorithm_config.py) ----
     pc.algorithm = algorithm_config(cfg)
     check_batch_sizes(pc.algorithm, pc.rollout_batch_size * pc.group_size, pc.max_steps)
     return pc

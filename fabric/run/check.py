@@ -18,12 +18,12 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
 
 from omegaconf import DictConfig, OmegaConf
 
 from fabric.config import roll_keys
 from fabric.config.loader import ConfigError, env_redacted, resolved
+from fabric.config.roll_keys import top_level
 
 ROLES = ("rollout", "reward", "train", "all")
 log = logging.getLogger("fabric.config")
@@ -57,49 +57,6 @@ class CheckReport:
             raise error
 
 
-def top_level(cfg: DictConfig, known: set[str], role: str = "all") -> tuple[list[str], list[ConfigError]]:
-    """The top-level keys sorted: (ignored keys that are set, problems). `known`: the keys pipeline.py accepts.
-    Another ROLL pipeline's keys and the refused keys concern the trainer: checked for the train and all roles only;
-    a typo is one for every role."""
-    errors: list[ConfigError] = []
-    ignored: list[str] = []
-    keys = [str(k) for k in cfg.keys()]
-    raw = cast(dict, OmegaConf.to_container(cfg, resolve=False))
-    trains = role in ("train", "all")
-    markers = roll_keys.PIPELINE_MARKERS
-    pipeline = sorted(
-        (k for k in keys if k in roll_keys.PIPELINE_KEYS), key=lambda k: markers.index(k) if k in markers else 99
-    )
-    if pipeline and trains:
-        errors.append(roll_keys.other_pipeline(pipeline[0]))
-    everything = known | roll_keys.TOP_LEVEL_USED | roll_keys.TOP_LEVEL_TRAINER
-    for key in keys:
-        if key in roll_keys.PIPELINE_KEYS:
-            continue
-        try:
-            if key in roll_keys.TOP_LEVEL_REFUSED:
-                if not trains:
-                    continue
-                rule = roll_keys.TOP_LEVEL_REFUSED[key]
-                if not rule.allows(resolved(cfg, key)):
-                    errors.append(ConfigError(key, rule.why))
-            elif key in roll_keys.TOP_LEVEL_IGNORED:
-                if raw[key] is not None:
-                    ignored.append(key)
-            elif key not in everything:
-                pool = everything | set(roll_keys.TOP_LEVEL_IGNORED) | set(roll_keys.TOP_LEVEL_REFUSED)
-                hint = roll_keys.did_you_mean(key, pool)
-                errors.append(
-                    ConfigError(
-                        key,
-                        f"unknown key; {hint or 'not a ROLL pipeline key nor a fabric one (README: ROLL configs)'}",
-                    )
-                )
-        except ConfigError as exc:
-            errors.append(exc)
-    return ignored, errors
-
-
 def _quiet_vllm_import():
     """Imports the engine registry with vLLM's import chatter off (it would bury the one line that matters)."""
     previous = os.environ.get("VLLM_LOGGING_LEVEL")
@@ -117,7 +74,7 @@ def _quiet_vllm_import():
 
 
 def _check_rollout(cfg: DictConfig, section: str, report: CheckReport, engine: bool) -> None:
-    from fabric.config.rollout import load_rollout_config
+    from fabric.rollout.config import load_rollout_config
     from fabric.rollout.validation import check_generating_args
 
     rc = load_rollout_config(cfg, section)
@@ -136,7 +93,7 @@ def _check_rollout(cfg: DictConfig, section: str, report: CheckReport, engine: b
 
 
 def _check_rewards(cfg: DictConfig, section: str, report: CheckReport) -> None:
-    from fabric.config.reward import load_reward_configs, unknown_options
+    from fabric.reward.config import load_reward_configs, unknown_options
     from fabric.reward.scorer import build_scorer
 
     for name, rc in load_reward_configs(cfg, section).items():
@@ -154,7 +111,7 @@ def _check_rewards(cfg: DictConfig, section: str, report: CheckReport) -> None:
 
 
 def _check_train(cfg: DictConfig, report: CheckReport, files: bool) -> None:
-    from fabric.config.pipeline import pipeline_config
+    from fabric.trainer.config import pipeline_config
 
     for key in cfg.keys():  # every section the trainer reads resolves (the ignored ones are never read)
         key = str(key)
@@ -184,7 +141,7 @@ def check_config(
 ) -> CheckReport:
     """Checks what the processes of `role` would read; never raises a ConfigError (they are in the report).
     `engine`: check vLLM engine arguments (imports vLLM). `files`: check the trainer's model dir and dataset."""
-    from fabric.config.pipeline import TOP_LEVEL_KEYS
+    from fabric.trainer.config import TOP_LEVEL_KEYS
 
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")

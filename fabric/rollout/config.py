@@ -29,7 +29,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from fabric.config import roll_keys
-from fabric.config.loader import ConfigError, parse_device_mapping, resolved, role_section
+from fabric.config.loader import ConfigError, did_you_mean, parse_device_mapping, resolved, role_section
 from fabric.config.sampling import IGNORED_SAMPLING_KEYS, SAMPLING_KEYS
 from fabric.rollout.engine import ENGINES, engine_names
 
@@ -180,7 +180,7 @@ def _generating_args(raw: dict, role: str) -> dict[str, Any]:
             continue
         if name not in SAMPLING_KEYS:
             known = set(SAMPLING_KEYS) | IGNORED_SAMPLING_KEYS | {"include_stop_str_in_output"}
-            hint = roll_keys.did_you_mean(name, known) or f"known keys: {', '.join(sorted(known))}"
+            hint = did_you_mean(name, known) or f"known keys: {', '.join(sorted(known))}"
             raise ConfigError(f"{role}.generating_args.{name}", f"unknown generating argument; {hint}")
         target = SAMPLING_KEYS[name].field
         if target == "stop":
