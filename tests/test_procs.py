@@ -75,6 +75,30 @@ def test_a_sigkilled_group_s_shared_memory_is_released_by_stop(tmp_path):
     assert not segment.exists(), "the SIGKILLed server's shared memory is still in /dev/shm"
 
 
+def test_a_sigkilled_group_s_shared_memory_is_released_even_if_nobody_stops_it(tmp_path):
+    """As tests/weights/test_collective.py and tests/reliability/test_failover.py do: the killed server's place is
+    taken by a restarted one, and stop() is never called on the dead one."""
+    segment = SHM_DIR / f"psm_fabric_test_unstopped_{os.getpid()}"
+    script = tmp_path / "server.sh"
+    script.write_text(HOLDER.format(shm=segment))
+    server = ServerProcess("test", "unused", prefix=["bash", str(script)], own_session=False)
+    server.start()
+    try:
+        server.wait_ready(timeout=30)
+        deadline = time.monotonic() + 10
+        while segment.name not in server.shm_owned:
+            assert time.monotonic() < deadline, "the live server's segment was never noted"
+            time.sleep(0.1)
+        os.killpg(server.process.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while segment.exists():
+            assert time.monotonic() < deadline, "the SIGKILLed server's shared memory is still in /dev/shm"
+            time.sleep(0.1)
+    finally:
+        server.stop(grace=1)
+        segment.unlink(missing_ok=True)
+
+
 # A "server" whose child moves to a session of its own: stopping the server's group does not reach it.
 ESCAPER = """
 setsid bash -c 'echo $$ > {pidfile}; exec sleep 60' &
