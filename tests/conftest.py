@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import warnings
 
 import pytest
 
@@ -38,13 +37,11 @@ def shared_memory_is_released():
     before = shm_entries()
     yield
     leaked = orphaned_shm(before)  # reported, not deleted: on a shared host they could be another run's, mid-start
-    # fabric.procs notes what a server's group uses while it lives, so even a group SIGKILLed from outside
-    # (test_run, reliability/test_failover) has its segments released when the test stops it. Still a warning, not a
-    # failure: a fresh-clone run of 2026-12-03 left 3 staging files and 4 psm_* segments, most likely from
-    # weights/test_collective.py's receiver killed mid-broadcast (its engine's children are not yet traced).
+    # fabric.procs notes what a server's group uses while it lives and releases it once the group is gone, stopped
+    # or SIGKILLed from outside (test_run, reliability/test_failover, weights/test_collective): nothing is left.
     if leaked:
-        warnings.warn(
-            f"the suite left shared memory in /dev/shm (a server or engine not stopped through fabric.procs?): "
+        pytest.fail(
+            f"the suite left shared memory in /dev/shm (a server or engine not started through fabric.procs?): "
             f"{leaked}",
-            stacklevel=1,
+            pytrace=False,
         )
