@@ -89,7 +89,9 @@ class ServerProcess:
         pgid = self.process.pid
         while not self._stopping.wait(SHM_NOTE_S):
             self.process.poll()  # reaps the leader once it exits: a zombie still counts as one of the group
-            pids = group_pids(pgid)
+            # Orphans of a killed group are reparented to a subreaper (fabric run is one) and stay zombies of the
+            # group until reaped: reaped here, as _wait_group_gone does.
+            pids = [pid for pid in group_pids(pgid) if pid == pgid or not _reaped(pid)]
             if not pids:
                 release(self.shm_owned)
                 return

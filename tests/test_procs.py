@@ -99,6 +99,48 @@ def test_a_sigkilled_group_s_shared_memory_is_released_even_if_nobody_stops_it(t
         segment.unlink(missing_ok=True)
 
 
+# As `fabric run` (a subreaper) sees a server group SIGKILLed from outside: the group's children are reparented to
+# it and stay zombies of the group until it reaps them, and nobody calls stop() on the dead server.
+SUBREAPER = """
+import os, signal, sys, time
+from pathlib import Path
+from fabric.procs import ServerProcess, become_subreaper
+assert become_subreaper()
+segment = Path(sys.argv[2])
+server = ServerProcess("test", "unused", prefix=["bash", sys.argv[1]]).start()
+server.wait_ready(timeout=30)
+while segment.name not in server.shm_owned:
+    time.sleep(0.1)
+os.killpg(server.process.pid, signal.SIGKILL)
+deadline = time.monotonic() + 10
+while segment.exists() and time.monotonic() < deadline:
+    time.sleep(0.1)
+print("released" if not segment.exists() else "left")
+"""
+
+
+def test_a_sigkilled_group_s_shared_memory_is_released_by_a_subreaper_that_never_stops_it(tmp_path):
+    segment = SHM_DIR / f"psm_fabric_test_subreaper_{os.getpid()}"
+    script = tmp_path / "server.sh"
+    script.write_text(CHILD_HOLDER.format(shm=segment))
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", SUBREAPER, str(script), str(segment)], capture_output=True, text=True, timeout=60
+        )
+        assert out.stdout.strip() == "released", out.stdout + out.stderr
+    finally:
+        segment.unlink(missing_ok=True)
+
+
+# A "server" whose child holds the segment (as vLLM's engine process holds its queues).
+CHILD_HOLDER = """
+(exec 3>{shm}; echo leak >&3; sleep 60) &
+while [ ! -s {shm} ]; do sleep 0.05; done
+echo "fabric test server listening on 127.0.0.1:1"
+wait
+"""
+
+
 # A "server" whose child moves to a session of its own: stopping the server's group does not reach it.
 ESCAPER = """
 setsid bash -c 'echo $$ > {pidfile}; exec sleep 60' &
