@@ -28,6 +28,19 @@ def tiny_model_b(tmp_path_factory) -> str:
     return str(make_tiny_model(tmp_path_factory.mktemp("tiny-model-b") / "model", seed=1))
 
 
+@pytest.fixture(scope="session")
+def rollout_cluster(tiny_model, tmp_path_factory):
+    """Three rollout servers shared by the client, reliability and weight tests (tests.servers.Cluster): started
+    once for the session instead of once per package, as a vLLM engine takes 20-60 s to start here."""
+    from tests.servers import Cluster, write_rollout_config
+
+    tmp = tmp_path_factory.mktemp("rollout-cluster")
+    cluster = Cluster(write_rollout_config(tiny_model, tmp / "rollout.yaml"), tmp)
+    cluster.start(3)
+    yield cluster
+    cluster.stop()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def shared_memory_is_released():
     """Every server the suite starts, its engine processes included, releases its shared memory when it stops:
