@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import warnings
 
 import pytest
 
@@ -29,6 +28,19 @@ def tiny_model_b(tmp_path_factory) -> str:
     return str(make_tiny_model(tmp_path_factory.mktemp("tiny-model-b") / "model", seed=1))
 
 
+@pytest.fixture(scope="session")
+def rollout_cluster(tiny_model, tmp_path_factory):
+    """Three rollout servers shared by the client, reliability and weight tests (tests.servers.Cluster): started
+    once for the session instead of once per package, as a vLLM engine takes 20-60 s to start here."""
+    from tests.servers import Cluster, write_rollout_config
+
+    tmp = tmp_path_factory.mktemp("rollout-cluster")
+    cluster = Cluster(write_rollout_config(tiny_model, tmp / "rollout.yaml"), tmp)
+    cluster.start(3)
+    yield cluster
+    cluster.stop()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def shared_memory_is_released():
     """Every server the suite starts, its engine processes included, releases its shared memory when it stops:
@@ -38,13 +50,11 @@ def shared_memory_is_released():
     before = shm_entries()
     yield
     leaked = orphaned_shm(before)  # reported, not deleted: on a shared host they could be another run's, mid-start
-    # fabric.procs notes what a server's group uses while it lives, so even a group SIGKILLed from outside
-    # (test_run, reliability/test_failover) has its segments released when the test stops it. Still a warning, not a
-    # failure: a fresh-clone run of 2026-12-03 left 3 staging files and 4 psm_* segments, most likely from
-    # weights/test_collective.py's receiver killed mid-broadcast (its engine's children are not yet traced).
+    # fabric.procs notes what a server's group uses while it lives and releases it once the group is gone, stopped
+    # or SIGKILLed from outside (test_run, reliability/test_failover, weights/test_collective): nothing is left.
     if leaked:
-        warnings.warn(
-            f"the suite left shared memory in /dev/shm (a server or engine not stopped through fabric.procs?): "
+        pytest.fail(
+            f"the suite left shared memory in /dev/shm (a server or engine not started through fabric.procs?): "
             f"{leaked}",
-            stacklevel=1,
+            pytrace=False,
         )

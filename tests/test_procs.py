@@ -75,6 +75,72 @@ def test_a_sigkilled_group_s_shared_memory_is_released_by_stop(tmp_path):
     assert not segment.exists(), "the SIGKILLed server's shared memory is still in /dev/shm"
 
 
+def test_a_sigkilled_group_s_shared_memory_is_released_even_if_nobody_stops_it(tmp_path):
+    """As tests/weights/test_collective.py and tests/reliability/test_failover.py do: the killed server's place is
+    taken by a restarted one, and stop() is never called on the dead one."""
+    segment = SHM_DIR / f"psm_fabric_test_unstopped_{os.getpid()}"
+    script = tmp_path / "server.sh"
+    script.write_text(HOLDER.format(shm=segment))
+    server = ServerProcess("test", "unused", prefix=["bash", str(script)], own_session=False)
+    server.start()
+    try:
+        server.wait_ready(timeout=30)
+        deadline = time.monotonic() + 10
+        while segment.name not in server.shm_owned:
+            assert time.monotonic() < deadline, "the live server's segment was never noted"
+            time.sleep(0.1)
+        os.killpg(server.process.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while segment.exists():
+            assert time.monotonic() < deadline, "the SIGKILLed server's shared memory is still in /dev/shm"
+            time.sleep(0.1)
+    finally:
+        server.stop(grace=1)
+        segment.unlink(missing_ok=True)
+
+
+# As `fabric run` (a subreaper) sees a server group SIGKILLed from outside: the group's children are reparented to
+# it and stay zombies of the group until it reaps them, and nobody calls stop() on the dead server.
+SUBREAPER = """
+import os, signal, sys, time
+from pathlib import Path
+from fabric.procs import ServerProcess, become_subreaper
+assert become_subreaper()
+segment = Path(sys.argv[2])
+server = ServerProcess("test", "unused", prefix=["bash", sys.argv[1]]).start()
+server.wait_ready(timeout=30)
+while segment.name not in server.shm_owned:
+    time.sleep(0.1)
+os.killpg(server.process.pid, signal.SIGKILL)
+deadline = time.monotonic() + 10
+while segment.exists() and time.monotonic() < deadline:
+    time.sleep(0.1)
+print("released" if not segment.exists() else "left")
+"""
+
+
+def test_a_sigkilled_group_s_shared_memory_is_released_by_a_subreaper_that_never_stops_it(tmp_path):
+    segment = SHM_DIR / f"psm_fabric_test_subreaper_{os.getpid()}"
+    script = tmp_path / "server.sh"
+    script.write_text(CHILD_HOLDER.format(shm=segment))
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", SUBREAPER, str(script), str(segment)], capture_output=True, text=True, timeout=60
+        )
+        assert out.stdout.strip() == "released", out.stdout + out.stderr
+    finally:
+        segment.unlink(missing_ok=True)
+
+
+# A "server" whose child holds the segment (as vLLM's engine process holds its queues).
+CHILD_HOLDER = """
+(exec 3>{shm}; echo leak >&3; sleep 60) &
+while [ ! -s {shm} ]; do sleep 0.05; done
+echo "fabric test server listening on 127.0.0.1:1"
+wait
+"""
+
+
 # A "server" whose child moves to a session of its own: stopping the server's group does not reach it.
 ESCAPER = """
 setsid bash -c 'echo $$ > {pidfile}; exec sleep 60' &

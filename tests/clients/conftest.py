@@ -1,5 +1,5 @@
 """Fixtures of the client interop tests: each client built once per session (when its toolchain is present, else
-its tests skip with the reason and the fix), and real rollout and reward servers on the tiny model per module."""
+its tests skip with the reason and the fix), and real rollout and reward servers on the tiny model."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fabric.procs import ServerProcess, start_all
+from fabric.procs import ServerProcess
 from tests.servers import TEST_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -101,29 +101,15 @@ def client(request) -> ClientKind:
 
 
 @pytest.fixture(scope="module")
-def servers(tiny_model, tmp_path_factory) -> Iterator[dict[str, str]]:
-    """A real rollout server (vLLM on the tiny model) and a real reward server, started side by side."""
+def servers(rollout_cluster, tmp_path_factory) -> Iterator[dict[str, str]]:
+    """A real rollout server (vLLM on the tiny model: one of the session's, tests/conftest.py rollout_cluster) and a
+    real reward server."""
     tmp = tmp_path_factory.mktemp("client-servers")
-    (tmp / "rollout.yaml").write_text(f"""
-actor_infer:
-  pretrain: {tiny_model}
-  generating_args: {{max_new_tokens: 16, temperature: 0.0, top_p: 1.0, top_k: -1, num_beams: 1,
-                    num_return_sequences: 1}}
-  strategy_args:
-    strategy_name: vllm
-    strategy_config: {{block_size: 32, dtype: float32, max_model_len: 256, enforce_eager: true}}
-  infer_batch_size: 16
-""")
     (tmp / "reward.yaml").write_text(
         "rewards: {answer_tag: {worker_cls: answer_tag}, math: {worker_cls: math_rule, num_workers: 1}}\n"
     )
-    started = [
-        ServerProcess(kind, tmp / f"{kind}.yaml", env=TEST_ENV, log_path=tmp / f"{kind}.log", own_session=False)
-        for kind in ("rollout", "reward")
-    ]
-    addresses = start_all(started, timeout=240)  # stops both if either fails
+    reward = ServerProcess("reward", tmp / "reward.yaml", env=TEST_ENV, log_path=tmp / "reward.log", own_session=False)
     try:
-        yield dict(zip(("rollout", "reward"), addresses, strict=True))
+        yield {"rollout": rollout_cluster.procs[0].address, "reward": reward.start().wait_ready(240)}
     finally:
-        for server in started:
-            server.stop()
+        reward.stop()

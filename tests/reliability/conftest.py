@@ -1,8 +1,10 @@
-"""Servers shared by the reliability tests, started once per session: three rollout servers (vLLM on the tiny
-model) and one reward server (rule scorers), each the real `fabric serve` CLI in its own process group.
+"""Servers shared by the reliability tests, started once per session: the session's three rollout servers (vLLM on
+the tiny model; tests/conftest.py rollout_cluster, shared with the weight and client tests) and one reward server
+(rule scorers), each the real `fabric serve` CLI in its own process group.
 
-Tests may kill and restart a rollout server: `rollout_servers` is a mutable list of ServerProcess, and the
-restarted process takes the dead one's place (same port), so teardown stops whatever is running at the end.
+Tests may kill and restart a rollout server: `rollout_servers` is the cluster's mutable list of ServerProcess, and
+`rollout_cluster.restart(i, port)` puts a new process in the dead one's place (same port), so teardown stops
+whatever is running at the end.
 """
 
 from __future__ import annotations
@@ -10,29 +12,10 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from fabric.procs import ServerProcess, start_all
+from fabric.procs import ServerProcess
 from fabric.v1 import rollout_pb2, rollout_pb2_grpc
 from tests.references import hf_greedy
-
-PROMPTS = ["Add 3 and 4.\n", "Add 12 and 30.\n"]
-MAX_NEW = 8
-NUM_ROLLOUT_SERVERS = 3
-
-
-def write_rollout_config(model: str, path) -> str:
-    path.write_text(
-        "actor_infer:\n"
-        f"  pretrain: {model}\n"
-        f"  generating_args: {{max_new_tokens: {MAX_NEW}, temperature: 0.0}}\n"
-        "  strategy_args:\n"
-        "    strategy_name: vllm\n"
-        "    strategy_config: {block_size: 32, dtype: float32, max_model_len: 256, enforce_eager: true,\n"
-        "                      gpu_memory_utilization: 0.1}\n"
-        "  infer_batch_size: 8\n"
-        "  drain_grace_s: 5\n"
-    )
-    return str(path)
-
+from tests.servers import MAX_NEW, PROMPTS
 
 REWARD_CONFIG = """\
 rewards:
@@ -52,21 +35,8 @@ rewards:
 
 
 @pytest.fixture(scope="session")
-def rollout_config(tiny_model, tmp_path_factory) -> str:
-    return write_rollout_config(tiny_model, tmp_path_factory.mktemp("reliability") / "rollout.yaml")
-
-
-@pytest.fixture(scope="session")
-def rollout_servers(rollout_config, tmp_path_factory):
-    logs = tmp_path_factory.mktemp("rollout-logs")
-    procs = [
-        ServerProcess("rollout", rollout_config, name=f"rollout-{i}", log_path=logs / f"rollout-{i}.log")
-        for i in range(NUM_ROLLOUT_SERVERS)
-    ]
-    start_all(procs, timeout=400)
-    yield procs
-    for proc in procs:
-        proc.stop(grace=10)
+def rollout_servers(rollout_cluster):
+    return rollout_cluster.procs
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,6 @@ from pathlib import Path
 import grpc
 import pytest
 
-from fabric.procs import ServerProcess
 from fabric.routing import RewardPool, RolloutPool
 from fabric.trainer.config import PipelineConfig
 from fabric.trainer.loop import Trainer
@@ -72,7 +71,7 @@ async def wait_until(predicate, timeout: float, what: str) -> None:
 
 
 def test_sigkill_mid_step_loses_and_duplicates_nothing_and_restart_is_readmitted(
-    rollout_servers, rollout_config, tiny_model_b, reference, tmp_path
+    rollout_cluster, rollout_servers, tiny_model_b, reference, tmp_path
 ):
     survivor, victim = rollout_servers[0], rollout_servers[1]
     addresses = [survivor.address, victim.address]
@@ -114,9 +113,7 @@ def test_sigkill_mid_step_loses_and_duplicates_nothing_and_restart_is_readmitted
         #    to until the trainer brings it to the current version.
         victim.proc.wait(timeout=30)
         port = int(victim.address.rsplit(":", 1)[1])
-        restarted = ServerProcess("rollout", rollout_config, name="rollout-1-restarted", port=port)
-        rollout_servers[1] = restarted
-        await asyncio.to_thread(lambda: (restarted.start(), restarted.wait_ready(400)))
+        restarted = await asyncio.to_thread(rollout_cluster.restart, 1, port)
         assert restarted.address == victim.address
         assert weights_status(restarted.address).serving_version == 0
         assert pool.alive == [survivor.address]

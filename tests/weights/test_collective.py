@@ -17,10 +17,10 @@ import time
 
 import pytest
 
-from fabric.procs import ServerProcess, start_all
+from fabric.procs import ServerProcess
 from fabric.weights.sender import WeightSource, push_weights
 from fabric.weights.transports import collective, ipc
-from tests.weights.test_update import rollout_config, status
+from tests.weights.test_update import status
 
 SMALL_BUCKETS = str(64 * 1024)  # the tiny model (~2 MB) in tens of buckets, so a test can act mid-broadcast
 
@@ -154,31 +154,21 @@ def test_buckets_cover_the_layout_once():
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_model, tmp_path_factory):
-    """Three rollout servers that offer gloo, and one that offers no collective (FABRIC_OFFER_COLLECTIVES=0)."""
-    tmp = tmp_path_factory.mktemp("collective")
-    config = rollout_config(tiny_model, tmp / "rollout.yaml")
-    procs = [ServerProcess("rollout", config, name=f"gloo-{i}", log_path=tmp / f"g{i}.log") for i in range(3)]
-    plain = ServerProcess(
-        "rollout", config, name="plain", log_path=tmp / "plain.log", env={"FABRIC_OFFER_COLLECTIVES": "0"}
+def plain(cluster):
+    """A fourth rollout server that offers no collective (FABRIC_OFFER_COLLECTIVES=0), beside the session's three
+    (tests/conftest.py rollout_cluster), which offer gloo."""
+    server = ServerProcess(
+        "rollout",
+        cluster.config,
+        name="plain",
+        log_path=cluster.tmp / "plain.log",
+        env={"FABRIC_OFFER_COLLECTIVES": "0"},
     )
-    start_all([*procs, plain], timeout=600)
-    state = {"procs": procs, "plain": plain, "config": config, "tmp": tmp}
-    yield state
-    for proc in [*state["procs"], plain]:
-        proc.stop()
-
-
-@pytest.fixture(scope="module")
-def references(tiny_model, tiny_model_b):
-    from tests.references import hf_greedy
-    from tests.weights.test_update import MAX_NEW, PROMPTS
-
-    return {"a": hf_greedy(tiny_model, PROMPTS, MAX_NEW), "b": hf_greedy(tiny_model_b, PROMPTS, MAX_NEW)}
-
-
-def addresses(cluster) -> list[str]:
-    return [p.address for p in cluster["procs"]]
+    try:
+        server.start().wait_ready(600)
+        yield server
+    finally:
+        server.stop()
 
 
 def serving(address) -> int:
@@ -208,7 +198,8 @@ def greedy(address: str) -> tuple[list[list[int]], set[int]]:
     call (three calls ~70 s), close to test_update's 60 s. The engine is not left paused after a commit (the commit
     resumes in a finally, and the push only returns after it)."""
     from fabric.v1 import rollout_pb2
-    from tests.weights.test_update import MAX_NEW, PROMPTS, stub
+    from tests.servers import MAX_NEW, PROMPTS
+    from tests.weights.test_update import stub
 
     requests = [
         rollout_pb2.GenerateRequest(
@@ -231,11 +222,11 @@ def assert_serving(targets, version, tokens):
 
 
 @pytest.mark.slow
-def test_servers_offer_gloo_and_a_push_over_it_commits_everywhere(cluster, tiny_model_b, references):
-    targets = addresses(cluster)
+def test_servers_offer_gloo_and_a_push_over_it_commits_everywhere(cluster, plain, tiny_model_b, reference):
+    targets = cluster.addresses
     for address in targets:
         assert "gloo" in [o.name for o in status(address).transports]
-    assert "gloo" not in [o.name for o in status(cluster["plain"].address).transports]
+    assert "gloo" not in [o.name for o in status(plain.address).transports]
     version = max(serving(a) for a in targets) + 1
     report = push(tiny_model_b, targets, version)
     assert report.ok, report.failed
@@ -243,17 +234,17 @@ def test_servers_offer_gloo_and_a_push_over_it_commits_everywhere(cluster, tiny_
     assert [r.transport for r in report.results] == ["gloo"] * 3
     assert all(r.transport_reason == "requested gloo" for r in report.results)
     assert all(r.bytes_received == report.results[0].bytes_received > 0 for r in report.results)
-    assert_serving(targets, version, references["b"])
+    assert_serving(targets, version, reference["b"])
 
 
 @pytest.mark.slow
 def test_group_is_kept_while_the_servers_are_the_same_and_formed_again_when_they_change(
-    cluster, tiny_model, tiny_model_b, references
+    cluster, tiny_model, tiny_model_b, reference
 ):
     from fabric.v1 import rollout_pb2
     from tests.weights.test_update import stub
 
-    targets = addresses(cluster)
+    targets = cluster.addresses
     version = max(serving(a) for a in targets) + 1
     formed = []
     for checkpoint, servers in ((tiny_model, targets), (tiny_model_b, targets), (tiny_model, targets[:2])):
@@ -280,28 +271,28 @@ def test_group_is_kept_while_the_servers_are_the_same_and_formed_again_when_they
     assert report.ok and report.collective_timings["formed"] == 1, (report.failed, report.collective_timings)
     report = push(tiny_model, targets, version + 3)
     assert report.ok and report.collective_timings["formed"] == 1, (report.failed, report.collective_timings)
-    assert_serving(targets, version + 3, references["a"])
+    assert_serving(targets, version + 3, reference["a"])
 
 
 @pytest.mark.slow
-def test_auto_prefers_tcp_on_cpu_and_a_server_without_collectives_falls_back(cluster, tiny_model, references):
-    targets = [*addresses(cluster)[:2], cluster["plain"].address]
+def test_auto_prefers_tcp_on_cpu_and_a_server_without_collectives_falls_back(cluster, plain, tiny_model, reference):
+    targets = [*cluster.addresses[:2], plain.address]
     version = max(serving(a) for a in targets) + 1
     report = push(tiny_model, targets, version)  # gloo asked: two take it, the plain server falls back
     assert report.ok, report.failed
     by_server = {r.server: r for r in report.results}
     assert [by_server[a].transport for a in targets] == ["gloo", "gloo", "tcp"]
-    assert "does not offer gloo" in by_server[cluster["plain"].address].transport_reason
-    assert_serving(targets, version, references["a"])
+    assert "does not offer gloo" in by_server[plain.address].transport_reason
+    assert_serving(targets, version, reference["a"])
     report = push(tiny_model, targets, version + 1, transport="auto")
     assert report.ok and {r.transport for r in report.results} == {"tcp"}, report.results
 
 
 @pytest.mark.slow
 def test_sender_stalling_mid_broadcast_is_abandoned_by_every_server_at_the_deadline(
-    cluster, small_buckets, tiny_model, tiny_model_b, references
+    cluster, small_buckets, tiny_model, tiny_model_b, reference
 ):
-    targets = addresses(cluster)
+    targets = cluster.addresses
     baseline = max(serving(a) for a in targets) + 1
     assert push(tiny_model, targets, baseline).ok
     stalled = []
@@ -317,11 +308,11 @@ def test_sender_stalling_mid_broadcast_is_abandoned_by_every_server_at_the_deadl
     assert stalled and time.monotonic() - started < 40  # nothing hung
     assert not report.ok and not any(r.committed for r in report.results), report.results
     assert all(r.error.reason == "COLLECTIVE_FAILED" for r in report.results), report.results
-    assert_serving(targets, baseline, references["a"])  # the old version, everywhere
+    assert_serving(targets, baseline, reference["a"])  # the old version, everywhere
     collective.AFTER_BUCKET = None
     report = push(tiny_model_b, targets, baseline + 1)  # the next push forms a new group
     assert report.ok, report.failed
-    assert_serving(targets, baseline + 1, references["b"])
+    assert_serving(targets, baseline + 1, reference["b"])
 
 
 SENDER = """
@@ -340,9 +331,9 @@ asyncio.run(push_weights(source, sys.argv[3:], version=int(sys.argv[2]), transpo
 
 @pytest.mark.slow
 def test_sender_killed_mid_broadcast_leaves_the_old_version_everywhere(
-    cluster, small_buckets, tiny_model, tiny_model_b, references
+    cluster, small_buckets, tiny_model, tiny_model_b, reference
 ):
-    targets = addresses(cluster)
+    targets = cluster.addresses
     baseline = max(serving(a) for a in targets) + 1
     assert push(tiny_model, targets, baseline).ok
     env = {**os.environ, "FABRIC_BUCKET_BYTES": SMALL_BUCKETS, "FABRIC_COLLECTIVE_TIMEOUT_S": "30"}
@@ -362,20 +353,20 @@ def test_sender_killed_mid_broadcast_leaves_the_old_version_everywhere(
     while any(status(a).staged_version for a in targets) and time.monotonic() - killed < 40:
         time.sleep(0.2)
     assert time.monotonic() - killed < 40, "a server still waits on the dead sender's group"
-    assert_serving(targets, baseline, references["a"])
+    assert_serving(targets, baseline, reference["a"])
     report = push(tiny_model_b, targets, baseline + 1)
     assert report.ok, report.failed
-    assert_serving(targets, baseline + 1, references["b"])
+    assert_serving(targets, baseline + 1, reference["b"])
 
 
 @pytest.mark.slow
 def test_receiver_killed_mid_broadcast_fails_the_group_and_a_restarted_server_is_readmitted(
-    cluster, small_buckets, tiny_model, tiny_model_b, references
+    cluster, small_buckets, tiny_model, tiny_model_b, reference
 ):
-    targets = addresses(cluster)
+    targets = cluster.addresses
     baseline = max(serving(a) for a in targets) + 1
     assert push(tiny_model, targets, baseline).ok
-    victim = cluster["procs"][2]
+    victim = cluster.procs[2]
 
     def kill(index):
         if index == 2:
@@ -389,18 +380,16 @@ def test_receiver_killed_mid_broadcast_fails_the_group_and_a_restarted_server_is
     collective.AFTER_BUCKET = None
     assert not any(r.committed for r in report.results), report.results
     survivors = targets[:2]
-    assert_serving(survivors, baseline, references["a"])  # the vote failed: nobody committed
+    assert_serving(survivors, baseline, reference["a"])  # the vote failed: nobody committed
 
     # The next push forms a new group of the servers that answer; a restarted server is behind and gets it.
     report = push(tiny_model_b, survivors, baseline + 1)
     assert report.ok, report.failed
-    restarted = ServerProcess("rollout", cluster["config"], name="gloo-2b", log_path=cluster["tmp"] / "g2b.log")
-    cluster["procs"][2] = restarted
-    restarted.start().wait_ready(600)
-    everyone = addresses(cluster)
+    restarted = cluster.restart(2)
+    everyone = cluster.addresses
     report = push(tiny_model_b, everyone, baseline + 1)  # the current version
     assert report.ok, report.failed
     by_server = {r.server: r for r in report.results}
     assert all(by_server[a].already_committed for a in survivors)
     assert by_server[restarted.address].transport == "gloo" and not by_server[restarted.address].already_committed
-    assert_serving(everyone, baseline + 1, references["b"])
+    assert_serving(everyone, baseline + 1, reference["b"])

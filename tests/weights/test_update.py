@@ -1,7 +1,8 @@
 """Weight updates end to end: real rollout servers (vLLM on the tiny model), real pushes over gRPC and raw TCP.
 
-Three servers are started once for the module. Each test pushes a new version (the serving one + 1) and checks
-what the servers then generate against transformers' greedy output on the checkpoint that was pushed.
+Three servers are started once for the session (tests/conftest.py rollout_cluster, shared with test_collective, the
+reliability and the client tests). Each test pushes a new version (the serving one + 1) and checks what the servers
+then generate against transformers' greedy output on the checkpoint that was pushed.
 """
 
 from __future__ import annotations
@@ -18,68 +19,19 @@ import grpc
 import pytest
 import torch
 
-from fabric.procs import ServerProcess, start_all
 from fabric.v1 import rollout_pb2, rollout_pb2_grpc
 from fabric.weights.manifest import TORCH_TO_PROTO
 from fabric.weights.sender import WeightSource, push_weights
 from fabric.weights.transports import tcp
-from tests.references import hf_greedy
+from tests.servers import MAX_NEW, PROMPTS
 
 pytestmark = pytest.mark.slow
-PROMPTS = ["Add 3 and 4.\n", "Add 12 and 30.\n"]
-MAX_NEW = 8
 
 
-def rollout_config(model: str, path) -> str:
-    path.write_text(
-        "actor_infer:\n"
-        f"  pretrain: {model}\n"
-        f"  generating_args: {{max_new_tokens: {MAX_NEW}, temperature: 0.0}}\n"
-        "  strategy_args:\n"
-        "    strategy_name: vllm\n"
-        "    strategy_config: {block_size: 32, dtype: float32, max_model_len: 256, enforce_eager: true,\n"
-        "                      gpu_memory_utilization: 0.1}\n"
-        "  infer_batch_size: 8\n"
-    )
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def servers(tiny_model, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("weights")
-    config = rollout_config(tiny_model, tmp / "rollout.yaml")
-    # Each server stages in a directory of its own, so a test can find (and sabotage) one server's staging files.
-    procs = [
-        ServerProcess(
-            "rollout",
-            config,
-            name=f"rollout-{i}",
-            log_path=tmp / f"s{i}.log",
-            env={"FABRIC_SHM_DIR": str(staging_dir(tmp, i))},
-        )
-        for i in range(3)
-    ]
-    addresses = start_all(procs, timeout=400)
-    STAGING_DIRS.update({address: staging_dir(tmp, i) for i, address in enumerate(addresses)})
-    yield addresses
-    for proc in procs:
-        assert proc.stop() == 0, proc.last_lines()
-    for address in addresses:  # a server stopped with SIGTERM deletes its staging files
-        assert list(STAGING_DIRS[address].iterdir()) == [], address
-
-
-STAGING_DIRS: dict = {}
-
-
-def staging_dir(tmp, i: int):
-    path = tmp / f"staging-{i}"
-    path.mkdir(exist_ok=True)
-    return path
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_model, tiny_model_b):
-    return {"a": hf_greedy(tiny_model, PROMPTS, MAX_NEW), "b": hf_greedy(tiny_model_b, PROMPTS, MAX_NEW)}
+@pytest.fixture
+def servers(cluster) -> list[str]:
+    """The session's three rollout servers, by address."""
+    return cluster.addresses
 
 
 def stub(address: str):
@@ -111,8 +63,9 @@ def push(source, targets, **kwargs):
     return asyncio.run(push_weights(source, targets, **kwargs))
 
 
-def test_push_weights_cli_switches_a_server_to_the_new_checkpoint(servers, tiny_model_b, reference):
+def test_push_weights_cli_switches_a_server_to_the_new_checkpoint(servers, tiny_model, tiny_model_b, reference):
     target = servers[0]
+    assert push(WeightSource.from_hf_checkpoint(tiny_model), [target], transport="grpc").ok  # whatever ran before
     assert greedy(target)[0] == reference["a"]
     version = next_version(target)
     out = subprocess.run(
@@ -335,7 +288,7 @@ def test_a_partial_newer_version_left_by_a_dead_sender_does_not_lock_the_server_
 
 
 def test_a_commit_that_fails_inside_vllm_ends_the_update_and_the_previous_version_keeps_serving(
-    servers, tiny_model, tiny_model_b, reference
+    cluster, servers, tiny_model, tiny_model_b, reference
 ):
     """The staged version's file vanishes before its commit (a tmp cleaner wiping /dev/shm, say), so vLLM's worker
     fails inside the update. The update must be ended in the engine (else the next one is refused as "already
@@ -357,7 +310,7 @@ def test_a_commit_that_fails_inside_vllm_ends_the_update_and_the_previous_versio
     # The staged file is the one holding the new checkpoint's first chunk (the serving one holds the old weights;
     # the staged version may reuse a spare file of the same layout, so it need not be a new file).
     first = source.chunk_view(0).tobytes()
-    (staged_file,) = [f for f in STAGING_DIRS[target].iterdir() if f.read_bytes()[: len(first)] == first]
+    (staged_file,) = [f for f in cluster.staging[target].iterdir() if f.read_bytes()[: len(first)] == first]
     staged_file.unlink()
 
     failed = push(source, [target], version=serving + 1, transport="grpc")  # sends the last chunk: commit
