@@ -6,13 +6,15 @@ straight into its parameters by default: FABRIC_LAYERWISE_RELOAD=1 takes vLLM's 
 
 Per layout (Qwen2.5 shapes in bf16, `load_format: dummy`, eager, default 0.5B and 7B), on GPU 0:
   generation   256 prompts x 128 new tokens, greedy, token ids in, through `fabric serve rollout` over gRPC (one
-               Generate stream); then, with the fabric server stopped, the same prompts in-process: vLLM's AsyncLLM
-               with the fabric's own engine arguments (sleep mode, processed logprobs) and vLLM's offline LLM with
-               its defaults. Dummy weights are seeded the same way in every engine, so all generate the same tokens
-               (the totals are printed). Ratios: fabric / each in-process way.
+               Generate stream), with the sampled token's logprob (what the trainer asks) and without; then, with
+               the fabric server stopped, the same prompts and the same two samplings in-process: vLLM's AsyncLLM
+               and vLLM's offline LLM, both with the fabric's own engine arguments (sleep mode, processed
+               logprobs, the LLM class's batch defaults). Dummy weights are seeded the same way in every engine, so
+               all generate the same tokens (the totals are printed). Ratios: fabric / each in-process way.
   ipc          the trainer's side in this process (random bf16 tensors on GPU 0), the server colocated on GPU 0:
-               six pushes over CUDA IPC, each a full update (status, transfer, pause, commit, resume), with the
-               server's own phase timings from its log; the version it serves afterwards.
+               six pushes over CUDA IPC in one event loop with the control channels kept (as the trainer pushes),
+               each a full update (status, pack, transfer, pause, commit, resume), with the sender's phases and the
+               server's own from its log; the version it serves afterwards.
 Everything lands in OUT_DIR/gpu_one.json and one table at the end; a part that fails is recorded, the rest runs.
 The fabric's own side runs as users get it: the config's defaults except the engine arguments named here.
 """
@@ -108,6 +110,9 @@ def profile(pid: int, path: Path):
     during the generation rounds, as collapsed stacks."""
     binary = os.environ.get("FABRIC_BENCH_PYSPY")
     if not binary:
+        return None
+    if not os.path.exists(binary):  # a profile is a bonus: its absence must not cost the measurement
+        record("pyspy.error", f"FABRIC_BENCH_PYSPY={binary} does not exist: no profile")
         return None
     return subprocess.Popen([binary, "record", "--pid", str(pid), "--duration", "4", "--rate", "250", "--gil",
                              "--format", "raw", "--output", str(path), "--nonblocking"],
