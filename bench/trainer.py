@@ -82,6 +82,19 @@ def _hf_config(shape: dict):
     return Qwen2Config(**shape, dtype="float32")
 
 
+def _random_state(hf_config, device) -> dict[str, torch.Tensor]:
+    """transformers' random initial weights (seed 0) on the CPU: every row starts from them."""
+    from transformers import Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        reference = Qwen2ForCausalLM(hf_config)
+    state = {k: v.detach().to("cpu", copy=True) for k, v in reference.state_dict().items()}
+    del reference
+    _free(device)
+    return state
+
+
 def _batch(rows: int, length: int, vocab: int, variable: bool, seed: int = 0):
     """Random token ids; prompt = the first quarter. variable: lengths uniform in [length/4, length], right-padded."""
     from fabric.trainer.policy import TrainBatch
@@ -273,14 +286,7 @@ def gpu_main(smoke: bool = False, peak_tflops: float = 989.0, repeats: int = 3, 
     rows_n, length, micro = (16, 1024, 4) if not smoke else (8, 64, 2)
     hf_config = _hf_config(shape)
     start = time.perf_counter()
-    torch.manual_seed(0)
-    from transformers import Qwen2ForCausalLM
-
-    with torch.device(device):
-        reference = Qwen2ForCausalLM(hf_config)
-    state = {k: v.detach().to("cpu", copy=True) for k, v in reference.state_dict().items()}
-    del reference
-    _free(device)
+    state = _random_state(hf_config, device)
     params = _count_params(hf_config)
     print(
         f"{'smoke: tiny' if smoke else 'Qwen2.5-1.5B layout'} (hidden {shape['hidden_size']}, "
@@ -480,14 +486,7 @@ def profile_main(peak_tflops: float = 989.0) -> None:
     init_megatron(seed=0)
     device = torch.device("cuda", torch.cuda.current_device())
     hf_config = _hf_config(QWEN25_15B)
-    from transformers import Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    with torch.device(device):
-        reference = Qwen2ForCausalLM(hf_config)
-    state = {k: v.detach().to("cpu", copy=True) for k, v in reference.state_dict().items()}
-    del reference
-    _free(device)
+    state = _random_state(hf_config, device)
     batch = _batch(16, 1024, QWEN25_15B["vocab_size"], variable=False)
     setups = {
         "Policy SDPA": lambda: _policy_setup(
