@@ -12,7 +12,7 @@ import mmap
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +37,9 @@ class UpdateInfo:
     tie_lm_head: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        """The plain form vLLM's update_info carries to the worker (fabric.rollout.vllm.transfer)."""
-        return asdict(self)
+        """The plain form vLLM's update_info carries to the worker (fabric.rollout.vllm.transfer); shallow: the
+        layout list is not deep-copied on every commit (vLLM serializes it to the worker anyway)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 @dataclass(frozen=True)
