@@ -67,7 +67,8 @@ def test_train_step_matches_tp1_and_keeps_ranks_in_sync(megatron, tiny_model, tp
     grads = hf_grads(policy.model)
     for result in tp2_results:
         assert result["metrics"]["grad_norm"] == pytest.approx(metrics["grad_norm"], rel=1e-4)
-        assert result["metrics"]["loss"] == pytest.approx(metrics["loss"], rel=1e-5)
+        # The PPO loss of this batch is about 0 (its advantages cancel): fp32 rounding of O(1) terms, hence abs.
+        assert result["metrics"]["loss"] == pytest.approx(metrics["loss"], rel=1e-5, abs=1e-6)
         for name, grad in grads.items():
             torch.testing.assert_close(result["grads"][name], grad, rtol=1e-4, atol=1e-7, msg=name)
     trained = {name: tensor.cpu() for name, tensor in policy.hf_weights() if name != "lm_head.weight"}
