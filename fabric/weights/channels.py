@@ -18,12 +18,11 @@ class ChannelCache:
     def __init__(self):
         self._channels: dict[str, grpc.aio.Channel] = {}
 
-    @contextlib.asynccontextmanager
-    async def channel(self, target: str) -> AsyncIterator[grpc.aio.Channel]:
+    def get(self, target: str) -> grpc.aio.Channel:
         kept = self._channels.get(target)
         if kept is None:
             kept = self._channels[target] = security.channel(target)
-        yield kept
+        return kept
 
     async def forget(self, target: str) -> None:
         """Closes the channel to a server that went away (the next call connects afresh)."""
@@ -40,8 +39,7 @@ class ChannelCache:
 async def open_channel(target: str, channels: ChannelCache | None = None) -> AsyncIterator[grpc.aio.Channel]:
     """The kept channel to `target` when there is a cache, else a channel for this call only."""
     if channels is not None:
-        async with channels.channel(target) as kept:
-            yield kept
+        yield channels.get(target)
         return
     async with security.channel(target) as channel:
         yield channel
