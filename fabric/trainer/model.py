@@ -245,9 +245,20 @@ def build_gpt_model(
         position_embedding_type="rope",
         rotary_base=_rope_theta(hf_config),
     ).to(device)
+    _norms_in(model, dtype)
     model.hf_config = hf_config
     model.attention_backend = attention
     return model
+
+
+def _norms_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """The local spec builds its RMSNorms in fp32 whatever params_dtype says (megatron's training casts the whole
+    model through Float16Module); bf16 activations against an fp32 norm weight miss torch's fused rms_norm kernel
+    (H200: a composite of fp32 kernels per norm, forward and backward). Norm weights go to the model's dtype, as in
+    the HF checkpoint and in vLLM; the optimizer keeps their fp32 main copies."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.RMSNorm | torch.nn.LayerNorm):
+            module.to(dtype)
 
 
 @dataclass(frozen=True)

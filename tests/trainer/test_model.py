@@ -85,6 +85,18 @@ def test_iter_hf_weights_streams_lm_head_for_tied_embeddings(mg_model):
     assert "lm_head.weight" not in export_hf_state_dict(mg_model)
 
 
+def test_a_bf16_model_holds_every_parameter_in_bf16_norms_included(megatron, tiny_model):
+    """megatron's local spec builds its RMSNorms in fp32 whatever the dtype; a bf16 model must not keep them so
+    (bf16 activations against an fp32 norm weight miss torch's fused rms_norm), and its logits stay those of the
+    bf16 checkpoint within bf16 rounding."""
+    model = build_gpt_model(tiny_model, torch.bfloat16)
+    load_hf_into_megatron(model, tiny_model)
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    assert set(dtypes.values()) == {torch.bfloat16}, {n: d for n, d in dtypes.items() if d != torch.bfloat16}
+    exported = export_hf_state_dict(model)
+    assert exported["model.norm.weight"].dtype == torch.bfloat16
+
+
 def test_llama_untied_with_biases_matches_transformers(megatron):
     from transformers import LlamaConfig, LlamaForCausalLM
 
