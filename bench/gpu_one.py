@@ -6,11 +6,13 @@ straight into its parameters by default: FABRIC_LAYERWISE_RELOAD=1 takes vLLM's 
 
 Per layout (Qwen2.5 shapes in bf16, `load_format: dummy`, eager, default 0.5B and 7B), on GPU 0:
   generation   256 prompts x 128 new tokens, greedy, token ids in, through `fabric serve rollout` over gRPC (one
-               Generate stream), with the sampled token's logprob (what the trainer asks) and without; then, with
-               the fabric server stopped, the same prompts and the same two samplings in-process: vLLM's AsyncLLM
-               and vLLM's offline LLM, both with the fabric's own engine arguments (sleep mode, processed
-               logprobs, the LLM class's batch defaults). Dummy weights are seeded the same way in every engine, so
-               all generate the same tokens (the totals are printed). Ratios: fabric / each in-process way.
+               Generate stream), with the sampled token's logprob (what the trainer asks) and without, in rounds
+               alternating with the same prompts and samplings through vLLM's AsyncLLM in this process (both
+               engines alive, each at UTIL of the GPU; AsyncLLM at its fastest: final output only, no
+               detokenizing); then, with the server stopped, vLLM's offline LLM in a child process. Both in-process
+               engines take the fabric's own engine arguments (sleep mode, processed logprobs, the LLM class's
+               batch defaults, no stats logging). Dummy weights are seeded the same way in every engine, so all
+               generate the same tokens (the totals are printed). Ratios: fabric / each in-process way.
   ipc          the trainer's side in this process (random bf16 tensors on GPU 0), the server colocated on GPU 0:
                six pushes over CUDA IPC in one event loop with the control channels kept (as the trainer pushes),
                each a full update (status, pack, transfer, pause, commit, resume), with the sender's phases and the
@@ -42,7 +44,7 @@ from bench.gpu_sync import (
 )
 
 os.environ.update(SAFE_ENV)
-NUM_PROMPTS, PROMPT_LEN, MAX_NEW, ROUNDS = 256, 64, 128, 3
+NUM_PROMPTS, PROMPT_LEN, MAX_NEW, ROUNDS = 256, 64, 128, 4
 PROMPTS = [[(7 * i + j) % 300 + 1 for j in range(PROMPT_LEN)] for i in range(NUM_PROMPTS)]
 ENGINE = {"dtype": "bfloat16", "max_model_len": 1024, "enforce_eager": True, "load_format": "dummy"}
 UTIL = 0.35  # of the GPU for each engine: room for the trainer's tensors and the staging buffers beside it
@@ -88,21 +90,81 @@ def rates(rounds: list[tuple[float, int]]) -> dict:
 # ---- the fabric: a rollout server, gRPC generation and IPC pushes --------------------------------------------------
 
 
-def grpc_round(address: str, logprobs: bool = True) -> tuple[float, int]:
+async def grpc_round(address: str, logprobs: bool = True) -> tuple[float, int]:
+    """One round through the rollout server: every prompt on one Generate stream, as the trainer sends them."""
     from fabric.rollout.client import GenerateRequest, RolloutClient, SamplingParams
 
     sampling = SamplingParams(max_new_tokens=MAX_NEW, temperature=0.0, logprobs=logprobs)
     requests = [
         GenerateRequest(request_id=str(i), prompt_token_ids=p, sampling=sampling) for i, p in enumerate(PROMPTS)
     ]
+    start = time.perf_counter()
+    async with RolloutClient(address) as client:
+        tokens = sum([len(r.token_ids) async for r in client.generate(requests)])
+    return time.perf_counter() - start, tokens
 
-    async def go() -> int:
-        async with RolloutClient(address) as client:
-            return sum([len(r.token_ids) async for r in client.generate(requests)])
+
+def start_async_engine(config_path: Path):
+    """vLLM's AsyncLLM built from the fabric's own engine arguments, in this process (call inside the event loop)."""
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from fabric.config import load_config
+    from fabric.rollout.config import load_rollout_config
+    from fabric.rollout.vllm.engine import build_engine_args, check_engine_args
+
+    config = load_rollout_config(load_config(str(config_path)), "actor_infer")
+    args = build_engine_args(config)
+    return AsyncLLM.from_vllm_config(check_engine_args(config, args), disable_log_stats=args["disable_log_stats"])
+
+
+async def async_round(engine, tag: str, logprobs: bool = True) -> tuple[float, int]:
+    """One round in-process: every prompt to AsyncLLM.generate at once, at its fastest settings (final output only,
+    no detokenizing), the way a user drives it in their own event loop."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.sampling_params import RequestOutputKind
+
+    params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, logprobs=0 if logprobs else None,
+                            output_kind=RequestOutputKind.FINAL_ONLY, detokenize=False)  # fmt: skip
+
+    async def one(i: int, ids: list[int]) -> int:
+        (prompt,) = engine.renderer.render_cmpl([TokensPrompt(prompt_token_ids=ids)])
+        async for output in engine.generate(prompt, params, f"{tag}-{i}"):
+            final = output
+        return len(final.outputs[0].token_ids)
 
     start = time.perf_counter()
-    tokens = asyncio.run(go())
+    tokens = sum(await asyncio.gather(*(one(i, p) for i, p in enumerate(PROMPTS))))
     return time.perf_counter() - start, tokens
+
+
+def generation_rounds(address: str, config_path: Path, name: str, profiler_for) -> None:
+    """The fabric and in-process AsyncLLM, both alive on the GPU, in alternating rounds (fabric, AsyncLLM, with and
+    without logprobs), so that neither gets a quieter minute of the machine than the other."""
+
+    async def main() -> dict[str, list]:
+        engine = start_async_engine(config_path)
+        rounds: dict[str, list] = {"fabric": [], "fabric_nolp": [], "async": [], "async_nolp": []}
+        try:
+            await grpc_round(address)  # warm-up, both
+            await async_round(engine, "warm")
+            profiler = profiler_for()  # py-spy on the server during the next fabric rounds
+            for r in range(ROUNDS):
+                rounds["fabric"].append(await grpc_round(address))
+                rounds["async"].append(await async_round(engine, f"lp{r}"))
+                rounds["fabric_nolp"].append(await grpc_round(address, False))
+                rounds["async_nolp"].append(await async_round(engine, f"nolp{r}", False))
+            if profiler is not None:
+                profiler.wait(60)
+        finally:
+            engine.shutdown()
+        return rounds
+
+    rounds = asyncio.run(main())
+    record(f"{name}.fabric_grpc", rates(rounds["fabric"]))
+    record(f"{name}.fabric_grpc_nolp", rates(rounds["fabric_nolp"]))
+    record(f"{name}.inprocess_async", rates(rounds["async"]))
+    record(f"{name}.inprocess_async_nolp", rates(rounds["async_nolp"]))
 
 
 def profile(pid: int, path: Path):
@@ -148,14 +210,11 @@ def fabric_part(out: Path, name: str, model: Path) -> None:
     try:
         server.wait_ready(600)
         record(f"{name}.server_start_s", time.perf_counter() - started)
-        grpc_round(server.address)  # warm-up
-        profiler = profile(server.process.pid, out / f"pyspy-{name}.txt")
-        # what the trainer asks (the sampled token's logprob), then without logprobs (what in-process users quote)
-        record(f"{name}.fabric_grpc", rates([grpc_round(server.address) for _ in range(ROUNDS)]))
-        if profiler is not None:
-            profiler.wait(60)
-            record(f"{name}.server_profile_top", top_frames(out / f"pyspy-{name}.txt"))
-        record(f"{name}.fabric_grpc_nolp", rates([grpc_round(server.address, False) for _ in range(ROUNDS)]))
+        spy_path = out / f"pyspy-{name}.txt"
+        generation_rounds(server.address, out / f"rollout-{name}.yaml", name,
+                          lambda: profile(server.process.pid, spy_path))  # fmt: skip
+        if spy_path.exists():
+            record(f"{name}.server_profile_top", top_frames(spy_path))
 
         source = random_source(model, "cuda:0")
 
@@ -225,70 +284,37 @@ def correctness(out: Path) -> None:
 # ---- in-process vLLM, in a child process of its own per engine --------------------------------------------------
 
 
-def native_main(kind: str, config_path: str) -> None:
-    """Child: one engine with the fabric's own engine arguments (sleep mode, processed logprobs, its weight-transfer
-    backend), a warm-up, then ROUNDS rounds with the sampled token's logprob (as the fabric's trainer asks) and
-    ROUNDS without; prints one JSON line {"lp": rounds, "nolp": rounds}."""
-    from vllm import SamplingParams
+def native_main(config_path: str) -> None:
+    """Child: vLLM's offline LLM (the in-process engine ROLL drives) with the fabric's own engine arguments (sleep
+    mode, processed logprobs, its weight-transfer backend), a warm-up, then ROUNDS rounds with the sampled token's
+    logprob (as the fabric's trainer asks) and ROUNDS without; prints one JSON line {"lp": rounds, "nolp": rounds}."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
 
     from fabric.config import load_config
     from fabric.rollout.config import load_rollout_config
-    from fabric.rollout.vllm.engine import build_engine_args, check_engine_args
+    from fabric.rollout.vllm.engine import build_engine_args
 
     config = load_rollout_config(load_config(config_path), "actor_infer")
-    args = build_engine_args(config)
+    llm = LLM(**build_engine_args(config))
+    prompts = [TokensPrompt(prompt_token_ids=p) for p in PROMPTS]
     rounds: dict[str, list] = {"lp": [], "nolp": []}
-
-    def params(variant: str, **extra) -> SamplingParams:
-        return SamplingParams(max_tokens=MAX_NEW, temperature=0.0, logprobs=0 if variant == "lp" else None, **extra)
-
-    if kind == "async":  # vLLM's AsyncLLM as the fabric builds it, called in-process
-        from vllm.inputs import TokensPrompt
-        from vllm.sampling_params import RequestOutputKind
-        from vllm.v1.engine.async_llm import AsyncLLM
-
-        async def main() -> None:
-            engine = AsyncLLM.from_vllm_config(check_engine_args(config, args))
-
-            async def one(tag: str, i: int, ids: list[int], variant: str) -> int:
-                (prompt,) = engine.renderer.render_cmpl([TokensPrompt(prompt_token_ids=ids)])
-                async for output in engine.generate(
-                    prompt, params(variant, output_kind=RequestOutputKind.FINAL_ONLY), f"{tag}-{i}"
-                ):
-                    final = output
-                return len(final.outputs[0].token_ids)
-
-            for variant in ("lp", "nolp"):
-                for r in range(ROUNDS + 1):
-                    start = time.perf_counter()
-                    jobs = (one(f"{variant}{r}", i, p, variant) for i, p in enumerate(PROMPTS))
-                    tokens = sum(await asyncio.gather(*jobs))
-                    if r:
-                        rounds[variant].append((time.perf_counter() - start, tokens))
-            engine.shutdown()
-
-        asyncio.run(main())
-    else:  # vLLM's offline LLM, the in-process engine ROLL drives
-        from vllm import LLM
-        from vllm.inputs import TokensPrompt
-
-        llm = LLM(**args)
-        prompts = [TokensPrompt(prompt_token_ids=p) for p in PROMPTS]
-        for variant in ("lp", "nolp"):
-            for r in range(ROUNDS + 1):
-                start = time.perf_counter()
-                outs = llm.generate(prompts, params(variant), use_tqdm=False)
-                if r:
-                    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-                    rounds[variant].append((time.perf_counter() - start, tokens))
+    for variant in ("lp", "nolp"):
+        params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, logprobs=0 if variant == "lp" else None)
+        for r in range(ROUNDS + 1):
+            start = time.perf_counter()
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            if r:
+                tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+                rounds[variant].append((time.perf_counter() - start, tokens))
     print("RESULT " + json.dumps(rounds), flush=True)
 
 
-def native_part(out: Path, name: str, model: Path, kind: str) -> None:
+def native_part(out: Path, name: str, model: Path, kind: str = "llm") -> None:
     config = out / f"rollout-{name}.yaml"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0"}
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "bench.gpu_one", "native", kind, str(config)], env=env,
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_one", "native", str(config)], env=env,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     (out / f"native-{kind}-{name}.log").write_text(proc.stdout + proc.stderr)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -324,14 +350,15 @@ def summary(names: list[str]) -> None:
 
 def main(argv: list[str]) -> None:
     if argv and argv[0] == "native":
-        native_main(argv[1], argv[2])
+        native_main(argv[1])
         return
     out = Path(argv[0] if argv else "runs/gpu_one")
-    # "0.5B,7B" runs every way on both; "0.5B:fabric+async,7B:fabric+llm" picks ways per layout
+    # "0.5B,7B" runs every way on both; "0.5B:fabric,7B:fabric+llm" picks ways per layout (fabric: the server,
+    # AsyncLLM alternating with it, the IPC pushes; llm: the offline LLM)
     plan = {}
     for item in (argv[1] if len(argv) > 1 else "0.5B,7B").split(","):
         name, _, ways = item.partition(":")
-        plan[name] = set(ways.split("+")) if ways else {"fabric", "async", "llm"}
+        plan[name] = set(ways.split("+")) if ways else {"fabric", "llm"}
     names = list(plan)
     budget = float(argv[2]) if len(argv) > 2 else 560.0
     out.mkdir(parents=True, exist_ok=True)
@@ -341,7 +368,6 @@ def main(argv: list[str]) -> None:
         model = make_layout_dir(out, name)
         for part, fn, args in (
             ("fabric", fabric_part, (out, name, model)),
-            ("inprocess_async", native_part, (out, name, model, "async")),
             ("inprocess_llm", native_part, (out, name, model, "llm")),
         ):
             if part.removeprefix("inprocess_") not in plan[name]:

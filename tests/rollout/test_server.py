@@ -104,6 +104,7 @@ def test_health_reflection_and_server_info(server):
     assert info.max_model_len == MAX_MODEL_LEN and info.infer_batch_size == INFER_BATCH_SIZE
     assert info.vocab_size >= 320 and info.engine_version.startswith("vllm")
     assert '"block_size": 32' in info.engine_config_json and '"fabric_shm"' in info.engine_config_json
+    assert '"disable_log_stats": true' in info.engine_config_json  # as vLLM's offline LLM: no per-step stats
     assert '"max_new_tokens": 16' in info.generating_args_json
 
 

@@ -33,7 +33,7 @@ FINISH_REASONS = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abo
 
 def build_engine_args(config: RolloutConfig) -> dict[str, Any]:
     """strategy_config as written (minus sleep_level, already popped), plus the model, dtype, sleep mode, processed
-    logprobs and the fabric's weight-transfer backend."""
+    logprobs, no stats logging and the fabric's weight-transfer backend."""
     from vllm.platforms import current_platform
 
     from fabric.rollout.vllm import transfer
@@ -45,6 +45,10 @@ def build_engine_args(config: RolloutConfig) -> dict[str, Any]:
     # Logprobs of the distribution sampled from (after temperature, top-k and top-p), not vLLM's default raw ones
     # (before them): what the trainer compares with its own logprobs at the sampling temperature.
     args.setdefault("logprobs_mode", "processed_logprobs")
+    # No per-step stats in the engine and its front end (Prometheus counters, throughput logs), as vLLM's offline LLM:
+    # the fabric reports its own; on the CPU py-spy put a tenth of the server's GIL time there.
+    # `strategy_config: {disable_log_stats: false}` brings them back.
+    args.setdefault("disable_log_stats", True)
     if current_platform.is_sleep_mode_available():  # CPU: vLLM refuses enable_sleep_mode (sleep is a no-op there)
         args.setdefault("enable_sleep_mode", True)
     args.update(transfer.engine_args())
@@ -173,7 +177,9 @@ class VLLMEngine:
 
         started = time.perf_counter()
         log.info("starting vLLM engine for %s (this takes a while)", self.model_dir)
-        self.engine = AsyncLLM.from_vllm_config(self.vllm_config)
+        self.engine = AsyncLLM.from_vllm_config(
+            self.vllm_config, disable_log_stats=bool(self.engine_args["disable_log_stats"])
+        )
         self.tokenizer = self.engine.get_tokenizer()
         max_token_id = getattr(self.tokenizer, "max_token_id", len(self.tokenizer) - 1)
         self.vocab_size = max(max_token_id + 1, self.vllm_config.model_config.get_vocab_size())
