@@ -49,6 +49,7 @@ PROMPTS = [[(7 * i + j) % 300 + 1 for j in range(PROMPT_LEN)] for i in range(NUM
 ENGINE = {"dtype": "bfloat16", "max_model_len": 1024, "enforce_eager": True, "load_format": "dummy"}
 UTIL = 0.35  # of the GPU for each engine: room for the trainer's tensors and the staging buffers beside it
 RESULTS: dict = {}
+SPREAD: dict[str, list] = {}  # (first sample back, last) of each generation round, seconds: how staggered they finish
 
 
 def record(key: str, value) -> None:
@@ -99,9 +100,14 @@ async def grpc_round(address: str, logprobs: bool = True) -> tuple[float, int]:
         GenerateRequest(request_id=str(i), prompt_token_ids=p, sampling=sampling) for i, p in enumerate(PROMPTS)
     ]
     start = time.perf_counter()
+    tokens, first = 0, None
     async with RolloutClient(address) as client:
-        tokens = sum([len(r.token_ids) async for r in client.generate(requests)])
-    return time.perf_counter() - start, tokens
+        async for response in client.generate(requests):
+            tokens += len(response.token_ids)
+            first = first or time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    SPREAD.setdefault("fabric", []).append((round(first or 0, 3), round(seconds, 3)))
+    return seconds, tokens
 
 
 def start_async_engine(config_path: Path):
@@ -127,14 +133,18 @@ async def async_round(engine, tag: str, logprobs: bool = True) -> tuple[float, i
     params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, logprobs=0 if logprobs else None,
                             output_kind=RequestOutputKind.FINAL_ONLY, detokenize=False)  # fmt: skip
 
+    finished: list[float] = []
+
     async def one(i: int, ids: list[int]) -> int:
         (prompt,) = engine.renderer.render_cmpl([TokensPrompt(prompt_token_ids=ids)])
         async for output in engine.generate(prompt, params, f"{tag}-{i}"):
             final = output
+        finished.append(time.perf_counter() - start)
         return len(final.outputs[0].token_ids)
 
     start = time.perf_counter()
     tokens = sum(await asyncio.gather(*(one(i, p) for i, p in enumerate(PROMPTS))))
+    SPREAD.setdefault("async", []).append((round(min(finished), 3), round(max(finished), 3)))
     return time.perf_counter() - start, tokens
 
 
@@ -165,6 +175,8 @@ def generation_rounds(address: str, config_path: Path, name: str, profiler_for) 
     record(f"{name}.fabric_grpc_nolp", rates(rounds["fabric_nolp"]))
     record(f"{name}.inprocess_async", rates(rounds["async"]))
     record(f"{name}.inprocess_async_nolp", rates(rounds["async_nolp"]))
+    record(f"{name}.first_and_last_sample_s", dict(SPREAD))
+    SPREAD.clear()
 
 
 def profile(pid: int, path: Path):
