@@ -58,21 +58,31 @@ bench: setup
 clean:
 	rm -rf .cache runs build
 
-# On a CUDA host (vLLM installed beside the fabric, README "On GPU nodes"), figures and logs in runs/gpu: IPC
-# correctness and speed and generation beside in-process vLLM (bench.gpu_one), the demo and the colocated example
-# checked end to end (bench.check_run: every server at every version, no stale sample, the reward rising), the
-# trainer beside transformers (bench.trainer); with two GPUs also the NCCL paths (bench.gpu_sync).
+# On a CUDA host (vLLM installed beside the fabric, README "On GPU nodes"), figures and logs in runs/gpu, in four
+# parts that can also run one by one (each fits a 10-minute slot): the GPU tests (tests/gpu); IPC correctness and
+# speed and generation beside in-process vLLM (bench.gpu_one), with two GPUs also the NCCL paths (bench.gpu_sync);
+# the demo and the colocated example checked end to end (bench.check_run: every server at every version, no stale
+# sample, the reward rising); the trainer beside transformers (bench.trainer).
 GPU_PYTHON ?= python3
-gpu-check:
+.PHONY: gpu-check-tests gpu-check-paths gpu-check-runs gpu-check-trainer
+gpu-check: gpu-check-tests gpu-check-paths gpu-check-runs gpu-check-trainer
+
+gpu-check-tests:
 	$(GPU_PYTHON) -m pytest -q tests/gpu
+
+gpu-check-paths:
 	$(GPU_PYTHON) -m bench.gpu_one runs/gpu
-	$(GPU_PYTHON) -m fabric.cli run --config examples/default.yaml output_dir=runs/gpu/demo
-	$(GPU_PYTHON) -m bench.check_run runs/gpu/demo
-	$(GPU_PYTHON) -m fabric.cli run --config examples/gpu_colocated.yaml output_dir=runs/gpu/colocated
-	$(GPU_PYTHON) -m bench.check_run runs/gpu/colocated
-	$(GPU_PYTHON) -m bench.trainer
 	@if [ "$$(nvidia-smi -L | wc -l)" -ge 2 ]; then \
 	  $(GPU_PYTHON) -m bench.gpu_sync nccl-check runs/gpu && $(GPU_PYTHON) -m bench.gpu_sync layouts runs/gpu; fi
+
+gpu-check-runs:
+	$(GPU_PYTHON) -m fabric.cli run --config examples/default.yaml output_dir=runs/gpu/demo
+	$(GPU_PYTHON) -m bench.check_run runs/gpu/demo 0.4
+	$(GPU_PYTHON) -m fabric.cli run --config examples/gpu_colocated.yaml output_dir=runs/gpu/colocated
+	$(GPU_PYTHON) -m bench.check_run runs/gpu/colocated
+
+gpu-check-trainer:
+	$(GPU_PYTHON) -m bench.trainer
 
 # Client toolchains and targets (clients, test-clients) live beside the clients.
 -include clients/clients.mk
