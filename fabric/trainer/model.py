@@ -671,18 +671,20 @@ def token_logprobs(
     attention_mask: torch.Tensor | None = None,
     temperature: float = 1.0,
     packed: bool = False,
+    check: bool = True,
 ) -> torch.Tensor:
     """[B, T] logprobs of input_ids, as `losses.token_logprobs` (aligned as there: 0 at column 0 and at padding),
     without the [B, T, vocab] logits: over chunks of tokens (`_chunk_logprobs`). Differentiable under grad.
 
     packed=True (needs attention_mask and the SDPA core attention): the rows' real tokens are put back to back in
     one sequence, each attending only to itself (megatron's thd layout with cu_seqlens; RoPE restarts at every
-    row), so no compute is spent on padding; the result is the same [B, T] tensor.
+    row), so no compute is spent on padding; the result is the same [B, T] tensor. check=False: the caller has
+    checked that attention_mask is right-padded (the check waits for the device).
     """
     from fabric.trainer.losses import check_right_padded
 
     batch, seq = input_ids.shape
-    if attention_mask is not None:
+    if attention_mask is not None and check:
         check_right_padded(attention_mask)
     if packed:
         if attention_mask is None:
