@@ -26,16 +26,13 @@ import torch
 import torch.nn.functional as F
 
 from fabric.trainer import convert
+from fabric.trainer.config import compile_mode
 
 log = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
 ATTENTION_BACKENDS = ("sdpa", "unfused")  # torch's fused SDPA kernels; megatron's DotProductAttention (reference)
 RECOMPUTE_GRANULARITIES = (None, "full", "selective")
-# FABRIC_TRAINER_COMPILE: off; fusions (torch.compile'd SwiGLU, bias-dropout-add and logprob passes, CUDA only);
-# layers (each decoder layer one compiled graph forward and backward, plus the logprob passes on CUDA)
-COMPILE_ENV = "FABRIC_TRAINER_COMPILE"
-COMPILE_MODES = {"0": "off", "off": "off", "1": "fusions", "fusions": "fusions", "layers": "layers"}
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 
@@ -57,17 +54,6 @@ def _rope_theta(hf_config) -> float:
     if theta is None:
         raise ValueError("the HF config has no rope_theta (in rope_parameters or at top level)")
     return float(theta)
-
-
-def compile_mode(value: str | None = None) -> str:
-    """off, fusions or layers: `value`, else the FABRIC_TRAINER_COMPILE environment variable (default off)."""
-    from fabric.config import ConfigError
-
-    raw = os.environ.get(COMPILE_ENV, "off") if value is None else value
-    mode = COMPILE_MODES.get(str(raw).strip().lower())
-    if mode is None:
-        raise ConfigError(COMPILE_ENV, f"{raw!r} is unknown; use off, fusions or layers")
-    return mode
 
 
 def transformer_config_from_hf(

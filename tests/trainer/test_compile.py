@@ -12,6 +12,7 @@ from torch._dynamo.utils import counters
 
 from fabric.config import ConfigError
 from fabric.trainer import model
+from fabric.trainer.config import compile_mode
 from fabric.trainer.policy import Policy, TrainBatch
 from tests.trainer.test_packing import _assert_same, _optim, _step
 
@@ -82,8 +83,19 @@ def test_compiled_layers_do_not_recompile_on_a_new_length(eager, compiled):
     assert counters["stats"]["unique_graphs"] == 1
 
 
-def test_compile_mode_is_validated():
-    assert [model.compile_mode(v) for v in ("0", "off", "1", "fusions", "layers", "Layers")] == [
+def test_compile_mode_is_validated(megatron, tiny_model, tmp_path, monkeypatch):
+    from fabric.trainer.config import pipeline_config
+    from tests.config.configs import MEGATRON, dataset, load_roll
+
+    monkeypatch.setenv("FABRIC_TRAINER_COMPILE", "layers")  # the default when build_gpt_model is not told
+    assert model.build_gpt_model(tiny_model).compiled_layers  # compiled lazily: at the first call
+    assert not model.build_gpt_model(tiny_model, torch_compile="off").compiled_layers
+    monkeypatch.setenv("FABRIC_TRAINER_COMPILE", "yes")  # fails at config load, before any process starts
+    cfg = load_roll(MEGATRON, [f"pretrain={tiny_model}", f"actor_train.data_args.file_name=[{dataset(tmp_path)}]"])
+    with pytest.raises(ConfigError, match="FABRIC_TRAINER_COMPILE.*'yes' is unknown; use off, fusions or layers"):
+        pipeline_config(cfg)
+
+    assert [compile_mode(v) for v in ("0", "off", "1", "fusions", "layers", "Layers")] == [
         "off",
         "off",
         "fusions",
@@ -92,4 +104,4 @@ def test_compile_mode_is_validated():
         "layers",
     ]
     with pytest.raises(ConfigError, match="FABRIC_TRAINER_COMPILE.*'layer' is unknown; use off, fusions or layers"):
-        model.compile_mode("layer")
+        compile_mode("layer")
