@@ -202,7 +202,9 @@ def sdpa_attention_class():
             return out.permute(2, 0, 1, 3).reshape(out.shape[2], out.shape[0], self.hidden_size_per_partition)
 
         def _sdpa(self, q, k, v, dropout):
-            gqa = q.shape[1] != k.shape[1]  # K and V heads shared by groups of query heads, never repeated
+            # K and V heads shared by groups of query heads, never repeated; from the config, not the shapes (a
+            # Python bool, which torch.compile with dynamic shapes needs)
+            gqa = self.num_attention_heads_per_partition != self.num_query_groups_per_partition
             return F.scaled_dot_product_attention(
                 q, k, v, dropout_p=dropout, is_causal=True, scale=self.softmax_scale, enable_gqa=gqa
             )
@@ -302,6 +304,8 @@ def build_gpt_model(
     model.attention_backend = attention
     model.compiled_layers = False
     if torch_compile == "layers":
+        if recompute_granularity == "selective":  # megatron's checkpoint inside the layer: rng state, .item()
+            log.warning("selective recompute breaks each compiled layer into several graphs; full recompute does not")
         compile_layers(model)
     return model
 
