@@ -1,6 +1,6 @@
 """The fabric's trainer (megatron-core `Policy`) against plain transformers, same model, weights and batch.
 
-On CUDA (one GPU, e.g. an H200), one command, about 2-3 minutes:
+On CUDA (one GPU, e.g. an H200), one command, about 3-5 minutes (the compiled rows' warm-up steps compile):
 
     PYTHONPATH=. python -m bench.trainer              # Qwen2.5-1.5B layout, real vocabulary (151,936), random weights
     PYTHONPATH=. python -m bench.trainer --smoke      # the same rows on a tiny model (CPU or GPU), for a dry run
@@ -10,9 +10,11 @@ a row that fails prints its error and the others still run:
 - transformers: fp32 weights, bf16 autocast, SDPA attention, fused AdamW, full-vocabulary log-softmax (the
   twenty-line baseline);
 - the fabric's Policy: bf16 weights, fp32 main params, fused AdamW; SDPA core attention, megatron's unfused
-  attention (the reference), SDPA with full activation recompute;
+  attention (the reference), SDPA with full activation recompute, SDPA with compiled layers (FABRIC_TRAINER_COMPILE
+  =layers: each decoder layer one torch.compile'd graph; its warm-up step is the compile);
 - a variable-length RL batch (padding as rollouts leave it): transformers padded, the Policy padded, packed, and
-  packed with ROLL's dynamic batching;
+  packed with ROLL's dynamic batching; compiled layers padded and with dynamic batching (padded: packed micro-batches
+  would run the eager layers);
 - the no-grad logprob pass and the HF-layout weight export (what a weight sync streams).
 Each step is one optimizer step over the whole batch in micro-batches (the SFT loss on response tokens, token mean:
 a loss that depends on the weights, so the rows' losses can be compared). TFLOP/s count 6 x parameters x real tokens
@@ -275,7 +277,7 @@ def _print_table(title: str, rows: list[Row], reference: Row, params: int, peak_
         )
 
 
-def gpu_main(smoke: bool = False, peak_tflops: float = 989.0, repeats: int = 3, budget_s: float = 180.0) -> None:
+def gpu_main(smoke: bool = False, peak_tflops: float = 989.0, repeats: int = 3, budget_s: float = 420.0) -> None:
     from fabric.trainer.compat import init_megatron
 
     started = time.perf_counter()
@@ -313,6 +315,10 @@ def gpu_main(smoke: bool = False, peak_tflops: float = 989.0, repeats: int = 3, 
             Row("Policy SDPA, recompute full"),
             policy(fixed, optim_kw=dict(micro_batch_size=micro), recompute_granularity="full"),
         ),
+        (
+            Row("Policy SDPA, compiled layers"),
+            policy(fixed, optim_kw=dict(micro_batch_size=micro), torch_compile="layers"),
+        ),
     ]
     budget = micro * length
     varlen_rows = [
@@ -323,6 +329,19 @@ def gpu_main(smoke: bool = False, peak_tflops: float = 989.0, repeats: int = 3, 
             Row(f"Policy packed, dynamic batching {budget} tok"),
             policy(varlen, optim_kw=dict(use_dynamic_batching=True, max_tokens_per_microbatch=budget)),
         ),
+        (
+            Row("Policy compiled layers, padded"),
+            policy(varlen, optim_kw=dict(micro_batch_size=micro), packed=False, torch_compile="layers"),
+        ),
+        (
+            Row(f"Policy compiled, dynamic batching {budget} tok"),
+            policy(
+                varlen,
+                optim_kw=dict(use_dynamic_batching=True, max_tokens_per_microbatch=budget),
+                packed=False,
+                torch_compile="layers",
+            ),
+        ),
     ]
     logprob_rows = [
         (
@@ -332,6 +351,10 @@ def gpu_main(smoke: bool = False, peak_tflops: float = 989.0, repeats: int = 3, 
         (
             Row("logprobs: Policy SDPA", flops_per_param_token=2.0),
             lambda: _policy_logprobs_setup(hf_config, state, fixed, device, dtype, micro),
+        ),
+        (
+            Row("logprobs: Policy compiled layers", flops_per_param_token=2.0),
+            lambda: _policy_logprobs_setup(hf_config, state, fixed, device, dtype, micro, torch_compile="layers"),
         ),
     ]
     export_rows = [
@@ -372,11 +395,11 @@ def gpu_main(smoke: bool = False, peak_tflops: float = 989.0, repeats: int = 3, 
     )
 
 
-def _policy_logprobs_setup(hf_config, state, batch, device, dtype, micro):
+def _policy_logprobs_setup(hf_config, state, batch, device, dtype, micro, torch_compile=None):
     from fabric.trainer.model import build_gpt_model, load_hf_into_megatron
     from fabric.trainer.policy import OptimConfig, Policy
 
-    model = build_gpt_model(hf_config, dtype, device)
+    model = build_gpt_model(hf_config, dtype, device, torch_compile=torch_compile)
     load_hf_into_megatron(model, state)
     policy = Policy(model, None, None)
     policy.optim = OptimConfig(micro_batch_size=micro)  # a frozen policy: no optimizer, only the micro-batch size
@@ -492,6 +515,9 @@ def profile_main(peak_tflops: float = 989.0) -> None:
         "Policy SDPA": lambda: _policy_setup(
             hf_config, state, batch, device, torch.bfloat16, optim_kw=dict(micro_batch_size=4)
         ),
+        "Policy SDPA, compiled layers": lambda: _policy_setup(
+            hf_config, state, batch, device, torch.bfloat16, optim_kw=dict(micro_batch_size=4), torch_compile="layers"
+        ),
         "transformers": lambda: _hf_setup(hf_config, state, batch, 4, device),
     }
     for name, setup in setups.items():
@@ -519,13 +545,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true", help="the GPU rows on a tiny model (CPU or GPU): a dry run")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="the device's dense bf16 peak (H200: 989)")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per row (after one warm-up step)")
-    parser.add_argument("--budget", type=float, default=180.0, help="seconds; rows not started by then are skipped")
+    parser.add_argument(
+        "--budget", type=float, help="seconds; rows not started by then are skipped (420; none with --smoke: a dry run)"
+    )
     parser.add_argument("--profile", action="store_true", help="CUDA: one step of each under torch.profiler")
     args = parser.parse_args(argv or [])
     if args.profile:
         profile_main(args.peak_tflops)
     elif torch.cuda.is_available() or args.smoke:
-        gpu_main(args.smoke, args.peak_tflops, args.repeats, args.budget)
+        budget = args.budget if args.budget is not None else math.inf if args.smoke else 420.0
+        gpu_main(args.smoke, args.peak_tflops, args.repeats, budget)
     else:
         cpu_main()
 

@@ -32,6 +32,7 @@ cluster:                            # where the other processes are (fabric run 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -69,6 +70,11 @@ SFT_KEYS = {"steps", "learning_rate", "batch_size", "skip"}
 ASYNC_KEYS = {"max_staleness", "partial_rollout", "off_policy_correction", "importance_cap"}
 PARTIAL_ROLLOUTS = ("keep", "regenerate")
 OFF_POLICY_CORRECTIONS = ("tis", "decoupled", "none")
+# ---- torch.compile of the trainer's model (fabric/trainer/model.py), the environment variable FABRIC_TRAINER_COMPILE:
+# off; fusions (torch.compile'd SwiGLU, bias-dropout-add and logprob passes, CUDA only); layers (each decoder layer one
+# compiled graph forward and backward, plus the logprob passes on CUDA)
+COMPILE_ENV = "FABRIC_TRAINER_COMPILE"
+COMPILE_MODES = {"0": "off", "off": "off", "1": "fusions", "fusions": "fusions", "layers": "layers"}
 
 # ---- the trainer's algorithm keys: read by fabric/trainer/algorithm_config.py (ROLL's meaning and defaults) ----
 TOP_LEVEL_KEYS = TOP_LEVEL_KEYS | ALGORITHM_KEYS
@@ -147,6 +153,15 @@ class PipelineConfig:
         if named:
             return named[-1]
         return next((name for name, spec in self.rewards.items() if not spec["tags"]), str(tag))
+
+
+def compile_mode(value: str | None = None) -> str:
+    """off, fusions or layers: `value`, else the FABRIC_TRAINER_COMPILE environment variable (default off)."""
+    raw = os.environ.get(COMPILE_ENV, "off") if value is None else value
+    mode = COMPILE_MODES.get(str(raw).strip().lower())
+    if mode is None:
+        raise ConfigError(COMPILE_ENV, f"{raw!r} is unknown; use off, fusions or layers")
+    return mode
 
 
 def _get(cfg: DictConfig, path: str, default=None):
@@ -274,6 +289,7 @@ def pipeline_config(cfg: DictConfig) -> PipelineConfig:
     async_config(cfg, pc)
     colocation_config(cfg, pc)
     train_speed_config(train, pc)
+    compile_mode()  # a bad FABRIC_TRAINER_COMPILE fails here, before any process starts
     # ---- the trainer's algorithm keys (fabric/trainer/algorithm_config.py) ----
     pc.algorithm = algorithm_config(cfg)
     check_batch_sizes(pc.algorithm, pc.rollout_batch_size * pc.group_size, pc.max_steps)

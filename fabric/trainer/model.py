@@ -11,6 +11,7 @@ rank and size come from megatron's parallel state; the layout math is in `conver
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from fabric.trainer import convert
+from fabric.trainer.config import compile_mode
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +63,11 @@ def transformer_config_from_hf(
     recompute_granularity: str | None = None,
     recompute_method: str | None = None,
     recompute_num_layers: int | None = None,
+    torch_compile: str = "off",
 ):
     """megatron TransformerConfig equivalent to an HF Qwen2 / Llama config; raises ValueError naming what differs.
 
-    recompute_*: see `build_gpt_model`."""
+    recompute_*, torch_compile: see `build_gpt_model`."""
     if recompute_granularity not in RECOMPUTE_GRANULARITIES:
         raise ValueError(f"recompute_granularity={recompute_granularity!r} is unknown; use full, selective or None")
     if recompute_granularity == "full":  # default: every layer a unit, one layer's activations live at once
@@ -119,9 +122,10 @@ def transformer_config_from_hf(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         use_cpu_initialization=torch.device(device).type == "cpu",
-        # SwiGLU and the residual add fused by torch.compile (megatron's jit_fuser): FABRIC_TRAINER_COMPILE=1 on CUDA.
-        bias_activation_fusion=_compile_fusions(device),
-        bias_dropout_fusion=_compile_fusions(device),
+        # SwiGLU and the residual add fused by torch.compile (megatron's jit_fuser): compile "fusions" on CUDA. With
+        # compiled layers the plain paths, which the layer's graph fuses (and traces without a break).
+        bias_activation_fusion=torch_compile == "fusions" and torch.device(device).type == "cuda",
+        bias_dropout_fusion=torch_compile == "fusions" and torch.device(device).type == "cuda",
         # These need apex or Transformer Engine; the plain torch paths run everywhere.
         masked_softmax_fusion=False,
         persist_layer_norm=False,
@@ -135,9 +139,32 @@ def transformer_config_from_hf(
 
 
 def _compile_fusions(device) -> bool:
-    """torch.compile'd fusions (megatron's SwiGLU and bias-dropout-add, the logprob passes): on CUDA with
-    FABRIC_TRAINER_COMPILE=1 only (see `_compiled`)."""
-    return torch.device(device).type == "cuda" and os.environ.get("FABRIC_TRAINER_COMPILE", "0") == "1"
+    """torch.compile'd logprob passes (`_compiled`): on CUDA with FABRIC_TRAINER_COMPILE fusions or layers."""
+    return torch.device(device).type == "cuda" and compile_mode() != "off"
+
+
+def compile_layers(model) -> None:
+    """Each decoder layer's forward through torch.compile: one graph forward, one backward (AOTAutograd), the norms,
+    rotary, SwiGLU and residual adds fused. All layers run the same code, so they share the compiled graphs (the
+    parameters are graph inputs: torch._dynamo.config.inline_inbuilt_nn_modules); sequence and batch sizes are
+    dynamic, so a new length does not recompile. Packed (thd) micro-batches run the eager layer: megatron's thd
+    rotary embedding and the SDPA core attention loop over the sequences in Python (host syncs, graph breaks)."""
+    for layer in model.decoder.layers:
+        layer.forward = _LayerForward(layer.forward)
+    model.compiled_layers = True
+
+
+class _LayerForward:
+    """A TransformerLayer's forward: compiled for padded batches, eager for packed ones."""
+
+    def __init__(self, eager):
+        self.eager = eager
+        self.compiled = torch.compile(eager, dynamic=True)
+
+    def __call__(self, *args, **kwargs):
+        if kwargs.get("packed_seq_params") is not None:
+            return self.eager(*args, **kwargs)
+        return self.compiled(*args, **kwargs)
 
 
 @functools.cache
@@ -163,7 +190,8 @@ def sdpa_attention_class():
             if attention_mask is not None or attention_bias is not None:
                 raise ValueError("the SDPA core attention is causal only: pass attention_mask=None, no bias")
             dropout = self.attention_dropout.p if self.training else 0.0
-            with tensor_parallel.get_cuda_rng_tracker().fork():  # as DotProductAttention draws its dropout
+            # The rng fork (as DotProductAttention draws its dropout) only with dropout: it breaks torch.compile graphs
+            with tensor_parallel.get_cuda_rng_tracker().fork() if dropout else contextlib.nullcontext():
                 if packed_seq_params is not None:
                     if packed_seq_params.qkv_format != "thd":
                         raise ValueError(f"packed qkv_format {packed_seq_params.qkv_format!r}: only thd is supported")
@@ -174,7 +202,9 @@ def sdpa_attention_class():
             return out.permute(2, 0, 1, 3).reshape(out.shape[2], out.shape[0], self.hidden_size_per_partition)
 
         def _sdpa(self, q, k, v, dropout):
-            gqa = q.shape[1] != k.shape[1]  # K and V heads shared by groups of query heads, never repeated
+            # K and V heads shared by groups of query heads, never repeated; from the config, not the shapes (a
+            # Python bool, which torch.compile with dynamic shapes needs)
+            gqa = self.num_attention_heads_per_partition != self.num_query_groups_per_partition
             return F.scaled_dot_product_attention(
                 q, k, v, dropout_p=dropout, is_causal=True, scale=self.softmax_scale, enable_gqa=gqa
             )
@@ -191,14 +221,31 @@ def sdpa_attention_class():
     return SDPAttention
 
 
+@functools.cache
+def row_parallel_linear_class():
+    """megatron's RowParallelLinear, passing its own tensor-parallel group to the linear function: megatron's passes
+    None, so the function looks the default group up and warns (DeprecationWarning) on every call on rank 0, which
+    breaks a torch.compile graph. The same group, the same maths."""
+    from megatron.core.tensor_parallel import RowParallelLinear
+
+    class GroupRowParallelLinear(RowParallelLinear):
+        def _forward_impl(self, input, weight, *args, **kwargs):
+            if kwargs.get("tp_group") is None:
+                kwargs["tp_group"] = self.tp_group
+            return super()._forward_impl(input, weight, *args, **kwargs)
+
+    return GroupRowParallelLinear
+
+
 def _layer_spec(attention: str):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     if attention not in ATTENTION_BACKENDS:
         raise ValueError(f"attention={attention!r} is unknown; use one of {', '.join(ATTENTION_BACKENDS)}")
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
+    spec.submodules.self_attention.submodules.linear_proj = row_parallel_linear_class()
+    spec.submodules.mlp.submodules.linear_fc2 = row_parallel_linear_class()
     if attention == "sdpa":
-        spec = copy.deepcopy(spec)
         spec.submodules.self_attention.submodules.core_attention = sdpa_attention_class()
     return spec
 
@@ -211,6 +258,7 @@ def build_gpt_model(
     recompute_granularity: str | None = None,
     recompute_method: str | None = None,
     recompute_num_layers: int | None = None,
+    torch_compile: str | None = None,
 ):
     """A megatron GPTModel (local layer spec) shaped like the HF config, randomly initialized; `model.hf_config` set.
 
@@ -219,7 +267,8 @@ def build_gpt_model(
     reference; padded batches only). Transformer Engine is not used: its layer spec names parameters differently.
     recompute_granularity: megatron's activation recompute, "full" (every layer's activations recomputed in the
     backward pass; recompute_method / recompute_num_layers as megatron's, default uniform over 1 layer) or
-    "selective" (the core attention only), None: off.
+    "selective" (the core attention only), None: off. torch_compile: off, fusions or layers (`compile_layers`); None:
+    the FABRIC_TRAINER_COMPILE environment variable (default off).
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -227,12 +276,18 @@ def build_gpt_model(
     hf_config = load_hf_config(hf_config_or_dir)
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    torch_compile = compile_mode(torch_compile)
     config = transformer_config_from_hf(
-        hf_config, dtype, device, recompute_granularity, recompute_method, recompute_num_layers
+        hf_config, dtype, device, recompute_granularity, recompute_method, recompute_num_layers, torch_compile
     )
     spec = _layer_spec(attention)
     log.info(
-        "megatron model: %s core attention, recompute %s, %s on %s", attention, recompute_granularity, dtype, device
+        "megatron model: %s core attention, recompute %s, torch.compile %s, %s on %s",
+        attention,
+        recompute_granularity,
+        torch_compile,
+        dtype,
+        device,
     )
     model = GPTModel(
         config=config,
@@ -248,6 +303,11 @@ def build_gpt_model(
     _norms_in(model, dtype)
     model.hf_config = hf_config
     model.attention_backend = attention
+    model.compiled_layers = False
+    if torch_compile == "layers":
+        if recompute_granularity == "selective":  # megatron's checkpoint inside the layer: rng state, .item()
+            log.warning("selective recompute breaks each compiled layer into several graphs; full recompute does not")
+        compile_layers(model)
     return model
 
 
@@ -555,7 +615,7 @@ def _logprob_backward():
 
 
 def _compiled(fn):
-    """torch.compile (one fused kernel per pass over the logits) on CUDA with FABRIC_TRAINER_COMPILE=1; eager by
+    """torch.compile (one fused kernel per pass over the logits) on CUDA with FABRIC_TRAINER_COMPILE on; eager by
     default: measured on an H200 the step is bound by the host launching kernels, not by the GPU, and compiled
     calls made the demo's tiny-model steps slower (guards, recompiles on new lengths)."""
     if not _compile_fusions("cuda" if torch.cuda.is_available() else "cpu"):
@@ -612,18 +672,20 @@ def token_logprobs(
     attention_mask: torch.Tensor | None = None,
     temperature: float = 1.0,
     packed: bool = False,
+    check: bool = True,
 ) -> torch.Tensor:
     """[B, T] logprobs of input_ids, as `losses.token_logprobs` (aligned as there: 0 at column 0 and at padding),
     without the [B, T, vocab] logits: over chunks of tokens (`_chunk_logprobs`). Differentiable under grad.
 
     packed=True (needs attention_mask and the SDPA core attention): the rows' real tokens are put back to back in
     one sequence, each attending only to itself (megatron's thd layout with cu_seqlens; RoPE restarts at every
-    row), so no compute is spent on padding; the result is the same [B, T] tensor.
+    row), so no compute is spent on padding; the result is the same [B, T] tensor. check=False: the caller has
+    checked that attention_mask is right-padded (the check waits for the device).
     """
     from fabric.trainer.losses import check_right_padded
 
     batch, seq = input_ids.shape
-    if attention_mask is not None:
+    if attention_mask is not None and check:
         check_right_padded(attention_mask)
     if packed:
         if attention_mask is None:

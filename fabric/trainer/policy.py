@@ -285,8 +285,10 @@ class Policy:
         self._schedule = None
         self.ddp = None  # megatron's DistributedDataParallel over the model, with more than one data-parallel rank
         self.checkpoint_sharded = False  # save() also writes megatron's sharded state (under out_dir/megatron)
-        # Micro-batches as packed sequences (no compute on padding), where the core attention can: SDPA's.
-        self.packed = getattr(model, "attention_backend", None) == "sdpa"
+        # Micro-batches as packed sequences (no compute on padding), where the core attention can: SDPA's. Not with
+        # compiled layers: packed micro-batches run them eager (model.compile_layers), padded ones compiled.
+        sdpa = getattr(model, "attention_backend", None) == "sdpa"
+        self.packed = sdpa and not getattr(model, "compiled_layers", False)
         if optim is not None and optim.use_dynamic_batching and not optim.max_tokens_per_microbatch:
             raise ValueError("use_dynamic_batching needs max_tokens_per_microbatch (the token budget of a micro-batch)")
         if optim is not None:
@@ -362,9 +364,9 @@ class Policy:
         start, stop = distributed.row_range(rows)
         mine = batch.slice(start, stop)
         local = torch.zeros(mine.input_ids.shape, device=self.device)
-        for index, mb in self._micro_batches(mine):
+        for index, mb, padded in self._micro_batches(mine):
             logprobs = token_logprobs(
-                self.model, mb.input_ids, mb.attention_mask, self.loss.temperature, packed=self._pack(mb)
+                self.model, mb.input_ids, mb.attention_mask, self.loss.temperature, packed=self.packed and padded
             )
             local[index, : mb.input_ids.shape[1]] = logprobs.float()
         return distributed.gather_rows(local, rows).to(batch_device)
@@ -424,13 +426,17 @@ class Policy:
         self.optimizer.zero_grad()
         if self.ddp is not None:
             self.ddp.zero_grad_buffer()
+        rows = distributed.row_range(len(batch))
+        lengths = batch.attention_mask[rows[0] : rows[1]].sum(-1).tolist()  # where the batch arrives (the host)
         batch = batch.to(self.device)
         mask = batch.response_mask  # the counts are the whole batch's, whichever rows this rank takes
         counts = {"num_tokens": mask.sum().float(), "num_seqs": (mask.sum(-1) > 0).sum().float()}
-        batch = batch.slice(*distributed.row_range(len(batch)))
+        batch = batch.slice(*rows)
         sums: dict[str, torch.Tensor] = {}  # on the device: no host sync between micro-batches
-        for _, mb in self._micro_batches(batch):
-            logprobs = token_logprobs(self.model, mb.input_ids, mb.attention_mask, temperature, packed=self._pack(mb))
+        for _, mb, padded in self._micro_batches(batch, lengths):
+            # validated above (right padding): no check per micro-batch, which would wait for the device
+            packed = self.packed and padded
+            logprobs = token_logprobs(self.model, mb.input_ids, mb.attention_mask, temperature, packed, check=False)
             loss, metrics = micro_loss(mb, logprobs, counts)
             loss.backward()  # each micro-batch's share: the sum over micro-batches and ranks is the whole batch's
             for name, value in {"loss": loss.detach(), **metrics}.items():
@@ -453,17 +459,19 @@ class Policy:
             "seconds": time.perf_counter() - started,
         }
 
-    def _pack(self, mb: TrainBatch) -> bool:
-        """Packs a micro-batch that has padding; one without is faster as it is (one batched causal attention)."""
-        return self.packed and not bool(mb.attention_mask.bool().all())
+    def _micro_batches(
+        self, batch: TrainBatch, lengths: list[int] | None = None
+    ) -> list[tuple[torch.Tensor, TrainBatch, bool]]:
+        """(row indices, micro-batch trimmed to its longest row, whether it has padding) covering the batch's rows
+        once; all made before the first forward pass, from the rows' lengths (given, or read from the batch).
 
-    def _micro_batches(self, batch: TrainBatch) -> list[tuple[torch.Tensor, TrainBatch]]:
-        """(row indices, micro-batch trimmed to its longest row) covering the batch's rows once.
-
-        micro_batch_size rows at a time; with use_dynamic_batching ROLL's rule (dynamic_batching_shard): rows sorted
-        by length, each micro-batch as many as fit max_tokens_per_microbatch counted as rows x longest row."""
+        A micro-batch with padding is packed (`self.packed`); one without is faster as it is (one batched causal
+        attention). micro_batch_size rows at a time; with use_dynamic_batching ROLL's rule (dynamic_batching_shard):
+        rows sorted by length, each micro-batch as many as fit max_tokens_per_microbatch counted as rows x longest
+        row."""
         optim = self.optim
-        lengths = batch.attention_mask.sum(-1).tolist()
+        if lengths is None:
+            lengths = batch.attention_mask.sum(-1).tolist()
         if optim is not None and optim.use_dynamic_batching:
             budget = int(optim.max_tokens_per_microbatch or 0)
             step = max(1, optim.sequence_length_round)
@@ -485,7 +493,8 @@ class Policy:
         out = []
         for group in groups:
             index = torch.tensor(group, device=batch.input_ids.device)
-            out.append((index, batch.rows(index).narrow(max(lengths[r] for r in group))))
+            longest, shortest = max(lengths[r] for r in group), min(lengths[r] for r in group)
+            out.append((index, batch.rows(index).narrow(longest), shortest < longest))
         return out
 
     def set_lr(self, lr: float) -> None:

@@ -175,11 +175,11 @@ def test_dynamic_batching_groups_rows_as_roll_and_changes_nothing(megatron, tiny
         tiny_model, _optim(use_dynamic_batching=True, max_tokens_per_microbatch=32, sequence_length_round=8)
     )
     lengths = batch.attention_mask.sum(-1).tolist()  # 12, 8, 16, 5, 10
-    groups = [index.tolist() for index, _ in dynamic._micro_batches(batch)]
+    groups = [index.tolist() for index, _, _ in dynamic._micro_batches(batch)]
     # sorted by length (5, 8, 10, 12, 16) -> rounded to 8: (8, 8, 16, 16, 16); rows x longest <= 32 tokens
     assert lengths == [12, 8, 16, 5, 10]
     assert groups == [[3, 1], [4, 0], [2]]
-    assert [mb.input_ids.shape[1] for _, mb in dynamic._micro_batches(batch)] == [8, 12, 16]  # trimmed to longest
+    assert [mb.input_ids.shape[1] for _, mb, _ in dynamic._micro_batches(batch)] == [8, 12, 16]  # trimmed to longest
     for packed in (True, False):
         _assert_same(_step(dynamic, batch, packed), _step(sdpa, batch, packed))
     too_small = Policy.from_hf(tiny_model, _optim(use_dynamic_batching=True, max_tokens_per_microbatch=12))
