@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -106,6 +107,47 @@ def test_health_reflection_and_server_info(server):
     assert '"block_size": 32' in info.engine_config_json and '"fabric_shm"' in info.engine_config_json
     assert '"disable_log_stats": true' in info.engine_config_json  # as vLLM's offline LLM: no per-step stats
     assert '"max_new_tokens": 16' in info.generating_args_json
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_the_server_and_its_vllm_processes_take_a_short_gil_switch_interval(server):
+    """The rollout server's engine processes inherit FABRIC_GIL_SWITCH_S (the fabric's vLLM plugin applies it
+    there, as the server does to itself): 0.5 ms, not Python's 5 ms."""
+    from fabric.rollout.vllm.transfer import DEFAULT_GIL_SWITCH_S, GIL_SWITCH_ENV
+
+    children = _children(server.process.pid)
+    assert children, "the rollout server started no engine process"
+    environs = [Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") for pid in children]
+    assert any(f"{GIL_SWITCH_ENV}={DEFAULT_GIL_SWITCH_S}".encode() in env for env in environs)
+
+
+def test_a_bad_gil_switch_interval_is_refused_in_one_line(monkeypatch):
+    import sys
+
+    from fabric.rollout.vllm.transfer import GIL_SWITCH_ENV, apply_gil_switch_interval
+
+    before = sys.getswitchinterval()
+    try:
+        monkeypatch.setenv(GIL_SWITCH_ENV, "0.002")
+        apply_gil_switch_interval()
+        assert sys.getswitchinterval() == pytest.approx(0.002)
+        for bad in ("fast", "0", "-1"):
+            monkeypatch.setenv(GIL_SWITCH_ENV, bad)
+            with pytest.raises(ValueError, match=f"{GIL_SWITCH_ENV}='{bad}': give the GIL switch interval in seconds"):
+                apply_gil_switch_interval()
+    finally:
+        sys.setswitchinterval(before)
 
 
 def test_n_samples_per_request_with_indices(server):

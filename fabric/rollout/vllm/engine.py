@@ -175,6 +175,11 @@ class VLLMEngine:
         request does not pay the one-time warm-up."""
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        from fabric.rollout.vllm import transfer
+
+        # A short GIL switch interval here and in the engine processes (they inherit the variable): see transfer.
+        os.environ.setdefault(transfer.GIL_SWITCH_ENV, transfer.DEFAULT_GIL_SWITCH_S)
+        transfer.apply_gil_switch_interval()
         started = time.perf_counter()
         log.info("starting vLLM engine for %s (this takes a while)", self.model_dir)
         self.engine = AsyncLLM.from_vllm_config(

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,9 +29,32 @@ log = logging.getLogger(__name__)
 
 BACKEND = "fabric_shm"
 
+# Python hands the GIL between a process's threads every 5 ms by default. In a rollout server the gRPC poller thread
+# waits that long behind the busy event loop (vLLM's output handler), and the engine core's socket threads behind
+# its engine loop. At 0.5 ms, on an H200 (0.5B layout, 256 x 128 greedy, alternating rounds with two servers alive),
+# the server generated 15% more tokens a second: 10,120 against 8,812 with logprobs, 12,445 against 10,813 without.
+# The rollout server sets it for itself and, through this variable, for the vLLM processes it starts.
+GIL_SWITCH_ENV = "FABRIC_GIL_SWITCH_S"
+DEFAULT_GIL_SWITCH_S = "0.0005"
+
+
+def apply_gil_switch_interval() -> None:
+    """This process's GIL switch interval from FABRIC_GIL_SWITCH_S, when set (a user's own vLLM is left alone)."""
+    value = os.environ.get(GIL_SWITCH_ENV)
+    if not value:
+        return
+    try:
+        seconds = float(value)
+        if not seconds > 0:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"{GIL_SWITCH_ENV}={value!r}: give the GIL switch interval in seconds, e.g. 0.0005") from None
+    sys.setswitchinterval(seconds)
+
 
 def register() -> None:
     """vLLM general-plugin hook; runs in every vLLM process, possibly more than once."""
+    apply_gil_switch_interval()
     from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
     if BACKEND not in WeightTransferEngineFactory._registry:
