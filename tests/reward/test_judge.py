@@ -13,7 +13,6 @@ from fabric.reward.judge import judge_verdict
 from fabric.reward.scorer import ScoreItem, ScoreResult, build_scorer
 from fabric.rollout.engine import FinishReason, Sample
 from tests.reward.test_server import score
-from tests.rollout.configs import write_config
 from tests.rollout.fake_engine import FakeEngine
 from tests.rollout.test_servicer import serving
 from tests.servers import serve
@@ -147,26 +146,25 @@ def test_judge_config_errors_name_the_key(tmp_path, keys, bad_key, words):
 
 
 @pytest.mark.slow
-def test_the_judge_asks_the_tiny_model_through_a_served_reward(tiny_model, tmp_path):
-    rollout_config = write_config(tmp_path / "rollout.yaml", tiny_model, strategy_config={"max_model_len": 512})
-    rollout = serve("rollout", rollout_config)
+def test_the_judge_asks_the_tiny_model_through_a_served_reward(tiny_model, rollout_cluster, tmp_path):
+    # One of the session's rollout servers (tests/conftest.py) serves the judge: the judge only generates, whatever
+    # weights earlier tests pushed (its verdicts are noise either way), and its prompts (<= 147 tokens + 4 new) fit
+    # the cluster's max_model_len of 256. A server of its own cost a vLLM start.
+    judge = rollout_cluster.procs[0].address
+    reward_config = tmp_path / "reward.yaml"
+    reward_config.write_text(  # a template of the config's own: ROLL's is longer than the tiny model's context
+        "rewards:\n  judge:\n    worker_cls: llm_judge\n"
+        '    judge_prompt: "Q: {question}\\nA: {response}\\nReference: {reference}\\nSame answer? "\n'
+        f"    judge_address: {judge}\n    model_args: {{model_name_or_path: {tiny_model}}}\n"
+        "    generating_args: {max_new_tokens: 4, temperature: 1.0}\n    infer_batch_size: 4\n"
+    )
+    reward = serve("reward", reward_config)
     try:
-        reward_config = tmp_path / "reward.yaml"
-        reward_config.write_text(  # a template of the config's own: ROLL's is longer than the tiny model's context
-            "rewards:\n  judge:\n    worker_cls: llm_judge\n"
-            '    judge_prompt: "Q: {question}\\nA: {response}\\nReference: {reference}\\nSame answer? "\n'
-            f"    judge_address: {rollout.address}\n    model_args: {{model_name_or_path: {tiny_model}}}\n"
-            "    generating_args: {max_new_tokens: 4, temperature: 1.0}\n    infer_batch_size: 4\n"
-        )
-        reward = serve("reward", reward_config)
-        try:
-            items = [{"prompt": i.prompt, "response": i.response, "ground_truth": i.ground_truth,
-                      "reward_name": "judge"} for i in ITEMS * 2]  # fmt: skip
-            responses = score(reward.address, items)
-        finally:
-            reward.stop()
+        items = [{"prompt": i.prompt, "response": i.response, "ground_truth": i.ground_truth,
+                  "reward_name": "judge"} for i in ITEMS * 2]  # fmt: skip
+        responses = score(reward.address, items)
     finally:
-        rollout.stop()
+        reward.stop()
     assert [r.HasField("error") for r in responses] == [False] * 8, [r.error.message for r in responses]
     assert all(r.score in (0.0, 1.0) and r.info.startswith("judge:") for r in responses)
     # the verdict is ROLL's parse of whatever the model said
