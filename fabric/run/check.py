@@ -14,6 +14,7 @@ an agentic config serves. Every section the process reads is resolved (`${...}`)
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -57,20 +58,21 @@ class CheckReport:
             raise error
 
 
-def _quiet_vllm_import():
-    """Imports the engine registry with vLLM's import chatter off (it would bury the one line that matters)."""
+@contextlib.contextmanager
+def _quiet_vllm():
+    """vLLM's chatter off while the engine arguments are checked: its INFO lines (on stdout, from the import and from
+    building the engine config, where vLLM may first configure its loggers) would bury the one line that matters."""
     previous = os.environ.get("VLLM_LOGGING_LEVEL")
     os.environ["VLLM_LOGGING_LEVEL"] = "ERROR"
     try:
-        from fabric.rollout.engine import check_engine_config
+        yield
     finally:
         if previous is None:
             os.environ.pop("VLLM_LOGGING_LEVEL")
         else:
             os.environ["VLLM_LOGGING_LEVEL"] = previous
-    for name in [n for n in logging.root.manager.loggerDict if n.startswith("vllm")]:
-        logging.getLogger(name).setLevel(logging.ERROR)
-    return check_engine_config
+        for name in [n for n in logging.root.manager.loggerDict if n.startswith("vllm")]:
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _check_rollout(cfg: DictConfig, section: str, report: CheckReport, engine: bool) -> None:
@@ -82,7 +84,10 @@ def _check_rollout(cfg: DictConfig, section: str, report: CheckReport, engine: b
     check_generating_args(rc.generating_args, rc.role)
     engine_note = "engine arguments not checked"
     if engine:
-        _quiet_vllm_import()(rc)
+        with _quiet_vllm():
+            from fabric.rollout.engine import check_engine_config
+
+            check_engine_config(rc)
         engine_note = "engine arguments OK"
     sampling = ", ".join(f"{k} {v}" for k, v in rc.generating_args.items())
     devices = f"{len(rc.device_mapping)} device(s)" if rc.device_mapping else "no device_mapping"
