@@ -322,19 +322,20 @@ def native_main(config_path: str) -> None:
     print("RESULT " + json.dumps(rounds), flush=True)
 
 
-def native_part(out: Path, name: str, model: Path, kind: str = "llm") -> None:
+def native_part(out: Path, name: str, model: Path) -> None:
+    """vLLM's offline LLM in a child process (native_main), after the fabric's server has stopped."""
     config = out / f"rollout-{name}.yaml"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0"}
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "bench.gpu_one", "native", str(config)], env=env,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
-    (out / f"native-{kind}-{name}.log").write_text(proc.stdout + proc.stderr)
+    (out / f"native-llm-{name}.log").write_text(proc.stdout + proc.stderr)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if not lines:
-        raise RuntimeError(f"in-process {kind} failed (exit {proc.returncode}): {proc.stderr.strip()[-400:]}")
+        raise RuntimeError(f"in-process LLM failed (exit {proc.returncode}): {proc.stderr.strip()[-400:]}")
     rounds = json.loads(lines[-1][7:])
-    record(f"{name}.inprocess_{kind}", {**rates(rounds["lp"]), "wall_s": time.perf_counter() - started})
-    record(f"{name}.inprocess_{kind}_nolp", rates(rounds["nolp"]))
+    record(f"{name}.inprocess_llm", {**rates(rounds["lp"]), "wall_s": time.perf_counter() - started})
+    record(f"{name}.inprocess_llm_nolp", rates(rounds["nolp"]))
 
 
 # ---- the run ----------------------------------------------------------------------------------------------------
@@ -380,7 +381,7 @@ def main(argv: list[str]) -> None:
         model = make_layout_dir(out, name)
         for part, fn, args in (
             ("fabric", fabric_part, (out, name, model)),
-            ("inprocess_llm", native_part, (out, name, model, "llm")),
+            ("inprocess_llm", native_part, (out, name, model)),
         ):
             if part.removeprefix("inprocess_") not in plan[name]:
                 continue
