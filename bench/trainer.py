@@ -304,44 +304,25 @@ def gpu_main(smoke: bool = False, peak_tflops: float = 989.0, repeats: int = 3, 
     def policy(batch, **kw):
         return lambda: _policy_setup(hf_config, state, batch, device, policy_dtype, **kw)
 
+    mb = dict(micro_batch_size=micro)
     fixed_rows = [
         (Row("transformers fp32+autocast, fused AdamW"), lambda: _hf_setup(hf_config, state, fixed, micro, device)),
-        (Row("Policy SDPA (no padding here: not packed)"), policy(fixed, optim_kw=dict(micro_batch_size=micro))),
+        (Row("Policy, default (auto: compiled layers on CUDA)"), policy(fixed, optim_kw=mb)),
+        (Row("Policy eager (FABRIC_TRAINER_COMPILE=off)"), policy(fixed, optim_kw=mb, torch_compile="off")),
+        (Row("Policy, fusions only (logprob, SwiGLU)"), policy(fixed, optim_kw=mb, torch_compile="fusions")),
         (
-            Row("Policy unfused attention (megatron's)"),
-            policy(fixed, optim_kw=dict(micro_batch_size=micro), attention="unfused", packed=False),
+            Row("Policy eager, unfused attention (megatron's)"),
+            policy(fixed, optim_kw=mb, attention="unfused", packed=False, torch_compile="off"),
         ),
-        (
-            Row("Policy SDPA, recompute full"),
-            policy(fixed, optim_kw=dict(micro_batch_size=micro), recompute_granularity="full"),
-        ),
-        (
-            Row("Policy SDPA, compiled layers"),
-            policy(fixed, optim_kw=dict(micro_batch_size=micro), torch_compile="layers"),
-        ),
+        (Row("Policy, default, recompute full"), policy(fixed, optim_kw=mb, recompute_granularity="full")),
     ]
     budget = micro * length
+    dynamic = dict(use_dynamic_batching=True, max_tokens_per_microbatch=budget)
     varlen_rows = [
         (Row("transformers padded"), lambda: _hf_setup(hf_config, state, varlen, micro, device)),
-        (Row("Policy SDPA padded"), policy(varlen, optim_kw=dict(micro_batch_size=micro), packed=False)),
-        (Row("Policy SDPA packed"), policy(varlen, optim_kw=dict(micro_batch_size=micro))),
-        (
-            Row(f"Policy packed, dynamic batching {budget} tok"),
-            policy(varlen, optim_kw=dict(use_dynamic_batching=True, max_tokens_per_microbatch=budget)),
-        ),
-        (
-            Row("Policy compiled layers, padded"),
-            policy(varlen, optim_kw=dict(micro_batch_size=micro), packed=False, torch_compile="layers"),
-        ),
-        (
-            Row(f"Policy compiled, dynamic batching {budget} tok"),
-            policy(
-                varlen,
-                optim_kw=dict(use_dynamic_batching=True, max_tokens_per_microbatch=budget),
-                packed=False,
-                torch_compile="layers",
-            ),
-        ),
+        (Row("Policy, default (compiled layers, padded)"), policy(varlen, optim_kw=mb, packed=False)),
+        (Row("Policy eager, packed"), policy(varlen, optim_kw=mb, torch_compile="off")),
+        (Row(f"Policy, default, dynamic batching {budget} tok"), policy(varlen, optim_kw=dynamic, packed=False)),
     ]
     logprob_rows = [
         (
@@ -349,12 +330,12 @@ def gpu_main(smoke: bool = False, peak_tflops: float = 989.0, repeats: int = 3, 
             lambda: _hf_setup(hf_config, state, fixed, micro, device, logprobs_only=True),
         ),
         (
-            Row("logprobs: Policy SDPA", flops_per_param_token=2.0),
+            Row("logprobs: Policy, default", flops_per_param_token=2.0),
             lambda: _policy_logprobs_setup(hf_config, state, fixed, device, dtype, micro),
         ),
         (
-            Row("logprobs: Policy compiled layers", flops_per_param_token=2.0),
-            lambda: _policy_logprobs_setup(hf_config, state, fixed, device, dtype, micro, torch_compile="layers"),
+            Row("logprobs: Policy eager", flops_per_param_token=2.0),
+            lambda: _policy_logprobs_setup(hf_config, state, fixed, device, dtype, micro, torch_compile="off"),
         ),
     ]
     export_rows = [
@@ -512,11 +493,11 @@ def profile_main(peak_tflops: float = 989.0) -> None:
     state = _random_state(hf_config, device)
     batch = _batch(16, 1024, QWEN25_15B["vocab_size"], variable=False)
     setups = {
-        "Policy SDPA": lambda: _policy_setup(
+        "Policy, default (auto: compiled layers)": lambda: _policy_setup(
             hf_config, state, batch, device, torch.bfloat16, optim_kw=dict(micro_batch_size=4)
         ),
-        "Policy SDPA, compiled layers": lambda: _policy_setup(
-            hf_config, state, batch, device, torch.bfloat16, optim_kw=dict(micro_batch_size=4), torch_compile="layers"
+        "Policy eager": lambda: _policy_setup(
+            hf_config, state, batch, device, torch.bfloat16, optim_kw=dict(micro_batch_size=4), torch_compile="off"
         ),
         "transformers": lambda: _hf_setup(hf_config, state, batch, 4, device),
     }

@@ -72,9 +72,12 @@ PARTIAL_ROLLOUTS = ("keep", "regenerate")
 OFF_POLICY_CORRECTIONS = ("tis", "decoupled", "none")
 # ---- torch.compile of the trainer's model (fabric/trainer/model.py), the environment variable FABRIC_TRAINER_COMPILE:
 # off; fusions (torch.compile'd SwiGLU, bias-dropout-add and logprob passes, CUDA only); layers (each decoder layer one
-# compiled graph forward and backward, plus the logprob passes on CUDA)
+# compiled graph forward and backward, plus the logprob passes on CUDA); auto, the default: layers on CUDA for a model
+# of AUTO_COMPILE_MIN_PARAMS or more (an H200, the 1.5B layout: 0.366 s a step against 0.470 eager, after about a
+# minute of compiling), off otherwise (a tiny model would spend longer compiling than training).
 COMPILE_ENV = "FABRIC_TRAINER_COMPILE"
-COMPILE_MODES = {"0": "off", "off": "off", "1": "fusions", "fusions": "fusions", "layers": "layers"}
+COMPILE_MODES = {"0": "off", "off": "off", "1": "fusions", "fusions": "fusions", "layers": "layers", "auto": "auto"}
+AUTO_COMPILE_MIN_PARAMS = 100_000_000
 
 # ---- the trainer's algorithm keys: read by fabric/trainer/algorithm_config.py (ROLL's meaning and defaults) ----
 TOP_LEVEL_KEYS = TOP_LEVEL_KEYS | ALGORITHM_KEYS
@@ -156,12 +159,20 @@ class PipelineConfig:
 
 
 def compile_mode(value: str | None = None) -> str:
-    """off, fusions or layers: `value`, else the FABRIC_TRAINER_COMPILE environment variable (default off)."""
-    raw = os.environ.get(COMPILE_ENV, "off") if value is None else value
+    """off, fusions, layers or auto: `value`, else the FABRIC_TRAINER_COMPILE environment variable (default auto,
+    which build_gpt_model resolves by device and model size)."""
+    raw = os.environ.get(COMPILE_ENV, "auto") if value is None else value
     mode = COMPILE_MODES.get(str(raw).strip().lower())
     if mode is None:
-        raise ConfigError(COMPILE_ENV, f"{raw!r} is unknown; use off, fusions or layers")
+        raise ConfigError(COMPILE_ENV, f"{raw!r} is unknown; use auto, off, fusions or layers")
     return mode
+
+
+def resolve_compile_mode(mode: str, device_type: str, params: int) -> str:
+    """auto -> layers on CUDA for a model of AUTO_COMPILE_MIN_PARAMS or more, else off; other modes as they are."""
+    if mode != "auto":
+        return mode
+    return "layers" if device_type == "cuda" and params >= AUTO_COMPILE_MIN_PARAMS else "off"
 
 
 def _get(cfg: DictConfig, path: str, default=None):

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from fabric.trainer import convert
-from fabric.trainer.config import compile_mode
+from fabric.trainer.config import compile_mode, resolve_compile_mode
 
 log = logging.getLogger(__name__)
 
@@ -138,9 +138,11 @@ def transformer_config_from_hf(
     )
 
 
-def _compile_fusions(device) -> bool:
-    """torch.compile'd logprob passes (`_compiled`): on CUDA with FABRIC_TRAINER_COMPILE fusions or layers."""
-    return torch.device(device).type == "cuda" and compile_mode() != "off"
+def _compile_fusions(model, device) -> bool:
+    """torch.compile'd logprob passes (`_logprob_passes`): on CUDA when the model was built with torch_compile fusions
+    or layers (its own setting, else FABRIC_TRAINER_COMPILE: a model built elsewhere)."""
+    mode = getattr(model, "torch_compile", None) or compile_mode()
+    return torch.device(device).type == "cuda" and mode not in ("off", "auto")
 
 
 def compile_layers(model) -> None:
@@ -267,8 +269,9 @@ def build_gpt_model(
     reference; padded batches only). Transformer Engine is not used: its layer spec names parameters differently.
     recompute_granularity: megatron's activation recompute, "full" (every layer's activations recomputed in the
     backward pass; recompute_method / recompute_num_layers as megatron's, default uniform over 1 layer) or
-    "selective" (the core attention only), None: off. torch_compile: off, fusions or layers (`compile_layers`); None:
-    the FABRIC_TRAINER_COMPILE environment variable (default off).
+    "selective" (the core attention only), None: off. torch_compile: off, fusions, layers (`compile_layers`) or auto
+    (layers on CUDA for a model of 100M parameters or more, else off: fabric.trainer.config.resolve_compile_mode);
+    None: the FABRIC_TRAINER_COMPILE environment variable (default auto).
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -281,14 +284,6 @@ def build_gpt_model(
         hf_config, dtype, device, recompute_granularity, recompute_method, recompute_num_layers, torch_compile
     )
     spec = _layer_spec(attention)
-    log.info(
-        "megatron model: %s core attention, recompute %s, torch.compile %s, %s on %s",
-        attention,
-        recompute_granularity,
-        torch_compile,
-        dtype,
-        device,
-    )
     model = GPTModel(
         config=config,
         transformer_layer_spec=spec,
@@ -304,6 +299,19 @@ def build_gpt_model(
     model.hf_config = hf_config
     model.attention_backend = attention
     model.compiled_layers = False
+    params = sum(p.numel() for p in model.parameters())
+    asked, torch_compile = torch_compile, resolve_compile_mode(torch_compile, torch.device(device).type, params)
+    model.torch_compile = torch_compile
+    log.info(
+        "megatron model: %.3f B parameters, %s core attention, recompute %s, torch.compile %s%s, %s on %s",
+        params / 1e9,
+        attention,
+        recompute_granularity,
+        torch_compile,
+        " (auto)" if asked == "auto" else "",
+        dtype,
+        device,
+    )
     if torch_compile == "layers":
         if recompute_granularity == "selective":  # megatron's checkpoint inside the layer: rng state, .item()
             log.warning("selective recompute breaks each compiled layer into several graphs; full recompute does not")
@@ -578,8 +586,9 @@ class _TokenLogprob(torch.autograd.Function):
     vocab-parallel cross entropy on one tensor-parallel rank."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
-        picked, lse = _logprob_forward()(logits, targets, temperature)
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, temperature: float, fused: bool) -> torch.Tensor:
+        forward, ctx.backward = _logprob_passes(fused)
+        picked, lse = forward(logits, targets, temperature)
         ctx.save_for_backward(logits, targets, lse)
         ctx.temperature = temperature
         return picked
@@ -587,7 +596,7 @@ class _TokenLogprob(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         logits, targets, lse = ctx.saved_tensors
-        return _logprob_backward()(logits, targets, lse, grad, ctx.temperature), None, None
+        return ctx.backward(logits, targets, lse, grad, ctx.temperature), None, None, None
 
 
 def _logprob_forward_eager(logits: torch.Tensor, targets: torch.Tensor, temperature: float):
@@ -605,22 +614,14 @@ def _logprob_backward_eager(
 
 
 @functools.cache
-def _logprob_forward():
-    return _compiled(_logprob_forward_eager)
-
-
-@functools.cache
-def _logprob_backward():
-    return _compiled(_logprob_backward_eager)
-
-
-def _compiled(fn):
-    """torch.compile (one fused kernel per pass over the logits) on CUDA with FABRIC_TRAINER_COMPILE on; eager by
-    default: measured on an H200 the step is bound by the host launching kernels, not by the GPU, and compiled
-    calls made the demo's tiny-model steps slower (guards, recompiles on new lengths)."""
-    if not _compile_fusions("cuda" if torch.cuda.is_available() else "cpu"):
-        return fn
-    return torch.compile(fn, dynamic=True)
+def _logprob_passes(compiled: bool):
+    """The forward and backward passes over the logits: eager, or torch.compile'd (one fused kernel per pass, no
+    fp32 [tokens, vocab] copy made) when the model's torch_compile is on and the logits are on CUDA
+    (`_compile_fusions`). Keyed by that choice, not made once per process: a process may hold an eager and a
+    compiled Policy (the bench)."""
+    if not compiled:
+        return _logprob_forward_eager, _logprob_backward_eager
+    return torch.compile(_logprob_forward_eager, dynamic=True), torch.compile(_logprob_backward_eager, dynamic=True)
 
 
 def _chunk_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -634,11 +635,12 @@ def _chunk_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, temperat
 
     weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
     one_rank = parallel_state.get_tensor_model_parallel_world_size() == 1
+    fused = _compile_fusions(model, hidden.device)
 
     def chunk(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         logits, _ = model.output_layer(h, weight=weight)
         if one_rank:
-            return _TokenLogprob.apply(logits[:, 0], t, float(temperature))
+            return _TokenLogprob.apply(logits[:, 0], t, float(temperature), fused)
         # A fresh float32 tensor, which the cross entropy may modify in place (float() of fp32 logits would not copy).
         scaled = logits.float() / temperature if temperature != 1.0 or logits.dtype == torch.float32 else logits.float()
         return -tensor_parallel.vocab_parallel_cross_entropy(scaled, t[:, None])[:, 0]

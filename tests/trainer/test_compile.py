@@ -12,7 +12,7 @@ from torch._dynamo.utils import counters
 
 from fabric.config import ConfigError
 from fabric.trainer import model
-from fabric.trainer.config import compile_mode
+from fabric.trainer.config import compile_mode, resolve_compile_mode
 from fabric.trainer.policy import Policy, TrainBatch
 from tests.trainer.test_packing import _assert_same, _optim, _step
 
@@ -90,18 +90,34 @@ def test_compile_mode_is_validated(megatron, tiny_model, tmp_path, monkeypatch):
     monkeypatch.setenv("FABRIC_TRAINER_COMPILE", "layers")  # the default when build_gpt_model is not told
     assert model.build_gpt_model(tiny_model).compiled_layers  # compiled lazily: at the first call
     assert not model.build_gpt_model(tiny_model, torch_compile="off").compiled_layers
+    # The fused logprob passes follow the model's own setting (on CUDA only), not the environment: a bench or a user
+    # may hold an eager and a compiled model in one process.
+    monkeypatch.setenv("FABRIC_TRAINER_COMPILE", "off")
+    layers = model.build_gpt_model(tiny_model, torch_compile="layers")
+    assert model._compile_fusions(layers, "cuda") and not model._compile_fusions(layers, "cpu")
+    assert not model._compile_fusions(model.build_gpt_model(tiny_model), "cuda")
     monkeypatch.setenv("FABRIC_TRAINER_COMPILE", "yes")  # fails at config load, before any process starts
     cfg = load_roll(MEGATRON, [f"pretrain={tiny_model}", f"actor_train.data_args.file_name=[{dataset(tmp_path)}]"])
-    with pytest.raises(ConfigError, match="FABRIC_TRAINER_COMPILE.*'yes' is unknown; use off, fusions or layers"):
+    with pytest.raises(ConfigError, match="FABRIC_TRAINER_COMPILE.*'yes' is unknown; use auto, off, fusions or layers"):
         pipeline_config(cfg)
 
-    assert [compile_mode(v) for v in ("0", "off", "1", "fusions", "layers", "Layers")] == [
+    assert [compile_mode(v) for v in ("0", "off", "1", "fusions", "layers", "Layers", "auto")] == [
         "off",
         "off",
         "fusions",
         "fusions",
         "layers",
         "layers",
+        "auto",
     ]
-    with pytest.raises(ConfigError, match="FABRIC_TRAINER_COMPILE.*'layer' is unknown; use off, fusions or layers"):
+    monkeypatch.delenv("FABRIC_TRAINER_COMPILE")
+    assert compile_mode() == "auto"  # the default: compiled layers where they pay, eager elsewhere
+    assert resolve_compile_mode("auto", "cuda", 1_500_000_000) == "layers"
+    assert resolve_compile_mode("auto", "cuda", 5_000_000) == "off"  # a tiny model compiles longer than it trains
+    assert resolve_compile_mode("auto", "cpu", 1_500_000_000) == "off"
+    assert resolve_compile_mode("fusions", "cpu", 5) == "fusions"  # an explicit choice stands
+    tiny = model.build_gpt_model(tiny_model)  # auto, on the CPU: eager
+    assert tiny.torch_compile == "off" and not tiny.compiled_layers
+    unknown = "FABRIC_TRAINER_COMPILE.*'layer' is unknown; use auto, off, fusions or layers"
+    with pytest.raises(ConfigError, match=unknown):
         compile_mode("layer")

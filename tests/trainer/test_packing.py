@@ -146,7 +146,7 @@ def test_token_logprob_equals_megatrons_cross_entropy_with_its_gradient(megatron
     for fused in (True, False):
         x = logits.clone().requires_grad_(True)
         if fused:
-            lp = model._TokenLogprob.apply(x, targets, 0.7)
+            lp = model._TokenLogprob.apply(x, targets, 0.7, False)
         else:
             lp = -tensor_parallel.vocab_parallel_cross_entropy(x.float()[:, None] / 0.7, targets[:, None])[:, 0]
         (lp * weights).sum().backward()
