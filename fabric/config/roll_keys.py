@@ -170,7 +170,7 @@ def other_pipeline(key: str) -> ConfigError:
 # ---- actor_infer (ROLL's WorkerConfig) ----------------------------------------------------------------------------
 
 INFER_USED = {"model_args", "generating_args", "strategy_args", "device_mapping", "infer_batch_size"}
-INFER_FABRIC = {"pretrain", "max_queue_length", "drain_grace_s"}
+INFER_FABRIC = {"pretrain", "max_queue_length", "drain_grace_s", "admission_window_s"}
 INFER_IGNORED = {
     "name", "world_size", "num_gpus_per_worker", "model_update_frequency", "backend_timeout", "system_envs",
     "max_concurrency", "offload_nccl", "data_args", "training_args", "topr_positive_weight", "topr_negative_weight",

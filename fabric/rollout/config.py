@@ -12,6 +12,7 @@ actor_infer:
   infer_batch_size: 64           # requests in the engine at once; more wait in the server's queue
   max_queue_length: 4096         # fabric: requests waiting beyond that are refused (RESOURCE_EXHAUSTED)
   drain_grace_s: 30              # fabric: on SIGTERM, running requests get this long before they are aborted
+  admission_window_s: 0.002      # fabric: an idle engine waits until no request came for this long (0: off)
 ```
 
 The model is `model_args.model_name_or_path`, else the section's `pretrain`, else the top-level `pretrain` (ROLL
@@ -38,6 +39,9 @@ DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "bfloat16": 
 DEFAULT_INFER_BATCH_SIZE = 256
 DEFAULT_MAX_QUEUE_LENGTH = 4096
 DEFAULT_DRAIN_GRACE_S = 30.0
+# An idle engine takes a burst of requests in one pass: it waits until none has come for this long (fabric.rollout.
+# scheduler: at most 25 windows). A gRPC stream delivers a round's requests within about a millisecond of each other.
+DEFAULT_ADMISSION_WINDOW_S = 0.002
 
 
 @dataclass
@@ -54,6 +58,7 @@ class RolloutConfig:
     infer_batch_size: int = DEFAULT_INFER_BATCH_SIZE
     max_queue_length: int = DEFAULT_MAX_QUEUE_LENGTH
     drain_grace_s: float = DEFAULT_DRAIN_GRACE_S
+    admission_window_s: float = DEFAULT_ADMISSION_WINDOW_S
     device_mapping: list[int] = field(default_factory=list)
     strategy_name: str = "vllm"  # the engine (fabric.rollout.engine.ENGINES)
     include_stop_str_in_output: bool = False  # generating_args: a stop string ends the text (vLLM's default: not)
@@ -164,11 +169,17 @@ def load_rollout_config(cfg: DictConfig, role: str = "actor_infer") -> RolloutCo
         include_stop_str_in_output=bool(include_stop),
         ignored=ignored,
     )
-    grace = section.get("drain_grace_s", DEFAULT_DRAIN_GRACE_S)
-    if isinstance(grace, bool) or not isinstance(grace, int | float) or grace < 0:
-        raise ConfigError(f"{role}.drain_grace_s", f"expected a number of seconds >= 0, got {grace!r}")
-    rc.drain_grace_s = float(grace)
+    rc.drain_grace_s = _seconds(section, "drain_grace_s", DEFAULT_DRAIN_GRACE_S, role)
+    rc.admission_window_s = _seconds(section, "admission_window_s", DEFAULT_ADMISSION_WINDOW_S, role, most=1.0)
     return rc
+
+
+def _seconds(section: dict, name: str, default: float, role: str, most: float | None = None) -> float:
+    value = section.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0 or (most and value > most):
+        bound = f"between 0 and {most}" if most else ">= 0"
+        raise ConfigError(f"{role}.{name}", f"expected a number of seconds {bound}, got {value!r}")
+    return float(value)
 
 
 def _generating_args(raw: dict, role: str) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """The rollout server's scheduler: the admission queue, dispatch into the engine and drain, in engine types only.
 
 The servicer (fabric.rollout.servicer) validates each request and hands it here as prompt ids and a Sampling;
-`admit` queues it in `pending`, `_dispatch` keeps at most infer_batch_size requests in the engine, `_run` starts one
+`admit` queues it in `pending`, `_dispatch` keeps at most infer_batch_size requests in the engine (an idle engine
+first waits out the admission window, so that a burst enters in one pass: `_hold`), `_run` starts one
 `_sample` per num_return_sequences, and each finished sample goes onto its stream's `out` queue as an `Answer`,
 which the servicer turns into a GenerateResponse. As the reward side's fabric.reward.batcher.
 """
@@ -25,6 +26,8 @@ END = object()  # ends a stream's `out` queue
 # Responses a stream may hold that its client has not read, plus its requests still owed answers: past it, the
 # stream's next request is not read (backpressure), so the queue stays under this times the samples per request.
 MAX_UNSENT_RESPONSES = 256
+# A burst held for an idle engine never waits longer than this many admission windows.
+MAX_HOLD_WINDOWS = 25
 
 
 @dataclass
@@ -76,10 +79,15 @@ class Request:
 
 
 class Scheduler:
-    def __init__(self, engine: RolloutEngine, infer_batch_size: int, max_queue_length: int):
+    def __init__(
+        self, engine: RolloutEngine, infer_batch_size: int, max_queue_length: int, admission_window_s: float = 0.0
+    ):
         self.engine = engine
         self.infer_batch_size = infer_batch_size
         self.max_queue_length = max_queue_length
+        self.admission_window_s = admission_window_s
+        self._hold_timer: asyncio.TimerHandle | None = None
+        self._held_since = 0.0
         self.pending: deque[Request] = deque()  # waiting for an engine slot, oldest first
         self.running = 0  # requests in the engine
         self.by_id: dict[str, set[Request]] = {}  # client request id -> live requests on any stream (for Abort)
@@ -124,12 +132,32 @@ class Scheduler:
         stream.live[live.request_id] = live
         self.by_id.setdefault(live.request_id, set()).add(live)
         self.pending.append(live)
-        self._dispatch()
+        if self.running == 0 and self.admission_window_s > 0 and len(self.pending) < self.infer_batch_size:
+            self._hold()
+        else:
+            self._dispatch()
 
     # ---- dispatch ----
 
+    def _hold(self) -> None:
+        """An idle engine waits until no request has come for one admission window (at most MAX_HOLD_WINDOWS from
+        the first): a round's requests arrive one gRPC message at a time, and dispatched one by one they would
+        enter vLLM over many engine steps, interleaved with its output handling (on an H200 a 256-request round
+        then finished over 0.5-0.8 s, against 0.01-0.05 s in-process, where a caller's gather adds them at once)."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self._hold_timer is None:
+            self._held_since = now
+        else:
+            self._hold_timer.cancel()
+        last = self._held_since + MAX_HOLD_WINDOWS * self.admission_window_s
+        self._hold_timer = loop.call_at(min(now + self.admission_window_s, last), self._dispatch)
+
     def _dispatch(self) -> None:
         """Moves waiting requests into the engine while fewer than infer_batch_size are there."""
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
         while self.pending and self.running < self.infer_batch_size:
             request = self.pending.popleft()
             self.running += 1

@@ -41,7 +41,9 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         self.engine = engine
         self.config = config
         self.server_name = server_name
-        self.scheduler = Scheduler(engine, config.infer_batch_size, config.max_queue_length)
+        self.scheduler = Scheduler(
+            engine, config.infer_batch_size, config.max_queue_length, config.admission_window_s
+        )
         self.going_to_sleep = False
         self._receiver = None
 

@@ -225,3 +225,88 @@ def test_domain_errors_become_statuses_in_one_place():
     assert unary.code() == grpc.StatusCode.INVALID_ARGUMENT and error_info(unary).metadata["field"] == "tags[0]"
     assert streaming.code() == grpc.StatusCode.INVALID_ARGUMENT and error_info(streaming).reason == "MISSING_HEADER"
     assert info.model == "fake"
+
+
+class _StartClock(FakeEngine):
+    """Records when each sample entered the engine (the event loop's clock)."""
+
+    def __init__(self):
+        super().__init__(token_seconds=0.001)
+        self.starts: list[float] = []
+
+    async def generate(self, engine_id, prompt_token_ids, sampling, index):
+        self.starts.append(asyncio.get_running_loop().time())
+        return await super().generate(engine_id, prompt_token_ids, sampling, index)
+
+
+@pytest.mark.parametrize("window", [0.02, 0.0])
+def test_a_burst_enters_an_idle_engine_in_one_pass(window):
+    """16 requests written 1 ms apart on one stream: with an admission window the idle engine takes them all at
+    once (as a caller's gather does in-process), without one they enter one by one as the messages arrive."""
+
+    async def go():
+        engine = _StartClock()
+        async with fake_server(engine, infer_batch_size=64, max_queue_length=64, admission_window_s=window) as (
+            client,
+            _,
+            _,
+        ):
+
+            async def paced():
+                for i in range(16):
+                    yield request(f"b{i}", tokens=2)
+                    await asyncio.sleep(0.001)
+
+            responses = await collect(client, paced())
+        return responses, engine.starts
+
+    responses, starts = asyncio.run(go())
+    assert sorted(r.request_id for r in responses) == sorted(f"b{i}" for i in range(16))
+    spread = max(starts) - min(starts)
+    if window:
+        assert spread < 0.005, f"the burst entered over {spread * 1000:.1f} ms"
+    else:
+        assert spread > 0.010, f"without a window the burst entered over {spread * 1000:.1f} ms only"
+
+
+def test_a_busy_engine_takes_a_new_request_at_once():
+    """The window holds only an idle engine's burst: while requests run, a new one enters without waiting."""
+
+    async def go():
+        engine = _StartClock()
+        async with fake_server(engine, infer_batch_size=8, admission_window_s=0.5) as (client, servicer, _):
+
+            async def two():
+                yield request("first", tokens=400)
+                while servicer.scheduler.running == 0:
+                    await asyncio.sleep(0.01)
+                yield request("second", tokens=2)
+
+            loop = asyncio.get_running_loop()
+            sent = loop.time()
+            responses = await collect(client, two())
+        return responses, [t - sent for t in engine.starts]
+
+    responses, starts = asyncio.run(go())
+    assert {r.request_id for r in responses} == {"first", "second"}
+    assert 0.45 < starts[0] < 2.0  # the idle engine held its first request for the (long) window
+    assert starts[1] - starts[0] < 0.3  # the second joined the busy engine at once, not after another window
+
+
+def test_a_bad_admission_window_is_refused_in_one_line():
+    from fabric.config import ConfigError, load_config
+    from fabric.rollout.config import load_rollout_config
+
+    for bad in ("-1", "5", "soon"):
+        cfg = load_config(
+            None,
+            [
+                "actor_infer.pretrain=/m",
+                "actor_infer.strategy_args.strategy_name=vllm",
+                f"actor_infer.admission_window_s={bad}",
+            ],
+        )
+        with pytest.raises(
+            ConfigError, match=r"actor_infer.admission_window_s'?: expected a number of seconds between 0 and 1"
+        ):
+            load_rollout_config(cfg, "actor_infer")
