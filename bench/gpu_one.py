@@ -376,7 +376,8 @@ def main(argv: list[str]) -> None:
     budget = float(argv[2]) if len(argv) > 2 else 560.0
     out.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + budget
-    guarded("correctness", correctness, out)
+    if os.environ.get("GPU_ONE_CORRECTNESS", "1") != "0":  # 0: a device call spent on speed only
+        guarded("correctness", correctness, out)
     for name in names:
         model = make_layout_dir(out, name)
         for part, fn, args in (
