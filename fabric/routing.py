@@ -1,6 +1,6 @@
 """Spreading generation over rollout servers, and surviving one that dies mid-rollout.
 
-`RolloutPool.generate(requests)` keeps one Generate stream per live server and sends each request to the
+`RolloutPool.generate(requests)` keeps one GenerateBatch stream per live server and sends each request to the
 least-loaded one (fewest unfinished requests from this pool), or to the server its `session_key` hashes to, so a
 multi-turn session keeps its prefix cache. When a server's stream breaks (killed, connection cut, keepalive timeout)
 its unfinished requests are resubmitted to the others, asking only for the samples that had not arrived;
@@ -140,15 +140,28 @@ class RolloutPool:
             server.queue.put_nowait(pending.request)
 
         async def feed(server: _Server):
+            """The requests routed to this server, as GenerateBatch messages: each takes every request queued by
+            then, so a round goes out in one message and enters the engine in one pass."""
             queue = server.queue  # made by submit() before it started this reader; ends with a None
             assert queue is not None
             while (request := await queue.get()) is not None:
-                yield request
+                batch = [request]
+                while not queue.empty():
+                    if (more := queue.get_nowait()) is None:
+                        yield rollout_pb2.GenerateBatchRequest(requests=batch)
+                        return
+                    batch.append(more)
+                yield rollout_pb2.GenerateBatchRequest(requests=batch)
+
+        async def responses(call):
+            async for batch in call:
+                for response in batch.responses:
+                    yield response
 
         async def read(server: _Server) -> None:
-            call = server.stub.Generate(feed(server), timeout=self.stream_timeout)
+            call = server.stub.GenerateBatch(feed(server), timeout=self.stream_timeout)
             try:
-                async for response in call:
+                async for response in responses(call):
                     wire_id = response.request_id
                     pending = server.pending.get(wire_id)
                     if pending is None:

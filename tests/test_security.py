@@ -118,6 +118,9 @@ CALLS = {
         rollout_pb2.RolloutServiceGetServerInfoRequest(), timeout=10)),
     "rollout.Generate": ("rollout", lambda ch: list(rollout_pb2_grpc.RolloutServiceStub(ch).Generate(iter([
         rollout_pb2.GenerateRequest(request_id="a", prompt="Add 1 and 2.\n")]), timeout=30))),
+    "rollout.GenerateBatch": ("rollout", lambda ch: list(rollout_pb2_grpc.RolloutServiceStub(ch).GenerateBatch(iter([
+        rollout_pb2.GenerateBatchRequest(
+            requests=[rollout_pb2.GenerateRequest(request_id="a", prompt="Add 1 and 2.\n")])]), timeout=30))),
     "rollout.GetWeightsStatus": ("rollout", lambda ch: rollout_pb2_grpc.RolloutServiceStub(ch).GetWeightsStatus(
         rollout_pb2.GetWeightsStatusRequest(), timeout=10)),
     "reward.Score": ("reward", lambda ch: list(reward_pb2_grpc.RewardServiceStub(ch).Score(iter([

@@ -1,10 +1,11 @@
 """fabric.v1.RolloutService over a RolloutEngine: validates requests, maps proto <-> engine types, streams samples
 back. The queue, dispatch and drain are the scheduler's (fabric.rollout.scheduler).
 
-Path of a Generate request: `Generate` -> `_read` (validate: fabric.rollout.validation) -> `Scheduler.admit` ->
-`pending` queue -> dispatch (at most infer_batch_size requests in the engine) -> one engine `generate` per
-num_return_sequences -> an `Answer` on the stream's queue as soon as that sample finishes -> `_response` ->
-a GenerateResponse on the call.
+Path of a Generate request (GenerateBatch: the same, many per message): `Generate` -> `_generate` -> `_read`
+(validate: fabric.rollout.validation) -> `Scheduler.admit` -> `pending` queue -> dispatch (at most infer_batch_size
+requests in the engine) -> one engine `generate` per num_return_sequences -> an `Answer` on the stream's queue as
+soon as that sample finishes -> `_response` -> a GenerateResponse on the call (GenerateBatch: the answers finished
+meanwhile in one GenerateBatchResponse).
 """
 
 from __future__ import annotations
@@ -36,14 +37,24 @@ _SLEEP_STATES = {
 }
 
 
+# A GenerateBatchResponse takes the samples finished meanwhile up to about this size (the channels allow 64 MiB).
+MAX_BATCH_RESPONSE_BYTES = 4 << 20
+
+
+def _approximate_bytes(item) -> int:
+    """An Answer's size on the wire, roughly: token ids, logprobs and text (an END or an error: nothing)."""
+    sample = getattr(item, "sample", None)
+    if sample is None:
+        return 0
+    return 8 * len(sample.token_ids) + len(sample.text) + 4 * len(getattr(item, "prompt_ids", ()))
+
+
 class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
     def __init__(self, engine: RolloutEngine, config: RolloutConfig, server_name: str = ""):
         self.engine = engine
         self.config = config
         self.server_name = server_name
-        self.scheduler = Scheduler(
-            engine, config.infer_batch_size, config.max_queue_length, config.admission_window_s
-        )
+        self.scheduler = Scheduler(engine, config.infer_batch_size, config.max_queue_length, config.admission_window_s)
         self.going_to_sleep = False
         self._receiver = None
 
@@ -59,6 +70,16 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         return None
 
     async def Generate(self, request_iterator, context):
+        async for answers in self._generate(request_iterator, batched=False):
+            for response in answers:
+                yield response
+
+    async def GenerateBatch(self, request_iterator, context):
+        async for answers in self._generate(request_iterator, batched=True):
+            yield rollout_pb2.GenerateBatchResponse(responses=answers)
+
+    async def _generate(self, request_iterator, batched: bool):
+        """One stream either way; yields the responses ready together (Generate sends them one by one)."""
         refusal = self._asleep() or (
             self.scheduler.draining and unavailable("the rollout server is shutting down", "DRAINING")
         )
@@ -71,32 +92,44 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
                 pass
             raise refusal
         stream = self.scheduler.open_stream()
-        reader = asyncio.create_task(self._read(stream, request_iterator))
+        reader = asyncio.create_task(self._read(stream, request_iterator, batched))
         try:
             while True:
-                item = await stream.out.get()
+                items = [await stream.out.get()]
+                size = 0
+                while not stream.out.empty() and size < MAX_BATCH_RESPONSE_BYTES:  # what finished meanwhile
+                    items.append(stream.out.get_nowait())
+                    size += _approximate_bytes(items[-1])
                 stream.taken.set()
-                if item is END:
+                answers, end = [], None
+                for item in items:
+                    if item is END or isinstance(item, FabricError):
+                        end = item
+                        break
+                    answers.append(self._response(item))
+                if answers:
+                    yield answers
+                if end is END:
                     return
-                if isinstance(item, FabricError):
-                    raise item
-                yield self._response(item)
+                if end is not None:
+                    raise end
         finally:
             reader.cancel()
             self.scheduler.close_stream(stream)
 
-    async def _read(self, stream: Stream, request_iterator) -> None:
+    async def _read(self, stream: Stream, request_iterator, batched: bool) -> None:
         try:
-            async for request in request_iterator:
-                await stream.room()
-                refusal = self._asleep()
-                if refusal:  # stream-level: the whole call ends UNAVAILABLE
-                    stream.out.put_nowait(refusal)
-                    return
-                try:
-                    self._admit(stream, request)
-                except FabricError as err:  # per item: this request is refused, the stream goes on
-                    stream.out.put_nowait(Answer(request.request_id, error=err))
+            async for message in request_iterator:
+                for request in message.requests if batched else (message,):
+                    await stream.room()
+                    refusal = self._asleep()
+                    if refusal:  # stream-level: the whole call ends UNAVAILABLE
+                        stream.out.put_nowait(refusal)
+                        return
+                    try:
+                        self._admit(stream, request)
+                    except FabricError as err:  # per item: this request is refused, the stream goes on
+                        stream.out.put_nowait(Answer(request.request_id, error=err))
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the client's side of the stream broke; the handler cleans up

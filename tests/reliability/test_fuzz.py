@@ -279,6 +279,7 @@ def test_score(reward, items):
 
 ROLLOUT_METHODS = {
     "Generate": ("stream", rollout_pb2.GenerateRequest),
+    "GenerateBatch": ("stream", rollout_pb2.GenerateBatchRequest),
     "Abort": ("unary", rollout_pb2.AbortRequest),
     "UpdateWeights": ("client_stream", rollout_pb2.UpdateWeightsRequest),
     "GetWeightsStatus": ("unary", rollout_pb2.GetWeightsStatusRequest),

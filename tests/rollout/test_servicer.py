@@ -310,3 +310,40 @@ def test_a_bad_admission_window_is_refused_in_one_line():
             ConfigError, match=r"actor_infer.admission_window_s'?: expected a number of seconds between 0 and 1"
         ):
             load_rollout_config(cfg, "actor_infer")
+
+
+def test_generate_batch_answers_as_generate_does_in_fewer_messages():
+    """GenerateBatch: the same samples, versions and per-request refusals as Generate, a whole round in one
+    request message, and the samples that finished together in one response message."""
+
+    def round_():
+        return [request(f"g{i}", tokens=3, n=2) for i in range(12)] + [
+            GenerateRequest(request_id="bad", prompt="ab", sampling=SamplingParams(temperature=-1.0)),
+        ]
+
+    async def go():
+        engine = _StartClock()
+        async with fake_server(engine, infer_batch_size=64, max_queue_length=64) as (client, _, _):
+            engine.weight_version = 2
+            one_by_one = await collect(client, round_())
+            engine.starts.clear()
+            messages = []
+            call = client.stub.GenerateBatch(iter([rollout_pb2.GenerateBatchRequest(requests=round_())]), timeout=30)
+            async for message in call:
+                messages.append(list(message.responses))
+            starts = list(engine.starts)
+            flat = [r async for r in client.generate_batch(round_(), timeout=30, per_message=5)]
+        return one_by_one, messages, flat, starts
+
+    one_by_one, messages, flat, starts = asyncio.run(go())
+
+    def key(responses):
+        return sorted(
+            (r.request_id, r.sample_index, list(r.token_ids), r.weight_version, r.error.reason) for r in responses
+        )
+
+    batched = [r for m in messages for r in m]
+    assert key(batched) == key(one_by_one) == key(flat)
+    assert len(batched) == 25 and [r.error.reason for r in batched if r.request_id == "bad"] == ["INVALID_FIELD"]
+    assert max(starts) - min(starts) < 0.005  # the round entered the engine in one pass
+    assert len(messages) <= 3, [len(m) for m in messages]  # the refusal, then the 24 samples finished together

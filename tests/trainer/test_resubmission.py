@@ -19,19 +19,21 @@ class FakeRollout(rollout_pb2_grpc.RolloutServiceServicer):
         self.die_after = die_after
         self.sent = 0
 
-    async def Generate(self, request_iterator, context):
-        async for request in request_iterator:
-            for k in range(request.sampling.num_return_sequences):
-                if self.die_after is not None and self.sent >= self.die_after:
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, "killed")
-                self.sent += 1
-                yield rollout_pb2.GenerateResponse(
-                    request_id=request.request_id,
-                    sample_index=k,
-                    text=f"seed {request.sampling.seed + k}",
-                    finish_reason=rollout_pb2.FINISH_REASON_STOP,
-                )
-                await asyncio.sleep(0.01)
+    async def GenerateBatch(self, request_iterator, context):  # the pool's RPC
+        async for batch in request_iterator:
+            for request in batch.requests:
+                for k in range(request.sampling.num_return_sequences):
+                    if self.die_after is not None and self.sent >= self.die_after:
+                        await context.abort(grpc.StatusCode.UNAVAILABLE, "killed")
+                    self.sent += 1
+                    sample = rollout_pb2.GenerateResponse(
+                        request_id=request.request_id,
+                        sample_index=k,
+                        text=f"seed {request.sampling.seed + k}",
+                        finish_reason=rollout_pb2.FINISH_REASON_STOP,
+                    )
+                    yield rollout_pb2.GenerateBatchResponse(responses=[sample])
+                    await asyncio.sleep(0.01)
 
 
 async def start(servicer) -> tuple[grpc.aio.Server, str]:
