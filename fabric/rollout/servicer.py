@@ -109,10 +109,10 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
                     answers.append(self._response(item))
                 if answers:
                     yield answers
+                if isinstance(end, FabricError):
+                    raise end
                 if end is END:
                     return
-                if end is not None:
-                    raise end
         finally:
             reader.cancel()
             self.scheduler.close_stream(stream)
