@@ -6,7 +6,7 @@ straight into its parameters by default: FABRIC_LAYERWISE_RELOAD=1 takes vLLM's 
 
 Per layout (Qwen2.5 shapes in bf16, `load_format: dummy`, eager, default 0.5B and 7B), on GPU 0:
   generation   256 prompts x 128 new tokens, greedy, token ids in, through `fabric serve rollout` over gRPC (one
-               Generate stream), with the sampled token's logprob (what the trainer asks) and without, in rounds
+               GenerateBatch stream, as the trainer's pool; two rounds over Generate for the record), with the sampled token's logprob (what the trainer asks) and without, in rounds
                alternating with the same prompts and samplings through vLLM's AsyncLLM in this process (both
                engines alive, each at UTIL of the GPU; AsyncLLM at its fastest: final output only, no
                detokenizing); then, with the server stopped, vLLM's offline LLM in a child process. Both in-process
@@ -91,8 +91,9 @@ def rates(rounds: list[tuple[float, int]]) -> dict:
 # ---- the fabric: a rollout server, gRPC generation and IPC pushes --------------------------------------------------
 
 
-async def grpc_round(address: str, logprobs: bool = True) -> tuple[float, int]:
-    """One round through the rollout server: every prompt on one Generate stream, as the trainer sends them."""
+async def grpc_round(address: str, logprobs: bool = True, batch: bool = True) -> tuple[float, int]:
+    """One round through the rollout server: every prompt on one GenerateBatch stream, as the trainer's pool sends
+    them (batch=False: one Generate message per request, as a plain client may)."""
     from fabric.rollout.client import GenerateRequest, RolloutClient, SamplingParams
 
     sampling = SamplingParams(max_new_tokens=MAX_NEW, temperature=0.0, logprobs=logprobs)
@@ -102,11 +103,11 @@ async def grpc_round(address: str, logprobs: bool = True) -> tuple[float, int]:
     start = time.perf_counter()
     tokens, first = 0, None
     async with RolloutClient(address) as client:
-        async for response in client.generate(requests):
+        async for response in client.generate_batch(requests) if batch else client.generate(requests):
             tokens += len(response.token_ids)
             first = first or time.perf_counter() - start
     seconds = time.perf_counter() - start
-    SPREAD.setdefault("fabric", []).append((round(first or 0, 3), round(seconds, 3)))
+    SPREAD.setdefault("fabric" if batch else "fabric_generate", []).append((round(first or 0, 3), round(seconds, 3)))
     return seconds, tokens
 
 
@@ -154,7 +155,7 @@ def generation_rounds(address: str, config_path: Path, name: str, profiler_for) 
 
     async def main() -> dict[str, list]:
         engine = start_async_engine(config_path)
-        rounds: dict[str, list] = {"fabric": [], "fabric_nolp": [], "async": [], "async_nolp": []}
+        rounds: dict[str, list] = {"fabric": [], "fabric_nolp": [], "async": [], "async_nolp": [], "generate": []}
         try:
             await grpc_round(address)  # warm-up, both
             await async_round(engine, "warm")
@@ -164,6 +165,8 @@ def generation_rounds(address: str, config_path: Path, name: str, profiler_for) 
                 rounds["async"].append(await async_round(engine, f"lp{r}"))
                 rounds["fabric_nolp"].append(await grpc_round(address, False))
                 rounds["async_nolp"].append(await async_round(engine, f"nolp{r}", False))
+                if r < 2:  # the one-message-per-request RPC, for the record
+                    rounds["generate"].append(await grpc_round(address, True, batch=False))
             if profiler is not None:
                 profiler.wait(60)
         finally:
@@ -173,6 +176,7 @@ def generation_rounds(address: str, config_path: Path, name: str, profiler_for) 
     rounds = asyncio.run(main())
     record(f"{name}.fabric_grpc", rates(rounds["fabric"]))
     record(f"{name}.fabric_grpc_nolp", rates(rounds["fabric_nolp"]))
+    record(f"{name}.fabric_grpc_generate_rpc", rates(rounds["generate"]))
     record(f"{name}.inprocess_async", rates(rounds["async"]))
     record(f"{name}.inprocess_async_nolp", rates(rounds["async_nolp"]))
     record(f"{name}.first_and_last_sample_s", dict(SPREAD))
