@@ -6,7 +6,8 @@ straight into its parameters by default: FABRIC_LAYERWISE_RELOAD=1 takes vLLM's 
 
 Per layout (Qwen2.5 shapes in bf16, `load_format: dummy`, eager, default 0.5B and 7B), on GPU 0:
   generation   256 prompts x 128 new tokens, greedy, token ids in, through `fabric serve rollout` over gRPC (one
-               GenerateBatch stream, as the trainer's pool; two rounds over Generate for the record), with the sampled token's logprob (what the trainer asks) and without, in rounds
+               GenerateBatch stream, as the trainer's pool; two rounds over Generate for the record), with the
+               sampled token's logprob (what the trainer asks) and without, in rounds
                alternating with the same prompts and samplings through vLLM's AsyncLLM in this process (both
                engines alive, each at UTIL of the GPU; AsyncLLM at its fastest: final output only, no
                detokenizing); then, with the server stopped, vLLM's offline LLM in a child process. Both in-process
