@@ -121,10 +121,12 @@ class Scheduler:
 
     def admit(self, stream: Stream, request_id: str, prompt_ids: list[int], sampling: Sampling) -> None:
         """Queues a validated request (or refuses it when the queue is full) and dispatches what fits."""
-        if len(self.pending) >= self.max_queue_length:
+        # Held requests that will fit in the engine when the window closes do not wait for it.
+        waiting = len(self.pending) - max(0, self.infer_batch_size - self.running)
+        if waiting >= self.max_queue_length:
             raise FabricError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"queue full: {len(self.pending)} requests wait for the engine (max_queue_length); "
+                f"queue full: {waiting} requests wait for the engine (max_queue_length); "
                 "retry later or send to another server",
                 reason="QUEUE_FULL",
             )
