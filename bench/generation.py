@@ -1,6 +1,6 @@
 """Generation throughput on the tiny model, three ways, with the same prompts, seeded sampling and engine settings:
 
-  fabric      `fabric serve rollout` + RolloutClient: every prompt on one Generate stream
+  fabric      `fabric serve rollout` + RolloutClient: every prompt on one GenerateBatch stream (the trainer's path)
   in-process  the same vLLM AsyncLLM called directly (what the fabric's engine adapter does, minus gRPC), in a
               child process of its own
   http        vLLM's OpenAI-compatible server (`python -m vllm.entrypoints.openai.api_server`), /v1/completions,
@@ -74,7 +74,7 @@ class FabricWay:
 
         async def go() -> int:
             async with RolloutClient(self.server.address) as client:
-                return sum([len(r.token_ids) async for r in client.generate(requests)])
+                return sum([len(r.token_ids) async for r in client.generate_batch(requests)])
 
         return _timed(lambda: asyncio.run(go()))
 
@@ -217,7 +217,7 @@ class HttpWay:
 def main() -> None:
     from fabric.models.tiny import make_tiny_model
 
-    names = ("fabric Generate stream", "vLLM in-process", "vLLM OpenAI HTTP server")
+    names = ("fabric GenerateBatch stream", "vLLM in-process", "vLLM OpenAI HTTP server")
     with tempfile.TemporaryDirectory(prefix="bench-generation-") as tmp:
         workdir = Path(tmp)
         model = str(make_tiny_model(workdir / "model", seed=0))
