@@ -15,6 +15,7 @@ from tests.config.configs import AGENTIC, ENVS_FRAGMENT, MEGATRON, SEARCH, write
 from tests.servers import serve
 
 pytestmark = pytest.mark.slow
+EAGER = "actor_infer.strategy_args.strategy_config.enforce_eager"
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +71,10 @@ def test_rollout_server_serves_an_agentic_configs_actor_infer(tmp_path, tiny_mod
     write(tmp_path, "config/envs.yaml", ENVS_FRAGMENT)
     config = write(tmp_path, "agentic/agent.yaml", AGENTIC)
     search = ["--config-search-path", str(tmp_path / "config")]
-    server = serve(
-        "rollout", config, [*search, f"pretrain={tiny_model}", "actor_infer.device_mapping=null"], timeout=600
-    )
+    # enforce_eager: the config leaves vLLM to compile the model (about a minute of CPU here), which is not what this
+    # test is about; every other key of its actor_infer is served as written.
+    overrides = [f"pretrain={tiny_model}", "actor_infer.device_mapping=null", f"{EAGER}=true"]
+    server = serve("rollout", config, [*search, *overrides], timeout=600)
     try:
 
         async def go():
@@ -84,3 +86,5 @@ def test_rollout_server_serves_an_agentic_configs_actor_infer(tmp_path, tiny_mod
     finally:
         server.stop()
     assert info.model == tiny_model and len(samples) == 1 and 0 < len(samples[0].token_ids) <= 64
+    engine = json.loads(info.engine_config_json)  # its own section: the agentic config's, not the defaults
+    assert engine["gpu_memory_utilization"] == 0.3 and engine["enforce_eager"] is True
