@@ -13,13 +13,19 @@ ROOT = Path(__file__).resolve().parent.parent
 TEST_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": str(ROOT)}
 
 
-def serve(kind: str, config: str | Path, overrides=(), timeout: float = 300.0, **kwargs) -> ServerProcess:
-    """Starts `fabric serve KIND --config CONFIG --port 0` and waits for its ready line; `.stop()` ends it."""
+def server_process(kind: str, config: str | Path, overrides=(), **kwargs) -> ServerProcess:
+    """`fabric serve KIND --config CONFIG --port 0`, not started yet: start it with serve() or several with
+    start_all (their engines then load side by side); `.stop()` ends it."""
     env = {key: os.environ.get(key, value) for key, value in TEST_ENV.items()}
     # Not in a session of its own: its gRPC loop then shares the CPU thread by thread with its engine processes, and
     # the timing windows the rollout tests act in stay open on a 2-core host.
     kwargs.setdefault("own_session", False)
-    server = ServerProcess(kind, config, overrides=overrides, env=env, **kwargs).start()
+    return ServerProcess(kind, config, overrides=overrides, env=env, **kwargs)
+
+
+def serve(kind: str, config: str | Path, overrides=(), timeout: float = 300.0, **kwargs) -> ServerProcess:
+    """Starts `fabric serve KIND --config CONFIG --port 0` and waits for its ready line; `.stop()` ends it."""
+    server = server_process(kind, config, overrides, **kwargs).start()
     server.wait_ready(timeout)
     return server
 

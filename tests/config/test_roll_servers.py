@@ -9,19 +9,39 @@ import json
 
 import pytest
 
+from fabric.procs import start_all
 from fabric.reward.client import RewardClient
 from fabric.rollout.client import GenerateRequest, RolloutClient, SamplingParams
 from tests.config.configs import AGENTIC, ENVS_FRAGMENT, MEGATRON, SEARCH, write
-from tests.servers import serve
+from tests.servers import serve, server_process
 
 pytestmark = pytest.mark.slow
+EAGER = "actor_infer.strategy_args.strategy_config.enforce_eager"
 
 
 @pytest.fixture(scope="module")
-def roll_rollout(tiny_model):
-    server = serve("rollout", MEGATRON, [*SEARCH, f"pretrain={tiny_model}"], timeout=600)
-    yield server
-    server.stop()
+def rollouts(tiny_model, tmp_path_factory):
+    """The module's two rollout servers, started at once (their engines load side by side): the ROLL block's and
+    an agentic config's (env managers, custom_envs, an unset-until-now `${now:...}`)."""
+    tmp = tmp_path_factory.mktemp("agentic")
+    write(tmp, "config/envs.yaml", ENVS_FRAGMENT)
+    agentic = write(tmp, "agentic/agent.yaml", AGENTIC)
+    # enforce_eager: the agentic config leaves vLLM to compile the model (about 30 s of CPU here), which is not what
+    # its test is about; every other key of its actor_infer is served as written.
+    overrides = [f"pretrain={tiny_model}", "actor_infer.device_mapping=null", f"{EAGER}=true"]
+    servers = {
+        "roll": server_process("rollout", MEGATRON, [*SEARCH, f"pretrain={tiny_model}"]),
+        "agentic": server_process("rollout", agentic, ["--config-search-path", str(tmp / "config"), *overrides]),
+    }
+    start_all(list(servers.values()), timeout=600)
+    yield servers
+    for server in servers.values():
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def roll_rollout(rollouts):
+    return rollouts["roll"]
 
 
 @pytest.fixture(scope="module")
@@ -64,23 +84,16 @@ def test_reward_server_scores_with_roll_worker_classes(roll_reward):
     assert [r.correct for r in responses] == [1.0, 0.0, 1.0, 0.0] and all(r.HasField("correct") for r in responses)
 
 
-def test_rollout_server_serves_an_agentic_configs_actor_infer(tmp_path, tiny_model):
+def test_rollout_server_serves_an_agentic_configs_actor_infer(rollouts, tiny_model):
     """A role reads its own section: `fabric serve rollout` on an agentic config (env managers, custom_envs, an
     unset-until-now `${now:...}`) serves its actor_infer."""
-    write(tmp_path, "config/envs.yaml", ENVS_FRAGMENT)
-    config = write(tmp_path, "agentic/agent.yaml", AGENTIC)
-    search = ["--config-search-path", str(tmp_path / "config")]
-    server = serve(
-        "rollout", config, [*search, f"pretrain={tiny_model}", "actor_infer.device_mapping=null"], timeout=600
-    )
-    try:
 
-        async def go():
-            async with RolloutClient(server.address) as client:
-                request = GenerateRequest(request_id="a", prompt="1+1=", sampling=SamplingParams(seed=1))
-                return await client.info(), [s async for s in client.generate([request])]
+    async def go():
+        async with RolloutClient(rollouts["agentic"].address) as client:
+            request = GenerateRequest(request_id="a", prompt="1+1=", sampling=SamplingParams(seed=1))
+            return await client.info(), [s async for s in client.generate([request])]
 
-        info, samples = asyncio.run(go())
-    finally:
-        server.stop()
+    info, samples = asyncio.run(go())
     assert info.model == tiny_model and len(samples) == 1 and 0 < len(samples[0].token_ids) <= 64
+    engine = json.loads(info.engine_config_json)  # its own section: the agentic config's, not the defaults
+    assert engine["gpu_memory_utilization"] == 0.3 and engine["enforce_eager"] is True

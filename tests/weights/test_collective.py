@@ -9,17 +9,22 @@ from __future__ import annotations
 import abc
 import asyncio
 import inspect
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 from fabric.procs import ServerProcess
 from fabric.weights.sender import WeightSource, push_weights
 from fabric.weights.transports import collective, ipc
+from tests.rollout.fake_engine import fingerprint
+from tests.rollout.fake_server import fake_rollout_process
 from tests.weights.test_update import status
 
 SMALL_BUCKETS = str(64 * 1024)  # the tiny model (~2 MB) in tens of buckets, so a test can act mid-broadcast
@@ -361,35 +366,56 @@ def test_sender_killed_mid_broadcast_leaves_the_old_version_everywhere(
 
 @pytest.mark.slow
 def test_receiver_killed_mid_broadcast_fails_the_group_and_a_restarted_server_is_readmitted(
-    cluster, small_buckets, tiny_model, tiny_model_b, reference
+    cluster, small_buckets, tiny_model, tiny_model_b, reference, tmp_path
 ):
-    targets = cluster.addresses
-    baseline = max(serving(a) for a in targets) + 1
-    assert push(tiny_model, targets, baseline).ok
-    victim = cluster.procs[2]
+    """The receiver that dies, and its restart, is a fake-engine server that offers gloo (tests/rollout/fake_server.py:
+    its own process, real gRPC, the real collective receiver) beside two of the session's vLLM servers: the kill costs
+    no cluster restart."""
+    from fabric.v1 import rollout_pb2
+    from tests.weights.test_update import stub
 
-    def kill(index):
-        if index == 2:
-            victim.signal(signal.SIGKILL)  # the server and its engine process
-            victim.proc.wait()
+    survivors = cluster.addresses[:2]
+    victim = fake_rollout_process(tiny_model, "gloo-victim", 0, "--gloo")
+    victim.env["FABRIC_SHM_DIR"] = str(tmp_path)
+    victim.start().wait_ready(120)
+    servers = [victim]
+    try:
+        targets = [*survivors, victim.address]
+        baseline = max(serving(a) for a in targets) + 1
+        assert push(tiny_model, targets, baseline).ok
 
-    collective.AFTER_BUCKET = kill
-    started = time.monotonic()
-    report = push(tiny_model_b, targets, baseline + 1)
-    assert time.monotonic() - started < 40
-    collective.AFTER_BUCKET = None
-    assert not any(r.committed for r in report.results), report.results
-    survivors = targets[:2]
-    assert_serving(survivors, baseline, reference["a"])  # the vote failed: nobody committed
+        def kill(index):
+            if index == 2:
+                victim.signal(signal.SIGKILL)  # the server, its gloo receiver with it
+                victim.proc.wait()
 
-    # The next push forms a new group of the servers that answer; a restarted server is behind and gets it.
-    report = push(tiny_model_b, survivors, baseline + 1)
-    assert report.ok, report.failed
-    restarted = cluster.restart(2)
-    everyone = cluster.addresses
-    report = push(tiny_model_b, everyone, baseline + 1)  # the current version
-    assert report.ok, report.failed
-    by_server = {r.server: r for r in report.results}
-    assert all(by_server[a].already_committed for a in survivors)
-    assert by_server[restarted.address].transport == "gloo" and not by_server[restarted.address].already_committed
-    assert_serving(everyone, baseline + 1, reference["b"])
+        collective.AFTER_BUCKET = kill
+        started = time.monotonic()
+        report = push(tiny_model_b, targets, baseline + 1)
+        assert time.monotonic() - started < 40
+        collective.AFTER_BUCKET = None
+        assert not any(r.committed for r in report.results), report.results
+        assert_serving(survivors, baseline, reference["a"])  # the vote failed: nobody committed
+
+        # The next push forms a new group of the servers that answer; a restarted server is behind and gets it.
+        report = push(tiny_model_b, survivors, baseline + 1)
+        assert report.ok, report.failed
+        restarted = fake_rollout_process(tiny_model, "gloo-victim-restarted", 0, "--gloo")
+        restarted.env["FABRIC_SHM_DIR"] = str(tmp_path)
+        servers.append(restarted)
+        restarted.start().wait_ready(120)
+        everyone = [*survivors, restarted.address]
+        report = push(tiny_model_b, everyone, baseline + 1)  # the current version
+        assert report.ok, report.failed
+        by_server = {r.server: r for r in report.results}
+        assert all(by_server[a].already_committed for a in survivors)
+        assert by_server[restarted.address].transport == "gloo" and not by_server[restarted.address].already_committed
+        assert_serving(survivors, baseline + 1, reference["b"])
+        assert serving(restarted.address) == baseline + 1
+        info = stub(restarted.address).GetServerInfo(rollout_pb2.RolloutServiceGetServerInfoRequest(), timeout=10)
+        checkpoint_b = [t for f in sorted(Path(tiny_model_b).glob("*.safetensors")) for t in load_file(f).items()]
+        assert json.loads(info.engine_config_json)["weights"] == fingerprint(checkpoint_b)  # b, byte for byte
+    finally:
+        collective.AFTER_BUCKET = None
+        for server in servers:
+            server.stop(grace=5)
