@@ -20,6 +20,11 @@ type RolloutServiceClient interface {
 	// Prompts in, samples out as each finishes (completion order, not request order).
 	// Each request yields sampling.num_return_sequences responses, or one response carrying an error.
 	Generate(ctx context.Context, opts ...grpc.CallOption) (RolloutService_GenerateClient, error)
+	// Generate with many requests per message and the samples finished together in one response: the same
+	// validation, order and errors per request, far fewer messages. A round of hundreds of prompts then enters the
+	// engine in one pass and its samples come back in a few messages (one gRPC message costs the server's event loop
+	// about as much as a sample's engine work at these sizes). The trainer's path.
+	GenerateBatch(ctx context.Context, opts ...grpc.CallOption) (RolloutService_GenerateBatchClient, error)
 	// Cancels in-flight requests by id (on any stream of this server).
 	Abort(ctx context.Context, in *AbortRequest, opts ...grpc.CallOption) (*AbortResponse, error)
 	// A weight update: a header message, then chunks. Committed atomically when every chunk arrived and verified.
@@ -73,6 +78,37 @@ func (x *rolloutServiceGenerateClient) Recv() (*GenerateResponse, error) {
 	return m, nil
 }
 
+func (c *rolloutServiceClient) GenerateBatch(ctx context.Context, opts ...grpc.CallOption) (RolloutService_GenerateBatchClient, error) {
+	stream, err := c.cc.NewStream(ctx, &_RolloutService_serviceDesc.Streams[1], "/fabric.v1.RolloutService/GenerateBatch", opts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &rolloutServiceGenerateBatchClient{stream}
+	return x, nil
+}
+
+type RolloutService_GenerateBatchClient interface {
+	Send(*GenerateBatchRequest) error
+	Recv() (*GenerateBatchResponse, error)
+	grpc.ClientStream
+}
+
+type rolloutServiceGenerateBatchClient struct {
+	grpc.ClientStream
+}
+
+func (x *rolloutServiceGenerateBatchClient) Send(m *GenerateBatchRequest) error {
+	return x.ClientStream.SendMsg(m)
+}
+
+func (x *rolloutServiceGenerateBatchClient) Recv() (*GenerateBatchResponse, error) {
+	m := new(GenerateBatchResponse)
+	if err := x.ClientStream.RecvMsg(m); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
 func (c *rolloutServiceClient) Abort(ctx context.Context, in *AbortRequest, opts ...grpc.CallOption) (*AbortResponse, error) {
 	out := new(AbortResponse)
 	err := c.cc.Invoke(ctx, "/fabric.v1.RolloutService/Abort", in, out, opts...)
@@ -83,7 +119,7 @@ func (c *rolloutServiceClient) Abort(ctx context.Context, in *AbortRequest, opts
 }
 
 func (c *rolloutServiceClient) UpdateWeights(ctx context.Context, opts ...grpc.CallOption) (RolloutService_UpdateWeightsClient, error) {
-	stream, err := c.cc.NewStream(ctx, &_RolloutService_serviceDesc.Streams[1], "/fabric.v1.RolloutService/UpdateWeights", opts...)
+	stream, err := c.cc.NewStream(ctx, &_RolloutService_serviceDesc.Streams[2], "/fabric.v1.RolloutService/UpdateWeights", opts...)
 	if err != nil {
 		return nil, err
 	}
@@ -159,6 +195,11 @@ type RolloutServiceServer interface {
 	// Prompts in, samples out as each finishes (completion order, not request order).
 	// Each request yields sampling.num_return_sequences responses, or one response carrying an error.
 	Generate(RolloutService_GenerateServer) error
+	// Generate with many requests per message and the samples finished together in one response: the same
+	// validation, order and errors per request, far fewer messages. A round of hundreds of prompts then enters the
+	// engine in one pass and its samples come back in a few messages (one gRPC message costs the server's event loop
+	// about as much as a sample's engine work at these sizes). The trainer's path.
+	GenerateBatch(RolloutService_GenerateBatchServer) error
 	// Cancels in-flight requests by id (on any stream of this server).
 	Abort(context.Context, *AbortRequest) (*AbortResponse, error)
 	// A weight update: a header message, then chunks. Committed atomically when every chunk arrived and verified.
@@ -180,6 +221,9 @@ type UnimplementedRolloutServiceServer struct {
 
 func (UnimplementedRolloutServiceServer) Generate(RolloutService_GenerateServer) error {
 	return status.Errorf(codes.Unimplemented, "method Generate not implemented")
+}
+func (UnimplementedRolloutServiceServer) GenerateBatch(RolloutService_GenerateBatchServer) error {
+	return status.Errorf(codes.Unimplemented, "method GenerateBatch not implemented")
 }
 func (UnimplementedRolloutServiceServer) Abort(context.Context, *AbortRequest) (*AbortResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method Abort not implemented")
@@ -232,6 +276,32 @@ func (x *rolloutServiceGenerateServer) Send(m *GenerateResponse) error {
 
 func (x *rolloutServiceGenerateServer) Recv() (*GenerateRequest, error) {
 	m := new(GenerateRequest)
+	if err := x.ServerStream.RecvMsg(m); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
+func _RolloutService_GenerateBatch_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(RolloutServiceServer).GenerateBatch(&rolloutServiceGenerateBatchServer{stream})
+}
+
+type RolloutService_GenerateBatchServer interface {
+	Send(*GenerateBatchResponse) error
+	Recv() (*GenerateBatchRequest, error)
+	grpc.ServerStream
+}
+
+type rolloutServiceGenerateBatchServer struct {
+	grpc.ServerStream
+}
+
+func (x *rolloutServiceGenerateBatchServer) Send(m *GenerateBatchResponse) error {
+	return x.ServerStream.SendMsg(m)
+}
+
+func (x *rolloutServiceGenerateBatchServer) Recv() (*GenerateBatchRequest, error) {
+	m := new(GenerateBatchRequest)
 	if err := x.ServerStream.RecvMsg(m); err != nil {
 		return nil, err
 	}
@@ -383,6 +453,12 @@ var _RolloutService_serviceDesc = grpc.ServiceDesc{
 		{
 			StreamName:    "Generate",
 			Handler:       _RolloutService_Generate_Handler,
+			ServerStreams: true,
+			ClientStreams: true,
+		},
+		{
+			StreamName:    "GenerateBatch",
+			Handler:       _RolloutService_GenerateBatch_Handler,
 			ServerStreams: true,
 			ClientStreams: true,
 		},

@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file fabric/v1/rollout.proto.
  */
 export const file_fabric_v1_rollout: GenFile = /*@__PURE__*/
-  fileDesc("ChdmYWJyaWMvdjEvcm9sbG91dC5wcm90bxIJZmFicmljLnYxIo4DCg5TYW1wbGluZ1BhcmFtcxIbCg5tYXhfbmV3X3Rva2VucxgBIAEoBUgAiAEBEhgKC3RlbXBlcmF0dXJlGAIgASgCSAGIAQESEgoFdG9wX3AYAyABKAJIAogBARISCgV0b3BfaxgEIAEoBUgDiAEBEhYKCW51bV9iZWFtcxgFIAEoBUgEiAEBEiEKFG51bV9yZXR1cm5fc2VxdWVuY2VzGAYgASgFSAWIAQESEQoEc2VlZBgHIAEoA0gGiAEBEhUKCGxvZ3Byb2JzGAggASgISAeIAQESDAoEc3RvcBgJIAMoCRIfChJyZXBldGl0aW9uX3BlbmFsdHkYCiABKAJICIgBAUIRCg9fbWF4X25ld190b2tlbnNCDgoMX3RlbXBlcmF0dXJlQggKBl90b3BfcEIICgZfdG9wX2tCDAoKX251bV9iZWFtc0IXChVfbnVtX3JldHVybl9zZXF1ZW5jZXNCBwoFX3NlZWRCCwoJX2xvZ3Byb2JzQhUKE19yZXBldGl0aW9uX3BlbmFsdHkikQEKD0dlbmVyYXRlUmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgJEg4KBnByb21wdBgCIAEoCRIYChBwcm9tcHRfdG9rZW5faWRzGAMgAygFEisKCHNhbXBsaW5nGAQgASgLMhkuZmFicmljLnYxLlNhbXBsaW5nUGFyYW1zEhMKC3Nlc3Npb25fa2V5GAUgASgJIr0CChBHZW5lcmF0ZVJlc3BvbnNlEhIKCnJlcXVlc3RfaWQYASABKAkSFAoMc2FtcGxlX2luZGV4GAIgASgFEhEKCXRva2VuX2lkcxgDIAMoBRIMCgR0ZXh0GAQgASgJEhAKCGxvZ3Byb2JzGAUgAygCEi4KDWZpbmlzaF9yZWFzb24YBiABKA4yFy5mYWJyaWMudjEuRmluaXNoUmVhc29uEhYKDndlaWdodF92ZXJzaW9uGAcgASgDEhgKEHByb21wdF90b2tlbl9pZHMYCCADKAUSHwoFZXJyb3IYCSABKAsyEC5mYWJyaWMudjEuRXJyb3ISDgoGc2VydmVyGAogASgJEhwKFGZpcnN0X3dlaWdodF92ZXJzaW9uGAsgASgDEhsKE2xhc3Rfd2VpZ2h0X3ZlcnNpb24YDCABKAMiIwoMQWJvcnRSZXF1ZXN0EhMKC3JlcXVlc3RfaWRzGAEgAygJIiwKDUFib3J0UmVzcG9uc2USGwoTYWJvcnRlZF9yZXF1ZXN0X2lkcxgBIAMoCSJtChRVcGRhdGVXZWlnaHRzUmVxdWVzdBIuCgZoZWFkZXIYASABKAsyHi5mYWJyaWMudjEuVXBkYXRlV2VpZ2h0c0hlYWRlchIlCgVjaHVuaxgCIAEoCzIWLmZhYnJpYy52MS5XZWlnaHRDaHVuayKMAgoTVXBkYXRlV2VpZ2h0c0hlYWRlchIWCg53ZWlnaHRfdmVyc2lvbhgBIAEoAxIrCghtYW5pZmVzdBgCIAEoCzIZLmZhYnJpYy52MS5XZWlnaHRNYW5pZmVzdBIVCg1yZWxheV90YXJnZXRzGAMgAygJEhUKDWNodW5rX2luZGljZXMYBCADKAUSEQoJdHJhbnNwb3J0GAUgASgJEjMKCmNvbGxlY3RpdmUYBiABKAsyHy5mYWJyaWMudjEuQ29sbGVjdGl2ZVJlbmRlenZvdXMSIgoDaXBjGAcgASgLMhUuZmFicmljLnYxLklwY0hhbmRsZXMSFgoOdGVuc29yX2RpZ2VzdHMYCCADKAwiLwoKSXBjSGFuZGxlcxIQCghncHVfdXVpZBgBIAEoCRIPCgd0ZW5zb3JzGAIgASgMIqsBChRDb2xsZWN0aXZlUmVuZGV6dm91cxIPCgdiYWNrZW5kGAEgASgJEhUKDXN0b3JlX2FkZHJlc3MYAiABKAkSEgoKd29ybGRfc2l6ZRgDIAEoBRIMCgRyYW5rGAQgASgFEhQKDGJ1Y2tldF9ieXRlcxgFIAEoAxIRCgl0aW1lb3V0X3MYBiABKAESEAoIZ3JvdXBfaWQYByABKAkSDgoGc2VjcmV0GAggASgJIkcKFVVwZGF0ZVdlaWdodHNSZXNwb25zZRIuCgdyZXN1bHRzGAEgAygLMh0uZmFicmljLnYxLldlaWdodFVwZGF0ZVJlc3VsdCL5AQoSV2VpZ2h0VXBkYXRlUmVzdWx0Eg4KBnNlcnZlchgBIAEoCRIWCg53ZWlnaHRfdmVyc2lvbhgCIAEoAxIRCgljb21taXR0ZWQYAyABKAgSGQoRYWxyZWFkeV9jb21taXR0ZWQYBCABKAgSFgoOYnl0ZXNfcmVjZWl2ZWQYBSABKAMSDwoHc2Vjb25kcxgGIAEoARIWCg5jb21taXRfc2Vjb25kcxgHIAEoARIfCgVlcnJvchgIIAEoCzIQLmZhYnJpYy52MS5FcnJvchIRCgl0cmFuc3BvcnQYCSABKAkSGAoQdHJhbnNwb3J0X3JlYXNvbhgKIAEoCSIZChdHZXRXZWlnaHRzU3RhdHVzUmVxdWVzdCKbAgoYR2V0V2VpZ2h0c1N0YXR1c1Jlc3BvbnNlEhcKD3NlcnZpbmdfdmVyc2lvbhgBIAEoAxIWCg5zdGFnZWRfdmVyc2lvbhgCIAEoAxIeChZzdGFnZWRfbWFuaWZlc3RfZGlnZXN0GAMgASgJEhwKFHN0YWdlZF9jaHVua19pbmRpY2VzGAQgAygFEhQKDHRvdGFsX2NodW5rcxgFIAEoBRIVCg10Y3BfZGF0YV9wb3J0GAYgASgFEh8KF3NlcnZpbmdfbWFuaWZlc3RfZGlnZXN0GAcgASgJEg0KBWR0eXBlGAggASgJEjMKCnRyYW5zcG9ydHMYCSADKAsyHy5mYWJyaWMudjEuV2VpZ2h0VHJhbnNwb3J0T2ZmZXIingEKFFdlaWdodFRyYW5zcG9ydE9mZmVyEgwKBG5hbWUYASABKAkSDAoEcG9ydBgCIAEoBRI7CgZwYXJhbXMYAyADKAsyKy5mYWJyaWMudjEuV2VpZ2h0VHJhbnNwb3J0T2ZmZXIuUGFyYW1zRW50cnkaLQoLUGFyYW1zRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASIdCgxTbGVlcFJlcXVlc3QSDQoFbGV2ZWwYASABKAUiRAoNU2xlZXBSZXNwb25zZRIkCgVzdGF0ZRgBIAEoDjIVLmZhYnJpYy52MS5TbGVlcFN0YXRlEg0KBWxldmVsGAIgASgFIh0KDVdha2VVcFJlcXVlc3QSDAoEdGFncxgBIAMoCSI2Cg5XYWtlVXBSZXNwb25zZRIkCgVzdGF0ZRgBIAEoDjIVLmZhYnJpYy52MS5TbGVlcFN0YXRlIiQKIlJvbGxvdXRTZXJ2aWNlR2V0U2VydmVySW5mb1JlcXVlc3QiqAMKI1JvbGxvdXRTZXJ2aWNlR2V0U2VydmVySW5mb1Jlc3BvbnNlEg0KBW1vZGVsGAEgASgJEhoKEmVuZ2luZV9jb25maWdfanNvbhgCIAEoCRIWCg53ZWlnaHRfdmVyc2lvbhgDIAEoAxITCgtxdWV1ZV9kZXB0aBgEIAEoBRIYChBydW5uaW5nX3JlcXVlc3RzGAUgASgFEioKC3NsZWVwX3N0YXRlGAYgASgOMhUuZmFicmljLnYxLlNsZWVwU3RhdGUSEwoLc2xlZXBfbGV2ZWwYByABKAUSFQoNbWF4X21vZGVsX2xlbhgIIAEoBRISCgp2b2NhYl9zaXplGAkgASgFEhgKEGluZmVyX2JhdGNoX3NpemUYCiABKAUSHAoUZ2VuZXJhdGluZ19hcmdzX2pzb24YCyABKAkSDgoGc2VydmVyGAwgASgJEhYKDmVuZ2luZV92ZXJzaW9uGA0gASgJEiAKGGRldmljZV9tZW1vcnlfZnJlZV9ieXRlcxgOIAEoAxIhChlkZXZpY2VfbWVtb3J5X3RvdGFsX2J5dGVzGA8gASgDKngKDEZpbmlzaFJlYXNvbhIdChlGSU5JU0hfUkVBU09OX1VOU1BFQ0lGSUVEEAASFgoSRklOSVNIX1JFQVNPTl9TVE9QEAESGAoURklOSVNIX1JFQVNPTl9MRU5HVEgQAhIXChNGSU5JU0hfUkVBU09OX0FCT1JUEAMqdgoKU2xlZXBTdGF0ZRIbChdTTEVFUF9TVEFURV9VTlNQRUNJRklFRBAAEhUKEVNMRUVQX1NUQVRFX0FXQUtFEAESFgoSU0xFRVBfU1RBVEVfQVNMRUVQEAISHAoYU0xFRVBfU1RBVEVfV0VJR0hUU19PTkxZEAMyswQKDlJvbGxvdXRTZXJ2aWNlEkcKCEdlbmVyYXRlEhouZmFicmljLnYxLkdlbmVyYXRlUmVxdWVzdBobLmZhYnJpYy52MS5HZW5lcmF0ZVJlc3BvbnNlKAEwARI6CgVBYm9ydBIXLmZhYnJpYy52MS5BYm9ydFJlcXVlc3QaGC5mYWJyaWMudjEuQWJvcnRSZXNwb25zZRJUCg1VcGRhdGVXZWlnaHRzEh8uZmFicmljLnYxLlVwZGF0ZVdlaWdodHNSZXF1ZXN0GiAuZmFicmljLnYxLlVwZGF0ZVdlaWdodHNSZXNwb25zZSgBElsKEEdldFdlaWdodHNTdGF0dXMSIi5mYWJyaWMudjEuR2V0V2VpZ2h0c1N0YXR1c1JlcXVlc3QaIy5mYWJyaWMudjEuR2V0V2VpZ2h0c1N0YXR1c1Jlc3BvbnNlEjoKBVNsZWVwEhcuZmFicmljLnYxLlNsZWVwUmVxdWVzdBoYLmZhYnJpYy52MS5TbGVlcFJlc3BvbnNlEj0KBldha2VVcBIYLmZhYnJpYy52MS5XYWtlVXBSZXF1ZXN0GhkuZmFicmljLnYxLldha2VVcFJlc3BvbnNlEm4KDUdldFNlcnZlckluZm8SLS5mYWJyaWMudjEuUm9sbG91dFNlcnZpY2VHZXRTZXJ2ZXJJbmZvUmVxdWVzdBouLmZhYnJpYy52MS5Sb2xsb3V0U2VydmljZUdldFNlcnZlckluZm9SZXNwb25zZWIGcHJvdG8z", [file_fabric_v1_common, file_fabric_v1_weights]);
+  fileDesc("ChdmYWJyaWMvdjEvcm9sbG91dC5wcm90bxIJZmFicmljLnYxIo4DCg5TYW1wbGluZ1BhcmFtcxIbCg5tYXhfbmV3X3Rva2VucxgBIAEoBUgAiAEBEhgKC3RlbXBlcmF0dXJlGAIgASgCSAGIAQESEgoFdG9wX3AYAyABKAJIAogBARISCgV0b3BfaxgEIAEoBUgDiAEBEhYKCW51bV9iZWFtcxgFIAEoBUgEiAEBEiEKFG51bV9yZXR1cm5fc2VxdWVuY2VzGAYgASgFSAWIAQESEQoEc2VlZBgHIAEoA0gGiAEBEhUKCGxvZ3Byb2JzGAggASgISAeIAQESDAoEc3RvcBgJIAMoCRIfChJyZXBldGl0aW9uX3BlbmFsdHkYCiABKAJICIgBAUIRCg9fbWF4X25ld190b2tlbnNCDgoMX3RlbXBlcmF0dXJlQggKBl90b3BfcEIICgZfdG9wX2tCDAoKX251bV9iZWFtc0IXChVfbnVtX3JldHVybl9zZXF1ZW5jZXNCBwoFX3NlZWRCCwoJX2xvZ3Byb2JzQhUKE19yZXBldGl0aW9uX3BlbmFsdHkikQEKD0dlbmVyYXRlUmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgJEg4KBnByb21wdBgCIAEoCRIYChBwcm9tcHRfdG9rZW5faWRzGAMgAygFEisKCHNhbXBsaW5nGAQgASgLMhkuZmFicmljLnYxLlNhbXBsaW5nUGFyYW1zEhMKC3Nlc3Npb25fa2V5GAUgASgJIkQKFEdlbmVyYXRlQmF0Y2hSZXF1ZXN0EiwKCHJlcXVlc3RzGAEgAygLMhouZmFicmljLnYxLkdlbmVyYXRlUmVxdWVzdCJHChVHZW5lcmF0ZUJhdGNoUmVzcG9uc2USLgoJcmVzcG9uc2VzGAEgAygLMhsuZmFicmljLnYxLkdlbmVyYXRlUmVzcG9uc2UivQIKEEdlbmVyYXRlUmVzcG9uc2USEgoKcmVxdWVzdF9pZBgBIAEoCRIUCgxzYW1wbGVfaW5kZXgYAiABKAUSEQoJdG9rZW5faWRzGAMgAygFEgwKBHRleHQYBCABKAkSEAoIbG9ncHJvYnMYBSADKAISLgoNZmluaXNoX3JlYXNvbhgGIAEoDjIXLmZhYnJpYy52MS5GaW5pc2hSZWFzb24SFgoOd2VpZ2h0X3ZlcnNpb24YByABKAMSGAoQcHJvbXB0X3Rva2VuX2lkcxgIIAMoBRIfCgVlcnJvchgJIAEoCzIQLmZhYnJpYy52MS5FcnJvchIOCgZzZXJ2ZXIYCiABKAkSHAoUZmlyc3Rfd2VpZ2h0X3ZlcnNpb24YCyABKAMSGwoTbGFzdF93ZWlnaHRfdmVyc2lvbhgMIAEoAyIjCgxBYm9ydFJlcXVlc3QSEwoLcmVxdWVzdF9pZHMYASADKAkiLAoNQWJvcnRSZXNwb25zZRIbChNhYm9ydGVkX3JlcXVlc3RfaWRzGAEgAygJIm0KFFVwZGF0ZVdlaWdodHNSZXF1ZXN0Ei4KBmhlYWRlchgBIAEoCzIeLmZhYnJpYy52MS5VcGRhdGVXZWlnaHRzSGVhZGVyEiUKBWNodW5rGAIgASgLMhYuZmFicmljLnYxLldlaWdodENodW5rIowCChNVcGRhdGVXZWlnaHRzSGVhZGVyEhYKDndlaWdodF92ZXJzaW9uGAEgASgDEisKCG1hbmlmZXN0GAIgASgLMhkuZmFicmljLnYxLldlaWdodE1hbmlmZXN0EhUKDXJlbGF5X3RhcmdldHMYAyADKAkSFQoNY2h1bmtfaW5kaWNlcxgEIAMoBRIRCgl0cmFuc3BvcnQYBSABKAkSMwoKY29sbGVjdGl2ZRgGIAEoCzIfLmZhYnJpYy52MS5Db2xsZWN0aXZlUmVuZGV6dm91cxIiCgNpcGMYByABKAsyFS5mYWJyaWMudjEuSXBjSGFuZGxlcxIWCg50ZW5zb3JfZGlnZXN0cxgIIAMoDCIvCgpJcGNIYW5kbGVzEhAKCGdwdV91dWlkGAEgASgJEg8KB3RlbnNvcnMYAiABKAwiqwEKFENvbGxlY3RpdmVSZW5kZXp2b3VzEg8KB2JhY2tlbmQYASABKAkSFQoNc3RvcmVfYWRkcmVzcxgCIAEoCRISCgp3b3JsZF9zaXplGAMgASgFEgwKBHJhbmsYBCABKAUSFAoMYnVja2V0X2J5dGVzGAUgASgDEhEKCXRpbWVvdXRfcxgGIAEoARIQCghncm91cF9pZBgHIAEoCRIOCgZzZWNyZXQYCCABKAkiRwoVVXBkYXRlV2VpZ2h0c1Jlc3BvbnNlEi4KB3Jlc3VsdHMYASADKAsyHS5mYWJyaWMudjEuV2VpZ2h0VXBkYXRlUmVzdWx0IvkBChJXZWlnaHRVcGRhdGVSZXN1bHQSDgoGc2VydmVyGAEgASgJEhYKDndlaWdodF92ZXJzaW9uGAIgASgDEhEKCWNvbW1pdHRlZBgDIAEoCBIZChFhbHJlYWR5X2NvbW1pdHRlZBgEIAEoCBIWCg5ieXRlc19yZWNlaXZlZBgFIAEoAxIPCgdzZWNvbmRzGAYgASgBEhYKDmNvbW1pdF9zZWNvbmRzGAcgASgBEh8KBWVycm9yGAggASgLMhAuZmFicmljLnYxLkVycm9yEhEKCXRyYW5zcG9ydBgJIAEoCRIYChB0cmFuc3BvcnRfcmVhc29uGAogASgJIhkKF0dldFdlaWdodHNTdGF0dXNSZXF1ZXN0IpsCChhHZXRXZWlnaHRzU3RhdHVzUmVzcG9uc2USFwoPc2VydmluZ192ZXJzaW9uGAEgASgDEhYKDnN0YWdlZF92ZXJzaW9uGAIgASgDEh4KFnN0YWdlZF9tYW5pZmVzdF9kaWdlc3QYAyABKAkSHAoUc3RhZ2VkX2NodW5rX2luZGljZXMYBCADKAUSFAoMdG90YWxfY2h1bmtzGAUgASgFEhUKDXRjcF9kYXRhX3BvcnQYBiABKAUSHwoXc2VydmluZ19tYW5pZmVzdF9kaWdlc3QYByABKAkSDQoFZHR5cGUYCCABKAkSMwoKdHJhbnNwb3J0cxgJIAMoCzIfLmZhYnJpYy52MS5XZWlnaHRUcmFuc3BvcnRPZmZlciKeAQoUV2VpZ2h0VHJhbnNwb3J0T2ZmZXISDAoEbmFtZRgBIAEoCRIMCgRwb3J0GAIgASgFEjsKBnBhcmFtcxgDIAMoCzIrLmZhYnJpYy52MS5XZWlnaHRUcmFuc3BvcnRPZmZlci5QYXJhbXNFbnRyeRotCgtQYXJhbXNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIh0KDFNsZWVwUmVxdWVzdBINCgVsZXZlbBgBIAEoBSJECg1TbGVlcFJlc3BvbnNlEiQKBXN0YXRlGAEgASgOMhUuZmFicmljLnYxLlNsZWVwU3RhdGUSDQoFbGV2ZWwYAiABKAUiHQoNV2FrZVVwUmVxdWVzdBIMCgR0YWdzGAEgAygJIjYKDldha2VVcFJlc3BvbnNlEiQKBXN0YXRlGAEgASgOMhUuZmFicmljLnYxLlNsZWVwU3RhdGUiJAoiUm9sbG91dFNlcnZpY2VHZXRTZXJ2ZXJJbmZvUmVxdWVzdCKoAwojUm9sbG91dFNlcnZpY2VHZXRTZXJ2ZXJJbmZvUmVzcG9uc2USDQoFbW9kZWwYASABKAkSGgoSZW5naW5lX2NvbmZpZ19qc29uGAIgASgJEhYKDndlaWdodF92ZXJzaW9uGAMgASgDEhMKC3F1ZXVlX2RlcHRoGAQgASgFEhgKEHJ1bm5pbmdfcmVxdWVzdHMYBSABKAUSKgoLc2xlZXBfc3RhdGUYBiABKA4yFS5mYWJyaWMudjEuU2xlZXBTdGF0ZRITCgtzbGVlcF9sZXZlbBgHIAEoBRIVCg1tYXhfbW9kZWxfbGVuGAggASgFEhIKCnZvY2FiX3NpemUYCSABKAUSGAoQaW5mZXJfYmF0Y2hfc2l6ZRgKIAEoBRIcChRnZW5lcmF0aW5nX2FyZ3NfanNvbhgLIAEoCRIOCgZzZXJ2ZXIYDCABKAkSFgoOZW5naW5lX3ZlcnNpb24YDSABKAkSIAoYZGV2aWNlX21lbW9yeV9mcmVlX2J5dGVzGA4gASgDEiEKGWRldmljZV9tZW1vcnlfdG90YWxfYnl0ZXMYDyABKAMqeAoMRmluaXNoUmVhc29uEh0KGUZJTklTSF9SRUFTT05fVU5TUEVDSUZJRUQQABIWChJGSU5JU0hfUkVBU09OX1NUT1AQARIYChRGSU5JU0hfUkVBU09OX0xFTkdUSBACEhcKE0ZJTklTSF9SRUFTT05fQUJPUlQQAyp2CgpTbGVlcFN0YXRlEhsKF1NMRUVQX1NUQVRFX1VOU1BFQ0lGSUVEEAASFQoRU0xFRVBfU1RBVEVfQVdBS0UQARIWChJTTEVFUF9TVEFURV9BU0xFRVAQAhIcChhTTEVFUF9TVEFURV9XRUlHSFRTX09OTFkQAzKLBQoOUm9sbG91dFNlcnZpY2USRwoIR2VuZXJhdGUSGi5mYWJyaWMudjEuR2VuZXJhdGVSZXF1ZXN0GhsuZmFicmljLnYxLkdlbmVyYXRlUmVzcG9uc2UoATABElYKDUdlbmVyYXRlQmF0Y2gSHy5mYWJyaWMudjEuR2VuZXJhdGVCYXRjaFJlcXVlc3QaIC5mYWJyaWMudjEuR2VuZXJhdGVCYXRjaFJlc3BvbnNlKAEwARI6CgVBYm9ydBIXLmZhYnJpYy52MS5BYm9ydFJlcXVlc3QaGC5mYWJyaWMudjEuQWJvcnRSZXNwb25zZRJUCg1VcGRhdGVXZWlnaHRzEh8uZmFicmljLnYxLlVwZGF0ZVdlaWdodHNSZXF1ZXN0GiAuZmFicmljLnYxLlVwZGF0ZVdlaWdodHNSZXNwb25zZSgBElsKEEdldFdlaWdodHNTdGF0dXMSIi5mYWJyaWMudjEuR2V0V2VpZ2h0c1N0YXR1c1JlcXVlc3QaIy5mYWJyaWMudjEuR2V0V2VpZ2h0c1N0YXR1c1Jlc3BvbnNlEjoKBVNsZWVwEhcuZmFicmljLnYxLlNsZWVwUmVxdWVzdBoYLmZhYnJpYy52MS5TbGVlcFJlc3BvbnNlEj0KBldha2VVcBIYLmZhYnJpYy52MS5XYWtlVXBSZXF1ZXN0GhkuZmFicmljLnYxLldha2VVcFJlc3BvbnNlEm4KDUdldFNlcnZlckluZm8SLS5mYWJyaWMudjEuUm9sbG91dFNlcnZpY2VHZXRTZXJ2ZXJJbmZvUmVxdWVzdBouLmZhYnJpYy52MS5Sb2xsb3V0U2VydmljZUdldFNlcnZlckluZm9SZXNwb25zZWIGcHJvdG8z", [file_fabric_v1_common, file_fabric_v1_weights]);
 
 /**
  * Sampling overrides: every field left unset takes the server's generating_args default.
@@ -126,6 +126,44 @@ export const GenerateRequestSchema: GenMessage<GenerateRequest> = /*@__PURE__*/
   messageDesc(file_fabric_v1_rollout, 1);
 
 /**
+ * @generated from message fabric.v1.GenerateBatchRequest
+ */
+export type GenerateBatchRequest = Message<"fabric.v1.GenerateBatchRequest"> & {
+  /**
+   * Each one as a GenerateRequest on Generate; ids unique among the stream's live requests.
+   *
+   * @generated from field: repeated fabric.v1.GenerateRequest requests = 1;
+   */
+  requests: GenerateRequest[];
+};
+
+/**
+ * Describes the message fabric.v1.GenerateBatchRequest.
+ * Use `create(GenerateBatchRequestSchema)` to create a new message.
+ */
+export const GenerateBatchRequestSchema: GenMessage<GenerateBatchRequest> = /*@__PURE__*/
+  messageDesc(file_fabric_v1_rollout, 2);
+
+/**
+ * @generated from message fabric.v1.GenerateBatchResponse
+ */
+export type GenerateBatchResponse = Message<"fabric.v1.GenerateBatchResponse"> & {
+  /**
+   * Samples (or per-request errors) in completion order, as Generate would send them one by one.
+   *
+   * @generated from field: repeated fabric.v1.GenerateResponse responses = 1;
+   */
+  responses: GenerateResponse[];
+};
+
+/**
+ * Describes the message fabric.v1.GenerateBatchResponse.
+ * Use `create(GenerateBatchResponseSchema)` to create a new message.
+ */
+export const GenerateBatchResponseSchema: GenMessage<GenerateBatchResponse> = /*@__PURE__*/
+  messageDesc(file_fabric_v1_rollout, 3);
+
+/**
  * @generated from message fabric.v1.GenerateResponse
  */
 export type GenerateResponse = Message<"fabric.v1.GenerateResponse"> & {
@@ -211,7 +249,7 @@ export type GenerateResponse = Message<"fabric.v1.GenerateResponse"> & {
  * Use `create(GenerateResponseSchema)` to create a new message.
  */
 export const GenerateResponseSchema: GenMessage<GenerateResponse> = /*@__PURE__*/
-  messageDesc(file_fabric_v1_rollout, 2);
+  messageDesc(file_fabric_v1_rollout, 4);
 
 /**
  * @generated from message fabric.v1.AbortRequest
@@ -228,7 +266,7 @@ export type AbortRequest = Message<"fabric.v1.AbortRequest"> & {
  * Use `create(AbortRequestSchema)` to create a new message.
  */
 export const AbortRequestSchema: GenMessage<AbortRequest> = /*@__PURE__*/
-  messageDesc(file_fabric_v1_rollout, 3);
+  messageDesc(file_fabric_v1_rollout, 5);
 
 /**
  * @generated from message fabric.v1.AbortResponse
@@ -247,7 +285,7 @@ export type AbortResponse = Message<"fabric.v1.AbortResponse"> & {
  * Use `create(AbortResponseSchema)` to create a new message.
  */
 export const AbortResponseSchema: GenMessage<AbortResponse> = /*@__PURE__*/
-  messageDesc(file_fabric_v1_rollout, 4);
+  messageDesc(file_fabric_v1_rollout, 6);
 
 /**
  * @generated from message fabric.v1.UpdateWeightsRequest
@@ -273,7 +311,7 @@ export type UpdateWeightsRequest = Message<"fabric.v1.UpdateWeightsRequest"> & {
  * Use `create(UpdateWeightsRequestSchema)` to create a new message.
  */
 export const UpdateWeightsRequestSchema: GenMessage<UpdateWeightsRequest> = /*@__PURE__*/
-  messageDesc(file_fabric_v1_rollout, 5);
+  messageDesc(file_fabric_v1_rollout, 7);
 
 /**
  * @generated from message fabric.v1.UpdateWeightsHeader
@@ -342,7 +380,7 @@ export type UpdateWeightsHeader = Message<"fabric.v1.UpdateWeightsHeader"> & {
  * Use `create(UpdateWeightsHeaderSchema)` to create a new message.
  */
 export const UpdateWeightsHeaderSchema: GenMessage<UpdateWeightsHeader> = /*@__PURE__*/
-  messageDesc(file_fabric_v1_rollout, 6);
+  messageDesc(file_fabric_v1_rollout, 8);
 
 /**
  * CUDA memory handles of one version's tensors, in manifest order (fabric.weights.transports.ipc).
@@ -370,7 +408,7 @@ export type IpcHandles = Message<"fabric.v1.IpcHandles"> & {
  * Use `create(IpcHandlesSchema)` to create a new message.
  */
 export const IpcHandlesSchema: GenMessage<IpcHandles> = /*@__PURE__*/
-  messageDesc(file_fabric_v1_rollout, 7);
+  messageDesc(file_fabric_v1_rollout, 9);
 
 /**
  * A process group that a sender forms per update: the sender is rank 0 and broadcasts the version's buckets;
@@ -441,7 +479,7 @@ export type CollectiveRendezvous = Message<"fabric.v1.CollectiveRendezvous"> & {
  * Use `create(CollectiveRendezvousSchema)` to create a new message.
  */
 export const CollectiveRendezvousSchema: GenMessage<CollectiveRendezvous> = /*@__PURE__*/
-  messageDesc(file_fabric_v1_rollout, 8);
+  messageDesc(file_fabric_v1_rollout, 10);
 
 /**
  * @generated from message fabric.v1.UpdateWeightsResponse
@@ -460,7 +498,7 @@ export type UpdateWeightsResponse = Message<"fabric.v1.UpdateWeightsResponse"> &
  * Use `create(UpdateWeightsResponseSchema)` to create a new message.
  */
 export const UpdateWeightsResponseSchema: GenMessage<UpdateWeightsResponse> = /*@__PURE__*/
-  messageDesc(file_fabric_v1_rollout, 9);
+  messageDesc(file_fabric_v1_rollout, 11);
 
 /**
  * @generated from message fabric.v1.WeightUpdateResult
@@ -530,7 +568,7 @@ export type WeightUpdateResult = Message<"fabric.v1.WeightUpdateResult"> & {
  * Use `create(WeightUpdateResultSchema)` to create a new message.
  */
 export const WeightUpdateResultSchema: GenMessage<WeightUpdateResult> = /*@__PURE__*/
-  messageDesc(file_fabric_v1_rollout, 10);
+  messageDesc(file_fabric_v1_rollout, 12);
 
 /**
  * @generated from message fabric.v1.GetWeightsStatusRequest
@@ -543,7 +581,7 @@ export type GetWeightsStatusRequest = Message<"fabric.v1.GetWeightsStatusRequest
  * Use `create(GetWeightsStatusRequestSchema)` to create a new message.
  */
 export const GetWeightsStatusRequestSchema: GenMessage<GetWeightsStatusRequest> = /*@__PURE__*/
-  messageDesc(file_fabric_v1_rollout, 11);
+  messageDesc(file_fabric_v1_rollout, 13);
 
 /**
  * @generated from message fabric.v1.GetWeightsStatusResponse
@@ -613,7 +651,7 @@ export type GetWeightsStatusResponse = Message<"fabric.v1.GetWeightsStatusRespon
  * Use `create(GetWeightsStatusResponseSchema)` to create a new message.
  */
 export const GetWeightsStatusResponseSchema: GenMessage<GetWeightsStatusResponse> = /*@__PURE__*/
-  messageDesc(file_fabric_v1_rollout, 12);
+  messageDesc(file_fabric_v1_rollout, 14);
 
 /**
  * One path a weight update's bytes can take to a rollout server.
@@ -648,7 +686,7 @@ export type WeightTransportOffer = Message<"fabric.v1.WeightTransportOffer"> & {
  * Use `create(WeightTransportOfferSchema)` to create a new message.
  */
 export const WeightTransportOfferSchema: GenMessage<WeightTransportOffer> = /*@__PURE__*/
-  messageDesc(file_fabric_v1_rollout, 13);
+  messageDesc(file_fabric_v1_rollout, 15);
 
 /**
  * @generated from message fabric.v1.SleepRequest
@@ -667,7 +705,7 @@ export type SleepRequest = Message<"fabric.v1.SleepRequest"> & {
  * Use `create(SleepRequestSchema)` to create a new message.
  */
 export const SleepRequestSchema: GenMessage<SleepRequest> = /*@__PURE__*/
-  messageDesc(file_fabric_v1_rollout, 14);
+  messageDesc(file_fabric_v1_rollout, 16);
 
 /**
  * @generated from message fabric.v1.SleepResponse
@@ -689,7 +727,7 @@ export type SleepResponse = Message<"fabric.v1.SleepResponse"> & {
  * Use `create(SleepResponseSchema)` to create a new message.
  */
 export const SleepResponseSchema: GenMessage<SleepResponse> = /*@__PURE__*/
-  messageDesc(file_fabric_v1_rollout, 15);
+  messageDesc(file_fabric_v1_rollout, 17);
 
 /**
  * @generated from message fabric.v1.WakeUpRequest
@@ -708,7 +746,7 @@ export type WakeUpRequest = Message<"fabric.v1.WakeUpRequest"> & {
  * Use `create(WakeUpRequestSchema)` to create a new message.
  */
 export const WakeUpRequestSchema: GenMessage<WakeUpRequest> = /*@__PURE__*/
-  messageDesc(file_fabric_v1_rollout, 16);
+  messageDesc(file_fabric_v1_rollout, 18);
 
 /**
  * @generated from message fabric.v1.WakeUpResponse
@@ -725,7 +763,7 @@ export type WakeUpResponse = Message<"fabric.v1.WakeUpResponse"> & {
  * Use `create(WakeUpResponseSchema)` to create a new message.
  */
 export const WakeUpResponseSchema: GenMessage<WakeUpResponse> = /*@__PURE__*/
-  messageDesc(file_fabric_v1_rollout, 17);
+  messageDesc(file_fabric_v1_rollout, 19);
 
 /**
  * @generated from message fabric.v1.RolloutServiceGetServerInfoRequest
@@ -738,7 +776,7 @@ export type RolloutServiceGetServerInfoRequest = Message<"fabric.v1.RolloutServi
  * Use `create(RolloutServiceGetServerInfoRequestSchema)` to create a new message.
  */
 export const RolloutServiceGetServerInfoRequestSchema: GenMessage<RolloutServiceGetServerInfoRequest> = /*@__PURE__*/
-  messageDesc(file_fabric_v1_rollout, 18);
+  messageDesc(file_fabric_v1_rollout, 20);
 
 /**
  * @generated from message fabric.v1.RolloutServiceGetServerInfoResponse
@@ -833,7 +871,7 @@ export type RolloutServiceGetServerInfoResponse = Message<"fabric.v1.RolloutServ
  * Use `create(RolloutServiceGetServerInfoResponseSchema)` to create a new message.
  */
 export const RolloutServiceGetServerInfoResponseSchema: GenMessage<RolloutServiceGetServerInfoResponse> = /*@__PURE__*/
-  messageDesc(file_fabric_v1_rollout, 19);
+  messageDesc(file_fabric_v1_rollout, 21);
 
 /**
  * @generated from enum fabric.v1.FinishReason
@@ -917,6 +955,19 @@ export const RolloutService: GenService<{
     methodKind: "bidi_streaming";
     input: typeof GenerateRequestSchema;
     output: typeof GenerateResponseSchema;
+  },
+  /**
+   * Generate with many requests per message and the samples finished together in one response: the same
+   * validation, order and errors per request, far fewer messages. A round of hundreds of prompts then enters the
+   * engine in one pass and its samples come back in a few messages (one gRPC message costs the server's event loop
+   * about as much as a sample's engine work at these sizes). The trainer's path.
+   *
+   * @generated from rpc fabric.v1.RolloutService.GenerateBatch
+   */
+  generateBatch: {
+    methodKind: "bidi_streaming";
+    input: typeof GenerateBatchRequestSchema;
+    output: typeof GenerateBatchResponseSchema;
   },
   /**
    * Cancels in-flight requests by id (on any stream of this server).
