@@ -26,7 +26,16 @@ def test_services_and_field_names_that_outside_tools_rely_on():
     services = {
         "fabric.v1.RolloutService": (
             rollout_pb2,
-            {"Generate", "Abort", "UpdateWeights", "GetWeightsStatus", "Sleep", "WakeUp", "GetServerInfo"},
+            {
+                "Generate",
+                "GenerateBatch",
+                "Abort",
+                "UpdateWeights",
+                "GetWeightsStatus",
+                "Sleep",
+                "WakeUp",
+                "GetServerInfo",
+            },
         ),
         "fabric.v1.RewardService": (reward_pb2, {"Score", "GetServerInfo"}),
         "fabric.v1.TrainerService": (

@@ -257,29 +257,6 @@ class VLLMEngine:
             return stream_text(backend, prompt_ids, token_ids)
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
-
-def stream_text(backend, prompt_ids: Sequence[int], token_ids: Sequence[int]) -> str:
-    """What tokenizers' DecodeStream primed with the prompt (vLLM's fast incremental detokenizer) puts together for
-    token_ids. A byte-level BPE (Qwen, Llama 3, GPT) decodes a token's bytes the same whatever precedes them, so when
-    the sample's decode and the prompt's hold no replacement character (every character's bytes complete) it is the
-    stream's text:
-    one call, microseconds. Otherwise the stream itself, token by token: on an H200 host that took 2-6 ms a sample
-    (1-1.5 s for a round of 256, serial on the server's event loop: the last samples of a round came back 0.6-0.8 s
-    after the first)."""
-    from tokenizers.decoders import ByteLevel
-
-    if isinstance(backend.decoder, ByteLevel):
-        text = backend.decode(list(token_ids), skip_special_tokens=True)
-        # The prompt too: the stream starts from its text, and a prompt with broken bytes leaks into the first piece.
-        if "\ufffd" not in text and "\ufffd" not in backend.decode(list(prompt_ids), skip_special_tokens=True):
-            return text
-    try:
-        stream = _decode_stream(backend, prompt_ids)
-        return "".join(piece for t in token_ids if (piece := stream.step(backend, t)))
-    except Exception as exc:  # noqa: BLE001 - a token the stream cannot take (vLLM resets it): plain decode
-        log.debug("decode stream failed (%r): decoding the sample whole", exc)
-    return backend.decode(list(token_ids), skip_special_tokens=True)
-
     async def abort(self, engine_ids: Sequence[str]) -> None:
         """Aborts requests; each one's generate() returns its tokens so far with finish reason abort."""
         await self.engine.abort(list(engine_ids))
@@ -375,6 +352,29 @@ def stream_text(backend, prompt_ids: Sequence[int], token_ids: Sequence[int]) ->
         self.weight_version = version
         if self.device_staging is not None:
             self.device_staging.committed(version)
+
+
+def stream_text(backend, prompt_ids: Sequence[int], token_ids: Sequence[int]) -> str:
+    """What tokenizers' DecodeStream primed with the prompt (vLLM's fast incremental detokenizer) puts together for
+    token_ids. A byte-level BPE (Qwen, Llama 3, GPT) decodes a token's bytes the same whatever precedes them, so when
+    the sample's decode and the prompt's hold no replacement character (every character's bytes complete) it is the
+    stream's text:
+    one call, microseconds. Otherwise the stream itself, token by token: on an H200 host that took 2-6 ms a sample
+    (1-1.5 s for a round of 256, serial on the server's event loop: the last samples of a round came back 0.6-0.8 s
+    after the first)."""
+    from tokenizers.decoders import ByteLevel
+
+    if isinstance(backend.decoder, ByteLevel):
+        text = backend.decode(list(token_ids), skip_special_tokens=True)
+        # The prompt too: the stream starts from its text, and a prompt with broken bytes leaks into the first piece.
+        if "\ufffd" not in text and "\ufffd" not in backend.decode(list(prompt_ids), skip_special_tokens=True):
+            return text
+    try:
+        stream = _decode_stream(backend, prompt_ids)
+        return "".join(piece for t in token_ids if (piece := stream.step(backend, t)))
+    except Exception as exc:  # noqa: BLE001 - a token the stream cannot take (vLLM resets it): plain decode
+        log.debug("decode stream failed (%r): decoding the sample whole", exc)
+    return backend.decode(list(token_ids), skip_special_tokens=True)
 
 
 def _decode_stream(backend, prompt_ids: Sequence[int]):
