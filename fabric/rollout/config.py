@@ -40,7 +40,7 @@ DEFAULT_INFER_BATCH_SIZE = 256
 DEFAULT_MAX_QUEUE_LENGTH = 4096
 DEFAULT_DRAIN_GRACE_S = 30.0
 # An idle engine takes a burst of requests in one pass: it waits until none has come for this long (fabric.rollout.
-# scheduler: at most 25 windows). A gRPC stream delivers a round's requests within about a millisecond of each other.
+# scheduler: at most 25 windows). A Generate stream read back to back delivers its messages well within that.
 DEFAULT_ADMISSION_WINDOW_S = 0.002
 
 

@@ -143,9 +143,9 @@ class Scheduler:
 
     def _hold(self) -> None:
         """An idle engine waits until no request has come for one admission window (at most MAX_HOLD_WINDOWS from
-        the first): a round's requests arrive one gRPC message at a time, and dispatched one by one they would
-        enter vLLM over many engine steps, interleaved with its output handling (on an H200 a 256-request round
-        then finished over 0.5-0.8 s, against 0.01-0.05 s in-process, where a caller's gather adds them at once)."""
+        the first): over Generate a round's requests arrive one gRPC message at a time, and dispatched one by one
+        they enter vLLM over several engine steps, where a caller's gather in-process adds them at once. (On an H200
+        the window alone did not bring a round's samples back together: they still came 0.5-0.9 s apart.)"""
         loop = asyncio.get_running_loop()
         now = loop.time()
         if self._hold_timer is None:

@@ -358,10 +358,8 @@ def stream_text(backend, prompt_ids: Sequence[int], token_ids: Sequence[int]) ->
     """What tokenizers' DecodeStream primed with the prompt (vLLM's fast incremental detokenizer) puts together for
     token_ids. A byte-level BPE (Qwen, Llama 3, GPT) decodes a token's bytes the same whatever precedes them, so when
     the sample's decode and the prompt's hold no replacement character (every character's bytes complete) it is the
-    stream's text:
-    one call, microseconds. Otherwise the stream itself, token by token: on an H200 host that took 2-6 ms a sample
-    (1-1.5 s for a round of 256, serial on the server's event loop: the last samples of a round came back 0.6-0.8 s
-    after the first)."""
+    stream's text, in one call. Otherwise the stream itself, token by token, which took 2-6 ms a sample on the
+    2-core CI host (0.6-1.6 s for a round of 256, serial on the server's event loop); not yet measured on a GPU host."""
     from tokenizers.decoders import ByteLevel
 
     if isinstance(backend.decoder, ByteLevel):

@@ -22,8 +22,8 @@ type RolloutServiceClient interface {
 	Generate(ctx context.Context, opts ...grpc.CallOption) (RolloutService_GenerateClient, error)
 	// Generate with many requests per message and the samples finished together in one response: the same
 	// validation, order and errors per request, far fewer messages. A round of hundreds of prompts then enters the
-	// engine in one pass and its samples come back in a few messages (one gRPC message costs the server's event loop
-	// about as much as a sample's engine work at these sizes). The trainer's path.
+	// engine in one pass and its samples come back in a few messages (each message is a turn of the server's event
+	// loop). The trainer's path.
 	GenerateBatch(ctx context.Context, opts ...grpc.CallOption) (RolloutService_GenerateBatchClient, error)
 	// Cancels in-flight requests by id (on any stream of this server).
 	Abort(ctx context.Context, in *AbortRequest, opts ...grpc.CallOption) (*AbortResponse, error)
@@ -197,8 +197,8 @@ type RolloutServiceServer interface {
 	Generate(RolloutService_GenerateServer) error
 	// Generate with many requests per message and the samples finished together in one response: the same
 	// validation, order and errors per request, far fewer messages. A round of hundreds of prompts then enters the
-	// engine in one pass and its samples come back in a few messages (one gRPC message costs the server's event loop
-	// about as much as a sample's engine work at these sizes). The trainer's path.
+	// engine in one pass and its samples come back in a few messages (each message is a turn of the server's event
+	// loop). The trainer's path.
 	GenerateBatch(RolloutService_GenerateBatchServer) error
 	// Cancels in-flight requests by id (on any stream of this server).
 	Abort(context.Context, *AbortRequest) (*AbortResponse, error)

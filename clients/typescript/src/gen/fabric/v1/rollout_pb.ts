@@ -959,8 +959,8 @@ export const RolloutService: GenService<{
   /**
    * Generate with many requests per message and the samples finished together in one response: the same
    * validation, order and errors per request, far fewer messages. A round of hundreds of prompts then enters the
-   * engine in one pass and its samples come back in a few messages (one gRPC message costs the server's event loop
-   * about as much as a sample's engine work at these sizes). The trainer's path.
+   * engine in one pass and its samples come back in a few messages (each message is a turn of the server's event
+   * loop). The trainer's path.
    *
    * @generated from rpc fabric.v1.RolloutService.GenerateBatch
    */
