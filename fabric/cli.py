@@ -11,6 +11,7 @@ import sys
 
 from fabric.config import ConfigError
 from fabric.config.loader import SEARCH_PATH_FLAG
+from fabric.procs import exit_now
 
 
 def _add_search_path(p: argparse.ArgumentParser) -> None:
@@ -48,10 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve_sub = serve.add_subparsers(dest="server", required=True, metavar="KIND")
     p = serve_sub.add_parser("rollout", help="vLLM rollout server (fabric.v1.RolloutService)")
     _add_server_args(p, "actor_infer")
-    p.set_defaults(handler="fabric.rollout.server:cli_main")
+    p.set_defaults(handler="fabric.rollout.server:cli_main", exit_without_teardown=True)
     p = serve_sub.add_parser("reward", help="reward server (fabric.v1.RewardService)")
     _add_server_args(p, "rewards")
-    p.set_defaults(handler="fabric.reward.server:cli_main")
+    p.set_defaults(handler="fabric.reward.server:cli_main", exit_without_teardown=True)
 
     p = sub.add_parser("run", help="run every process of a config on this node (default: the embedded demo)")
     p.add_argument("--config", default=None, help="ROLL-style YAML (default: examples/default.yaml)")
@@ -149,7 +150,9 @@ def check_before_start(args) -> None:
         check_or_raise(load_config(args.config, args.overrides, search_paths=args.config_search_path), "train")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
+    """Runs one command; returns its exit code. `exiting`: this process ends right after (the `fabric` entry point),
+    so a server that has stopped cleanly may skip the interpreter's teardown (see fabric.procs.exit_now)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv[argv.index(args.command) + 1 :]  # the command's own arguments (`fabric train` re-launches them)
@@ -163,7 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_before_start(args)
         func = getattr(importlib.import_module(module_name), func_name)
-        return int(func(args) or 0)
+        code = int(func(args) or 0)
+        if exiting and getattr(args, "exit_without_teardown", False):
+            exit_now(code)
+        return code
     except ConfigError as exc:
         print(f"fabric: {exc}", file=sys.stderr)
         return 2
@@ -171,5 +177,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The `fabric` command."""
+    sys.exit(main(exiting=True))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -6,6 +6,7 @@ does, and none of them leaves a process behind.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import os
 import re
@@ -16,6 +17,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
+from typing import NoReturn
 from pathlib import Path
 
 from fabric.shm import descendant_pids, group_pids, release, shm_used_by
@@ -203,6 +205,20 @@ def become_subreaper() -> bool:
         return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False
+
+
+def exit_now(code: int) -> NoReturn:
+    """Ends this process once its work is done and its own clean-up has run: the atexit handlers run, the output is
+    flushed, and the interpreter's teardown is skipped. For a server that has stopped cleanly that teardown only
+    frees memory, and with torch and vLLM loaded it takes 2-3 s of CPU (measured on the 2-core CI host), which
+    every stop (a launcher's, a test's) would wait for."""
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or gone: nothing left to flush
+            pass
+    os._exit(code)
 
 
 def end_descendants(grace: float = 10.0) -> list[int]:

@@ -6,10 +6,19 @@ import os
 
 import pytest
 
+from fabric.procs import become_subreaper
+
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# vLLM's worker runs inside its engine-core process, as it does on a GPU with one device: on the CPU platform vLLM
+# otherwise spawns it as a third process, and each process pays about 10 s of CPU importing vLLM on this host.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+# Orphans of the servers the tests start (vLLM's resource tracker outlives its server by a moment) are reparented to
+# this process and reaped by fabric.procs as it waits for a group to be gone, as `fabric run` does for its own.
+become_subreaper()
 
 
 @pytest.fixture(scope="session")
