@@ -17,8 +17,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from typing import NoReturn
 from pathlib import Path
+from typing import NoReturn
 
 from fabric.shm import descendant_pids, group_pids, release, shm_used_by
 
