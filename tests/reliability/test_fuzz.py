@@ -136,7 +136,7 @@ def weights(tiny_model):
     return WeightSource.from_hf_checkpoint(tiny_model, chunk_bytes=64 * 1024, dtype=torch.float32)
 
 
-@fuzz(500)
+@fuzz(300)
 @given(batch=st.lists(generate_requests(), min_size=1, max_size=4))
 def test_generate(rollout, batch):
     _, _, stub = rollout
