@@ -174,3 +174,40 @@ def test_a_launcher_returns_only_once_every_process_it_started_is_gone(tmp_path)
     finally:
         if Path(f"/proc/{escaped}").exists():
             os.kill(escaped, signal.SIGKILL)
+
+
+# A process that ends through exit_now: output still buffered, an atexit handler, and an object whose finalizer
+# would only run in the interpreter's teardown (the teardown exit_now skips).
+EXIT_NOW = """
+import atexit, sys
+from fabric.procs import exit_now
+class Teardown:
+    def __del__(self):
+        print("teardown ran", flush=True)
+kept = Teardown()
+atexit.register(lambda: print("atexit ran"))
+sys.stdout.write("buffered line")
+exit_now(3)
+"""
+
+
+def test_exit_now_runs_atexit_flushes_output_keeps_the_code_and_skips_the_teardown():
+    done = subprocess.run([sys.executable, "-c", EXIT_NOW], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONUNBUFFERED": ""})  # fmt: skip
+    assert done.returncode == 3, done.stderr
+    assert done.stdout.startswith("buffered line") and "atexit ran" in done.stdout, done.stdout
+    assert "teardown ran" not in done.stdout
+
+
+def test_a_server_that_stops_cleanly_exits_through_exit_now(monkeypatch):
+    """`fabric serve` ends through exit_now once its handler has returned (a clean stop), and only as the entry
+    point: called in process (tests, `fabric run`'s checks) main() returns."""
+    from fabric import cli
+
+    ended: list[int] = []
+    monkeypatch.setattr(cli, "exit_now", ended.append)
+    monkeypatch.setattr("fabric.reward.server.cli_main", lambda args: 0)
+    argv = ["serve", "reward", "--config", "unused.yaml"]
+    monkeypatch.setattr(cli, "check_before_start", lambda args: None)
+    assert cli.main(argv) == 0 and ended == []
+    assert cli.main(argv, exiting=True) == 0 and ended == [0]
