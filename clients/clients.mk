@@ -8,7 +8,7 @@
 #   make clients-generate   regenerate the TypeScript and Go stubs in place after a proto change (then commit them)
 #   make test-clients       the interop tests: each client's example against real Python servers
 
-.PHONY: clients clients-toolchains clients-generate clients-check clients-build \
+.PHONY: clients clients-apt clients-toolchains clients-generate clients-check clients-build \
         clients-build-typescript clients-build-cpp clients-build-go test-clients
 
 CLIENTS_SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -29,7 +29,10 @@ CLIENTS_GO_ENV := GO111MODULE=off GOFLAGS= GOPATH=$(CLIENTS_GO_BUILD)/gopath:/us
 
 clients: clients-check clients-build
 
-clients-toolchains: setup $(CLIENTS_TS)/node_modules/.installed-stamp
+clients-toolchains: setup clients-apt $(CLIENTS_TS)/node_modules/.installed-stamp
+
+# The system toolchains (C++, Go, protoc) alone: the builds need no Python, so CI builds them while the venv installs.
+clients-apt:
 	@missing=$$(for p in $(CLIENTS_APT); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
@@ -58,14 +61,14 @@ clients-check: clients-toolchains
 
 clients-build: clients-build-typescript clients-build-cpp clients-build-go
 
-clients-build-typescript: clients-toolchains
+clients-build-typescript: clients-apt $(CLIENTS_TS)/node_modules/.installed-stamp
 	cd $(CLIENTS_TS) && npm run -s build
 
-clients-build-cpp: clients-toolchains
+clients-build-cpp: clients-apt
 	cmake -S clients/cpp -B clients/cpp/build -DCMAKE_BUILD_TYPE=Release >/dev/null
 	cmake --build clients/cpp/build -j$(CLIENTS_JOBS)
 
-clients-build-go: clients-toolchains
+clients-build-go: clients-apt
 	mkdir -p $(CLIENTS_GO_BUILD)/gopath/src/fabric/clients
 	ln -sfn $(CURDIR)/clients/go $(CLIENTS_GO_BUILD)/gopath/src/fabric/clients/go
 	cd $(CLIENTS_GO_BUILD)/gopath/src/fabric/clients/go && $(CLIENTS_GO_ENV) go vet ./fabric ./cmd/... && \
