@@ -11,4 +11,4 @@ import sys
 from fabric.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]], exiting=True))
+    sys.exit(main(["train", *sys.argv[1:]]))
