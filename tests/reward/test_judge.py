@@ -24,8 +24,9 @@ REFERENCE = "**Reference Answer:**"
 class JudgeEngine(FakeEngine):
     """A perfect judge: YES when the solution in ROLL's judge prompt contains the reference answer, else NO."""
 
-    def __init__(self):
+    def __init__(self, seconds: float = 0.0):
         super().__init__()
+        self.seconds = seconds  # how long each verdict takes
         self.texts: dict[tuple[int, ...], str] = {}  # prompt token ids -> the prompt text they came from
         self.asked: list[tuple[str, int]] = []  # (prompt, max_new_tokens) per request
 
@@ -37,6 +38,7 @@ class JudgeEngine(FakeEngine):
     async def generate(self, engine_id, prompt_token_ids, sampling, index) -> Sample:
         prompt = self.texts[tuple(prompt_token_ids)]
         self.asked.append((prompt, sampling.max_new_tokens))
+        await asyncio.sleep(self.seconds)
         solution = prompt.split(SOLUTION)[1].split(REFERENCE)[0]
         reference = prompt.split(REFERENCE)[1].split("**Output:**")[0].strip()
         return Sample([1], "YES" if reference in solution else "NO", [], FinishReason.STOP)
@@ -108,8 +110,10 @@ def test_an_unreachable_judge_fails_each_item_with_unavailable(tmp_path):
 
 
 def test_a_judge_refusal_keeps_its_status_so_the_pool_can_retry_it(tmp_path):
+    # Verdicts slow enough that the four items are in flight together: one in the engine, one queued, two refused
+    # (an instant judge answered each before the next came, and nothing was refused).
     async def go():
-        async with serving(JudgeEngine(), infer_batch_size=1, max_queue_length=1) as (server, _):
+        async with serving(JudgeEngine(seconds=0.5), infer_batch_size=1, max_queue_length=1) as (server, _):
             return await judged(judge_config(tmp_path, [server.address]), ITEMS)
 
     results = asyncio.run(go())
