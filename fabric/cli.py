@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reward", action="append", help="reward server HOST:PORT (repeatable; else cluster.reward)")
     p.add_argument("--port", type=int, default=None, help="TrainerService port (default cluster.trainer_port or 0)")
     p.add_argument(
+        "--servers-file",
+        default=None,
+        help='read the rollout and reward addresses from this JSON file ({"rollout": [...], "reward": [...]}), '
+        "waiting for it after loading the policy: `fabric run` starts the trainer so, beside its servers",
+    )
+    p.add_argument(
         "--nproc-per-node",
         type=int,
         default=1,

@@ -6,6 +6,7 @@ end cleanly, leaving no process behind.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -20,7 +21,9 @@ import grpc
 import pytest
 
 from fabric import cli
+from fabric.run import launcher
 from fabric.shm import descendant_pids
+from fabric.trainer import server as trainer_server
 from fabric.v1 import rollout_pb2, rollout_pb2_grpc, trainer_pb2, trainer_pb2_grpc
 from tests.references import hf_greedy
 
@@ -108,6 +111,12 @@ def test_run_is_steered_survives_a_dead_rollout_server_and_cleans_up(run):
     trainer_address = run.wait_for(r"^trainer: (\S+:\d+)").group(1)
     servers = {m[0]: (m[1], int(m[2])) for m in re.findall(r"^\s+(\S+-\d)\s+(\S+:\d+)\s+pid (\d+)", run.text, re.M)}
     assert set(servers) == {"rollout-0", "rollout-1", "reward-0"}, run.text
+    # No GPU to share: the trainer loaded its policy while the servers started, then read their addresses.
+    lines = run.text.splitlines()
+    loading = next(k for k, line in enumerate(lines) if line.startswith("trainer loading its policy while"))
+    assert loading < next(k for k, line in enumerate(lines) if line.startswith("servers ready in")), run.text
+    rollout, reward = [servers["rollout-0"][0], servers["rollout-1"][0]], [servers["reward-0"][0]]
+    assert json.loads((run.out / "servers.json").read_text()) == {"rollout": rollout, "reward": reward}
 
     with grpc.insecure_channel(trainer_address) as channel:
         trainer = trainer_pb2_grpc.TrainerServiceStub(channel)
@@ -197,3 +206,37 @@ def fabric_run(capsys, *args: str) -> tuple[int, str, str]:
     code = cli.main(["run", *args])
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+@pytest.mark.parametrize(
+    "cuda, train, infer, rewards, alongside",
+    [
+        (False, set(), set(), set(), True),  # CPU: nothing to share
+        (True, set(), set(), set(), False),  # no device_mapping: every role on every visible GPU
+        (True, {0}, {0}, set(), False),  # colocated
+        (True, {0}, set(), set(), False),  # actor_infer on every GPU, GPU 0 among them
+        (True, {0}, {1}, set(), True),  # separate GPUs
+        (True, {0}, {1}, {0}, False),  # a reward model on the trainer's GPU
+        (True, {0, 1}, {2, 3}, {4}, True),
+    ],
+)
+def test_the_trainer_loads_beside_the_servers_only_where_they_share_no_gpu(cuda, train, infer, rewards, alongside):
+    assert launcher.loads_alongside(cuda, train, infer, rewards) is alongside
+
+
+def test_the_trainer_waits_for_the_servers_file_and_gives_up_with_a_clear_line(tmp_path):
+    path = tmp_path / "servers.json"
+
+    async def written_later():
+        async def write():
+            await asyncio.sleep(0.3)
+            path.write_text(json.dumps({"rollout": ["a:1", "b:2"], "reward": ["c:3"]}))
+
+        writer = asyncio.ensure_future(write())
+        addresses = await trainer_server.addresses_from_file(path, timeout=10)
+        await writer
+        return addresses
+
+    assert asyncio.run(written_later()) == (["a:1", "b:2"], ["c:3"])
+    with pytest.raises(TimeoutError, match=r"no server addresses in .*missing.json after 0 s"):
+        asyncio.run(trainer_server.addresses_from_file(tmp_path / "missing.json", timeout=0.2))

@@ -8,6 +8,7 @@ no reward server is left does the run end. Everything a run writes goes under `o
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -105,6 +106,14 @@ class Launcher:
         # LLM judges asking the run's own rollout servers (judge_address: actor_infer): told their addresses
         rewards = cfg.get("rewards") or {}
         self.self_judges = [str(n) for n, r in rewards.items() if r.get("judge_address") == JUDGE_ON_ACTOR_INFER]
+        self.reward_devices = {
+            int(d)
+            for name, reward in rewards.items()
+            for d in parse_device_mapping(reward.get("device_mapping"), f"rewards.{name}.device_mapping")
+        }
+        # the servers' addresses for the trainer, written once they are ready (a resumed run's old one goes first)
+        self.servers_file = self.out / "servers.json"
+        self.servers_file.unlink(missing_ok=True)
         self.servers: list[ServerProcess] = []
         self.trainer: ServerProcess | None = None
         self.lost: set[str] = set()
@@ -165,14 +174,22 @@ class Launcher:
         self.console.print(f"servers ready in {time.perf_counter() - started:.0f} s")
         return addresses[: len(rollouts)], addresses[len(rollouts) :]
 
-    def start_trainer(self, rollout: list[str], reward: list[str]) -> str:
-        command = ["train"]
+    def trainer_alongside_servers(self) -> bool:
+        """Whether the trainer loads its policy while the servers start (see loads_alongside)."""
+        import torch
+
+        return loads_alongside(
+            torch.cuda.is_available(),
+            set(self.device_mappings.get("actor_train") or []),
+            set(self.device_mappings.get("actor_infer") or []),
+            self.reward_devices,
+        )
+
+    def start_trainer(self) -> ServerProcess:
+        """Starts the trainer; it loads its policy, then waits for the servers' addresses in servers.json."""
+        command = ["train", "--servers-file", str(self.servers_file)]
         if self.trainer_nproc > 1:
             command += ["--nproc-per-node", str(self.trainer_nproc)]
-        for address in rollout:
-            command += ["--rollout", address]
-        for address in reward:
-            command += ["--reward", address]
         train_devices = self.devices("actor_train")
         self.trainer = ServerProcess(
             "trainer",
@@ -182,7 +199,14 @@ class Launcher:
             log_path=self.out / "logs" / "trainer.log",
             env=gpu_env(",".join(train_devices) if train_devices else None),
         )
-        self.trainer.start()
+        return self.trainer.start()
+
+    def trainer_ready(self, rollout: list[str], reward: list[str]) -> str:
+        """Gives the trainer the servers' addresses and waits until it serves TrainerService."""
+        temporary = self.servers_file.with_suffix(".tmp")
+        temporary.write_text(json.dumps({"rollout": rollout, "reward": reward}))
+        os.replace(temporary, self.servers_file)  # whole or absent: the trainer polls for it
+        assert self.trainer is not None  # started by start_trainer
         with self.console.status("trainer: loading the policy (and the supervised warm-up, if configured)"):
             return self.trainer.wait_ready(timeout=self.pc.server_start_timeout_s)
 
@@ -260,6 +284,16 @@ class Launcher:
             self.console.print(f"[yellow]killed {len(killed)} process(es) left after the servers stopped: {killed}")
 
 
+def loads_alongside(cuda: bool, train: set[int], infer: set[int], rewards: set[int]) -> bool:
+    """The trainer loads its policy (and runs the warm-up) while the servers start, unless they may share a GPU:
+    vLLM sizes its KV cache from the memory it finds free as it starts, and a trainer loading onto the same device
+    would take from it (or be taken from). Without CUDA nothing is shared; on GPUs both actor_train and actor_infer
+    must name their devices (empty: every visible one) and the trainer's must not be any server's."""
+    if not cuda:
+        return True
+    return bool(train) and bool(infer) and not train & (infer | rewards)
+
+
 def check_before_start(cfg, pc) -> None:
     """Every process's config, checked here (fabric check's checks), so a mistake is one line per problem before
     anything starts (the servers would refuse it too, but only after a long start, and in a log file)."""
@@ -303,8 +337,14 @@ def cli_main(args) -> int:
     started = time.perf_counter()
     try:
         become_subreaper()  # orphans of the processes it starts come back to it, so stop_all can wait for them
+        alongside = launcher.trainer_alongside_servers()
+        if alongside:
+            trainer = launcher.start_trainer()
+            console.print(f"trainer loading its policy while the servers start (pid {trainer.process.pid})")
         rollout, reward = launcher.start_servers()
-        address = launcher.start_trainer(rollout, reward)
+        if not alongside:  # they share a GPU: the servers take their memory first
+            launcher.start_trainer()
+        address = launcher.trainer_ready(rollout, reward)
         console.print(
             f"trainer: {address} (fabric.v1.TrainerService: GetStatus, WatchMetrics, Pause, Resume, "
             "SaveCheckpoint, Stop)"

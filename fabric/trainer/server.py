@@ -8,7 +8,10 @@ others follow its calls (fabric/trainer/distributed.py)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
+import time
 from pathlib import Path
 
 import torch
@@ -25,18 +28,44 @@ from fabric.v1 import trainer_pb2
 log = logging.getLogger(__name__)
 
 
-async def train_main(
-    pc: PipelineConfig, ready=print, parallel: distributed.ParallelConfig | None = None, resume: str | None = None
-) -> Trainer | None:
-    """Runs the trainer; returns the Trainer on rank 0 and None on the other ranks."""
-    from transformers import AutoTokenizer
-
-    from fabric.trainer.algorithm import lr_scheduler
-
+def check_addresses(pc: PipelineConfig) -> None:
     if not pc.rollout_addresses:
         raise ConfigError("cluster.rollout", "no rollout server addresses (fabric run fills them in)")
     if not pc.reward_addresses:
         raise ConfigError("cluster.reward", "no reward server addresses (fabric run fills them in)")
+
+
+async def addresses_from_file(path: Path, timeout: float) -> tuple[list[str], list[str]]:
+    """The rollout and reward addresses `fabric run` writes to `path` ({"rollout": [...], "reward": [...]}) once
+    its servers are ready: the trainer loads its policy meanwhile. Gives up when the process that started this one
+    is gone (nobody will write it) or after `timeout` seconds."""
+    parent = os.getppid()
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if os.getppid() != parent:
+            raise RuntimeError(f"the process that started this trainer is gone: nobody will write {path}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no server addresses in {path} after {timeout:.0f} s (did the servers start?)")
+        await asyncio.sleep(0.1)
+    servers = json.loads(path.read_text())
+    return [str(a) for a in servers["rollout"]], [str(a) for a in servers["reward"]]
+
+
+async def train_main(
+    pc: PipelineConfig,
+    ready=print,
+    parallel: distributed.ParallelConfig | None = None,
+    resume: str | None = None,
+    servers_file: Path | None = None,
+) -> Trainer | None:
+    """Runs the trainer; returns the Trainer on rank 0 and None on the other ranks. With `servers_file` the servers'
+    addresses come from that file, waited for after the policy is loaded (fabric run starts the servers meanwhile)."""
+    from transformers import AutoTokenizer
+
+    from fabric.trainer.algorithm import lr_scheduler
+
+    if servers_file is None:
+        check_addresses(pc)
     if not Path(pc.pretrain, "config.json").is_file():
         raise ConfigError("actor_train.pretrain", f"not an HF model directory (no config.json): {pc.pretrain}")
     tokenizer = AutoTokenizer.from_pretrained(pc.pretrain)
@@ -60,6 +89,13 @@ async def train_main(
     if not distributed.is_leader():  # a follower: make rank 0's calls until it is done
         await asyncio.to_thread(distributed.follow, {"policy": policy, "reference": reference}, control)
         return None
+    if servers_file is not None:
+        log.info("policy loaded; waiting for the servers' addresses in %s", servers_file)
+        # a self-judging run starts its reward servers after its rollout servers: two start timeouts at most
+        pc.rollout_addresses, pc.reward_addresses = await addresses_from_file(
+            servers_file, 2 * pc.server_start_timeout_s
+        )
+        check_addresses(pc)
     with distributed.leading({"policy": policy, "reference": reference}, control) as views:
         return await _serve(pc, views["policy"], views["reference"], tokenizer, dataset, ready)
 
@@ -176,6 +212,7 @@ def cli_main(args) -> int:
                 ready=lambda line: print(line, flush=True),
                 parallel=parallel,
                 resume=getattr(args, "resume", None),
+                servers_file=Path(args.servers_file) if getattr(args, "servers_file", None) else None,
             )
         )
     except KeyboardInterrupt:
