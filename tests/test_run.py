@@ -224,6 +224,20 @@ def test_the_trainer_loads_beside_the_servers_only_where_they_share_no_gpu(cuda,
     assert launcher.loads_alongside(cuda, train, infer, rewards) is alongside
 
 
+@pytest.mark.parametrize(
+    "devices, cuda, waves",
+    [
+        ([None, None], False, [[0, 1]]),  # CPU: all at once
+        ([None, None], True, [[0], [1]]),  # the one-GPU demo: each engine sees every GPU
+        (["0"], True, [[0]]),
+        (["1", "2", "1", "2"], True, [[0, 1], [2, 3]]),  # one engine per GPU at a time
+        (["0", "1", "2"], True, [[0, 1, 2]]),
+    ],
+)
+def test_engines_sharing_a_gpu_start_one_after_another(devices, cuda, waves):
+    assert launcher.start_waves(devices, cuda) == waves
+
+
 def test_the_trainer_waits_for_the_servers_file_and_gives_up_with_a_clear_line(tmp_path):
     path = tmp_path / "servers.json"
 

@@ -133,27 +133,35 @@ class Launcher:
         return [ids[d] for d in mapping]
 
     def start_servers(self) -> tuple[list[str], list[str]]:
+        import torch
+
         logs = self.out / "logs"
         infer_devices = self.devices("actor_infer")
+        rollout_devices = [infer_devices[i % len(infer_devices)] if infer_devices else None for i in range(
+            self.pc.num_rollout_servers)]  # fmt: skip
         rollouts = [
             ServerProcess(
                 "rollout",
                 self.config_file,
                 name=f"rollout-{i}",
                 log_path=logs / f"rollout-{i}.log",
-                env=gpu_env(infer_devices[i % len(infer_devices)] if infer_devices else None),
+                env=gpu_env(device),
             )
-            for i in range(self.pc.num_rollout_servers)
+            for i, device in enumerate(rollout_devices)
         ]
+        cuda = torch.cuda.is_available()
+        waves = [[rollouts[i] for i in wave] for wave in start_waves(rollout_devices, cuda)]
         self.servers = list(rollouts)
         with self.console.status(
             f"starting {len(rollouts)} rollout and {self.pc.num_reward_servers} reward server(s) "
-            f"(a vLLM engine takes a while to load)"
+            f"(a vLLM engine takes a while to load{'; one per GPU at a time' if len(waves) > 1 else ''})"
         ):
             started = time.perf_counter()
             overrides: list[str] = []
             if self.self_judges:  # the judges need the rollout servers' addresses: those start first
-                judged = start_all(rollouts, timeout=self.pc.server_start_timeout_s)
+                for wave in waves:
+                    start_all(wave, timeout=self.pc.server_start_timeout_s)
+                judged = [rollout.address or "" for rollout in rollouts]
                 overrides = [f"rewards.{name}.judge_address=[{','.join(judged)}]" for name in self.self_judges]
             rewards = [
                 ServerProcess(
@@ -166,13 +174,20 @@ class Launcher:
                 for i in range(self.pc.num_reward_servers)
             ]
             self.servers += rewards
-            addresses = start_all(rewards if self.self_judges else self.servers, self.pc.server_start_timeout_s)
             if self.self_judges:
-                addresses = judged + addresses
+                start_all(rewards, self.pc.server_start_timeout_s)
+            elif cuda and self.reward_devices:  # reward models on GPUs load before any engine measures its memory
+                start_all(rewards, self.pc.server_start_timeout_s)
+                for wave in waves:
+                    start_all(wave, timeout=self.pc.server_start_timeout_s)
+            else:
+                start_all(waves[0] + rewards, self.pc.server_start_timeout_s)
+                for wave in waves[1:]:
+                    start_all(wave, timeout=self.pc.server_start_timeout_s)
         for server in self.servers:
             self.console.print(f"  {server.name:10s} {server.address}  pid {server.process.pid}")
         self.console.print(f"servers ready in {time.perf_counter() - started:.0f} s")
-        return addresses[: len(rollouts)], addresses[len(rollouts) :]
+        return [r.address or "" for r in rollouts], [r.address or "" for r in rewards]
 
     def trainer_alongside_servers(self) -> bool:
         """Whether the trainer loads its policy while the servers start (see loads_alongside)."""
@@ -282,6 +297,23 @@ class Launcher:
         killed = end_descendants(grace=10)
         if killed:
             self.console.print(f"[yellow]killed {len(killed)} process(es) left after the servers stopped: {killed}")
+
+
+def start_waves(rollout_devices: list[str | None], cuda: bool) -> list[list[int]]:
+    """Which rollout servers start together (indices, wave by wave). Without CUDA, all at once. On GPUs, one engine
+    per GPU at a time: vLLM sizes its KV cache from the memory it sees free while it profiles, assuming no other
+    process allocates meanwhile (its gpu_worker says so), and two engines starting together on one GPU can leave
+    each other nothing ("No available memory for the cache blocks", seen on one H200 with the demo's two servers).
+    A server with no device of its own (None) sees every GPU, so it starts alone."""
+    if not cuda:
+        return [list(range(len(rollout_devices)))]
+    if None in rollout_devices:
+        return [[i] for i in range(len(rollout_devices))]
+    by_device: dict[str | None, list[int]] = {}
+    for i, device in enumerate(rollout_devices):
+        by_device.setdefault(device, []).append(i)
+    depth = max(len(servers) for servers in by_device.values())
+    return [[servers[k] for servers in by_device.values() if k < len(servers)] for k in range(depth)]
 
 
 def loads_alongside(cuda: bool, train: set[int], infer: set[int], rewards: set[int]) -> bool:
