@@ -371,8 +371,8 @@ def cli_main(args) -> int:
         become_subreaper()  # orphans of the processes it starts come back to it, so stop_all can wait for them
         alongside = launcher.trainer_alongside_servers()
         if alongside:
-            trainer = launcher.start_trainer()
-            console.print(f"trainer loading its policy while the servers start (pid {trainer.process.pid})")
+            pid = launcher.start_trainer().process.pid
+            console.print(f"trainer loading its policy while the servers start (pid {pid})")
         rollout, reward = launcher.start_servers()
         if not alongside:  # they share a GPU: the servers take their memory first
             launcher.start_trainer()
@@ -383,7 +383,7 @@ def cli_main(args) -> int:
         )
         rows = loop.run_until_complete(launcher.watch(address))
         trainer = launcher.trainer
-        assert trainer is not None  # started by start_trainer above
+        assert trainer is not None  # started above
         code = trainer.process.wait(timeout=120)
         launcher.check_processes()
         if code != 0:
