@@ -21,6 +21,7 @@ import grpc
 import pytest
 
 from fabric import cli
+from fabric.config import ConfigError
 from fabric.run import launcher
 from fabric.shm import descendant_pids
 from fabric.trainer import server as trainer_server
@@ -99,7 +100,7 @@ def greedy(address: str, prompts: list[str]) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    run = Run(tmp_path_factory.mktemp("run") / "out")
+    run = Run(tmp_path_factory.mktemp("run") / "out", "cluster.trainer_start=with_servers")  # auto: after, on CPU
     yield run
     if run.proc.poll() is None:
         run.proc.send_signal(signal.SIGINT)
@@ -111,7 +112,7 @@ def test_run_is_steered_survives_a_dead_rollout_server_and_cleans_up(run):
     trainer_address = run.wait_for(r"^trainer: (\S+:\d+)").group(1)
     servers = {m[0]: (m[1], int(m[2])) for m in re.findall(r"^\s+(\S+-\d)\s+(\S+:\d+)\s+pid (\d+)", run.text, re.M)}
     assert set(servers) == {"rollout-0", "rollout-1", "reward-0"}, run.text
-    # No GPU to share: the trainer loaded its policy while the servers started, then read their addresses.
+    # trainer_start=with_servers: the trainer loaded its policy while the servers started, then read their addresses
     lines = run.text.splitlines()
     loading = next(k for k, line in enumerate(lines) if line.startswith("trainer loading its policy while"))
     assert loading < next(k for k, line in enumerate(lines) if line.startswith("servers ready in")), run.text
@@ -178,6 +179,7 @@ def test_run_is_steered_survives_a_dead_rollout_server_and_cleans_up(run):
         ("actor_infer.strategy_args.strategy_config.blok_size=32", "did you mean 'block_size'?"),
         ("rewards.answer_tag.worker_cls=nope", "unknown scorer 'nope'"),
         ("actor_infer.strategy_args.strategy_name=sglang", "strategy_name"),
+        ("cluster.trainer_start=first", "cluster.trainer_start': 'first': use auto, with_servers, after_servers"),
     ],
 )
 def test_config_mistakes_are_one_clear_line(tmp_path, capsys, override, message):
@@ -209,19 +211,28 @@ def fabric_run(capsys, *args: str) -> tuple[int, str, str]:
 
 
 @pytest.mark.parametrize(
-    "cuda, train, infer, rewards, alongside",
+    "mode, cuda, train, infer, rewards, alongside",
     [
-        (False, set(), set(), set(), True),  # CPU: nothing to share
-        (True, set(), set(), set(), False),  # no device_mapping: every role on every visible GPU
-        (True, {0}, {0}, set(), False),  # colocated
-        (True, {0}, set(), set(), False),  # actor_infer on every GPU, GPU 0 among them
-        (True, {0}, {1}, set(), True),  # separate GPUs
-        (True, {0}, {1}, {0}, False),  # a reward model on the trainer's GPU
-        (True, {0, 1}, {2, 3}, {4}, True),
+        ("auto", False, set(), set(), set(), False),  # CPU: they would share its cores
+        ("with_servers", False, set(), set(), set(), True),
+        ("auto", True, set(), set(), set(), False),  # no device_mapping: every role on every visible GPU
+        ("auto", True, {0}, {0}, set(), False),  # colocated
+        ("auto", True, {0}, set(), set(), False),  # actor_infer on every GPU, GPU 0 among them
+        ("auto", True, {0}, {1}, set(), True),  # separate GPUs
+        ("after_servers", True, {0}, {1}, set(), False),
+        ("auto", True, {0}, {1}, {0}, False),  # a reward model on the trainer's GPU
+        ("auto", True, {0, 1}, {2, 3}, {4}, True),
     ],
 )
-def test_the_trainer_loads_beside_the_servers_only_where_they_share_no_gpu(cuda, train, infer, rewards, alongside):
-    assert launcher.loads_alongside(cuda, train, infer, rewards) is alongside
+def test_the_trainer_loads_beside_the_servers_only_where_they_share_no_gpu(
+    mode, cuda, train, infer, rewards, alongside
+):
+    assert launcher.loads_alongside(mode, cuda, train, infer, rewards) is alongside
+
+
+def test_a_trainer_forced_beside_servers_on_their_gpu_is_refused():
+    with pytest.raises(ConfigError, match="cluster.trainer_start.*share a GPU with a server"):
+        launcher.loads_alongside("with_servers", True, {0}, {0}, set())
 
 
 @pytest.mark.parametrize(

@@ -190,10 +190,11 @@ class Launcher:
         return [r.address or "" for r in rollouts], [r.address or "" for r in rewards]
 
     def trainer_alongside_servers(self) -> bool:
-        """Whether the trainer loads its policy while the servers start (see loads_alongside)."""
+        """Whether the trainer loads its policy while the servers start (cluster.trainer_start; see loads_alongside)."""
         import torch
 
         return loads_alongside(
+            self.pc.trainer_start,
             torch.cuda.is_available(),
             set(self.device_mappings.get("actor_train") or []),
             set(self.device_mappings.get("actor_infer") or []),
@@ -316,14 +317,23 @@ def start_waves(rollout_devices: list[str | None], cuda: bool) -> list[list[int]
     return [[servers[k] for servers in by_device.values() if k < len(servers)] for k in range(depth)]
 
 
-def loads_alongside(cuda: bool, train: set[int], infer: set[int], rewards: set[int]) -> bool:
-    """The trainer loads its policy (and runs the warm-up) while the servers start, unless they may share a GPU:
-    vLLM sizes its KV cache from the memory it finds free as it starts, and a trainer loading onto the same device
-    would take from it (or be taken from). Without CUDA nothing is shared; on GPUs both actor_train and actor_infer
-    must name their devices (empty: every visible one) and the trainer's must not be any server's."""
-    if not cuda:
-        return True
-    return bool(train) and bool(infer) and not train & (infer | rewards)
+def loads_alongside(mode: str, cuda: bool, train: set[int], infer: set[int], rewards: set[int]) -> bool:
+    """cluster.trainer_start: whether the trainer loads its policy (and runs the warm-up) while the servers start.
+    `auto`: on GPUs when the trainer's are none of the servers' (both actor_train and actor_infer name their devices;
+    empty is every visible one); else after them. A shared GPU: vLLM sizes its KV cache from the memory it finds
+    free as it starts, and a trainer loading there would take from it. A host without CUDA: they would share its
+    cores (on 2 cores, `make run`'s servers took 109 s to start beside the 60-step warm-up, about 35 s alone).
+    `with_servers` is refused where they share a GPU."""
+    shares_gpu = cuda and not (train and infer and not train & (infer | rewards))
+    if mode == "with_servers" and shares_gpu:
+        raise ConfigError(
+            "cluster.trainer_start",
+            "with_servers: the trainer would share a GPU with a server that is sizing its KV cache; name disjoint "
+            "device_mapping for actor_train and actor_infer, or use auto",
+        )
+    if mode == "auto":
+        return cuda and not shares_gpu
+    return mode == "with_servers"
 
 
 def check_before_start(cfg, pc) -> None:

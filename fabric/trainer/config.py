@@ -26,6 +26,7 @@ cluster:                            # where the other processes are (fabric run 
   num_rollout_servers: 2            # how many `fabric run` starts on this node when `rollout` is empty
   num_reward_servers: 1
   trainer_port: 0
+  trainer_start: auto               # fabric run: with_servers, after_servers, or auto (see fabric/run/launcher.py)
 ```
 """
 
@@ -62,7 +63,16 @@ TOP_LEVEL_KEYS = {
     "cluster", "weight_sync", "timeouts", "sft_warmup", "security", "dataset", "stale_samples", "task",
     "async_training",
 }  # fmt: skip
-CLUSTER_KEYS = {"rollout", "reward", "num_rollout_servers", "num_reward_servers", "trainer_port", "host"}
+CLUSTER_KEYS = {
+    "rollout",
+    "reward",
+    "num_rollout_servers",
+    "num_reward_servers",
+    "trainer_port",
+    "host",
+    "trainer_start",
+}
+TRAINER_STARTS = ("auto", "with_servers", "after_servers")
 WEIGHT_SYNC_KEYS = {"mode", "transport", "chunk_mib"}
 TIMEOUT_KEYS = {"generate_s", "score_s", "push_s", "rpc_s", "server_start_s"}
 SFT_KEYS = {"steps", "learning_rate", "batch_size", "skip"}
@@ -110,6 +120,7 @@ class PipelineConfig:
     num_reward_servers: int = 1
     trainer_port: int = 0
     host: str = "127.0.0.1"
+    trainer_start: str = "auto"  # fabric run: the trainer loads beside its servers or after them
     sync_mode: str | None = None
     sync_transport: str = "auto"
     chunk_mib: float = 4.0
@@ -274,6 +285,9 @@ def pipeline_config(cfg: DictConfig) -> PipelineConfig:
     pc.num_reward_servers = number(cluster.get("num_reward_servers", 1), "cluster.num_reward_servers", int)
     pc.trainer_port = number(cluster.get("trainer_port", 0), "cluster.trainer_port", int)
     pc.host = str(cluster.get("host", "127.0.0.1"))
+    pc.trainer_start = str(cluster.get("trainer_start", "auto"))
+    if pc.trainer_start not in TRAINER_STARTS:
+        raise ConfigError("cluster.trainer_start", f"'{pc.trainer_start}': use {', '.join(TRAINER_STARTS)}")
     sync = cfg.get("weight_sync") or {}
     pc.sync_mode = sync.get("mode")
     if pc.sync_mode not in (None, "relay", "direct"):
