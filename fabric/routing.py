@@ -128,7 +128,7 @@ class RolloutPool:
         if not streamed:
             for request in requests:  # type: ignore[union-attr]
                 expected += count(request)
-        readers: dict[str, asyncio.Task] = {}
+        readers: list[asyncio.Task] = []  # one per stream opened (a re-admitted server's new one too)
         retries = itertools.count(1)
 
         def submit(pending: _Pending) -> None:
@@ -136,7 +136,7 @@ class RolloutPool:
             server.pending[pending.request.request_id] = pending
             if server.queue is None:
                 server.queue = asyncio.Queue()
-                readers[server.address] = asyncio.create_task(read(server))
+                readers.append(asyncio.create_task(read(server)))
             server.queue.put_nowait(pending.request)
 
         async def feed(server: _Server):
@@ -158,8 +158,19 @@ class RolloutPool:
                 for response in batch.responses:
                     yield response
 
+        def lose(server: _Server, reason: str) -> None:
+            """A stream that ended with requests unanswered: they go to the other servers. The server leaves
+            routing, unless it is no longer the pool's (re-admitted meanwhile: the new one stays)."""
+            if self.servers.get(server.address) is server:
+                self.mark_dead(server.address, reason)
+            orphans = list(server.pending.values())
+            server.pending.clear()
+            out.put_nowait(("failover", server.address, orphans))
+
         async def read(server: _Server) -> None:
+            queue = server.queue
             call = server.stub.GenerateBatch(feed(server), timeout=self.stream_timeout)
+            reason = None
             try:
                 async for response in responses(call):
                     wire_id = response.request_id
@@ -196,15 +207,24 @@ class RolloutPool:
                         server.pending.pop(wire_id, None)
                     out.put_nowait(("sample", response, None))
                 if server.pending:
-                    raise ConnectionError("the stream ended with requests unanswered")
-            except (grpc.aio.AioRpcError, ConnectionError) as err:
-                reason = f"{err.code().name}: {err.details()}" if isinstance(err, grpc.aio.AioRpcError) else str(err)
-                self.mark_dead(server.address, reason)
-                orphans = list(server.pending.values())
-                server.pending.clear()
-                out.put_nowait(("failover", server.address, orphans))
+                    reason = "the stream ended with requests unanswered"
+            except grpc.aio.AioRpcError as err:
+                reason = f"{err.code().name}: {err.details()}"
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # the call is over: generate() is closing its readers
+                # The call itself was cancelled, not this reader: its channel closed (the server was re-admitted
+                # on a new one). What it still held goes elsewhere; a reader that just ended would lose it.
+                reason = "CANCELLED: its stream was cancelled (its channel closed)"
             finally:
                 call.cancel()
+                if queue is not None:
+                    queue.put_nowait(None)  # ends feed(), which the call may still be waiting on
+                if server.queue is queue:  # a request routed here later opens a new stream
+                    server.queue = None
+            if reason is not None:
+                lose(server, reason)
 
         async def pump(stream: AsyncIterable[rollout_pb2.GenerateRequest]) -> None:
             try:
@@ -278,9 +298,9 @@ class RolloutPool:
                     server.queue.put_nowait(None)
                     server.queue = None
                 server.pending.clear()
-            for task in readers.values():
+            for task in readers:
                 task.cancel()
-            await asyncio.gather(*readers.values(), return_exceptions=True)
+            await asyncio.gather(*readers, return_exceptions=True)
 
     async def close(self) -> None:
         for server in self.servers.values():
