@@ -384,7 +384,7 @@ def cli_main(args) -> int:
             pid = launcher.start_trainer().process.pid
             console.print(f"trainer loading its policy while the servers start (pid {pid})")
         rollout, reward = launcher.start_servers()
-        if not alongside:  # they share a GPU: the servers take their memory first
+        if not alongside:  # the servers first: a GPU they share, or the host's cores, goes to them
             launcher.start_trainer()
         address = launcher.trainer_ready(rollout, reward)
         console.print(
