@@ -7,6 +7,7 @@ a new one for its next request. The last two hung the asynchronous trainer (CI, 
 from __future__ import annotations
 
 import asyncio
+from contextlib import asynccontextmanager
 
 import grpc
 
@@ -50,28 +51,34 @@ class FakeRollout(rollout_pb2_grpc.RolloutServiceServicer):
                     return
 
 
-async def start(servicer) -> tuple[grpc.aio.Server, str]:
-    server = grpc.aio.server()
-    rollout_pb2_grpc.add_RolloutServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    return server, f"127.0.0.1:{port}"
+@asynccontextmanager
+async def pool_over(*servicers, stream_timeout: float | None = None):
+    """The fake servers on 127.0.0.1 port 0 and a RolloutPool over them; yields (pool, addresses). Closes all."""
+    servers, addresses = [], []
+    try:
+        for servicer in servicers:
+            server = grpc.aio.server()
+            rollout_pb2_grpc.add_RolloutServiceServicer_to_server(servicer, server)
+            addresses.append(f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}")
+            servers.append(server)
+            await server.start()
+        pool = RolloutPool(addresses, channel_factory=grpc.aio.insecure_channel, stream_timeout=stream_timeout)
+        try:
+            yield pool, addresses
+        finally:
+            await pool.close()
+    finally:
+        for server in servers:
+            await server.stop(None)
 
 
 def test_resubmitted_samples_keep_their_seeds():
     async def scenario():
-        dying, healthy = FakeRollout(die_after=1), FakeRollout()
-        (s1, a1), (s2, a2) = await start(dying), await start(healthy)
-        pool = RolloutPool([a1, a2], channel_factory=grpc.aio.insecure_channel, stream_timeout=30)
-        try:
+        async with pool_over(FakeRollout(die_after=1), FakeRollout(), stream_timeout=30) as (pool, _):
             sampling = rollout_pb2.SamplingParams(num_return_sequences=4, seed=100)
             # the first request goes to the dying server (least loaded, first), the second to the healthy one
             requests = [rollout_pb2.GenerateRequest(request_id=f"r{k}", prompt="p", sampling=sampling) for k in (0, 1)]
             got = {(r.request_id, r.sample_index): r.text async for r in pool.generate(requests)}
-        finally:
-            await pool.close()
-            await s1.stop(None)
-            await s2.stop(None)
         return got, pool.events
 
     got, events = asyncio.run(scenario())
@@ -97,16 +104,14 @@ def test_a_request_on_a_stream_whose_channel_closes_is_generated_elsewhere():
     still held must not vanish with it."""
 
     async def scenario():
-        stuck, healthy = FakeRollout(silent_streams=1), FakeRollout()
-        (s1, a1), (s2, a2) = await start(stuck), await start(healthy)
-        pool = RolloutPool([a1, a2], channel_factory=grpc.aio.insecure_channel, stream_timeout=None)
+        stuck = FakeRollout(silent_streams=1)
+        async with pool_over(stuck, FakeRollout()) as (pool, (a1, _)):
 
-        async def readmit():
-            await until(lambda: "r0" in stuck.received, "r0 never reached its server")
-            pool.mark_dead(a1, "lost for the test")
-            await pool.admit(a1)
+            async def readmit():
+                await until(lambda: "r0" in stuck.received, "r0 never reached its server")
+                pool.mark_dead(a1, "lost for the test")
+                await pool.admit(a1)
 
-        try:
             steering = asyncio.create_task(readmit())
             got = {}
 
@@ -116,10 +121,6 @@ def test_a_request_on_a_stream_whose_channel_closes_is_generated_elsewhere():
 
             await asyncio.wait_for(collect(), timeout=20)
             await steering
-        finally:
-            await pool.close()
-            await s1.stop(None)
-            await s2.stop(None)
         return got, pool.events
 
     got, events = asyncio.run(scenario())
@@ -131,29 +132,24 @@ def test_a_request_on_a_stream_whose_channel_closes_is_generated_elsewhere():
 def test_a_server_that_ends_its_stream_cleanly_gets_a_new_stream_for_the_next_request():
     async def scenario():
         servicer = FakeRollout(requests_per_stream=1)
-        server, address = await start(servicer)
-        pool = RolloutPool([address], channel_factory=grpc.aio.insecure_channel, stream_timeout=None)
-        first_done = asyncio.Event()
-        got = []
+        async with pool_over(servicer) as (pool, (address,)):
+            first_done = asyncio.Event()
+            got = []
 
-        async def requests():
-            yield request("r0")
-            await first_done.wait()
-            # the server answered r0 and ended that stream; once the pool's reader has seen the end, r1 comes
-            await until(lambda: pool.servers[address].queue is None, "the pool kept a stream that had ended")
-            yield request("r1")
+            async def requests():
+                yield request("r0")
+                await first_done.wait()
+                # the server answered r0 and ended that stream; once the pool's reader has seen the end, r1 comes
+                await until(lambda: pool.servers[address].queue is None, "the pool kept a stream that had ended")
+                yield request("r1")
 
-        async def collect():
-            async for r in pool.generate(requests()):
-                got.append((r.request_id, r.sample_index))
-                if len(got) == 2:
-                    first_done.set()
+            async def collect():
+                async for r in pool.generate(requests()):
+                    got.append((r.request_id, r.sample_index))
+                    if len(got) == 2:
+                        first_done.set()
 
-        try:
             await asyncio.wait_for(collect(), timeout=20)
-        finally:
-            await pool.close()
-            await server.stop(None)
         return got, servicer.streams, pool.alive
 
     got, streams, alive = asyncio.run(scenario())
