@@ -107,7 +107,7 @@ class Launcher:
         rewards = cfg.get("rewards") or {}
         self.self_judges = [str(n) for n, r in rewards.items() if r.get("judge_address") == JUDGE_ON_ACTOR_INFER]
         self.reward_devices = {
-            int(d)
+            d
             for name, reward in rewards.items()
             for d in parse_device_mapping(reward.get("device_mapping"), f"rewards.{name}.device_mapping")
         }
@@ -157,10 +157,14 @@ class Launcher:
             f"(a vLLM engine takes a while to load{'; one per GPU at a time' if len(waves) > 1 else ''})"
         ):
             started = time.perf_counter()
+
+            def start_in_turn(groups: list[list[ServerProcess]]) -> None:
+                for group in groups:  # the servers of a group load side by side
+                    start_all(group, timeout=self.pc.server_start_timeout_s)
+
             overrides: list[str] = []
             if self.self_judges:  # the judges need the rollout servers' addresses: those start first
-                for wave in waves:
-                    start_all(wave, timeout=self.pc.server_start_timeout_s)
+                start_in_turn(waves)
                 judged = [rollout.address or "" for rollout in rollouts]
                 overrides = [f"rewards.{name}.judge_address=[{','.join(judged)}]" for name in self.self_judges]
             rewards = [
@@ -175,15 +179,11 @@ class Launcher:
             ]
             self.servers += rewards
             if self.self_judges:
-                start_all(rewards, self.pc.server_start_timeout_s)
+                start_in_turn([rewards])
             elif cuda and self.reward_devices:  # reward models on GPUs load before any engine measures its memory
-                start_all(rewards, self.pc.server_start_timeout_s)
-                for wave in waves:
-                    start_all(wave, timeout=self.pc.server_start_timeout_s)
+                start_in_turn([rewards, *waves])
             else:
-                start_all(waves[0] + rewards, self.pc.server_start_timeout_s)
-                for wave in waves[1:]:
-                    start_all(wave, timeout=self.pc.server_start_timeout_s)
+                start_in_turn([waves[0] + rewards, *waves[1:]])
         for server in self.servers:
             self.console.print(f"  {server.name:10s} {server.address}  pid {server.process.pid}")
         self.console.print(f"servers ready in {time.perf_counter() - started:.0f} s")
